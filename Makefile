@@ -1,0 +1,47 @@
+# Every target sets up its own virtual environment first, so a fresh clone needs only `make demo`
+# or `make test`. Use an existing environment (say one with CUDA torch) with `make test VENV=/path`.
+PYTHON ?= python3
+VENV ?= .venv
+# Installed only when the environment has no torch yet; on Linux, PyPI's build of this version is
+# the CUDA one, and a machine with a local CPU wheel picks that up.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rlhf-installed
+export PYTHONPATH := $(CURDIR)
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export WANDB_SILENT := true
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m recipes.demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -x --timeout 600 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/grpo_step.py
+	$(BIN)/python benchmarks/demo_accuracy.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,15 @@
+"""Task reward functions: `(prompts, completions, **columns) -> list[float | None]`.
+
+Each is pure and sees the dataset's extra columns as keyword lists aligned with `completions`.
+Return None for a completion that cannot be scored; it is left out of the group statistics.
+Config names a function from `REWARD_FUNCTIONS`, or any importable "package.module:function".
+"""
+
+from rewards.answer import answer_format, exact_match
+
+REWARD_FUNCTIONS = {
+    "exact_match": exact_match,
+    "answer_format": answer_format,
+}
+
+__all__ = ["REWARD_FUNCTIONS", "answer_format", "exact_match"]

@@ -1,0 +1,35 @@
+"""Verifiable-answer rewards: exact match against a reference column, and answer format."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_DIGITS = re.compile(r"\d+")
+
+
+def exact_match(
+    prompts: list[str], completions: list[str], answer: list[Any], **_: Any
+) -> list[float | None]:
+    """1.0 when the completion (surrounding white space ignored) equals the `answer` column, else 0.0.
+
+    A row without a reference answer cannot be scored and gets None.
+    """
+    return [
+        None if ref is None else float(text.strip() == str(ref).strip())
+        for text, ref in zip(completions, answer)
+    ]
+
+
+def answer_format(
+    prompts: list[str], completions: list[str], answer: list[Any] | None = None, **_: Any
+) -> list[float | None]:
+    """1.0 when the completion is a plain number (digits only), and as long as the reference when given."""
+    scores: list[float | None] = []
+    for index, text in enumerate(completions):
+        text = text.strip()
+        ok = bool(_DIGITS.fullmatch(text))
+        if ok and answer is not None and answer[index] is not None:
+            ok = len(text) == len(str(answer[index]).strip())
+        scores.append(float(ok))
+    return scores

@@ -1,0 +1,65 @@
+"""Advantage estimators: group-relative baselines for GRPO-style training (GAE lands with PPO).
+
+GRPO (arXiv 2402.03300): A_i = (r_i - mean_g r) / (std_g r + eps), std unbiased as in TRL.
+Dr.GRPO (arXiv 2503.20783): A_i = r_i - mean_g r (no std scaling).
+RLOO (arXiv 2402.14740): A_i = r_i - mean of the other valid rewards of the group.
+Rows whose score is invalid (a reward returned None) are left out of their group's statistics and
+get advantage 0. Groups are contiguous blocks of `group_size` rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.ops import masked_mean, masked_var
+
+
+def _grouped(scores: torch.Tensor, valid: torch.Tensor | None, group_size: int):
+    if scores.dim() != 1 or scores.numel() % group_size != 0:
+        raise ValueError(
+            f"scores must be 1-D with a multiple of group_size={group_size} rows, got shape {tuple(scores.shape)}"
+        )
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    grouped = torch.where(valid, scores.float(), torch.zeros_like(scores, dtype=torch.float32))
+    return grouped.view(-1, group_size), valid.view(-1, group_size)
+
+
+def group_relative(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    group_size: int,
+    scale_by_std: bool = True,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """GRPO (scale_by_std=True) or Dr.GRPO (False) advantages, one per row [B]."""
+    grouped, grouped_valid = _grouped(scores, valid, group_size)
+    mean = masked_mean(grouped, grouped_valid, dim=1).unsqueeze(1)
+    advantages = grouped - mean
+    if scale_by_std:
+        std = masked_var(grouped, grouped_valid, dim=1, unbiased=True).sqrt().unsqueeze(1)
+        advantages = advantages / (std + eps)
+    return torch.where(grouped_valid, advantages, torch.zeros_like(advantages)).view(-1)
+
+
+def rloo(scores: torch.Tensor, valid: torch.Tensor | None = None, *, group_size: int) -> torch.Tensor:
+    """Leave-one-out baseline; rows of groups with fewer than 2 valid scores get 0."""
+    grouped, grouped_valid = _grouped(scores, valid, group_size)
+    count = grouped_valid.sum(1, keepdim=True)
+    total = grouped.sum(1, keepdim=True)
+    others = (total - grouped) / (count - 1).clamp(min=1)
+    advantages = torch.where(grouped_valid & (count > 1), grouped - others, torch.zeros_like(grouped))
+    return advantages.view(-1)
+
+
+def zero_variance_groups(
+    scores: torch.Tensor, valid: torch.Tensor | None = None, *, group_size: int
+) -> torch.Tensor:
+    """[B] bool: True for rows whose group's valid scores are all equal (no learning signal)."""
+    grouped, grouped_valid = _grouped(scores, valid, group_size)
+    big = torch.finfo(torch.float32).max
+    high = torch.where(grouped_valid, grouped, torch.full_like(grouped, -big)).max(1).values
+    low = torch.where(grouped_valid, grouped, torch.full_like(grouped, big)).min(1).values
+    flat = (high - low <= 0) | (grouped_valid.sum(1) < 2)
+    return flat.repeat_interleave(group_size)

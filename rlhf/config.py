@@ -1,0 +1,298 @@
+"""Config dataclasses shared by the recipes; YAML files in configs/ only override their defaults.
+
+Plain dataclasses, importable without Hydra. `register_configs()` (called by the recipes) stores them
+in Hydra's ConfigStore so that composition is typed: an unknown key or a wrong type is an error.
+Derived numbers (rollouts per step, accumulation steps) are computed into a `BatchPlan` by
+`plan_grpo_batches` / `plan_sft_batches`, never written back into the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TinyModelConfig:
+    arch: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int = 256
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    alphabet: str = "0123456789+-*=,. "
+
+
+@dataclass
+class ModelConfig:
+    # "tiny": random init built in process; "pretrained": `from_pretrained(name_or_path)` (a hub id
+    # or a local directory, such as the `hf` export of one of our checkpoints).
+    source: str = "tiny"
+    name_or_path: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    # Used only when the tokenizer has no pad token: a token string, or "eos" to reuse EOS.
+    pad_token: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # "arithmetic" (synthetic, no download), a local .jsonl/.json/.parquet/.csv file or directory,
+    # or a Hugging Face hub dataset name.
+    source: str = "arithmetic"
+    train_split: str = "train"
+    eval_split: str | None = "eval"
+    prompt_column: str = "prompt"
+    completion_column: str | None = "answer"  # SFT target; also handed to rewards as a column
+    required_columns: list[str] = field(default_factory=list)
+    apply_chat_template: bool = False
+    # synthetic task options
+    num_digits: int = 2
+    eval_size: int = 1000
+    task_seed: int = 0
+    reverse_digits: bool = True
+
+
+@dataclass
+class RewardTermConfig:
+    name: str = "exact_match"  # a name in rewards.REWARD_FUNCTIONS or "package.module:function"
+    weight: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    functions: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
+    # "raise": stop with an error naming the function and row; "skip": count the failure in a
+    # metric and treat the affected completions as unscorable (None).
+    on_error: str = "raise"
+    # The reward whose value 1.0 means "correct"; logged as `accuracy`. None: no accuracy metric.
+    accuracy_reward: str | None = "exact_match"
+
+
+@dataclass
+class LossConfig:
+    aggregation: str = "sequence_mean_token_mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_placement: str = "loss"  # "loss" or "reward"
+    kl_log_ratio_clamp: float | None = 20.0
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = "group_relative"  # "group_relative" or "rloo"
+    scale_by_std: bool = True
+    eps: float = 1e-4
+    drop_zero_variance_groups: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    scheduler: str = "constant_with_warmup"  # any transformers.get_scheduler name
+    warmup_steps: int = 0
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "single"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True
+    jsonl: bool = True
+    wandb: bool = True
+    wandb_mode: str = "offline"  # "offline" syncs later with `wandb sync`; "online" needs a login
+    wandb_project: str = "rlhf"
+    wandb_entity: str | None = None
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # optimizer steps between checkpoints; 0 saves only at the end
+    keep_last: int = 2
+    save_final: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0: only before and after training
+    num_samples: int = 1000
+    batch_size: int = 250
+    max_new_tokens: int = 8
+
+
+@dataclass
+class GRPOTrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 8
+    num_minibatches: int = 1  # optimizer steps per rollout per epoch
+    micro_batch_size: int = 64  # rollouts per forward/backward
+    epochs: int = 1  # passes over each rollout
+    time_limit_s: float | None = None  # stop after this many seconds of training
+
+
+@dataclass
+class SFTTrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    micro_batch_size: int = 64
+    # Stop early when accuracy on a check set drawn from the training rows reaches this value.
+    stop_at_accuracy: float | None = None
+    check_every: int = 20
+    check_size: int = 200
+
+
+@dataclass
+class RunConfig:
+    """Fields common to every recipe."""
+
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: str | None = None  # a run directory (its latest checkpoint) or a checkpoint directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    # A 0/1 reward from rewards.REWARD_FUNCTIONS scoring greedy completions for the accuracy checks.
+    accuracy_reward: str | None = "exact_match"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic derived from a config and the world size."""
+
+    world_size: int
+    prompts_per_rank: int
+    rollouts_per_rank: int
+    minibatch_per_rank: int
+    micro_batches_per_minibatch: int
+    micro_batch_size: int
+
+
+def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
+    """Checks that prompts, group size, minibatches, micro-batches and ranks divide; shows the numbers."""
+    t, g = cfg.train, cfg.rollout.group_size
+    for name, value in [
+        ("train.prompts_per_step", t.prompts_per_step),
+        ("rollout.group_size", g),
+        ("train.num_minibatches", t.num_minibatches),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.epochs", t.epochs),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if g < 2 and cfg.advantage.estimator in ("group_relative", "rloo"):
+        raise ConfigError(
+            f"rollout.group_size={g}: group-relative advantages need at least 2 samples per prompt"
+        )
+    if t.prompts_per_step % world_size:
+        raise ConfigError(
+            f"train.prompts_per_step={t.prompts_per_step} does not divide over {world_size} ranks "
+            f"({t.prompts_per_step} / {world_size} = {t.prompts_per_step / world_size:g}); groups stay on one rank"
+        )
+    prompts_per_rank = t.prompts_per_step // world_size
+    rollouts_per_rank = prompts_per_rank * g
+    if rollouts_per_rank % t.num_minibatches:
+        raise ConfigError(
+            f"rollouts per rank = train.prompts_per_step {t.prompts_per_step} / {world_size} ranks x "
+            f"rollout.group_size {g} = {rollouts_per_rank}, which train.num_minibatches={t.num_minibatches} "
+            f"does not divide ({rollouts_per_rank} / {t.num_minibatches} = {rollouts_per_rank / t.num_minibatches:g})"
+        )
+    minibatch = rollouts_per_rank // t.num_minibatches
+    micro = min(t.micro_batch_size, minibatch)
+    if minibatch % micro:
+        raise ConfigError(
+            f"minibatch per rank = {rollouts_per_rank} rollouts / train.num_minibatches {t.num_minibatches} = "
+            f"{minibatch}, which train.micro_batch_size={t.micro_batch_size} does not divide "
+            f"({minibatch} / {micro} = {minibatch / micro:g})"
+        )
+    if cfg.loss.kl_placement not in ("loss", "reward"):
+        raise ConfigError(f"loss.kl_placement must be 'loss' or 'reward', got {cfg.loss.kl_placement!r}")
+    if cfg.reward.on_error not in ("raise", "skip"):
+        raise ConfigError(f"reward.on_error must be 'raise' or 'skip', got {cfg.reward.on_error!r}")
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions is empty: GRPO needs at least one reward function")
+    return BatchPlan(world_size, prompts_per_rank, rollouts_per_rank, minibatch, minibatch // micro, micro)
+
+
+def plan_sft_batches(cfg: SFTConfig, world_size: int = 1) -> BatchPlan:
+    t = cfg.train
+    if t.batch_size < 1 or t.micro_batch_size < 1:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) and train.micro_batch_size ({t.micro_batch_size}) must be >= 1"
+        )
+    if t.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} does not divide over {world_size} ranks "
+            f"({t.batch_size} / {world_size} = {t.batch_size / world_size:g})"
+        )
+    per_rank = t.batch_size // world_size
+    micro = min(t.micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise ConfigError(
+            f"batch per rank = train.batch_size {t.batch_size} / {world_size} ranks = {per_rank}, which "
+            f"train.micro_batch_size={t.micro_batch_size} does not divide ({per_rank} / {micro} = {per_rank / micro:g})"
+        )
+    return BatchPlan(world_size, per_rank, per_rank, per_rank, per_rank // micro, micro)
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore (imports Hydra only when called)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="grpo_schema", node=GRPOConfig)
+    store.store(name="sft_schema", node=SFTConfig)
+
+
+def to_container(cfg: Any) -> dict:
+    """A plain dict of a dataclass config (for logging and saving)."""
+    import dataclasses
+
+    return dataclasses.asdict(cfg)

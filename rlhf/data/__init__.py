@@ -1,0 +1,1 @@
+"""Datasets (synthetic tasks and user files through one loader), collators and samplers."""

@@ -1,0 +1,90 @@
+"""One loader for every prompt/SFT dataset: synthetic tasks, local files, or hub datasets.
+
+`data.source` is "arithmetic" (synthetic), a local file or directory (.jsonl, .json, .parquet,
+.csv), or a hub dataset name. Rows are validated before any model loads: a missing column or an
+empty prompt is an error naming the column, the row and the source.
+"""
+
+from __future__ import annotations
+
+import os
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from rlhf.config import DataConfig
+from rlhf.data.arithmetic import make_addition_task
+
+SYNTHETIC_TASKS = {"arithmetic"}
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the source, the column and the row."""
+
+
+def _load_local(path: str) -> DatasetDict:
+    if os.path.isdir(path):
+        files = sorted(os.listdir(path))
+        by_split: dict[str, str] = {}
+        for name in files:
+            stem, ext = os.path.splitext(name)
+            if ext in FILE_FORMATS:
+                by_split[stem] = os.path.join(path, name)
+        if not by_split:
+            raise DataError(f"data.source={path!r}: no {sorted(FILE_FORMATS)} files in this directory")
+        formats = {FILE_FORMATS[os.path.splitext(f)[1]] for f in by_split.values()}
+        if len(formats) > 1:
+            raise DataError(f"data.source={path!r}: mixed file formats {sorted(formats)}; use one")
+        return load_dataset(formats.pop(), data_files=by_split)
+    ext = os.path.splitext(path)[1]
+    if ext not in FILE_FORMATS:
+        raise DataError(f"data.source={path!r}: unknown file type {ext!r}; use one of {sorted(FILE_FORMATS)}")
+    return load_dataset(FILE_FORMATS[ext], data_files={"train": path})
+
+
+def load_splits(cfg: DataConfig) -> DatasetDict:
+    """The dataset's splits as a DatasetDict (not yet validated)."""
+    if cfg.source in SYNTHETIC_TASKS:
+        return make_addition_task(cfg.num_digits, cfg.eval_size, cfg.task_seed, cfg.reverse_digits)
+    if os.path.exists(cfg.source):
+        return _load_local(cfg.source)
+    return load_dataset(cfg.source)
+
+
+def validate_rows(dataset: Dataset, columns: list[str], prompt_column: str, where: str) -> None:
+    """Every named column exists; every prompt is a non-empty string. Errors name the row."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(
+            f"{where}: missing column(s) {missing}; the dataset has {dataset.column_names} "
+            f"(set data.prompt_column / data.completion_column / data.required_columns)"
+        )
+    for index, prompt in enumerate(dataset[prompt_column]):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{where}: row {index} has an empty or non-text {prompt_column!r}: {prompt!r}")
+    for column in columns:
+        for index, value in enumerate(dataset[column]):
+            if value is None:
+                raise DataError(f"{where}: row {index} has no value in column {column!r}")
+
+
+def load_task_data(cfg: DataConfig, needs_completion: bool = False) -> tuple[Dataset, Dataset | None]:
+    """(train, eval) datasets, validated. `needs_completion`: SFT needs `completion_column` too."""
+    splits = load_splits(cfg)
+    if cfg.train_split not in splits:
+        raise DataError(f"data.source={cfg.source!r} has no split {cfg.train_split!r}; it has {list(splits)}")
+    columns = [cfg.prompt_column, *cfg.required_columns]
+    if needs_completion:
+        if not cfg.completion_column:
+            raise DataError("SFT needs data.completion_column (the target text column)")
+        columns.append(cfg.completion_column)
+    columns = list(dict.fromkeys(columns))
+    train = splits[cfg.train_split]
+    validate_rows(train, columns, cfg.prompt_column, f"data.source={cfg.source!r} split {cfg.train_split!r}")
+    evaluation = None
+    if cfg.eval_split and cfg.eval_split in splits:
+        evaluation = splits[cfg.eval_split]
+        validate_rows(
+            evaluation, columns, cfg.prompt_column, f"data.source={cfg.source!r} split {cfg.eval_split!r}"
+        )
+    return train, evaluation

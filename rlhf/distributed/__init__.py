@@ -1,0 +1,10 @@
+"""Training engines: the only package that imports deepspeed or torch.distributed.
+
+`TrainEngine` hides single-process vs data-parallel training. Its contract: after `step()` the update
+equals the one a single process would make on the whole batch, given losses already divided by the
+step-wide normalizer (see rlhf.losses.reduce).
+"""
+
+from rlhf.distributed.engine import SingleProcessEngine, TrainEngine, build_engine, resolve_device
+
+__all__ = ["SingleProcessEngine", "TrainEngine", "build_engine", "resolve_device"]

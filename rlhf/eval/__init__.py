@@ -1,0 +1,1 @@
+"""Evaluation entry points (held-out accuracy; diversity metrics land with CD-RLHF)."""

@@ -1,0 +1,161 @@
+"""Metric sinks: a console progress bar, metrics.jsonl in the run directory, and wandb.
+
+wandb runs offline by default (no network needed; `wandb sync <run_dir>/wandb/offline-run-*` uploads
+later); `logger.wandb_mode=online` logs live. Metric names are grouped by section with "/"
+(reward/..., clip/..., kl/...), which wandb shows as panels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rlhf.config import LoggerConfig
+
+# Shown in the progress bar when present, in this order, under these short names.
+HEADLINE_METRICS = {
+    "reward/mean": "reward",
+    "accuracy": "acc",
+    "loss": "loss",
+    "kl/mean": "kl",
+    "check/accuracy": "check_acc",
+    "eval/accuracy": "eval_acc",
+}
+
+
+class ConsoleLogger:
+    def __init__(self, total_steps: int, description: str, initial: int = 0):
+        self.bar = tqdm(total=total_steps, initial=initial, desc=description, dynamic_ncols=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        shown = {HEADLINE_METRICS[k]: metrics[k] for k in HEADLINE_METRICS if k in metrics}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def message(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class JsonlLogger:
+    """Appends one JSON object per logged step; a resumed run keeps appending to the same file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        row = {"step": step, "time": time.time()}
+        row.update(
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        )
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class WandbLogger:
+    def __init__(self, cfg: LoggerConfig, run_dir: str, name: str, config: dict[str, Any]):
+        import wandb
+
+        if cfg.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logger.wandb_mode must be offline, online or disabled, got {cfg.wandb_mode!r}")
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=cfg.wandb_project,
+            entity=cfg.wandb_entity,
+            name=name,
+            dir=run_dir,
+            mode=cfg.wandb_mode,
+            config=config,
+            resume="allow",
+            id=_stable_run_id(run_dir),
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _stable_run_id(run_dir: str) -> str:
+    """One wandb run per run directory, so a resumed run continues the same wandb run."""
+    path = os.path.join(run_dir, "wandb_run_id")
+    if os.path.exists(path):
+        with open(path) as handle:
+            return handle.read().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    with open(path, "w") as handle:
+        handle.write(run_id)
+    return run_id
+
+
+class Loggers:
+    """Fans metrics out to every configured sink."""
+
+    def __init__(self, sinks: list[Any], console: ConsoleLogger | None):
+        self.sinks = sinks
+        self.console = console
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def message(self, text: str) -> None:
+        if self.console is not None:
+            self.console.message(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def build_loggers(
+    cfg: LoggerConfig,
+    run_dir: str,
+    name: str,
+    config: dict[str, Any],
+    total_steps: int,
+    initial_step: int = 0,
+) -> Loggers:
+    sinks: list[Any] = []
+    console = None
+    if cfg.console:
+        console = ConsoleLogger(total_steps, name, initial_step)
+        sinks.append(console)
+    if cfg.jsonl:
+        sinks.append(JsonlLogger(os.path.join(run_dir, "metrics.jsonl")))
+    if cfg.wandb:
+        sinks.append(WandbLogger(cfg, run_dir, name, config))
+    return Loggers(sinks, console)
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """Rows of a run's metrics.jsonl; a resumed run's rows for replayed steps replace the old ones."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows: dict[int, dict[str, Any]] = {}
+    order: list[int] = []
+    with open(path) as handle:
+        for line in handle:
+            row = json.loads(line)
+            step = row["step"]
+            if step in rows:
+                rows[step].update(row)
+            else:
+                rows[step] = row
+                order.append(step)
+    return [rows[s] for s in sorted(order)]

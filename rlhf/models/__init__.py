@@ -1,0 +1,1 @@
+"""Model loading (transformers + peft), offline tiny models, and per-token forward passes."""

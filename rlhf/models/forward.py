@@ -1,0 +1,53 @@
+"""Per-token log-probabilities of responses under a causal LM.
+
+Input rows are [left-padded prompt; right-padded response]. Position ids count only real tokens
+(as `generate` does for left padding), and the LM head runs only on the positions that predict
+response tokens. Logits are warped exactly as in sampling (temperature, top-k, top-p) before the
+log-softmax, so log pi(a_t) is the probability of the distribution the token was drawn from.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from rlhf.ops import entropy_from_logits, logprobs_from_logits, warp_logits
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(response_t | prompt, response_<t) [B, T] in float32, and optionally the entropy [B, T].
+
+    Values at masked response positions are finite but meaningless; mask them downstream.
+    """
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    num_response = response_ids.shape[1]
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_response + 1,
+        use_cache=False,
+    )
+    logits = outputs.logits[:, :-1]  # position i predicts token i + 1
+    logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    # Tokens outside the kept support (possible only at masked positions) would give -inf.
+    safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
+    logprobs = logprobs_from_logits(logits, safe_ids)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
+    return logprobs, entropy

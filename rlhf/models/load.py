@@ -1,0 +1,76 @@
+"""Load the tokenizer and causal LMs a recipe needs: tiny offline models or `from_pretrained`.
+
+`model.source=tiny` builds a random-init model and a character tokenizer in process (no download).
+`model.source=pretrained` loads `model.name_or_path` with `from_pretrained`: a hub id for real users,
+or a local directory such as the `hf` export inside one of our checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config import ConfigError, ModelConfig
+from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[cfg.dtype]
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token guaranteed (or a clear error naming the fix)."""
+    if cfg.source == "tiny":
+        tokenizer = build_char_tokenizer(cfg.tiny.alphabet)
+        where = "the tiny character tokenizer"
+    elif cfg.source == "pretrained":
+        path = cfg.tokenizer_name_or_path or cfg.name_or_path
+        if not path:
+            raise ConfigError(
+                "model.source=pretrained needs model.name_or_path (a hub id or a local directory)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        where = f"the tokenizer at {path!r}"
+    else:
+        raise ConfigError(f"model.source={cfg.source!r} is not one of ['tiny', 'pretrained']")
+    if tokenizer.pad_token is None:
+        if cfg.pad_token is None:
+            raise ConfigError(
+                f"{where} has no pad token; set model.pad_token to a token it has, or model.pad_token=eos "
+                "to pad with the EOS token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token if cfg.pad_token == "eos" else cfg.pad_token
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"{where} has no EOS token, so completions could never end")
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """The policy (or reference) model, in float32 unless `model.dtype` says otherwise."""
+    if cfg.source == "tiny":
+        t = cfg.tiny
+        spec = TinyModelSpec(
+            arch=t.arch,
+            hidden_size=t.hidden_size,
+            num_layers=t.num_layers,
+            num_heads=t.num_heads,
+            num_kv_heads=t.num_kv_heads,
+            intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings,
+            tie_word_embeddings=t.tie_word_embeddings,
+        )
+        model = build_tiny_causal_lm(spec, tokenizer, seed=seed, attn_implementation=cfg.attn_implementation)
+        return model.to(_dtype(cfg))
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path,
+        dtype=_dtype(cfg),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,0 +1,88 @@
+"""Masked reductions and per-token quantities from logits; torch only.
+
+Masks are bool with True = keep. Masking uses `torch.where`, so NaN or inf at masked positions never
+reaches a sum or a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of `values` where `mask` is True (over `dim`, or everything)."""
+    kept = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over the True positions; 0 where nothing is kept."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1).to(values.dtype)
+
+
+def masked_var(
+    values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, unbiased: bool = True
+) -> torch.Tensor:
+    """Variance over the True positions (Bessel-corrected when `unbiased`); 0 for fewer than 2 kept."""
+    mean = masked_mean(values, mask, dim)
+    if dim is not None:
+        mean = mean.unsqueeze(dim)
+    centered = torch.where(mask, values - mean, torch.zeros((), dtype=values.dtype, device=values.device))
+    count = (mask.sum() if dim is None else mask.sum(dim)).to(values.dtype)
+    denominator = count - 1 if unbiased else count
+    var = (centered**2).sum() if dim is None else (centered**2).sum(dim)
+    return torch.where(denominator > 0, var / denominator.clamp(min=1), torch.zeros_like(var))
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the kept positions; masked positions become 0."""
+    mean = masked_mean(values, mask)
+    var = masked_var(values, mask, unbiased=False)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def warp_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """The sampling distribution's logits: divide by temperature, then keep the top-k, then top-p.
+
+    Same order and tie rules as `transformers` generation (temperature, top-k, top-p with at least
+    one token kept), so a logprob pass scores tokens under exactly the distribution they were sampled
+    from. Removed tokens get -inf.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling and scoring, got {temperature}")
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under softmax(logits), in float32. logits [..., V], tokens [...]."""
+    logits = logits.float()
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim, float32; -inf logits contribute 0."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    probs = logprobs.exp()
+    terms = torch.where(probs > 0, probs * logprobs, torch.zeros((), device=logits.device))
+    return -terms.sum(-1)

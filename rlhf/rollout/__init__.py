@@ -1,0 +1,1 @@
+"""Step 1 of the loop: generation behind one interface, collated into a RolloutBatch."""

@@ -1,0 +1,121 @@
+"""Rollout with `transformers` generate: G samples per prompt, collated into a RolloutBatch.
+
+Sampling uses an explicit GenerationConfig (temperature, top-k, top-p and nothing else), so a
+model's own generation defaults (repetition penalty, min-p...) never change the distribution the
+logprob passes score. The response mask covers tokens up to and including the first EOS; rows
+with no EOS within `max_new_tokens` are flagged `truncated`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.types import RolloutBatch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def generation_config(
+        self, tokenizer: PreTrainedTokenizerBase, do_sample: bool = True
+    ) -> GenerationConfig:
+        return GenerationConfig(
+            do_sample=do_sample,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature if do_sample else None,
+            top_k=self.top_k if do_sample else None,
+            top_p=self.top_p if do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], apply_chat_template: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and bool mask."""
+    if apply_chat_template:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        encoded = tokenizer(
+            texts, padding=True, add_special_tokens=False, return_tensors="pt", padding_side="left"
+        )
+    else:
+        encoded = tokenizer(prompts, padding=True, return_tensors="pt", padding_side="left")
+    return encoded["input_ids"].to(device), encoded["attention_mask"].bool().to(device)
+
+
+def response_mask_from_ids(
+    response_ids: torch.Tensor, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask up to and including the first EOS, truncated flag per row)."""
+    is_eos = response_ids == eos_token_id
+    eos_seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    mask = ~eos_seen_before
+    truncated = ~is_eos.any(-1)
+    return mask, truncated
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    columns: dict[str, list[Any]],
+    *,
+    group_size: int,
+    sampling: SamplingParams,
+    apply_chat_template: bool = False,
+    do_sample: bool = True,
+) -> RolloutBatch:
+    """Sample `group_size` completions for each prompt; rows of one prompt are contiguous."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, apply_chat_template, device)
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask.long(),
+            generation_config=sampling.generation_config(tokenizer, do_sample),
+        )
+    finally:
+        model.train(was_training)
+    response_ids = output[:, prompt_ids.shape[1] :]
+    response_mask, truncated = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    response_ids = torch.where(
+        response_mask, response_ids, torch.full_like(response_ids, tokenizer.pad_token_id)
+    )
+    completions = tokenizer.batch_decode(
+        torch.where(response_ids == tokenizer.eos_token_id, tokenizer.pad_token_id, response_ids),
+        skip_special_tokens=True,
+    )
+    repeated_prompts = [p for p in prompts for _ in range(group_size)]
+    repeated_columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
+    group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        group_ids=group_ids,
+        truncated=truncated,
+        prompts=repeated_prompts,
+        completions=completions,
+        columns=repeated_columns,
+    )

@@ -1,0 +1,61 @@
+"""Run set-up shared by the recipes: seeding, the run directory, resume lookup, reward functions.
+
+A run directory holds config.yaml (the resolved config), metrics.jsonl, checkpoints/, plots and the
+offline wandb run. `resume=<dir>` continues the run that owns that checkpoint, in its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from rlhf.checkpoint import CHECKPOINT_DIR, export_dir, resolve_checkpoint
+from rlhf.config import ModelConfig, RewardConfig
+from rlhf.scoring import WeightedReward, resolve_reward
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(run_dir: str, config: Any) -> str:
+    """Create the run directory and write its resolved config.yaml."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
+        yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
+    return run_dir
+
+
+def resume_target(resume: str | None) -> tuple[str | None, str | None]:
+    """(checkpoint directory, its run directory) for `resume`, or (None, None)."""
+    if not resume:
+        return None, None
+    checkpoint = resolve_checkpoint(resume)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) != CHECKPOINT_DIR:
+        run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    return checkpoint, run_dir
+
+
+def model_config_from_checkpoint(model_cfg: ModelConfig, checkpoint: str) -> ModelConfig:
+    """The same model settings, loading weights and tokenizer from a checkpoint's HF export."""
+    return dataclasses.replace(
+        model_cfg, source="pretrained", name_or_path=export_dir(checkpoint), tokenizer_name_or_path=None
+    )
+
+
+def build_rewards(cfg: RewardConfig) -> list[WeightedReward]:
+    from rewards import REWARD_FUNCTIONS
+
+    return [
+        WeightedReward(term.name, resolve_reward(term.name, REWARD_FUNCTIONS), term.weight)
+        for term in cfg.functions
+    ]

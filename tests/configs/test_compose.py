@@ -1,0 +1,132 @@
+"""Every primary config, group option and experiment preset composes into the typed schema."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from rlhf.config import (
+    ConfigError,
+    GRPOConfig,
+    SFTConfig,
+    plan_grpo_batches,
+    plan_sft_batches,
+    register_configs,
+)
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+register_configs()
+GRPO_ONLY_GROUPS = {"reward", "loss", "advantage", "rollout"}
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=os.path.abspath(CONFIG_DIR), version_base=None):
+        return OmegaConf.to_object(compose(name, overrides=overrides))
+
+
+def _presets(prefix: str) -> list[str]:
+    names = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "experiment")) if f.endswith(".yaml"))
+    return [n for n in names if n.startswith(prefix)]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, group)) if f.endswith(".yaml"))
+
+
+def test_every_preset_belongs_to_a_recipe():
+    every = _presets("")
+    assert every and set(every) == set(_presets("grpo_")) | set(_presets("sft_"))
+
+
+@pytest.mark.parametrize("preset", _presets("grpo_"))
+def test_grpo_presets_compose_and_plan(preset):
+    cfg = _compose("grpo", [f"+experiment={preset}"])
+    assert isinstance(cfg, GRPOConfig)
+    plan_grpo_batches(cfg)
+
+
+@pytest.mark.parametrize("preset", _presets("sft_"))
+def test_sft_presets_compose_and_plan(preset):
+    cfg = _compose("sft", [f"+experiment={preset}"])
+    assert isinstance(cfg, SFTConfig)
+    plan_sft_batches(cfg)
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "data", "reward", "loss", "advantage", "rollout", "optim", "distributed", "logger"]
+)
+def test_every_group_option_composes(group):
+    for option in _options(group):
+        extra = ["model.name_or_path=some/model"] if (group, option) == ("model", "pretrained") else []
+        extra += ["data.source=train.jsonl"] if (group, option) == ("data", "jsonl") else []
+        assert isinstance(_compose("grpo", [f"{group}={option}", *extra]), GRPOConfig)
+        if group not in GRPO_ONLY_GROUPS:
+            assert isinstance(_compose("sft", [f"{group}={option}", *extra]), SFTConfig)
+
+
+def test_demo_presets_have_the_documented_values():
+    cfg = _compose("grpo", ["+experiment=grpo_arithmetic_demo"])
+    assert cfg.loss.aggregation == "token_mean" and cfg.advantage.drop_zero_variance_groups
+    assert [r.name for r in cfg.reward.functions] == ["exact_match"]
+    assert cfg.train.time_limit_s == 90
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ConfigCompositionException) as error:
+        _compose("grpo", ["loss.clip_hihg=0.3"])
+    assert "clip_hihg" in str(error.value.__cause__ or error.value)
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        _compose("grpo", ["train.steps=many"])
+
+
+def test_batch_arithmetic_error_shows_the_numbers():
+    cfg = _compose("grpo", ["train.prompts_per_step=3", "rollout.group_size=4", "train.num_minibatches=5"])
+    with pytest.raises(ConfigError) as error:
+        plan_grpo_batches(cfg)
+    message = str(error.value)
+    assert "train.num_minibatches=5" in message and "12" in message and "2.4" in message
+
+
+def test_micro_batch_must_divide_minibatch():
+    cfg = _compose("grpo", ["train.prompts_per_step=4", "rollout.group_size=4", "train.micro_batch_size=5"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size=5"):
+        plan_grpo_batches(cfg)
+
+
+def test_prompts_must_divide_over_ranks():
+    cfg = _compose("grpo", ["train.prompts_per_step=3"])
+    with pytest.raises(ConfigError, match="3 / 2 = 1.5"):
+        plan_grpo_batches(cfg, world_size=2)
+
+
+def test_plan_numbers():
+    cfg = _compose(
+        "grpo",
+        [
+            "train.prompts_per_step=4",
+            "rollout.group_size=8",
+            "train.num_minibatches=2",
+            "train.micro_batch_size=8",
+        ],
+    )
+    plan = plan_grpo_batches(cfg, world_size=2)
+    assert (
+        plan.prompts_per_rank,
+        plan.rollouts_per_rank,
+        plan.minibatch_per_rank,
+        plan.micro_batches_per_minibatch,
+    ) == (2, 16, 8, 1)
+
+
+def test_sft_batch_error():
+    cfg = _compose("sft", ["train.batch_size=10", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size=4"):
+        plan_sft_batches(cfg)

@@ -1,0 +1,92 @@
+"""Synthetic task, dataset loading from files, row validation and the resumable sampler."""
+
+import json
+
+import pytest
+
+from rlhf.config import DataConfig
+from rlhf.data.arithmetic import format_problem, make_addition_task
+from rlhf.data.load import DataError, load_task_data
+from rlhf.data.sampler import EpochSampler
+
+
+def test_reversed_format():
+    assert format_problem(93, 2, 2) == ("39+20=", "590")
+    assert format_problem(93, 2, 2, reverse=False) == ("93+02=", "095")
+
+
+def test_fixed_split_is_disjoint_and_seeded():
+    task = make_addition_task(num_digits=2, eval_size=1000, seed=0)
+    assert len(task["eval"]) == 1000 and len(task["train"]) == 9000
+    assert not set(task["eval"]["prompt"]) & set(task["train"]["prompt"])
+    assert make_addition_task(seed=0)["eval"]["prompt"] == task["eval"]["prompt"]
+    assert make_addition_task(seed=1)["eval"]["prompt"] != task["eval"]["prompt"]
+    for row in task["eval"].select(range(20)):
+        assert int(row["answer"][::-1]) == row["a"] + row["b"]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_local_jsonl_loads(tmp_path):
+    _write_jsonl(
+        tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    )
+    _write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "3+3=", "answer": "6"}])
+    train, evaluation = load_task_data(DataConfig(source=str(tmp_path)), needs_completion=True)
+    assert list(train["prompt"]) == ["1+1=", "2+2="] and len(evaluation) == 1
+    train, evaluation = load_task_data(DataConfig(source=str(tmp_path / "train.jsonl")))
+    assert len(train) == 2 and evaluation is None
+
+
+def test_local_parquet_loads(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"prompt": ["1+1="], "answer": ["2"]}).to_parquet(str(tmp_path / "rows.parquet"))
+    train, _ = load_task_data(DataConfig(source=str(tmp_path / "rows.parquet")), needs_completion=True)
+    assert train[0]["answer"] == "2"
+
+
+def test_missing_column_names_the_column_and_source(tmp_path):
+    _write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1=", "answer": "2"}])
+    with pytest.raises(DataError) as error:
+        load_task_data(DataConfig(source=str(tmp_path / "d.jsonl")))
+    assert "'prompt'" in str(error.value) and "d.jsonl" in str(error.value) and "question" in str(error.value)
+
+
+def test_empty_prompt_names_the_row(tmp_path):
+    _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "  ", "answer": "4"}])
+    with pytest.raises(DataError, match="row 1 has an empty"):
+        load_task_data(DataConfig(source=str(tmp_path / "d.jsonl")))
+
+
+def test_missing_value_in_required_column_names_the_row(tmp_path):
+    _write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": None}]
+    )
+    with pytest.raises(DataError, match="row 1 has no value in column 'answer'"):
+        load_task_data(DataConfig(source=str(tmp_path / "d.jsonl")), needs_completion=True)
+
+
+def test_unknown_file_type(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="unknown file type"):
+        load_task_data(DataConfig(source=str(tmp_path / "d.txt")))
+
+
+def test_sampler_crosses_epochs_and_resumes_exactly():
+    sampler = EpochSampler(5, seed=3)
+    first = sampler.next_indices(3) + sampler.next_indices(3)
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4] and sampler.epoch == 1
+    state = sampler.state_dict()
+    expected = sampler.next_indices(7)
+    resumed = EpochSampler(5, seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.next_indices(7) == expected
+
+
+def test_sampler_rejects_a_changed_dataset():
+    state = EpochSampler(5).state_dict()
+    with pytest.raises(ValueError, match="5 rows"):
+        EpochSampler(6).load_state_dict(state)

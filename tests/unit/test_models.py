@@ -1,0 +1,122 @@
+"""Tiny models and tokenizer, local-path loading, and logprob passes that match sampling."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.config import ConfigError, ModelConfig, TinyModelConfig
+from rlhf.models.forward import response_logprobs
+from rlhf.models.load import load_causal_lm, load_tokenizer
+from rlhf.models.tiny import build_char_tokenizer
+from rlhf.rollout.hf import SamplingParams, encode_prompts, generate_rollouts, response_mask_from_ids
+
+
+def test_char_tokenizer_round_trip_and_specials(tokenizer, tmp_path):
+    ids = tokenizer("39+20=")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == 7
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "39+20="
+    assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "<eos>"
+    assert (
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "1+2="}], tokenize=False, add_generation_prompt=True
+        )
+        == "<bos>1+2="
+    )
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded("39+20=")["input_ids"] == ids and reloaded.pad_token_id == tokenizer.pad_token_id
+    assert reloaded.chat_template == tokenizer.chat_template
+
+
+def test_repeated_alphabet_is_rejected():
+    with pytest.raises(ValueError, match="repeated"):
+        build_char_tokenizer("aa")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_saves_and_loads_from_local_path(arch, tmp_path):
+    cfg = ModelConfig(
+        source="tiny",
+        tiny=TinyModelConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32),
+    )
+    tokenizer = load_tokenizer(cfg)
+    model = load_causal_lm(cfg, tokenizer, seed=1)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    local = ModelConfig(source="pretrained", name_or_path=str(tmp_path))
+    loaded = load_causal_lm(local, load_tokenizer(local))
+    assert type(loaded).__name__.lower().startswith(arch)
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), type(model))
+
+
+def test_tokenizer_without_pad_token(tmp_path, tokenizer):
+    tokenizer = build_char_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="has no pad token; set model.pad_token"):
+        load_tokenizer(ModelConfig(source="pretrained", name_or_path=str(tmp_path)))
+    fixed = load_tokenizer(ModelConfig(source="pretrained", name_or_path=str(tmp_path), pad_token="eos"))
+    assert fixed.pad_token == fixed.eos_token
+
+
+def test_pretrained_needs_a_path():
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        load_tokenizer(ModelConfig(source="pretrained"))
+
+
+def test_response_mask_until_first_eos():
+    ids = torch.tensor([[5, 2, 0, 2], [5, 6, 7, 8]])
+    mask, truncated = response_mask_from_ids(ids, eos_token_id=2)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
+    assert truncated.tolist() == [False, True]
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize(
+    "warp", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)]
+)
+def test_logprob_pass_matches_sampling_distribution(model_name, warp, request, tokenizer):
+    """Per-token logprobs of the training forward equal those of the processed generation scores."""
+    model = request.getfixturevalue(model_name)
+    torch.manual_seed(0)
+    sampling = SamplingParams(max_new_tokens=6, **warp)
+    prompt_ids, prompt_mask = encode_prompts(
+        tokenizer, ["39+20=", "1+2=", "123+4="], False, torch.device("cpu")
+    )
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask.long(),
+        generation_config=sampling.generation_config(tokenizer),
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    response = output.sequences[:, prompt_ids.shape[1] :]
+    mask, _ = response_mask_from_ids(response, tokenizer.eos_token_id)
+    from_generate = torch.stack(
+        [
+            torch.log_softmax(s.float(), -1).gather(-1, response[:, i : i + 1]).squeeze(-1)
+            for i, s in enumerate(output.scores)
+        ],
+        1,
+    )
+    ours, _ = response_logprobs(model, prompt_ids, prompt_mask, response, mask, **warp)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours[mask], from_generate[mask], rtol=1e-4, atol=1e-5)
+
+
+def test_rollout_groups_and_columns(tiny_llama, tokenizer):
+    batch = generate_rollouts(
+        tiny_llama,
+        tokenizer,
+        ["1+1=", "22+3="],
+        {"answer": ["2", "25"]},
+        group_size=3,
+        sampling=SamplingParams(max_new_tokens=4),
+    )
+    assert batch.batch_size == 6 and batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch.columns["answer"] == ["2"] * 3 + ["25"] * 3 and len(batch.completions) == 6
+    assert (batch.response_ids[~batch.response_mask] == tokenizer.pad_token_id).all()
+    picked = batch.select([4, 1])
+    assert picked.prompts == [batch.prompts[4], batch.prompts[1]] and picked.columns["answer"] == ["25", "2"]
