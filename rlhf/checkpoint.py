@@ -1,10 +1,14 @@
 """Checkpoints: full training state plus a Hugging Face export, written atomically.
 
-Layout: <run_dir>/checkpoints/step-000050/{hf/ (save_pretrained: model + tokenizer), state.pt}.
-A checkpoint is written into a temporary sibling directory and renamed into place only when it is
-complete, so a crash during a save leaves the previous checkpoint loadable; a half-written one
-never has the final name. `state.pt` holds the engine state (optimizer, scheduler), the RNG states,
-the data sampler position and the step counters.
+Layout: <run_dir>/checkpoints/step-000050/
+    hf/                 save_pretrained export (model + tokenizer), loads with from_pretrained;
+                        with LoRA the merged model, and adapter/ beside it holds the adapter
+    engine/             optimizer and scheduler (DeepSpeed: its ZeRO shards, one set per rank)
+    rng-rank{r}.pt      RNG states of every rank
+    state.pt            step counters, sampler position, controllers (written last)
+Every rank calls `save_checkpoint`. It writes into a staging directory that is renamed into place
+only when complete, so a crash during a save leaves the previous checkpoint loadable and no
+half-written one ever has a final name. ZeRO checkpoints resume at the same world size.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf.models.lora import export_pretrained
+
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
 EXPORT_DIR = "hf"
+ENGINE_DIR = "engine"
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,38 +72,58 @@ def resolve_checkpoint(path: str) -> str:
 def save_checkpoint(
     run_dir: str,
     step: int,
-    model: torch.nn.Module,
+    engine: Any,
     tokenizer: Any,
     training_state: dict[str, Any],
     keep_last: int | None = None,
 ) -> str:
-    """Write checkpoint `step` atomically and prune older ones beyond `keep_last`."""
+    """Write checkpoint `step` (collective: every rank calls it) and prune beyond `keep_last`."""
     root = os.path.join(run_dir, CHECKPOINT_DIR)
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, checkpoint_name(step))
-    staging = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    model.save_pretrained(os.path.join(staging, EXPORT_DIR), safe_serialization=True)
-    tokenizer.save_pretrained(os.path.join(staging, EXPORT_DIR))
-    torch.save({**training_state, "step": step, "rng": rng_state()}, os.path.join(staging, STATE_FILE))
-    if os.path.exists(final):  # re-saving the same step (a resumed run): replace it whole
-        retired = f"{final}.old-{os.getpid()}"
-        os.replace(final, retired)
-        os.replace(staging, final)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    if keep_last:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    staging = f"{final}.tmp"
+    if engine.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    engine.barrier()
+    engine.save_state(os.path.join(staging, ENGINE_DIR))
+    weights = engine.full_state_dict()  # collective under ZeRO-3
+    torch.save(rng_state(), os.path.join(staging, f"rng-rank{engine.rank}.pt"))
+    if engine.is_main:
+        export = os.path.join(staging, EXPORT_DIR)
+        export_pretrained(engine.module, weights, export)
+        tokenizer.save_pretrained(export)
+        torch.save(
+            {**training_state, "step": step, "world_size": engine.world_size},
+            os.path.join(staging, STATE_FILE),
+        )
+    engine.barrier()
+    if engine.is_main:
+        if os.path.exists(final):  # re-saving a step after a resume: swap the whole directory
+            retired = f"{final}.old"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+        if keep_last:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    engine.barrier()
     return final
 
 
-def load_training_state(checkpoint_dir: str) -> dict[str, Any]:
-    """The saved training state; restores the RNG states as a side effect."""
+def load_checkpoint(checkpoint_dir: str, engine: Any) -> dict[str, Any]:
+    """Restore the engine and this rank's RNG; returns the saved training state."""
     state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
-    set_rng_state(state["rng"])
+    saved_world = state.get("world_size", 1)
+    if saved_world != engine.world_size:
+        raise ValueError(
+            f"checkpoint {checkpoint_dir} was written by {saved_world} processes; resume it with {saved_world}, "
+            f"not {engine.world_size} (its hf/ export loads at any size)"
+        )
+    engine.load_state(os.path.join(checkpoint_dir, ENGINE_DIR))
+    set_rng_state(torch.load(os.path.join(checkpoint_dir, f"rng-rank{engine.rank}.pt"), weights_only=False))
     return state
 
 

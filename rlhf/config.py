@@ -26,6 +26,17 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the policy (peft). The reference is the same model with adapters disabled."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class ModelConfig:
     # "tiny": random init built in process; "pretrained": `from_pretrained(name_or_path)` (a hub id
     # or a local directory, such as the `hf` export of one of our checkpoints).
@@ -38,6 +49,7 @@ class ModelConfig:
     # Used only when the tokenizer has no pad token: a token string, or "eos" to reuse EOS.
     pad_token: str | None = None
     trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -116,8 +128,16 @@ class OptimConfig:
 
 @dataclass
 class DistributedConfig:
+    # "single": one process; "deepspeed": ZeRO data parallelism over the launcher's processes
+    # (torchrun, deepspeed, SLURM), or one process with ZeRO offload.
     backend: str = "single"
     device: str = "auto"  # "auto": cuda when available, else cpu
+    zero_stage: int = 0  # 0 (plain data parallel), 1 (optimizer), 2 (+ gradients), 3 (+ parameters)
+    offload_optimizer: bool = False  # optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
+    # A DeepSpeed JSON file merged over the generated config (its keys win), for anything not above.
+    deepspeed_config: str | None = None
+    timeout_s: float = 1800
 
 
 @dataclass

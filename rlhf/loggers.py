@@ -105,9 +105,10 @@ def _stable_run_id(run_dir: str) -> str:
 class Loggers:
     """Fans metrics out to every configured sink."""
 
-    def __init__(self, sinks: list[Any], console: ConsoleLogger | None):
+    def __init__(self, sinks: list[Any], console: ConsoleLogger | None, quiet: bool = False):
         self.sinks = sinks
         self.console = console
+        self.quiet = quiet
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for sink in self.sinks:
@@ -116,7 +117,7 @@ class Loggers:
     def message(self, text: str) -> None:
         if self.console is not None:
             self.console.message(text)
-        else:
+        elif not self.quiet:
             print(text, flush=True)
 
     def close(self) -> None:
@@ -125,13 +126,16 @@ class Loggers:
 
 
 def build_loggers(
-    cfg: LoggerConfig,
+    cfg: LoggerConfig | None,
     run_dir: str,
     name: str,
     config: dict[str, Any],
     total_steps: int,
     initial_step: int = 0,
 ) -> Loggers:
+    """The configured sinks; `cfg=None` (ranks other than 0) logs nothing."""
+    if cfg is None:
+        return Loggers([], None, quiet=True)
     sinks: list[Any] = []
     console = None
     if cfg.console:

@@ -59,3 +59,19 @@ def build_rewards(cfg: RewardConfig) -> list[WeightedReward]:
         WeightedReward(term.name, resolve_reward(term.name, REWARD_FUNCTIONS), term.weight)
         for term in cfg.functions
     ]
+
+
+def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous share of a global batch of row indices (groups stay whole)."""
+    per_rank = len(indices) // world_size
+    return indices[rank * per_rank : (rank + 1) * per_rank]
+
+
+def mean_over_ranks(metrics: dict[str, float], engine: Any) -> dict[str, float]:
+    """Average scalar metrics over ranks (every rank must log the same keys)."""
+    if engine.world_size == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=engine.device)
+    summed = engine.all_reduce_sum(values) / engine.world_size
+    return dict(zip(keys, summed.tolist()))

@@ -120,7 +120,7 @@ def score_completions(
         per_reward[reward.name] = tensor
         metrics[f"reward/{reward.name}/errors"] = float(failures)
         metrics[f"reward/{reward.name}/none_fraction"] = float((~present).float().mean())
-        if present.any():
-            metrics[f"reward/{reward.name}/mean"] = float(tensor[present].mean())
-            metrics[f"reward/{reward.name}/std"] = float(tensor[present].std()) if present.sum() > 1 else 0.0
+        # the same keys on every call (and rank); none_fraction says when nothing was scored
+        metrics[f"reward/{reward.name}/mean"] = float(tensor[present].mean()) if present.any() else 0.0
+        metrics[f"reward/{reward.name}/std"] = float(tensor[present].std()) if present.sum() > 1 else 0.0
     return total, scored, per_reward, metrics

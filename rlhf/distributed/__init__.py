@@ -6,5 +6,6 @@ step-wide normalizer (see rlhf.losses.reduce).
 """
 
 from rlhf.distributed.engine import SingleProcessEngine, TrainEngine, build_engine, resolve_device
+from rlhf.distributed.env import DistEnv, launcher_env
 
-__all__ = ["SingleProcessEngine", "TrainEngine", "build_engine", "resolve_device"]
+__all__ = ["DistEnv", "SingleProcessEngine", "TrainEngine", "build_engine", "launcher_env", "resolve_device"]

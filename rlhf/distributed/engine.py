@@ -1,26 +1,39 @@
-"""The TrainEngine protocol and the single-process engine (one device, no data parallelism)."""
+"""The TrainEngine protocol and the single-process engine.
+
+An engine owns the optimizer, the scheduler and everything data parallelism needs. Its contract:
+losses arrive already divided by the step-wide normalizer (summed over micro-batches and ranks),
+`backward` accumulates, and `step` applies exactly the update a single process would make on the
+whole batch. Checkpoint methods are collective: every rank calls them.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import contextlib
+import os
+from typing import Protocol
 
 import torch
 from transformers import get_scheduler
 
 from rlhf.config import ConfigError, DistributedConfig, OptimConfig
+from rlhf.distributed.env import DistEnv, launcher_env
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 class TrainEngine(Protocol):
-    model: torch.nn.Module
+    model: torch.nn.Module  # call this for training and logprob forward passes
+    module: torch.nn.Module  # the underlying Hugging Face module: generate, save_pretrained, config
     device: torch.device
-    world_size: int
     rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
@@ -28,12 +41,17 @@ class TrainEngine(Protocol):
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def barrier(self) -> None: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def gathered_parameters(self) -> contextlib.AbstractContextManager: ...
 
-    @property
-    def is_main(self) -> bool: ...
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+
+    def save_state(self, directory: str) -> None: ...
+
+    def load_state(self, directory: str) -> None: ...
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -50,6 +68,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     )
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max(total_steps, 1)
+    )
+
+
 class SingleProcessEngine:
     """Optimizer, scheduler and gradient clipping for a model on one device."""
 
@@ -58,15 +82,10 @@ class SingleProcessEngine:
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: torch.device):
         self.device = device
-        self.model = model.to(device)
+        self.model = self.module = model.to(device)
         self.optim_cfg = optim
         self.optimizer = build_optimizer(self.model, optim)
-        self.scheduler = get_scheduler(
-            optim.scheduler,
-            self.optimizer,
-            num_warmup_steps=optim.warmup_steps,
-            num_training_steps=max(total_steps, 1),
-        )
+        self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
 
     @property
     def is_main(self) -> bool:
@@ -76,31 +95,66 @@ class SingleProcessEngine:
         loss.backward()
 
     def step(self) -> dict[str, float]:
-        grad_norm = None
+        stats: dict[str, float] = {}
         if self.optim_cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.max_grad_norm)
+            stats["optim/grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.max_grad_norm)
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = {"optim/lr": self.scheduler.get_last_lr()[0]}
-        if grad_norm is not None:
-            stats["optim/grad_norm"] = float(grad_norm)
+        stats["optim/lr"] = self.scheduler.get_last_lr()[0]
         return stats
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def barrier(self) -> None:
+        pass
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def gathered_parameters(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def save_state(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        torch.save(state, os.path.join(directory, "engine.pt"))
+
+    def load_state(self, directory: str) -> None:
+        state = torch.load(os.path.join(directory, "engine.pt"), map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 
 def build_engine(
-    model: torch.nn.Module, optim: OptimConfig, dist: DistributedConfig, total_steps: int
-) -> SingleProcessEngine:
-    if dist.backend != "single":
-        raise ConfigError(f"distributed.backend={dist.backend!r} is not available; use 'single'")
-    return SingleProcessEngine(model, optim, total_steps, resolve_device(dist.device))
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    dist_cfg: DistributedConfig,
+    total_steps: int,
+    micro_batch_size: int = 1,
+) -> TrainEngine:
+    """The engine `distributed.backend` names, on the launcher's processes."""
+    env: DistEnv = launcher_env()
+    if dist_cfg.backend == "single":
+        if env.world_size > 1:
+            raise ConfigError(
+                f"distributed.backend=single but the launcher started {env.world_size} processes; "
+                "use distributed=zero1, zero2 or zero3 (or launch one process)"
+            )
+        return SingleProcessEngine(model, optim, total_steps, resolve_device(dist_cfg.device))
+    if dist_cfg.backend == "deepspeed":
+        from rlhf.distributed.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, optim, dist_cfg, total_steps, micro_batch_size, env)
+    raise ConfigError(f"distributed.backend={dist_cfg.backend!r} is not one of ['single', 'deepspeed']")

@@ -1,10 +1,13 @@
-"""Held-out accuracy: greedy completions scored by a 0/1 reward function."""
+"""Held-out accuracy: greedy completions scored by a 0/1 reward function, sharded over ranks."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlhf.rollout.hf import SamplingParams, generate_rollouts
 from rlhf.types import RewardFn
@@ -12,7 +15,7 @@ from rlhf.types import RewardFn
 
 @torch.no_grad()
 def greedy_accuracy(
-    model: PreTrainedModel,
+    engine: Any,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
     reward_fn: RewardFn,
@@ -22,23 +25,36 @@ def greedy_accuracy(
     max_new_tokens: int = 8,
     apply_chat_template: bool = False,
 ) -> float:
-    """Fraction of rows whose greedy completion gets reward 1.0."""
+    """Fraction of rows whose greedy completion gets reward 1.0, over the whole dataset.
+
+    Each rank scores a contiguous shard; every rank runs the same number of batches, so sharded
+    (ZeRO-3) parameters are gathered in step on all ranks.
+    """
+    shard_size = math.ceil(len(dataset) / engine.world_size)
+    start, stop = engine.rank * shard_size, min((engine.rank + 1) * shard_size, len(dataset))
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
     correct = 0
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        prompts = rows[prompt_column]
-        columns = {k: v for k, v in rows.items() if k != prompt_column}
-        batch = generate_rollouts(
-            model,
-            tokenizer,
-            prompts,
-            columns,
-            group_size=1,
-            sampling=sampling,
-            apply_chat_template=apply_chat_template,
-            do_sample=False,
-        )
-        scores = reward_fn(batch.prompts, batch.completions, **batch.columns)
-        correct += sum(1 for s in scores if s is not None and s >= 1.0)
-    return correct / max(len(dataset), 1)
+    with engine.gathered_parameters():
+        for offset in range(0, shard_size, batch_size):
+            rows = (
+                dataset[start + offset : min(start + offset + batch_size, stop)]
+                if start + offset < stop
+                else None
+            )
+            if not rows or not rows[prompt_column]:
+                continue
+            columns = {k: v for k, v in rows.items() if k != prompt_column}
+            batch = generate_rollouts(
+                engine.module,
+                tokenizer,
+                rows[prompt_column],
+                columns,
+                group_size=1,
+                sampling=sampling,
+                apply_chat_template=apply_chat_template,
+                do_sample=False,
+            )
+            scores = reward_fn(batch.prompts, batch.completions, **batch.columns)
+            correct += sum(1 for s in scores if s is not None and s >= 1.0)
+    total = engine.all_reduce_sum(torch.tensor(float(correct), device=engine.device))
+    return float(total) / max(len(dataset), 1)

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import ConfigError, ModelConfig
+from rlhf.models.lora import AdapterDisabledView, apply_lora
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,3 +75,19 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def load_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> torch.nn.Module:
+    """The trainable policy: the causal LM, with LoRA adapters when `model.lora.enabled`."""
+    model = load_causal_lm(cfg, tokenizer, seed)
+    return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+
+
+def load_reference(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, engine, seed: int = 0
+) -> torch.nn.Module:
+    """The frozen reference: the policy with adapters disabled under LoRA (no second copy of the
+    weights), otherwise a fresh copy of the initial model placed like the policy (sharded under ZeRO-3)."""
+    if cfg.lora.enabled:
+        return AdapterDisabledView(engine.module)
+    return engine.prepare_frozen(load_causal_lm(cfg, tokenizer, seed))

@@ -116,7 +116,7 @@ def test_failing_reward_keeps_the_last_checkpoint(make_config, tmp_path):
     checkpoints = list_checkpoints(cfg.run_dir)
     assert [os.path.basename(c) for c in checkpoints] == ["step-000002"]
     AutoModelForCausalLM.from_pretrained(export_dir(checkpoints[-1]))
-    assert not [n for n in os.listdir(os.path.dirname(checkpoints[-1])) if ".tmp-" in n]
+    assert not [n for n in os.listdir(os.path.dirname(checkpoints[-1])) if ".tmp" in n]
 
 
 def test_kl_in_reward_and_dr_grpo_presets_run(make_config):
@@ -134,3 +134,77 @@ def test_kl_in_reward_and_dr_grpo_presets_run(make_config):
         assert torch.isfinite(torch.tensor(result["loss"]))
         with open(os.path.join(result["run_dir"], "metrics.jsonl")) as handle:
             assert any("loss" in json.loads(line) for line in handle)
+
+
+def test_wandb_offline_by_default(make_config, monkeypatch):
+    """The default logger writes an offline wandb run (no network) plus metrics.jsonl."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = make_config(
+        "grpo",
+        *FAST,
+        "logger=default",
+        "logger.console=false",
+        "train.steps=1",
+        "checkpoint.save_final=false",
+        "eval.num_samples=4",
+    )
+    assert cfg.logger.wandb and cfg.logger.wandb_mode == "offline"
+    result = grpo.train(cfg)
+    runs = os.listdir(os.path.join(result["run_dir"], "wandb"))
+    assert any(name.startswith("offline-run-") for name in runs), runs
+
+
+@pytest.mark.parametrize(
+    "aggregation", ["token_mean", "sequence_mean_token_mean", "sequence_mean_token_sum_norm"]
+)
+def test_gradient_accumulation_split_gives_the_same_update(make_config, tmp_path, aggregation):
+    """One optimizer step over 8 rollouts: 4 micro-batches of 2 equal 1 micro-batch of 8."""
+    common = [
+        *FAST,
+        "train.steps=1",
+        "eval.num_samples=4",
+        f"loss.aggregation={aggregation}",
+        "optim.lr=1e-2",
+        "optim.max_grad_norm=null",
+    ]
+    whole = grpo.train(
+        make_config("grpo", *common, "train.micro_batch_size=8", run_dir=str(tmp_path / "whole"))
+    )
+    split = grpo.train(
+        make_config("grpo", *common, "train.micro_batch_size=2", run_dir=str(tmp_path / "split"))
+    )
+    a = AutoModelForCausalLM.from_pretrained(export_dir(whole["checkpoint"])).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(export_dir(split["checkpoint"])).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint(make_config, monkeypatch):
+    from rlhf.distributed.engine import SingleProcessEngine
+
+    cfg = make_config("grpo", *FAST, "train.steps=4", "checkpoint.every=2", "eval.num_samples=4")
+    original = SingleProcessEngine.save_state
+    calls = {"n": 0}
+
+    def crash_on_second_save(self, directory):
+        calls["n"] += 1
+        original(self, directory)
+        if calls["n"] == 2:
+            raise OSError("disk vanished mid-save")
+
+    monkeypatch.setattr(SingleProcessEngine, "save_state", crash_on_second_save)
+    with pytest.raises(OSError, match="mid-save"):
+        grpo.train(cfg)
+    monkeypatch.setattr(SingleProcessEngine, "save_state", original)
+    assert [os.path.basename(c) for c in list_checkpoints(cfg.run_dir)] == ["step-000002"]
+    resumed = grpo.train(
+        make_config(
+            "grpo",
+            *FAST,
+            "train.steps=4",
+            "checkpoint.every=2",
+            "eval.num_samples=4",
+            f"resume={cfg.run_dir}",
+        )
+    )
+    assert resumed["step"] == 4 and resumed["checkpoint"].endswith("step-000004")

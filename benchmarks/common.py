@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmarks: machine/version description and RESULTS.md appending."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def versions() -> str:
+    import torch
+    import transformers
+    import trl
+
+    try:
+        import deepspeed
+
+        ds = deepspeed.__version__
+    except Exception:  # noqa: BLE001 - deepspeed may be missing on a benchmark machine
+        ds = "n/a"
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, deepspeed {ds}"
+
+
+def machine() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}, torch threads {torch.get_num_threads()}"
+    )
+
+
+def median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def append_results(title: str, command: str, body: str) -> None:
+    stamp = datetime.date.today().isoformat()
+    with open(RESULTS, "a") as handle:
+        handle.write(f"\n## {title} ({stamp})\n\n`{command}`\n\n{machine()}; {versions()}\n\n{body}\n")
