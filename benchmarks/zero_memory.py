@@ -1,7 +1,8 @@
 """Per-rank memory of parameters, gradients and optimizer state under ZeRO 0/1/2/3, 2 CPU ranks.
 
-Each configuration runs one training step of a ~136M-parameter Llama (545 MB of fp32 weights) in
-a fresh set of processes (benchmarks/zero_memory_worker.py) and reports what rank 0 holds, as
+Each configuration loads a ~136M-parameter Llama (545 MB of fp32 weights) with from_pretrained, as
+a run does (under ZeRO-3 it is partitioned while it loads), and runs one training step in a fresh
+set of processes (benchmarks/zero_memory_worker.py) and reports what rank 0 holds, as
 ratios to one process without DeepSpeed. Byte counts come from the tensors each rank holds
 (parameters, or ZeRO-3's partitions; gradients right after backward; Adam moments plus any fp32
 master copy); peak RSS is the whole process. A GPU run adds a single-GPU ZeRO-3 offload figure.
@@ -32,11 +33,11 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def run(kind: str, nproc: int, workdir: str) -> dict:
+def run(kind: str, nproc: int, workdir: str, model_dir: str) -> dict:
     out = os.path.join(workdir, kind)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     if nproc == 1:
-        command = [sys.executable, WORKER, out, kind]
+        command = [sys.executable, WORKER, out, kind, model_dir]
     else:
         command = [
             sys.executable,
@@ -47,6 +48,7 @@ def run(kind: str, nproc: int, workdir: str) -> dict:
             WORKER,
             out,
             kind,
+            model_dir,
         ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -60,10 +62,13 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="zero_memory_")
-    baseline = run("single", 1, workdir)
-    rows = [("one process (no DeepSpeed)", baseline)] + [
-        (f"ZeRO-{s}, 2 ranks", run(f"zero{s}", 2, workdir)) for s in range(4)
-    ]
+    from benchmarks.zero_memory_worker import save_model
+
+    model_dir = os.path.join(workdir, "model")
+    save_model(model_dir)
+    baseline = run("single", 1, workdir, model_dir)
+    rows = [("one process (no DeepSpeed)", baseline)]
+    rows += [(f"ZeRO-{s}, 2 ranks", run(f"zero{s}", 2, workdir, model_dir)) for s in range(4)]
     lines = [
         f"Model: Llama, {baseline['num_params'] / 1e6:.0f}M parameters, fp32, AdamW; one step, batch 2 x 64 tokens per rank. "
         "MB held by rank 0, ratio to one process in brackets.\n",

@@ -2,7 +2,7 @@
 for this rank, the bytes of parameters, gradients and optimizer state it holds and its peak RSS.
 
 Run by benchmarks/zero_memory.py (one process, or torchrun with 2 CPU ranks).
-    python benchmarks/zero_memory_worker.py OUT.json ENGINE     ENGINE: single | zero0..zero3
+    python benchmarks/zero_memory_worker.py OUT.json ENGINE MODEL_DIR     ENGINE: single | zero0..zero3
 """
 
 from __future__ import annotations
@@ -38,10 +38,13 @@ def held(engine) -> dict[str, int]:
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
     state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     masters = [p for group in inner.param_groups for p in group["params"]]
-    for name in ("averaged_gradients", "averaged_gradients_partition"):
+    # DeepSpeed keeps gradients outside .grad: per-parameter accumulators and partition buffers
+    grads += [p.grad_accum for p in module.parameters() if getattr(p, "grad_accum", None) is not None]
+    for name in ("averaged_gradients", "all_grad_tensors"):
         extra = getattr(optimizer, name, None)
         if isinstance(extra, dict):
-            grads += [g for v in extra.values() for g in (v if isinstance(v, list) else [v])]
+            for value in extra.values():
+                grads += value if isinstance(value, list) else [value]
     grads += [p.grad for p in masters if p.grad is not None]
     param_bytes = tensor_bytes(params)
     master_bytes = (
@@ -57,10 +60,8 @@ def held(engine) -> dict[str, int]:
     }
 
 
-def main() -> None:
-    out, kind = sys.argv[1], sys.argv[2]
-    torch.manual_seed(0)
-    env = launcher_env()
+def save_model(directory: str) -> None:
+    """The benchmark model, saved once so every configuration loads it like a real run."""
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=1024,
@@ -69,13 +70,25 @@ def main() -> None:
         num_attention_heads=16,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)
-    dist = (
-        DistributedConfig(backend="single")
-        if kind == "single"
-        else DistributedConfig(backend="deepspeed", zero_stage=int(kind[-1]))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def main() -> None:
+    out, kind, model_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+    env = launcher_env()
+    if kind == "single":
+        dist = DistributedConfig(backend="single")
+    else:
+        dist = DistributedConfig(backend="deepspeed", zero_stage=int(kind[-1]))
+    # a factory calling from_pretrained: under ZeRO-3 the model is partitioned while it loads
+    engine = build_engine(
+        lambda: LlamaForCausalLM.from_pretrained(model_dir),
+        OptimConfig(lr=1e-4),
+        dist,
+        total_steps=1,
+        micro_batch_size=BATCH,
     )
-    engine = build_engine(model, OptimConfig(lr=1e-4), dist, total_steps=1, micro_batch_size=BATCH)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(env.rank))
     loss = engine.model(input_ids=ids, labels=ids).loss / env.world_size
     engine.backward(loss)
@@ -88,9 +101,7 @@ def main() -> None:
         "grads_MB": after_backward["grads"] / 2**20,
         "optimizer_MB": after_step["optimizer"] / 2**20,
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "num_params": sum(
-            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters()
-        ),
+        "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
     }
     with open(f"{out}.rank{env.rank}", "w") as handle:
         json.dump(report, handle)

@@ -20,6 +20,7 @@ Launch:  python -m recipes.grpo [overrides...]
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import hydra
@@ -44,6 +45,7 @@ from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, generate_rollouts
 from rlhf.runtime import (
     build_rewards,
+    drop_launcher_arguments,
     mean_over_ranks,
     prepare_run_dir,
     rank_slice,
@@ -71,7 +73,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     tokenizer = load_tokenizer(cfg.model)
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     engine = build_engine(
-        load_policy(cfg.model, tokenizer, seed=cfg.seed),
+        lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
         cfg.optim,
         cfg.distributed,
         optimizer_steps,
@@ -351,4 +353,5 @@ def main(dict_cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
+    sys.argv = drop_launcher_arguments(sys.argv)
     main()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import time
 
 import hydra
@@ -36,7 +37,14 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer
 from rlhf.plots import plot_metrics
-from rlhf.runtime import mean_over_ranks, prepare_run_dir, rank_slice, resume_target, seed_everything
+from rlhf.runtime import (
+    drop_launcher_arguments,
+    mean_over_ranks,
+    prepare_run_dir,
+    rank_slice,
+    resume_target,
+    seed_everything,
+)
 from rlhf.scoring import resolve_reward
 
 
@@ -52,8 +60,13 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
         prepare_run_dir(run_dir, cfg)
     seed_everything(cfg.seed + env.rank)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_policy(cfg.model, tokenizer, seed=cfg.seed)
-    engine = build_engine(model, cfg.optim, cfg.distributed, cfg.train.steps, plan.micro_batch_size)
+    engine = build_engine(
+        lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
+        cfg.optim,
+        cfg.distributed,
+        cfg.train.steps,
+        plan.micro_batch_size,
+    )
     reduction = get_reduction("token_mean")
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     accuracy_fn = resolve_reward(cfg.accuracy_reward, REWARD_FUNCTIONS) if cfg.accuracy_reward else None
@@ -166,4 +179,5 @@ def main(dict_cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
+    sys.argv = drop_launcher_arguments(sys.argv)
     main()

@@ -75,3 +75,19 @@ def mean_over_ranks(metrics: dict[str, float], engine: Any) -> dict[str, float]:
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=engine.device)
     summed = engine.all_reduce_sum(values) / engine.world_size
     return dict(zip(keys, summed.tolist()))
+
+
+def drop_launcher_arguments(argv: list[str]) -> list[str]:
+    """argv without the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK is in the
+    environment too); Hydra would reject it as an override."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip_next = True
+        else:
+            kept.append(arg)
+    return kept

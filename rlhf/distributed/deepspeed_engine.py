@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import deepspeed
 import torch
 
 from rlhf.config import ConfigError, DistributedConfig, OptimConfig
-from rlhf.distributed.engine import build_optimizer, build_scheduler, resolve_device
+from rlhf.distributed.engine import ModelSource, build_optimizer, build_scheduler, materialize, resolve_device
 from rlhf.distributed.env import DistEnv, all_reduce_sum, barrier, init_process_group
 
 CHECKPOINT_TAG = "zero"
@@ -76,7 +77,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 class DeepSpeedEngine:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: ModelSource,
         optim: OptimConfig,
         dist_cfg: DistributedConfig,
         total_steps: int,
@@ -89,6 +90,9 @@ class DeepSpeedEngine:
         self.device = resolve_device(dist_cfg.device, env.local_rank)
         self.dist_cfg = dist_cfg
         self.config = deepspeed_config(dist_cfg, optim, micro_batch_size)
+        self.stage = self.config["zero_optimization"]["stage"]
+        with self.construction_context():
+            model = materialize(model)
         model = model.to(self.device)
         optimizer = build_optimizer(model, optim)
         scheduler = build_scheduler(optimizer, optim, total_steps)
@@ -99,7 +103,6 @@ class DeepSpeedEngine:
         # bookkeeping, without which a second backward overwrites instead of accumulating.
         self.model = self.ds
         self.module = self.ds.module
-        self.stage = self.config["zero_optimization"]["stage"]
 
     @property
     def is_main(self) -> bool:
@@ -127,7 +130,25 @@ class DeepSpeedEngine:
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
-    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+    @contextlib.contextmanager
+    def construction_context(self) -> Iterator[None]:
+        """Under ZeRO-3, `from_pretrained` inside this block partitions parameters as it loads them
+        (transformers sees the DeepSpeed config), so no rank ever holds the whole model. Models built
+        from a config (the tiny random-init ones) are partitioned by deepspeed.initialize instead."""
+        if self.stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        alive = HfDeepSpeedConfig(self.config)  # transformers holds it weakly: keep it alive here only
+        try:
+            yield
+        finally:
+            del alive
+
+    def prepare_frozen(self, model: ModelSource) -> torch.nn.Module:
+        with self.construction_context():
+            model = materialize(model)
         model = model.eval().requires_grad_(False)
         if self.stage != 3:
             return model.to(self.device)

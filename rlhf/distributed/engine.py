@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -45,7 +46,7 @@ class TrainEngine(Protocol):
 
     def gathered_parameters(self) -> contextlib.AbstractContextManager: ...
 
-    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    def prepare_frozen(self, model: torch.nn.Module | Callable[[], torch.nn.Module]) -> torch.nn.Module: ...
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...
 
@@ -60,8 +61,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     if len(cfg.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.betas}")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # an empty group (LoRA trains only 2-D matrices) breaks DeepSpeed's ZeRO partitioning
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [group for group in groups if group["params"]],
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,
@@ -115,8 +118,8 @@ class SingleProcessEngine:
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device).eval().requires_grad_(False)
+    def prepare_frozen(self, model: ModelSource) -> torch.nn.Module:
+        return materialize(model).to(self.device).eval().requires_grad_(False)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -137,14 +140,25 @@ class SingleProcessEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+ModelSource = torch.nn.Module | Callable[[], torch.nn.Module]
+
+
+def materialize(model: ModelSource) -> torch.nn.Module:
+    return model if isinstance(model, torch.nn.Module) else model()
+
+
 def build_engine(
-    model: torch.nn.Module,
+    model: ModelSource,
     optim: OptimConfig,
     dist_cfg: DistributedConfig,
     total_steps: int,
     micro_batch_size: int = 1,
 ) -> TrainEngine:
-    """The engine `distributed.backend` names, on the launcher's processes."""
+    """The engine `distributed.backend` names, on the launcher's processes.
+
+    `model` is a module or a function that builds one; pass a function so that under ZeRO-3 the
+    parameters are partitioned while the model is built instead of after.
+    """
     env: DistEnv = launcher_env()
     if dist_cfg.backend == "single":
         if env.world_size > 1:
@@ -152,7 +166,7 @@ def build_engine(
                 f"distributed.backend=single but the launcher started {env.world_size} processes; "
                 "use distributed=zero1, zero2 or zero3 (or launch one process)"
             )
-        return SingleProcessEngine(model, optim, total_steps, resolve_device(dist_cfg.device))
+        return SingleProcessEngine(materialize(model), optim, total_steps, resolve_device(dist_cfg.device))
     if dist_cfg.backend == "deepspeed":
         from rlhf.distributed.deepspeed_engine import DeepSpeedEngine
 

@@ -90,4 +90,4 @@ def load_reference(
     weights), otherwise a fresh copy of the initial model placed like the policy (sharded under ZeRO-3)."""
     if cfg.lora.enabled:
         return AdapterDisabledView(engine.module)
-    return engine.prepare_frozen(load_causal_lm(cfg, tokenizer, seed))
+    return engine.prepare_frozen(lambda: load_causal_lm(cfg, tokenizer, seed))

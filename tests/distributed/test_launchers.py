@@ -1,0 +1,112 @@
+"""The same recipe files run under the deepspeed launcher and torchrun, with ZeRO-1 and ZeRO-3
+(reference partitioned, generation with gathered parameters), LoRA, and a checkpoint export that
+loads with from_pretrained."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf.checkpoint import list_checkpoints
+from rlhf.loggers import read_metrics
+from tests.distributed.test_zero_invariance import ROOT, SMALL, _env, _free_port, torchrun
+
+FAST = [
+    "train.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=4",
+    "train.micro_batch_size=2",
+    "eval.num_samples=8",
+]
+
+
+def _trained_rows(run_dir) -> list[dict]:
+    return [r for r in read_metrics(str(run_dir)) if "loss" in r]
+
+
+def test_grpo_under_deepspeed_launcher_zero3_with_reference(tmp_path):
+    """A local pretrained directory: from_pretrained partitions policy and reference as they load."""
+    from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
+
+    tokenizer = build_char_tokenizer()
+    build_tiny_causal_lm(
+        TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tokenizer
+    ).save_pretrained(tmp_path / "start")
+    tokenizer.save_pretrained(tmp_path / "start")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    command = [
+        launcher,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "recipes.grpo",
+        *SMALL,
+        *FAST,
+        "distributed=zero3",
+        "model=pretrained",
+        f"model.name_or_path={tmp_path / 'start'}",
+        "model.dtype=float32",
+        "loss.kl_coef=0.05",
+        "train.steps=2",
+        "train.num_minibatches=2",
+        "checkpoint.every=2",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    rows = _trained_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["kl/mean"], r["reward/mean"]])).all() for r in rows)
+    exported = AutoModelForCausalLM.from_pretrained(
+        os.path.join(list_checkpoints(str(tmp_path / "run"))[-1], "hf")
+    )
+    assert exported.model.embed_tokens.weight.shape[1] == 32
+
+
+def test_sft_under_torchrun_zero1_with_lora(tmp_path):
+    torchrun(
+        [
+            "-m",
+            "recipes.sft",
+            *SMALL,
+            "distributed=zero1",
+            "model.lora.enabled=true",
+            "model.lora.r=4",
+            "train.steps=2",
+            "train.batch_size=8",
+            "train.micro_batch_size=2",
+            "train.check_every=0",
+            "eval.num_samples=8",
+            "optim.lr=1e-2",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    checkpoint = list_checkpoints(str(tmp_path))[-1]
+    assert os.path.isfile(os.path.join(checkpoint, "adapter", "adapter_config.json"))
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(checkpoint, "hf"))
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_one_process_zero3_offload_with_python(tmp_path):
+    """The single-GPU case: plain `python` with ZeRO-3 parameter and optimizer offload."""
+    command = [
+        sys.executable,
+        "-m",
+        "recipes.grpo",
+        *SMALL,
+        *FAST,
+        "distributed=zero3_offload",
+        "loss.kl_coef=0.05",
+        "train.steps=2",
+        f"run_dir={tmp_path}",
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert [r["step"] for r in _trained_rows(tmp_path)] == [1, 2]
+    AutoModelForCausalLM.from_pretrained(os.path.join(list_checkpoints(str(tmp_path))[-1], "hf"))
