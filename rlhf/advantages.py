@@ -63,3 +63,36 @@ def zero_variance_groups(
     low = torch.where(grouped_valid, grouped, torch.full_like(grouped, big)).min(1).values
     flat = (high - low <= 0) | (grouped_valid.sum(1) < 2)
     return flat.repeat_interleave(group_size)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (arXiv 1506.02438) per token, batched, right-padded.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, with V after the last valid token = 0;
+    A_t = delta_t + gamma * lam * A_{t+1};  returns R_t = A_t + V_t.
+    rewards, values [B, T]; rows may have different lengths (True-prefix masks). Masked positions
+    get 0 in both outputs. The loop runs over T and is vectorised over the batch.
+    """
+    mask = response_mask.bool()
+    zeros = torch.zeros_like(values, dtype=torch.float32)
+    rewards = torch.where(mask, rewards.float(), zeros)
+    values = torch.where(mask, values.float(), zeros)
+    length = rewards.shape[1]
+    advantages = torch.zeros_like(zeros)
+    running = torch.zeros_like(zeros[:, 0])
+    for t in reversed(range(length)):
+        next_valid = mask[:, t + 1] if t + 1 < length else torch.zeros_like(mask[:, t])
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+        next_value = torch.where(next_valid, next_value, torch.zeros_like(next_value))
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * torch.where(next_valid, running, torch.zeros_like(running))
+        advantages[:, t] = torch.where(mask[:, t], running, torch.zeros_like(running))
+    returns = torch.where(mask, advantages + values, zeros)
+    return advantages, returns

@@ -1,19 +1,75 @@
-"""Reward shaping: turning sequence scores and per-token terms into the rewards an estimator uses.
+"""Reward shaping: sequence scores, KL penalties and dense token sources into the rewards that an
+advantage estimator uses.
 
-For outcome-level estimators (GRPO, Dr.GRPO, RLOO) the KL-in-reward placement subtracts the summed
-per-token KL estimate of each response from its score before the group baseline, as verl's
-`use_kl_in_reward` does:  score_b <- score_b - beta * sum_t k(log pi_old, log pi_ref)_bt.
-(The token-level reward composer for PPO, with dense sources, builds on the same terms.)
+Token level (PPO, as in Ziegler et al. arXiv 1909.08593 and DeepSpeed-Chat):
+    r_bt = -beta * kl_bt  +  [t = last valid token of row b] * clip(score_b)  +  sum_s dense_s,bt
+with kl_bt the k1 estimate log pi_old - log pi_ref. The score lands on the last *valid* token of
+each row (rows have different lengths and are right-padded). Dense sources (the DPO-implicit reward
+of RTO, the curiosity of CD-RLHF...) are [B, T] tensors behind the `DenseRewardSource` interface.
+
+Outcome level (GRPO, RLOO): the KL-in-reward placement subtracts each row's summed KL estimate
+from its score before the group baseline (verl's `use_kl_in_reward`).
+
+Also here: fixed and adaptive KL coefficients (adaptive: Ziegler et al., proportional control to a
+target KL) and running score statistics for reward normalisation; both are checkpointed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 from rlhf.losses.kl import kl_penalty
-from rlhf.ops import masked_sum
+from rlhf.ops import masked_mean, masked_sum
+
+
+class DenseRewardSource(Protocol):
+    """A per-token reward [B, T] for a rollout (0 at masked positions), plus metrics to log."""
+
+    name: str
+
+    def __call__(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def last_valid_index(response_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of each row's last True position (0 for an empty row)."""
+    positions = torch.arange(response_mask.shape[1], device=response_mask.device).expand_as(response_mask)
+    return torch.where(response_mask, positions, torch.zeros_like(positions)).max(-1).values
+
+
+def compose_token_rewards(
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    dense: dict[str, torch.Tensor] | None = None,
+    score_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token rewards [B, T] (0 at masked positions) and per-term metrics."""
+    mask = response_mask.bool()
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    metrics: dict[str, torch.Tensor] = {}
+    if kl is not None and kl_coef != 0.0:
+        penalty = -kl_coef * torch.where(mask, kl.float(), torch.zeros_like(rewards))
+        rewards = rewards + penalty
+        metrics["reward/kl_penalty_sum"] = masked_sum(penalty, mask, dim=-1).mean()
+    placed = scores.float()
+    if score_clip is not None:
+        metrics["reward/score_clip_fraction"] = (placed.abs() > score_clip).float().mean()
+        placed = placed.clamp(-score_clip, score_clip)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    has_tokens = mask.any(-1)
+    rewards[rows, last_valid_index(mask)] += torch.where(has_tokens, placed, torch.zeros_like(placed))
+    for name, values in (dense or {}).items():
+        term = torch.where(mask, values.float(), torch.zeros_like(rewards))
+        rewards = rewards + term
+        metrics[f"reward/{name}_sum"] = masked_sum(term, mask, dim=-1).mean()
+        metrics[f"reward/{name}_token_mean"] = masked_mean(term, mask)
+    return rewards, metrics
 
 
 def kl_penalized_scores(
@@ -34,3 +90,69 @@ def kl_penalized_scores(
         sequence_kl = masked_sum(per_token, response_mask, dim=-1)
     metrics["kl/sequence_mean"] = sequence_kl.mean()
     return scores.float() - kl_coef * sequence_kl, metrics
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, num_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController:
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (arXiv 1909.08593)."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, current_kl: float, num_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * num_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+class RunningMoments:
+    """Running mean and std of scores (Chan et al. parallel update), for reward normalisation."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().double().flatten()
+        if values.numel() == 0:
+            return
+        batch_mean = float(values.mean())
+        batch_var = float(values.var(unbiased=False))
+        n = float(values.numel())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        new_mean = self.mean + delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = new_mean, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-12))
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / self.std
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]

@@ -38,6 +38,8 @@ def clipped_surrogate(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
     advantages = advantages.float()
+    if advantages.shape == response_mask.shape:  # per-token advantages may hold garbage when masked
+        advantages = torch.where(response_mask, advantages, torch.zeros_like(advantages))
     log_ratio = logprobs.float() - old_logprobs.float()
     # Masked positions may hold garbage; keep them out of exp so no inf reaches the gradient.
     log_ratio = torch.where(response_mask, log_ratio, torch.zeros_like(log_ratio))

@@ -182,3 +182,15 @@ def test_kl_needs_reference():
         policy_gradient_loss(
             logprobs, old, advantages, mask, reduction=get_reduction("token_mean"), normalizer=1, kl_coef=0.1
         )
+
+
+def test_per_token_advantages_with_masked_garbage():
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    advantages = torch.tensor([[0.5, float("nan")]])
+    mask = torch.tensor([[True, False]])
+    out = policy_gradient_loss(
+        logprobs, logprobs.detach(), advantages, mask, reduction=get_reduction("token_mean"), normalizer=1
+    )
+    out.loss.backward()
+    assert math.isclose(out.loss.item(), -0.5, rel_tol=1e-6)
+    assert torch.isfinite(logprobs.grad).all()
