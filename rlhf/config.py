@@ -62,6 +62,10 @@ class DataConfig:
     prompt_column: str = "prompt"
     completion_column: str | None = "answer"  # SFT target; also handed to rewards as a column
     required_columns: list[str] = field(default_factory=list)
+    # preference data (reward model, DPO): two completions of one prompt, the first preferred
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    margin_column: str | None = None  # optional per-pair margin for the Bradley-Terry loss
     apply_chat_template: bool = False
     # synthetic task options
     num_digits: int = 2
@@ -188,6 +192,15 @@ class SFTTrainConfig:
 
 
 @dataclass
+class RewardModelTrainConfig:
+    steps: int = 300
+    batch_size: int = 32  # pairs per optimizer step
+    micro_batch_size: int = 32
+    center_coef: float = 0.0  # c * (r_chosen + r_rejected)^2 keeps scores near 0
+    use_margin: bool = False  # subtract data.margin_column inside the sigmoid
+
+
+@dataclass
 class RunConfig:
     """Fields common to every recipe."""
 
@@ -217,6 +230,11 @@ class SFTConfig(RunConfig):
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     # A 0/1 reward from rewards.REWARD_FUNCTIONS scoring greedy completions for the accuracy checks.
     accuracy_reward: str | None = "exact_match"
+
+
+@dataclass
+class RewardModelConfig(RunConfig):
+    train: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
 
 
 class ConfigError(ValueError):
@@ -281,7 +299,8 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
     return BatchPlan(world_size, prompts_per_rank, rollouts_per_rank, minibatch, minibatch // micro, micro)
 
 
-def plan_sft_batches(cfg: SFTConfig, world_size: int = 1) -> BatchPlan:
+def plan_sft_batches(cfg: SFTConfig | RewardModelConfig, world_size: int = 1) -> BatchPlan:
+    """Batch arithmetic for recipes that train on dataset rows (SFT rows, reward-model pairs)."""
     t = cfg.train
     if t.batch_size < 1 or t.micro_batch_size < 1:
         raise ConfigError(
@@ -309,6 +328,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="grpo_schema", node=GRPOConfig)
     store.store(name="sft_schema", node=SFTConfig)
+    store.store(name="reward_model_schema", node=RewardModelConfig)
 
 
 def to_container(cfg: Any) -> dict:

@@ -36,3 +36,18 @@ def collate_sft(
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, apply_chat_template, device)
     target_ids, target_mask = encode_targets(tokenizer, completions, device)
     return prompt_ids, prompt_mask, target_ids, target_mask
+
+
+def collate_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    chosen: list[str],
+    rejected: list[str],
+    device: torch.device,
+    apply_chat_template: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows in one batch, so a pair goes through one forward:
+    (prompt_ids, prompt_mask, completion_ids, completion_mask), each [2P, ...]."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts + prompts, apply_chat_template, device)
+    completion_ids, completion_mask = encode_targets(tokenizer, chosen + rejected, device)
+    return prompt_ids, prompt_mask, completion_ids, completion_mask

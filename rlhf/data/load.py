@@ -1,6 +1,6 @@
 """One loader for every prompt/SFT dataset: synthetic tasks, local files, or hub datasets.
 
-`data.source` is "arithmetic" (synthetic), a local file or directory (.jsonl, .json, .parquet,
+`data.source` is "arithmetic" or "arithmetic_preferences" (synthetic), a local file or directory (.jsonl, .json, .parquet,
 .csv), or a hub dataset name. Rows are validated before any model loads: a missing column or an
 empty prompt is an error naming the column, the row and the source.
 """
@@ -13,8 +13,9 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from rlhf.config import DataConfig
 from rlhf.data.arithmetic import make_addition_task
+from rlhf.data.preferences import make_addition_preferences
 
-SYNTHETIC_TASKS = {"arithmetic"}
+SYNTHETIC_TASKS = {"arithmetic", "arithmetic_preferences"}
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -44,8 +45,10 @@ def _load_local(path: str) -> DatasetDict:
 
 def load_splits(cfg: DataConfig) -> DatasetDict:
     """The dataset's splits as a DatasetDict (not yet validated)."""
-    if cfg.source in SYNTHETIC_TASKS:
+    if cfg.source == "arithmetic":
         return make_addition_task(cfg.num_digits, cfg.eval_size, cfg.task_seed, cfg.reverse_digits)
+    if cfg.source == "arithmetic_preferences":
+        return make_addition_preferences(cfg.num_digits, cfg.eval_size, cfg.task_seed)
     if os.path.exists(cfg.source):
         return _load_local(cfg.source)
     return load_dataset(cfg.source)
@@ -68,8 +71,11 @@ def validate_rows(dataset: Dataset, columns: list[str], prompt_column: str, wher
                 raise DataError(f"{where}: row {index} has no value in column {column!r}")
 
 
-def load_task_data(cfg: DataConfig, needs_completion: bool = False) -> tuple[Dataset, Dataset | None]:
-    """(train, eval) datasets, validated. `needs_completion`: SFT needs `completion_column` too."""
+def load_task_data(
+    cfg: DataConfig, needs_completion: bool = False, needs_pairs: bool = False
+) -> tuple[Dataset, Dataset | None]:
+    """(train, eval) datasets, validated. `needs_completion`: SFT needs `completion_column` too;
+    `needs_pairs`: reward models and DPO need the chosen and rejected columns (and the margin's)."""
     splits = load_splits(cfg)
     if cfg.train_split not in splits:
         raise DataError(f"data.source={cfg.source!r} has no split {cfg.train_split!r}; it has {list(splits)}")
@@ -78,6 +84,10 @@ def load_task_data(cfg: DataConfig, needs_completion: bool = False) -> tuple[Dat
         if not cfg.completion_column:
             raise DataError("SFT needs data.completion_column (the target text column)")
         columns.append(cfg.completion_column)
+    if needs_pairs:
+        columns += [cfg.chosen_column, cfg.rejected_column] + (
+            [cfg.margin_column] if cfg.margin_column else []
+        )
     columns = list(dict.fromkeys(columns))
     train = splits[cfg.train_split]
     validate_rows(train, columns, cfg.prompt_column, f"data.source={cfg.source!r} split {cfg.train_split!r}")

@@ -51,3 +51,45 @@ def response_logprobs(
         with torch.no_grad():
             entropy = entropy_from_logits(logits)
     return logprobs, entropy
+
+
+def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def sequence_scores(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """[B] scalar score of a sequence-classification model (reward model) for prompt + response.
+
+    The head reads the last non-pad token, which is the response's last valid token.
+    """
+    input_ids, attention_mask, position_ids = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
+    return logits.float().squeeze(-1)
+
+
+def token_values(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """[B, T] value V(s_t) of a token-classification model (critic) for each response token:
+    read at the position whose hidden state predicts that token, as the logprobs are."""
+    input_ids, attention_mask, position_ids = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
+    num_response = response_ids.shape[1]
+    return logits[:, -num_response - 1 : -1, 0].float()

@@ -8,7 +8,14 @@ or a local directory such as the `hf` export inside one of our checkpoints.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.models.lora import AdapterDisabledView, apply_lora
@@ -91,3 +98,31 @@ def load_reference(
     if cfg.lora.enabled:
         return AdapterDisabledView(engine.module)
     return engine.prepare_frozen(lambda: load_causal_lm(cfg, tokenizer, seed))
+
+
+def load_scorer(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, per_token: bool = False
+) -> PreTrainedModel:
+    """A scalar-head model: a sequence classifier (reward model) or, with `per_token`, a token
+    classifier (critic: one value per position). Both use a head named `score`, so a critic can
+    start from a reward-model checkpoint; a causal-LM checkpoint gives a fresh head."""
+    auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    if cfg.source == "tiny":
+        lm = load_causal_lm(cfg, tokenizer, seed)
+        config = lm.config
+        config.num_labels = 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = auto.from_config(config)
+        model.base_model.load_state_dict(lm.base_model.state_dict())  # same backbone as the policy
+        return model.to(_dtype(cfg))
+    model = auto.from_pretrained(
+        cfg.name_or_path,
+        num_labels=1,
+        dtype=_dtype(cfg),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -69,6 +69,14 @@ def test_every_group_option_composes(group):
             assert isinstance(_compose("sft", [f"{group}={option}", *extra]), SFTConfig)
 
 
+def test_reward_model_config_composes_and_plans():
+    from rlhf.config import RewardModelConfig
+
+    cfg = _compose("reward_model", [])
+    assert isinstance(cfg, RewardModelConfig) and cfg.data.source == "arithmetic_preferences"
+    plan_sft_batches(cfg)
+
+
 def test_demo_presets_have_the_documented_values():
     cfg = _compose("grpo", ["+experiment=grpo_arithmetic_demo"])
     assert cfg.loss.aggregation == "token_mean" and cfg.advantage.drop_zero_variance_groups

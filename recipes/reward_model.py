@@ -1,0 +1,175 @@
+"""Reward model: Bradley-Terry training on preference pairs (prompt, chosen, rejected).
+
+Loss -log sigmoid(r_chosen - r_rejected [- margin]) (Ouyang et al., arXiv 2203.02155), optional
+per-pair margin (Llama 2) and score centring; chosen and rejected go through one forward. Reports
+pair accuracy on the held-out split. The result is a standard sequence-classification model
+(one label) that `AutoModelForSequenceClassification.from_pretrained` loads, and a PPO critic can
+start from it.
+
+Launch:  python -m recipes.reward_model [overrides...]
+         torchrun --nproc_per_node 2 -m recipes.reward_model distributed=zero2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.config import RewardModelConfig, plan_sft_batches, register_configs
+from rlhf.data.collate import collate_pairs
+from rlhf.data.load import load_task_data
+from rlhf.data.sampler import EpochSampler
+from rlhf.distributed import build_engine, launcher_env
+from rlhf.loggers import build_loggers
+from rlhf.losses.preference import bradley_terry_loss
+from rlhf.metrics import MetricAccumulator
+from rlhf.models.forward import sequence_scores
+from rlhf.models.load import load_scorer, load_tokenizer
+from rlhf.plots import plot_metrics
+from rlhf.runtime import (
+    drop_launcher_arguments,
+    mean_over_ranks,
+    prepare_run_dir,
+    rank_slice,
+    resume_target,
+    seed_everything,
+)
+
+
+def train(cfg: RewardModelConfig) -> dict[str, float | str]:
+    """Train the reward model; returns the final metrics, the last checkpoint and the run directory."""
+    # Setup: validate before loading anything heavy.
+    env = launcher_env()
+    plan = plan_sft_batches(cfg, env.world_size)
+    train_rows, eval_rows = load_task_data(cfg.data, needs_pairs=True)
+    checkpoint, resumed_run_dir = resume_target(cfg.resume)
+    run_dir = resumed_run_dir or cfg.run_dir
+    if env.is_main:
+        prepare_run_dir(run_dir, cfg)
+    seed_everything(cfg.seed + env.rank)
+    tokenizer = load_tokenizer(cfg.model)
+    engine = build_engine(
+        lambda: load_scorer(cfg.model, tokenizer, seed=cfg.seed),
+        cfg.optim,
+        cfg.distributed,
+        cfg.train.steps,
+        plan.micro_batch_size,
+    )
+    sampler = EpochSampler(len(train_rows), seed=cfg.seed)
+    start_step = 0
+    if checkpoint:
+        state = load_checkpoint(checkpoint, engine)
+        sampler.load_state_dict(state["sampler"])
+        start_step = state["step"]
+    loggers = build_loggers(
+        cfg.logger if env.is_main else None,
+        run_dir,
+        "reward_model",
+        dataclasses.asdict(cfg),
+        cfg.train.steps,
+        start_step,
+    )
+    d = cfg.data
+
+    def pair_scores(rows) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = list(rows[d.prompt_column])
+        tensors = collate_pairs(
+            tokenizer,
+            prompts,
+            [str(c) for c in rows[d.chosen_column]],
+            [str(r) for r in rows[d.rejected_column]],
+            engine.device,
+            d.apply_chat_template,
+        )
+        scores = sequence_scores(engine.model, *tensors)
+        return scores[: len(prompts)], scores[len(prompts) :]
+
+    @torch.no_grad()
+    def pair_accuracy(rows) -> float:
+        shard = rows.shard(num_shards=engine.world_size, index=engine.rank, contiguous=True)
+        correct = torch.zeros((), device=engine.device)
+        for start in range(0, len(shard), cfg.eval.batch_size):
+            chosen, rejected = pair_scores(
+                shard.select(range(start, min(start + cfg.eval.batch_size, len(shard))))
+            )
+            correct += (chosen > rejected).sum()
+        return float(engine.all_reduce_sum(correct)) / len(rows)
+
+    def save(step: int) -> str:
+        return save_checkpoint(
+            run_dir, step, engine, tokenizer, {"sampler": sampler.state_dict()}, cfg.checkpoint.keep_last
+        )
+
+    last_checkpoint, step, metrics = checkpoint or "", start_step, {}
+    evaluation = (
+        eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows)))) if eval_rows is not None else None
+    )
+    try:
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            started = time.perf_counter()
+            # 1 batch: this rank's share of the step's pairs
+            rows = train_rows.select(
+                rank_slice(sampler.next_indices(cfg.train.batch_size), env.rank, env.world_size)
+            )
+            normalizer = engine.all_reduce_sum(torch.tensor(float(len(rows)), device=engine.device))
+            # 2 score chosen and rejected in one forward per micro-batch, Bradley-Terry loss
+            accumulator = MetricAccumulator()
+            step_loss = torch.zeros((), device=engine.device)
+            for micro in torch.arange(len(rows)).split(plan.micro_batch_size):
+                micro_rows = rows.select(micro.tolist())
+                chosen, rejected = pair_scores(micro_rows)
+                margin = (
+                    torch.tensor(micro_rows[d.margin_column], device=engine.device)
+                    if cfg.train.use_margin and d.margin_column
+                    else None
+                )
+                out = bradley_terry_loss(
+                    chosen, rejected, normalizer=normalizer, margin=margin, center_coef=cfg.train.center_coef
+                )
+                engine.backward(out.loss)
+                step_loss += out.loss.detach() * engine.world_size
+                accumulator.add(out.metrics, weight=len(micro))
+            # 3 optimizer step, log, evaluate, checkpoint
+            metrics = {"loss": float(step_loss), **accumulator.compute(), **engine.step()}
+            metrics["time/step"] = time.perf_counter() - started
+            metrics = mean_over_ranks(metrics, engine)
+            if evaluation is not None and cfg.eval.every and step % cfg.eval.every == 0:
+                metrics["eval/pair_accuracy"] = pair_accuracy(evaluation)
+            loggers.log(metrics, step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                last_checkpoint = save(step)
+        if cfg.checkpoint.save_final and not last_checkpoint.endswith(f"step-{step:06d}"):
+            last_checkpoint = save(step)
+        if evaluation is not None:
+            metrics["eval/pair_accuracy"] = pair_accuracy(evaluation)
+            loggers.log({"eval/pair_accuracy": metrics["eval/pair_accuracy"]}, step)
+    finally:
+        loggers.close()
+    if env.is_main:
+        plot_metrics(
+            run_dir, ["loss", "rm/accuracy", "eval/pair_accuracy"], "reward_model_curves.png", "Reward model"
+        )
+    return {**metrics, "step": step, "checkpoint": last_checkpoint, "run_dir": run_dir}
+
+
+@hydra.main(config_path="../configs", config_name="reward_model", version_base=None)
+def main(dict_cfg: DictConfig) -> None:
+    cfg: RewardModelConfig = OmegaConf.to_object(dict_cfg)
+    result = train(cfg)
+    if launcher_env().is_main:
+        print(f"reward model finished at step {result['step']}; checkpoint: {result['checkpoint']}")
+        if "eval/pair_accuracy" in result:
+            print(f"held-out pair accuracy: {result['eval/pair_accuracy']:.3f}")
+
+
+register_configs()
+
+if __name__ == "__main__":
+    sys.argv = drop_launcher_arguments(sys.argv)
+    main()
