@@ -76,8 +76,12 @@ def save_checkpoint(
     tokenizer: Any,
     training_state: dict[str, Any],
     keep_last: int | None = None,
+    extra_engines: dict[str, Any] | None = None,
 ) -> str:
-    """Write checkpoint `step` (collective: every rank calls it) and prune beyond `keep_last`."""
+    """Write checkpoint `step` (collective: every rank calls it) and prune beyond `keep_last`.
+
+    `extra_engines` (a PPO critic...) are saved beside the policy as <name>_engine/ and <name>_hf/.
+    """
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     final = os.path.join(root, checkpoint_name(step))
     staging = f"{final}.tmp"
@@ -87,6 +91,11 @@ def save_checkpoint(
     engine.barrier()
     engine.save_state(os.path.join(staging, ENGINE_DIR))
     weights = engine.full_state_dict()  # collective under ZeRO-3
+    for name, extra in (extra_engines or {}).items():
+        extra.save_state(os.path.join(staging, f"{name}_{ENGINE_DIR}"))
+        extra_weights = extra.full_state_dict()
+        if engine.is_main:
+            export_pretrained(extra.module, extra_weights, os.path.join(staging, f"{name}_{EXPORT_DIR}"))
     torch.save(rng_state(), os.path.join(staging, f"rng-rank{engine.rank}.pt"))
     if engine.is_main:
         export = os.path.join(staging, EXPORT_DIR)
@@ -113,8 +122,10 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(checkpoint_dir: str, engine: Any) -> dict[str, Any]:
-    """Restore the engine and this rank's RNG; returns the saved training state."""
+def load_checkpoint(
+    checkpoint_dir: str, engine: Any, extra_engines: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Restore the engines and this rank's RNG; returns the saved training state."""
     state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
     saved_world = state.get("world_size", 1)
     if saved_world != engine.world_size:
@@ -123,6 +134,8 @@ def load_checkpoint(checkpoint_dir: str, engine: Any) -> dict[str, Any]:
             f"not {engine.world_size} (its hf/ export loads at any size)"
         )
     engine.load_state(os.path.join(checkpoint_dir, ENGINE_DIR))
+    for name, extra in (extra_engines or {}).items():
+        extra.load_state(os.path.join(checkpoint_dir, f"{name}_{ENGINE_DIR}"))
     set_rng_state(torch.load(os.path.join(checkpoint_dir, f"rng-rank{engine.rank}.pt"), weights_only=False))
     return state
 

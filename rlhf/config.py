@@ -237,6 +237,63 @@ class RewardModelConfig(RunConfig):
     train: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
 
 
+@dataclass
+class ScoringModelConfig:
+    """A frozen reward model (sequence classifier sharing the policy's tokenizer)."""
+
+    name_or_path: str | None = None  # a reward-model export or hub id; None: reward functions only
+    weight: float = 1.0
+    dtype: str = "float32"
+
+
+@dataclass
+class CriticConfig:
+    # "reward_model": start from reward_model.name_or_path (InstructGPT, DeepSpeed-Chat);
+    # "policy": the policy's weights with a fresh value head; "path": critic.name_or_path
+    init: str = "reward_model"
+    name_or_path: str | None = None
+    value_clip: float | None = 0.2
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+
+
+@dataclass
+class PPOLossConfig:
+    aggregation: str = "token_mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05  # k1 penalty in the token reward (initial value when adaptive)
+    kl_controller: str = "fixed"  # "fixed" or "adaptive"
+    kl_target: float = 6.0  # adaptive: target summed KL per sequence
+    kl_horizon: float = 10000.0
+
+
+@dataclass
+class GAEConfig:
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True  # advantage whitening over the step's tokens (all ranks)
+
+
+@dataclass
+class ScoreShapingConfig:
+    score_clip: float | None = None  # clip the sequence score (after normalisation) to +-value
+    normalize: bool = False  # divide by running std after subtracting the running mean
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(functions=[]))
+    reward_model: ScoringModelConfig = field(default_factory=ScoringModelConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    loss: PPOLossConfig = field(default_factory=PPOLossConfig)
+    advantage: GAEConfig = field(default_factory=GAEConfig)
+    shaping: ScoreShapingConfig = field(default_factory=ScoreShapingConfig)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=1))
+    train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 
@@ -253,9 +310,9 @@ class BatchPlan:
     micro_batch_size: int
 
 
-def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
+def plan_rollout_batches(train: GRPOTrainConfig, group_size: int, world_size: int = 1) -> BatchPlan:
     """Checks that prompts, group size, minibatches, micro-batches and ranks divide; shows the numbers."""
-    t, g = cfg.train, cfg.rollout.group_size
+    t, g = train, group_size
     for name, value in [
         ("train.prompts_per_step", t.prompts_per_step),
         ("rollout.group_size", g),
@@ -265,10 +322,6 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    if g < 2 and cfg.advantage.estimator in ("group_relative", "rloo"):
-        raise ConfigError(
-            f"rollout.group_size={g}: group-relative advantages need at least 2 samples per prompt"
-        )
     if t.prompts_per_step % world_size:
         raise ConfigError(
             f"train.prompts_per_step={t.prompts_per_step} does not divide over {world_size} ranks "
@@ -290,13 +343,41 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
             f"{minibatch}, which train.micro_batch_size={t.micro_batch_size} does not divide "
             f"({minibatch} / {micro} = {minibatch / micro:g})"
         )
+    return BatchPlan(world_size, prompts_per_rank, rollouts_per_rank, minibatch, minibatch // micro, micro)
+
+
+def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
+    """Batch arithmetic plus GRPO's own checks, before any model loads."""
+    if cfg.rollout.group_size < 2 and cfg.advantage.estimator in ("group_relative", "rloo"):
+        raise ConfigError(
+            f"rollout.group_size={cfg.rollout.group_size}: group-relative advantages need at least 2 samples per prompt"
+        )
+    plan = plan_rollout_batches(cfg.train, cfg.rollout.group_size, world_size)
     if cfg.loss.kl_placement not in ("loss", "reward"):
         raise ConfigError(f"loss.kl_placement must be 'loss' or 'reward', got {cfg.loss.kl_placement!r}")
     if cfg.reward.on_error not in ("raise", "skip"):
         raise ConfigError(f"reward.on_error must be 'raise' or 'skip', got {cfg.reward.on_error!r}")
     if not cfg.reward.functions:
         raise ConfigError("reward.functions is empty: GRPO needs at least one reward function")
-    return BatchPlan(world_size, prompts_per_rank, rollouts_per_rank, minibatch, minibatch // micro, micro)
+    return plan
+
+
+def plan_ppo_batches(cfg: PPOConfig, world_size: int = 1) -> BatchPlan:
+    """Batch arithmetic plus PPO's own checks, before any model loads."""
+    plan = plan_rollout_batches(cfg.train, cfg.rollout.group_size, world_size)
+    if not cfg.reward.functions and not cfg.reward_model.name_or_path:
+        raise ConfigError("PPO needs a score: set reward_model.name_or_path, reward.functions, or both")
+    if cfg.critic.init not in ("reward_model", "policy", "path"):
+        raise ConfigError(f"critic.init must be reward_model, policy or path, got {cfg.critic.init!r}")
+    if cfg.critic.init == "reward_model" and not cfg.reward_model.name_or_path:
+        raise ConfigError(
+            "critic.init=reward_model needs reward_model.name_or_path (or use critic.init=policy)"
+        )
+    if cfg.critic.init == "path" and not cfg.critic.name_or_path:
+        raise ConfigError("critic.init=path needs critic.name_or_path")
+    if cfg.loss.kl_controller not in ("fixed", "adaptive"):
+        raise ConfigError(f"loss.kl_controller must be fixed or adaptive, got {cfg.loss.kl_controller!r}")
+    return plan
 
 
 def plan_sft_batches(cfg: SFTConfig | RewardModelConfig, world_size: int = 1) -> BatchPlan:
@@ -329,6 +410,7 @@ def register_configs() -> None:
     store.store(name="grpo_schema", node=GRPOConfig)
     store.store(name="sft_schema", node=SFTConfig)
     store.store(name="reward_model_schema", node=RewardModelConfig)
+    store.store(name="ppo_schema", node=PPOConfig)
 
 
 def to_container(cfg: Any) -> dict:

@@ -6,6 +6,8 @@ reaches a sum or a gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -36,11 +38,26 @@ def masked_var(
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the kept positions; masked positions become 0."""
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask, unbiased=False)
+    """(x - mean) / sqrt(var + eps) over the kept positions; masked positions become 0.
+
+    With `all_reduce_sum` (a sum over data-parallel ranks) the statistics cover every rank's tokens,
+    so the result does not depend on how the batch is split.
+    """
+    if all_reduce_sum is None:
+        mean = masked_mean(values, mask)
+        var = masked_var(values, mask, unbiased=False)
+    else:
+        kept = torch.where(mask, values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
+        totals = all_reduce_sum(torch.stack([kept.sum(), (kept**2).sum(), mask.sum().double()]))
+        count = totals[2].clamp(min=1)
+        mean = (totals[0] / count).to(values.dtype)
+        var = (totals[1] / count - (totals[0] / count) ** 2).clamp(min=0).to(values.dtype)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -25,6 +25,7 @@ def response_logprobs(
     top_k: int = 0,
     top_p: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response_t | prompt, response_<t) [B, T] in float32, and optionally the entropy [B, T].
 
@@ -48,7 +49,7 @@ def response_logprobs(
     logprobs = logprobs_from_logits(logits, safe_ids)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):  # grad only for a bonus
             entropy = entropy_from_logits(logits)
     return logprobs, entropy
 

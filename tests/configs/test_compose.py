@@ -40,7 +40,24 @@ def _options(group: str) -> list[str]:
 
 def test_every_preset_belongs_to_a_recipe():
     every = _presets("")
-    assert every and set(every) == set(_presets("grpo_")) | set(_presets("sft_"))
+    assert every and set(every) == set(_presets("grpo_")) | set(_presets("sft_")) | set(_presets("ppo_"))
+
+
+@pytest.mark.parametrize("preset", _presets("ppo_"))
+def test_ppo_presets_compose_and_plan(preset):
+    from rlhf.config import PPOConfig, plan_ppo_batches
+
+    cfg = _compose("ppo", [f"+experiment={preset}"])
+    assert isinstance(cfg, PPOConfig)
+    plan_ppo_batches(cfg)
+
+
+def test_ppo_config_composes_with_a_reward_model():
+    from rlhf.config import plan_ppo_batches
+
+    cfg = _compose("ppo", ["reward_model.name_or_path=some/rm", "loss.kl_controller=adaptive"])
+    assert cfg.critic.init == "reward_model" and cfg.rollout.group_size == 1
+    plan_ppo_batches(cfg)
 
 
 @pytest.mark.parametrize("preset", _presets("grpo_"))
