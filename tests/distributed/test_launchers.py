@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
 from rlhf.checkpoint import list_checkpoints
 from rlhf.loggers import read_metrics
@@ -110,3 +110,36 @@ def test_one_process_zero3_offload_with_python(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert [r["step"] for r in _trained_rows(tmp_path)] == [1, 2]
     AutoModelForCausalLM.from_pretrained(os.path.join(list_checkpoints(str(tmp_path))[-1], "hf"))
+
+
+def test_ppo_under_torchrun_zero2_with_reward_model(tmp_path):
+    """Policy and critic as two DeepSpeed engines in each of 2 ranks; the critic starts from the RM."""
+    from rlhf.config import ModelConfig, TinyModelConfig
+    from rlhf.models.load import load_scorer, load_tokenizer
+
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    tokenizer = load_tokenizer(cfg)
+    load_scorer(cfg, tokenizer, seed=7).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    torchrun(
+        [
+            "-m",
+            "recipes.ppo",
+            *SMALL,
+            "distributed=zero2",
+            f"reward_model.name_or_path={tmp_path / 'rm'}",
+            "train.prompts_per_step=4",
+            "train.micro_batch_size=2",
+            "rollout.max_new_tokens=4",
+            "train.steps=2",
+            "checkpoint.every=2",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    rows = _trained_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(
+        torch.isfinite(torch.tensor([r["loss"], r["loss/value"], r["reward/model_mean"]])).all() for r in rows
+    )
+    checkpoint = list_checkpoints(str(tmp_path / "run"))[-1]
+    AutoModelForTokenClassification.from_pretrained(os.path.join(checkpoint, "critic_hf"))
