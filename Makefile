@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export WANDB_SILENT := true
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo pipeline test lint format bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m recipes.demo
+
+pipeline: $(STAMP)
+	$(BIN)/python -m recipes.rlhf_pipeline
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -42,6 +45,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/grpo_step.py
 	$(BIN)/python benchmarks/demo_accuracy.py
+	$(BIN)/python benchmarks/zero_memory.py
+	$(BIN)/python benchmarks/rlhf_pipeline.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -5,11 +5,12 @@ Return None for a completion that cannot be scored; it is left out of the group 
 Config names a function from `REWARD_FUNCTIONS`, or any importable "package.module:function".
 """
 
-from rewards.answer import answer_format, exact_match
+from rewards.answer import answer_format, digit_match, exact_match
 
 REWARD_FUNCTIONS = {
     "exact_match": exact_match,
     "answer_format": answer_format,
+    "digit_match": digit_match,
 }
 
-__all__ = ["REWARD_FUNCTIONS", "answer_format", "exact_match"]
+__all__ = ["REWARD_FUNCTIONS", "answer_format", "digit_match", "exact_match"]

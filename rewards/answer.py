@@ -33,3 +33,20 @@ def answer_format(
             ok = len(text) == len(str(answer[index]).strip())
         scores.append(float(ok))
     return scores
+
+
+def digit_match(
+    prompts: list[str], completions: list[str], answer: list[Any], **_: Any
+) -> list[float | None]:
+    """Fraction of the reference answer's characters matched position by position (extra or missing
+    characters count as wrong): partial credit, used as the hidden gold score of the synthetic
+    RLHF pipeline."""
+    scores: list[float | None] = []
+    for text, ref in zip(completions, answer):
+        if ref is None:
+            scores.append(None)
+            continue
+        text, ref = text.strip(), str(ref).strip()
+        hits = sum(1 for a, b in zip(text, ref) if a == b)
+        scores.append(hits / max(len(ref), len(text), 1))
+    return scores

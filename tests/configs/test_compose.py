@@ -40,14 +40,25 @@ def _options(group: str) -> list[str]:
 
 def test_every_preset_belongs_to_a_recipe():
     every = _presets("")
-    assert every and set(every) == set(_presets("grpo_")) | set(_presets("sft_")) | set(_presets("ppo_"))
+    assert every and set(every) == set(_presets("grpo_")) | set(_presets("sft_")) | set(
+        _presets("ppo_")
+    ) | set(_presets("rm_"))
+
+
+@pytest.mark.parametrize("preset", _presets("rm_"))
+def test_reward_model_presets_compose_and_plan(preset):
+    from rlhf.config import RewardModelConfig
+
+    cfg = _compose("reward_model", [f"+experiment={preset}", "data.source=pairs/"])
+    assert isinstance(cfg, RewardModelConfig)
+    plan_sft_batches(cfg)
 
 
 @pytest.mark.parametrize("preset", _presets("ppo_"))
 def test_ppo_presets_compose_and_plan(preset):
     from rlhf.config import PPOConfig, plan_ppo_batches
 
-    cfg = _compose("ppo", [f"+experiment={preset}"])
+    cfg = _compose("ppo", [f"+experiment={preset}", "reward_model.name_or_path=some/rm"])
     assert isinstance(cfg, PPOConfig)
     plan_ppo_batches(cfg)
 

@@ -90,3 +90,29 @@ def test_sampler_rejects_a_changed_dataset():
     state = EpochSampler(5).state_dict()
     with pytest.raises(ValueError, match="5 rows"):
         EpochSampler(6).load_state_dict(state)
+
+
+def test_label_pairs_keeps_the_better_completion_and_drops_ties():
+    from rlhf.data.preferences import label_pairs
+
+    pairs = label_pairs(
+        ["p0", "p1", "p2"],
+        ["a", "b", "c"],
+        ["x", "y", "z"],
+        [1.0, 0.5, None],
+        [0.0, 0.5, 1.0],
+        {"answer": ["1", "2", "3"]},
+    )
+    assert pairs["prompt"] == ["p0"] and pairs["chosen"] == ["a"] and pairs["rejected"] == ["x"]
+    assert pairs["answer"] == ["1"] and pairs["gold_margin"] == [1.0]
+
+
+def test_digit_match_partial_credit():
+    from rewards import digit_match
+
+    assert digit_match(["p"] * 4, ["590", "591", "59", "5901"], answer=["590"] * 4) == [
+        1.0,
+        2 / 3,
+        2 / 3,
+        3 / 4,
+    ]
