@@ -33,7 +33,7 @@ from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env
-from rlhf.eval.accuracy import greedy_accuracy
+from rlhf.eval.accuracy import heldout_accuracy
 from rlhf.loggers import build_loggers
 from rlhf.losses.kl import get_kl_estimator
 from rlhf.losses.policy import policy_gradient_loss
@@ -42,7 +42,7 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference, load_tokenizer
 from rlhf.plots import plot_metrics
-from rlhf.rollout.hf import SamplingParams, generate_rollouts
+from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.runtime import (
     build_rewards,
     drop_launcher_arguments,
@@ -106,16 +106,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     can_evaluate = accuracy_fn is not None and eval_rows is not None
 
     def evaluate() -> float:
-        return greedy_accuracy(
-            engine,
-            tokenizer,
-            eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows)))),
-            accuracy_fn,
-            prompt_column=d.prompt_column,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            apply_chat_template=d.apply_chat_template,
-        )
+        return heldout_accuracy(engine, tokenizer, eval_rows, accuracy_fn, d, cfg.eval, cfg.eval.num_samples)
 
     def save(step: int) -> str:
         state = {"sampler": sampler.state_dict(), "elapsed_s": elapsed}
@@ -133,22 +124,17 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             rows = train_rows.select(
                 rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
             )
-            columns = {k: list(rows[k]) for k in rows.column_names if k != d.prompt_column}
-            with engine.gathered_parameters():
-                batch = generate_rollouts(
-                    engine.module,
-                    tokenizer,
-                    list(rows[d.prompt_column]),
-                    columns,
-                    group_size=g,
-                    sampling=sampling,
-                    apply_chat_template=d.apply_chat_template,
-                )
-            metrics = {"time/generate": time.perf_counter() - started}
-            lengths = batch.response_mask.sum(-1).float()
-            metrics["response/length_mean"] = float(lengths.mean())
-            metrics["response/truncated_fraction"] = float(batch.truncated.float().mean())
-            rollout_tokens = float(batch.prompt_mask.sum() + lengths.sum())
+            batch, metrics = rollout_rows(
+                engine,
+                tokenizer,
+                rows,
+                prompt_column=d.prompt_column,
+                group_size=g,
+                sampling=sampling,
+                apply_chat_template=d.apply_chat_template,
+            )
+            metrics["time/generate"] = time.perf_counter() - started
+            rollout_tokens = metrics.pop("rollout/tokens")
 
             # 2 score: weighted reward functions; rows no reward could score are excluded
             scores, valid, per_reward, reward_metrics = score_completions(

@@ -30,7 +30,7 @@ from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, r
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env
-from rlhf.eval.accuracy import greedy_accuracy
+from rlhf.eval.accuracy import heldout_accuracy
 from rlhf.loggers import build_loggers
 from rlhf.losses.kl import k1
 from rlhf.losses.policy import policy_gradient_loss
@@ -41,7 +41,7 @@ from rlhf.models.forward import response_logprobs, sequence_scores, token_values
 from rlhf.models.load import load_policy, load_reference, load_scorer, load_tokenizer
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
-from rlhf.rollout.hf import SamplingParams, generate_rollouts
+from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.runtime import (
     build_rewards,
     drop_launcher_arguments,
@@ -126,16 +126,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     can_evaluate = accuracy_fn is not None and eval_rows is not None
 
     def evaluate() -> float:
-        return greedy_accuracy(
-            policy,
-            tokenizer,
-            eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows)))),
-            accuracy_fn,
-            prompt_column=d.prompt_column,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            apply_chat_template=d.apply_chat_template,
-        )
+        return heldout_accuracy(policy, tokenizer, eval_rows, accuracy_fn, d, cfg.eval, cfg.eval.num_samples)
 
     def save(step: int) -> str:
         state = {
@@ -159,21 +150,18 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             rows = train_rows.select(
                 rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
             )
-            columns = {k: list(rows[k]) for k in rows.column_names if k != d.prompt_column}
-            with policy.gathered_parameters():
-                batch = generate_rollouts(
-                    policy.module,
-                    tokenizer,
-                    list(rows[d.prompt_column]),
-                    columns,
-                    group_size=g,
-                    sampling=sampling,
-                    apply_chat_template=d.apply_chat_template,
-                )
-            metrics = {"time/generate": time.perf_counter() - started}
+            batch, metrics = rollout_rows(
+                policy,
+                tokenizer,
+                rows,
+                prompt_column=d.prompt_column,
+                group_size=g,
+                sampling=sampling,
+                apply_chat_template=d.apply_chat_template,
+            )
+            metrics["time/generate"] = time.perf_counter() - started
+            metrics.pop("rollout/tokens")
             mask = batch.response_mask
-            metrics["response/length_mean"] = float(mask.sum(-1).float().mean())
-            metrics["response/truncated_fraction"] = float(batch.truncated.float().mean())
 
             # 2 score: reward functions and/or the reward model, then normalise and clip
             passes_started = time.perf_counter()

@@ -29,7 +29,7 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env
-from rlhf.eval.accuracy import greedy_accuracy
+from rlhf.eval.accuracy import heldout_accuracy
 from rlhf.loggers import build_loggers
 from rlhf.losses.reduce import get_reduction
 from rlhf.losses.sft import nll_loss
@@ -89,16 +89,7 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     d = cfg.data
 
     def accuracy_on(rows) -> float:
-        return greedy_accuracy(
-            engine,
-            tokenizer,
-            rows,
-            accuracy_fn,
-            prompt_column=d.prompt_column,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            apply_chat_template=d.apply_chat_template,
-        )
+        return heldout_accuracy(engine, tokenizer, rows, accuracy_fn, d, cfg.eval)
 
     def save(step: int) -> str:
         return save_checkpoint(

@@ -58,3 +58,27 @@ def greedy_accuracy(
             correct += sum(1 for s in scores if s is not None and s >= 1.0)
     total = engine.all_reduce_sum(torch.tensor(float(correct), device=engine.device))
     return float(total) / max(len(dataset), 1)
+
+
+def heldout_accuracy(
+    engine: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Dataset,
+    reward_fn: RewardFn,
+    data_cfg: Any,
+    eval_cfg: Any,
+    limit: int | None = None,
+) -> float:
+    """`greedy_accuracy` with the recipe's data and eval settings, on the first `limit` rows."""
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    return greedy_accuracy(
+        engine,
+        tokenizer,
+        rows,
+        reward_fn,
+        prompt_column=data_cfg.prompt_column,
+        batch_size=eval_cfg.batch_size,
+        max_new_tokens=eval_cfg.max_new_tokens,
+        apply_chat_template=data_cfg.apply_chat_template,
+    )

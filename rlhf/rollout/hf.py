@@ -119,3 +119,36 @@ def generate_rollouts(
         completions=completions,
         columns=repeated_columns,
     )
+
+
+def rollout_rows(
+    engine: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Any,
+    *,
+    prompt_column: str,
+    group_size: int,
+    sampling: SamplingParams,
+    apply_chat_template: bool = False,
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """Step 1 of an RL loop: `group_size` samples for each dataset row, every other column handed on
+    to the rewards, with the policy's ZeRO-3 parameters gathered once for the whole generation.
+    Returns the batch and its length statistics."""
+    columns = {k: list(rows[k]) for k in rows.column_names if k != prompt_column}
+    with engine.gathered_parameters():
+        batch = generate_rollouts(
+            engine.module,
+            tokenizer,
+            list(rows[prompt_column]),
+            columns,
+            group_size=group_size,
+            sampling=sampling,
+            apply_chat_template=apply_chat_template,
+        )
+    lengths = batch.response_mask.sum(-1).float()
+    metrics = {
+        "response/length_mean": float(lengths.mean()),
+        "response/truncated_fraction": float(batch.truncated.float().mean()),
+        "rollout/tokens": float(batch.prompt_mask.sum() + lengths.sum()),
+    }
+    return batch, metrics
