@@ -47,10 +47,8 @@ from rlhf.runtime import (
     build_rewards,
     drop_launcher_arguments,
     mean_over_ranks,
-    prepare_run_dir,
+    open_run,
     rank_slice,
-    resume_target,
-    seed_everything,
 )
 from rlhf.scoring import score_completions
 from rlhf.shaping import kl_penalized_scores
@@ -65,11 +63,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     reduction = get_reduction(cfg.loss.aggregation)
     kl_estimator = get_kl_estimator(cfg.loss.kl_estimator)
     train_rows, eval_rows = load_task_data(cfg.data)
-    checkpoint, resumed_run_dir = resume_target(cfg.resume)
-    run_dir = resumed_run_dir or cfg.run_dir
-    if env.is_main:
-        prepare_run_dir(run_dir, cfg)
-    seed_everything(cfg.seed + env.rank)  # ranks sample different completions
+    run_dir, checkpoint = open_run(cfg, env)
     tokenizer = load_tokenizer(cfg.model)
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     engine = build_engine(

@@ -40,10 +40,8 @@ from rlhf.plots import plot_metrics
 from rlhf.runtime import (
     drop_launcher_arguments,
     mean_over_ranks,
-    prepare_run_dir,
+    open_run,
     rank_slice,
-    resume_target,
-    seed_everything,
 )
 from rlhf.scoring import resolve_reward
 
@@ -54,11 +52,7 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     env = launcher_env()
     plan = plan_sft_batches(cfg, env.world_size)
     train_rows, eval_rows = load_task_data(cfg.data, needs_completion=True)
-    checkpoint, resumed_run_dir = resume_target(cfg.resume)
-    run_dir = resumed_run_dir or cfg.run_dir
-    if env.is_main:
-        prepare_run_dir(run_dir, cfg)
-    seed_everything(cfg.seed + env.rank)
+    run_dir, checkpoint = open_run(cfg, env)
     tokenizer = load_tokenizer(cfg.model)
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3

@@ -91,3 +91,15 @@ def drop_launcher_arguments(argv: list[str]) -> list[str]:
         else:
             kept.append(arg)
     return kept
+
+
+def open_run(cfg: Any, env: Any) -> tuple[str, str | None]:
+    """(run directory, checkpoint to resume or None) for a recipe: finds the checkpoint `cfg.resume`
+    names (its run continues in its own directory), writes config.yaml on rank 0, and seeds every
+    rank differently so ranks sample different completions."""
+    checkpoint, resumed_run_dir = resume_target(cfg.resume)
+    run_dir = resumed_run_dir or cfg.run_dir
+    if env.is_main:
+        prepare_run_dir(run_dir, cfg)
+    seed_everything(cfg.seed + env.rank)
+    return run_dir, checkpoint
