@@ -2,7 +2,8 @@
 
 Each step samples completions, scores them with a frozen reward model and/or reward functions,
 builds token rewards (k1 KL penalty to the reference on every token, the clipped and optionally
-normalised score on each row's last valid token, plus any dense sources), runs GAE with the
+normalised score on each row's last valid token, plus dense sources: RTO's DPO token reward
+with `rto.dpo_model`, arXiv 2404.18922), runs GAE with the
 critic's values, whitens the advantages over all ranks, and takes `num_minibatches x epochs`
 clipped policy and clipped value steps on the rollout. Policy and critic have their own engines
 and optimizers. The KL coefficient is fixed or adaptive (proportional control to a target KL).
@@ -38,7 +39,7 @@ from rlhf.losses.reduce import get_reduction
 from rlhf.losses.value import clipped_value_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs, sequence_scores, token_values
-from rlhf.models.load import load_policy, load_reference, load_scorer, load_tokenizer
+from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_scorer, load_tokenizer
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
@@ -50,7 +51,13 @@ from rlhf.runtime import (
     rank_slice,
 )
 from rlhf.scoring import score_completions
-from rlhf.shaping import AdaptiveKLController, FixedKLController, RunningMoments, compose_token_rewards
+from rlhf.shaping import (
+    AdaptiveKLController,
+    DPOTokenReward,
+    FixedKLController,
+    RunningMoments,
+    compose_token_rewards,
+)
 
 
 def train(cfg: PPOConfig) -> dict[str, float | str]:
@@ -90,6 +97,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             raise ConfigError(
                 f"reward_model.name_or_path={cfg.reward_model.name_or_path!r} has a vocabulary of {reward_model.config.vocab_size}; the policy tokenizer has {len(tokenizer)} tokens: they must share a tokenizer"
             )
+    dense_sources = _dense_sources(cfg, policy, tokenizer, plan.micro_batch_size, warp_of(cfg))
     if cfg.loss.kl_controller == "adaptive":
         kl_controller = AdaptiveKLController(cfg.loss.kl_coef, cfg.loss.kl_target, cfg.loss.kl_horizon)
     else:
@@ -98,7 +106,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     sampling = SamplingParams(
         cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p
     )
-    warp = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    warp = warp_of(cfg)
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     start_step = 0
     if checkpoint:
@@ -200,12 +208,22 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                     batch,
                     plan.micro_batch_size,
                 )
+
+                dense = {}
+                for source in dense_sources:  # RTO's DPO token reward
+                    dense[source.name], source_metrics = source(batch)
+                    metrics.update(source_metrics)
             metrics["time/logprob_passes"] = time.perf_counter() - passes_started
 
-            # 4 token rewards (KL on every token, score on the last) and GAE advantages
+            # 4 token rewards (KL on every token, score on the last, dense sources) and GAE advantages
             kl = k1(batch.old_logprobs, batch.ref_logprobs)
             token_rewards, shaping_metrics = compose_token_rewards(
-                scores, mask, kl=kl, kl_coef=kl_controller.value, score_clip=cfg.shaping.score_clip
+                scores,
+                mask,
+                kl=kl,
+                kl_coef=kl_controller.value,
+                dense=dense,
+                score_clip=cfg.shaping.score_clip,
             )
             advantages, returns = gae(
                 token_rewards, old_values, mask, gamma=cfg.advantage.gamma, lam=cfg.advantage.lam
@@ -264,6 +282,31 @@ def _critic_model_config(cfg: PPOConfig) -> ModelConfig:
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
     )
+
+
+def warp_of(cfg: PPOConfig) -> dict:
+    """The sampling warp, applied identically in every logprob pass."""
+    return {"temperature": cfg.rollout.temperature, "top_k": cfg.rollout.top_k, "top_p": cfg.rollout.top_p}
+
+
+def _dense_sources(cfg: PPOConfig, policy, tokenizer, micro_batch_size: int, warp: dict) -> list:
+    """Dense token-reward sources for the shaping step: RTO's DPO token reward when configured."""
+    if not cfg.rto.dpo_model:
+        return []
+    if cfg.rto.reference not in ("policy", "dpo_reference"):
+        raise ConfigError(f"rto.reference={cfg.rto.reference!r}; choose policy or dpo_reference")
+    if cfg.rto.reference == "dpo_reference" and not cfg.rto.dpo_reference_model:
+        raise ConfigError("rto.reference=dpo_reference needs rto.dpo_reference_model")
+
+    def frozen_logprobs(path: str):
+        model_cfg = ModelConfig(source="pretrained", name_or_path=path, dtype=cfg.model.dtype)
+        model = policy.prepare_frozen(lambda: load_causal_lm(model_cfg, tokenizer))
+        return lambda batch: _batched(
+            lambda *rows: response_logprobs(model, *rows, **warp)[0], batch, micro_batch_size
+        )
+
+    reference = frozen_logprobs(cfg.rto.dpo_reference_model) if cfg.rto.reference == "dpo_reference" else None
+    return [DPOTokenReward(frozen_logprobs(cfg.rto.dpo_model), reference, cfg.rto.scale, cfg.rto.clip)]
 
 
 def engine_gather_scores(scores: torch.Tensor, engine) -> torch.Tensor:

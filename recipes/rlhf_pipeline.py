@@ -54,17 +54,20 @@ def split_overrides(args: list[str]) -> dict[str, list[str]]:
 
 @torch.no_grad()
 def sample_preference_pairs(
-    model_dir: str, data_cfg, out_dir: str, num_prompts: int, seed: int
+    model_dir: str, data_cfg, out_dir: str, num_prompts: int, seed: int, samples_per_prompt: int = 4
 ) -> dict[str, int]:
-    """Two samples per prompt from the policy at `model_dir`, labelled by the gold rule; writes
-    train.jsonl and eval.jsonl (10% of the prompts) under `out_dir`."""
+    """`samples_per_prompt` samples per prompt from the policy at `model_dir`; every two of them with
+    different gold scores make a pair (the higher one chosen). Writes train.jsonl and eval.jsonl (the
+    pairs of the first 10% of the prompts, so no prompt is in both) under `out_dir`."""
     model_cfg = ModelConfig(source="pretrained", name_or_path=model_dir)
     tokenizer = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, tokenizer).eval()
     train_rows, _ = load_task_data(data_cfg)
     rows = train_rows.shuffle(seed=seed).select(range(min(num_prompts, len(train_rows))))
     torch.manual_seed(seed)
-    prompts, first, second, answers = [], [], [], []
+    k = samples_per_prompt
+    held_out_prompts = max(1, len(rows) // 10)
+    splits: dict[str, list] = {"eval": [], "train": []}
     for start in range(0, len(rows), 250):
         chunk = rows[start : start + 250]
         batch = generate_rollouts(
@@ -72,31 +75,36 @@ def sample_preference_pairs(
             tokenizer,
             chunk["prompt"],
             {"answer": chunk["answer"]},
-            group_size=2,
+            group_size=k,
             sampling=SamplingParams(max_new_tokens=5),
         )
-        prompts += chunk["prompt"]
-        first += batch.completions[0::2]
-        second += batch.completions[1::2]
-        answers += chunk["answer"]
-    pairs = label_pairs(
-        prompts,
-        first,
-        second,
-        digit_match(prompts, first, answer=answers),
-        digit_match(prompts, second, answer=answers),
-        {"answer": answers},
-    )
-    held_out = max(1, len(pairs) // 10)
+        prompts = [p for p in chunk["prompt"] for _ in range(k)]
+        answers = [a for a in chunk["answer"] for _ in range(k)]
+        gold = digit_match(prompts, batch.completions, answer=answers)
+        # All pairs (i, j), i < j, inside each prompt's group of k samples.
+        first = [(g * k + i) for g in range(len(chunk["prompt"])) for i in range(k) for j in range(i + 1, k)]
+        second = [(g * k + j) for g in range(len(chunk["prompt"])) for i in range(k) for j in range(i + 1, k)]
+        pairs = label_pairs(
+            [prompts[i] for i in first],
+            [batch.completions[i] for i in first],
+            [batch.completions[j] for j in second],
+            [gold[i] for i in first],
+            [gold[j] for j in second],
+            {"answer": [answers[i] for i in first]},
+        )
+        for row in pairs:
+            index = start + chunk["prompt"].index(row["prompt"])
+            splits["eval" if index < held_out_prompts else "train"].append(row)
     os.makedirs(out_dir, exist_ok=True)
-    for name, split in (
-        ("eval", pairs.select(range(held_out))),
-        ("train", pairs.select(range(held_out, len(pairs)))),
-    ):
+    for name, split in splits.items():
         with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as handle:
             for row in split:
                 handle.write(json.dumps(row) + "\n")
-    return {"prompts": len(rows), "pairs": len(pairs), "eval_pairs": held_out}
+    return {
+        "prompts": len(rows),
+        "pairs": len(splits["train"]) + len(splits["eval"]),
+        "eval_pairs": len(splits["eval"]),
+    }
 
 
 def run_pipeline(

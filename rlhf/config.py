@@ -283,6 +283,18 @@ class ScoreShapingConfig:
 
 
 @dataclass
+class RTOConfig:
+    """RTO: a DPO model's token log-ratio as a dense reward (`rlhf.shaping.dpo_token_reward`)."""
+
+    dpo_model: str | None = None  # a DPO-trained policy; None disables the source
+    scale: float = 0.05  # beta1
+    clip: float | None = 0.05  # applied after scaling
+    # "policy": the PPO reference (the authors' code); "dpo_reference": rto.dpo_reference_model
+    reference: str = "policy"
+    dpo_reference_model: str | None = None
+
+
+@dataclass
 class PPOConfig(RunConfig):
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(functions=[]))
     reward_model: ScoringModelConfig = field(default_factory=ScoringModelConfig)
@@ -290,8 +302,73 @@ class PPOConfig(RunConfig):
     loss: PPOLossConfig = field(default_factory=PPOLossConfig)
     advantage: GAEConfig = field(default_factory=GAEConfig)
     shaping: ScoreShapingConfig = field(default_factory=ScoreShapingConfig)
+    rto: RTOConfig = field(default_factory=RTOConfig)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=1))
     train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+
+
+@dataclass
+class DPOLossConfig:
+    # sigmoid (DPO; conservative DPO with label_smoothing > 0) | ipo | hinge | robust | simpo
+    type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid/simpo: conservative smoothing; robust: the label-noise rate
+    simpo_gamma: float = 0.5  # SimPO target margin (reference-free)
+
+
+@dataclass
+class ReferenceConfig:
+    # Compute the frozen models' per-token values (reference logprobs, TGDPO guide, cDPO scores,
+    # T-REG rewards) once before training and keep them on disk, instead of a forward per step.
+    precompute: bool = False
+    cache_dir: str | None = None  # None: <run_dir>/token_cache; a shared dir reuses it across runs
+    batch_size: int = 64
+
+
+@dataclass
+class TokenWeightConfig:
+    # none | tgdpo (token rewards of a frozen DPO model) | cdpo (critical-token contrastive estimation)
+    method: str = "none"
+    guide_model: str | None = None  # TGDPO: a DPO- or SimPO-trained policy on the same data
+    alpha: float = 0.5  # TGDPO: w = 1 +- alpha * beta * log(pi_guide / pi_ref)
+    floor: float = 0.0  # TGDPO: weights are clamped at this value (the paper needs w > 0)
+    positive_model: str | None = None  # cDPO: model fine-tuned on correct samples
+    negative_model: str | None = None  # cDPO: model fine-tuned on incorrect samples
+    contrast_beta: float = 1.0  # cDPO: s_t = softmax((1 + b) z_pos - b z_neg)[y_t]
+    weight_chosen: bool = False  # cDPO: chosen tokens weighted by s_t too (default only rejected)
+
+
+@dataclass
+class TRegConfig:
+    alpha: float = 0.0  # weight of the T-REG regulariser; 0 disables it
+    model: str | None = None  # frozen model prompted for token rewards; None: the reference model
+    # Contrastive revision prompts; {prompt} is the original prompt text.
+    better_template: str = "Give a better, more correct answer.\n{prompt}"
+    worse_template: str = "Give a worse, less correct answer.\n{prompt}"
+
+
+@dataclass
+class DPOTrainConfig:
+    steps: int = 300
+    batch_size: int = 32  # pairs per optimizer step
+    micro_batch_size: int = 32
+
+
+@dataclass
+class DPOEvalConfig(EvalConfig):
+    # A 0/1 reward function: greedy accuracy on the held-out pairs' prompts (their columns, e.g.
+    # `answer`, are passed to it). None: only the held-out implicit-reward pair accuracy.
+    accuracy_reward: str | None = None
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    token_weights: TokenWeightConfig = field(default_factory=TokenWeightConfig)
+    treg: TRegConfig = field(default_factory=TRegConfig)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
 
 
 class ConfigError(ValueError):
@@ -380,7 +457,7 @@ def plan_ppo_batches(cfg: PPOConfig, world_size: int = 1) -> BatchPlan:
     return plan
 
 
-def plan_sft_batches(cfg: SFTConfig | RewardModelConfig, world_size: int = 1) -> BatchPlan:
+def plan_sft_batches(cfg: SFTConfig | RewardModelConfig | DPOConfig, world_size: int = 1) -> BatchPlan:
     """Batch arithmetic for recipes that train on dataset rows (SFT rows, reward-model pairs)."""
     t = cfg.train
     if t.batch_size < 1 or t.micro_batch_size < 1:
@@ -411,6 +488,7 @@ def register_configs() -> None:
     store.store(name="sft_schema", node=SFTConfig)
     store.store(name="reward_model_schema", node=RewardModelConfig)
     store.store(name="ppo_schema", node=PPOConfig)
+    store.store(name="dpo_schema", node=DPOConfig)
 
 
 def to_container(cfg: Any) -> dict:

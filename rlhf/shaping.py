@@ -10,6 +10,12 @@ of RTO, the curiosity of CD-RLHF...) are [B, T] tensors behind the `DenseRewardS
 Outcome level (GRPO, RLOO): the KL-in-reward placement subtracts each row's summed KL estimate
 from its score before the group baseline (verl's `use_kl_in_reward`).
 
+RTO (Zhong et al., arXiv 2404.18922; the authors' OpenRLHF code): the dense source
+    r_bt = clip(beta1 * (log pi_dpo - log pi_ref)(y_bt), -c, c)
+scaled first, then clipped (defaults beta1 = c = 0.05). pi_ref is the PPO reference by default, as
+the authors' code does (right only when the DPO model was trained from that same model); the DPO
+model's own reference is an option.
+
 Also here: fixed and adaptive KL coefficients (adaptive: Ziegler et al., proportional control to a
 target KL) and running score statistics for reward normalisation; both are checkpointed.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -70,6 +77,48 @@ def compose_token_rewards(
         metrics[f"reward/{name}_sum"] = masked_sum(term, mask, dim=-1).mean()
         metrics[f"reward/{name}_token_mean"] = masked_mean(term, mask)
     return rewards, metrics
+
+
+def dpo_token_reward(
+    dpo_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    scale: float,
+    clip: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RTO's token reward clip(scale * (log pi_dpo - log pi_ref), -clip, clip), 0 at masked positions,
+    and the clip's hit rate."""
+    mask = response_mask.bool()
+    raw = scale * (dpo_logprobs.float() - ref_logprobs.float())
+    reward = raw.clamp(-clip, clip) if clip is not None else raw
+    metrics = {
+        "rto/raw_token_mean": masked_mean(torch.where(mask, raw, 0.0), mask),
+        "rto/clip_fraction": masked_mean(
+            ((raw.abs() > clip) if clip is not None else raw != raw).float(), mask
+        ),
+    }
+    return torch.where(mask, reward, 0.0), metrics
+
+
+@dataclass
+class DPOTokenReward:
+    """RTO as a `DenseRewardSource`: `dpo_logprobs(batch)` runs the frozen DPO model over the
+    rollout; `ref_logprobs(batch)` its own reference, or None to use the PPO reference pass
+    (`batch.ref_logprobs`)."""
+
+    dpo_logprobs: Callable[[Any], torch.Tensor]
+    ref_logprobs: Callable[[Any], torch.Tensor] | None = None
+    scale: float = 0.05
+    clip: float | None = 0.05
+    name: str = "rto"
+
+    def __call__(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        reference = batch.ref_logprobs if self.ref_logprobs is None else self.ref_logprobs(batch)
+        reward, metrics = dpo_token_reward(
+            self.dpo_logprobs(batch), reference, batch.response_mask, scale=self.scale, clip=self.clip
+        )
+        return reward, {k: float(v) for k, v in metrics.items()}
 
 
 def kl_penalized_scores(

@@ -54,6 +54,27 @@ def response_logprobs(
     return logprobs, entropy
 
 
+def response_logits(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """[B, T, V] raw next-token logits at the positions that predict each response token (for
+    scores that combine two models' distributions, such as cDPO's contrastive estimation)."""
+    input_ids, attention_mask, position_ids = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    num_response = response_ids.shape[1]
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_response + 1,
+        use_cache=False,
+    )
+    return outputs.logits[:, :-1]
+
+
 def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()

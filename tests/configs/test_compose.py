@@ -42,7 +42,7 @@ def test_every_preset_belongs_to_a_recipe():
     every = _presets("")
     assert every and set(every) == set(_presets("grpo_")) | set(_presets("sft_")) | set(
         _presets("ppo_")
-    ) | set(_presets("rm_"))
+    ) | set(_presets("rm_")) | set(_presets("dpo_"))
 
 
 @pytest.mark.parametrize("preset", _presets("rm_"))
@@ -58,9 +58,32 @@ def test_reward_model_presets_compose_and_plan(preset):
 def test_ppo_presets_compose_and_plan(preset):
     from rlhf.config import PPOConfig, plan_ppo_batches
 
-    cfg = _compose("ppo", [f"+experiment={preset}", "reward_model.name_or_path=some/rm"])
+    rto = ["rto.dpo_model=some/dpo"] if preset == "ppo_rto" else []
+    cfg = _compose("ppo", [f"+experiment={preset}", "reward_model.name_or_path=some/rm", *rto])
     assert isinstance(cfg, PPOConfig)
     plan_ppo_batches(cfg)
+
+
+@pytest.mark.parametrize("preset", _presets("dpo_"))
+def test_dpo_presets_compose_and_plan(preset):
+    from rlhf.config import DPOConfig
+
+    required = {
+        "dpo_tgdpo": ["token_weights.guide_model=some/dpo"],
+        "dpo_cdpo": ["token_weights.positive_model=some/pos", "token_weights.negative_model=some/neg"],
+        "dpo_pipeline": ["data.source=pairs/"],
+    }
+    cfg = _compose("dpo", [f"+experiment={preset}", *required.get(preset, [])])
+    assert isinstance(cfg, DPOConfig)
+    plan_sft_batches(cfg)
+
+
+def test_dpo_config_composes():
+    from rlhf.config import DPOConfig
+
+    cfg = _compose("dpo", ["loss.type=ipo", "reference.precompute=true"])
+    assert isinstance(cfg, DPOConfig) and cfg.loss.beta == 0.1 and cfg.token_weights.method == "none"
+    plan_sft_batches(cfg)
 
 
 def test_ppo_config_composes_with_a_reward_model():

@@ -97,3 +97,33 @@ def test_ppo_with_reward_functions_resumes_exactly(make_config, tmp_path):
 def test_ppo_needs_a_score(make_config):
     with pytest.raises(ConfigError, match="PPO needs a score"):
         ppo.train(make_config("ppo", "critic.init=policy"))
+
+
+def test_ppo_with_rto_token_reward(make_config, reward_model_dir, tmp_path):
+    """RTO: a DPO model's clipped token log-ratio joins the token reward (both reference options)."""
+    cfg = make_config("ppo", "seed=3", run_dir=str(tmp_path / "sft"))
+    tokenizer = load_tokenizer(cfg.model)
+    dpo_dir = tmp_path / "dpo"
+    load_causal_lm(cfg.model, tokenizer, seed=11).save_pretrained(dpo_dir)  # a model unlike the reference
+    tokenizer.save_pretrained(dpo_dir)
+    for reference in ("policy", "dpo_reference"):
+        result = ppo.train(
+            make_config(
+                "ppo",
+                "+experiment=ppo_rto",
+                *FAST,
+                f"reward_model.name_or_path={reward_model_dir}",
+                f"rto.dpo_model={dpo_dir}",
+                f"rto.reference={reference}",
+                f"rto.dpo_reference_model={dpo_dir}",
+                "train.steps=2",
+                run_dir=str(tmp_path / reference),
+            )
+        )
+        rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+        if reference == "policy":  # a different model: non-zero log-ratios, at most 0.05 per token
+            assert all(0 <= r["rto/clip_fraction"] <= 1 for r in rows)
+            assert all(r["reward/rto_sum"] != 0 for r in rows)
+            assert all(abs(r["reward/rto_token_mean"]) <= 0.05 for r in rows)
+        else:  # its own reference is the same model: the reward is exactly 0
+            assert all(r["reward/rto_sum"] == 0 for r in rows)

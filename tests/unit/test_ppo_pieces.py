@@ -1,6 +1,7 @@
 """GAE, the clipped value loss, token-reward composition, KL controllers and the BT loss."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,3 +140,28 @@ def test_bradley_terry_hand_computed():
     )
     centred = bradley_terry_loss(chosen, rejected, normalizer=2, center_coef=0.01)
     assert math.isclose(centred.loss.item(), expected + 0.01 * (9.0 + 0.25) / 2, rel_tol=1e-6)
+
+
+def test_rto_token_reward_scales_then_clips_and_masks():
+    from rlhf.shaping import DPOTokenReward, dpo_token_reward
+
+    dpo = torch.tensor([[-1.0, -0.5, float("nan")], [-3.0, -0.1, -0.2]])
+    ref = torch.tensor([[-2.0, -0.6, 0.0], [-1.0, -0.1, -4.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    reward, metrics = dpo_token_reward(dpo, ref, mask, scale=0.05, clip=0.04)
+    # raw = 0.05 * (dpo - ref): 0.05, 0.005, -; -0.1, 0, 0.19 -> clipped at +-0.04
+    expected = torch.tensor([[0.04, 0.005, 0.0], [-0.04, 0.0, 0.04]])
+    torch.testing.assert_close(reward, expected, rtol=0, atol=1e-7)
+    assert metrics["rto/clip_fraction"].item() == pytest.approx(3 / 5)
+    unclipped, _ = dpo_token_reward(dpo, ref, mask, scale=0.05, clip=None)
+    assert unclipped[1, 2].item() == pytest.approx(0.19)
+
+    # As a dense source: the PPO reference pass by default, or the DPO model's own reference.
+    batch = SimpleNamespace(ref_logprobs=ref, response_mask=mask)
+    source = DPOTokenReward(lambda b: dpo, None, scale=0.05, clip=0.04)
+    torch.testing.assert_close(source(batch)[0], expected, rtol=0, atol=1e-7)
+    own_reference = DPOTokenReward(lambda b: dpo, lambda b: dpo, scale=0.05, clip=0.04)
+    assert own_reference(batch)[0].abs().sum().item() == 0.0
+    rewards, metrics = compose_token_rewards(torch.zeros(2), mask, dense={"rto": source(batch)[0]})
+    torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-7)
+    assert "reward/rto_sum" in metrics

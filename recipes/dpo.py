@@ -1,0 +1,381 @@
+"""Direct preference optimisation and its family, with token-level weights and regularisers.
+
+Loss (`loss.type`): DPO (sigmoid; conservative DPO with label smoothing; Rafailov et al., arXiv
+2305.18290), IPO (arXiv 2310.12036), hinge (SLiC, arXiv 2305.10425), robust DPO (arXiv 2403.00409) and
+reference-free SimPO (arXiv 2405.14734). Chosen and rejected go through one forward. The reference's
+per-token logprobs come from a frozen copy (the LoRA-disabled policy under LoRA) on the fly, or are
+computed once before training and cached on disk (`reference.precompute=true`).
+
+Token-level options, all on the same path (per-token log-ratios, then weights, then the loss):
+  token_weights.method=tgdpo  TGDPO: weights 1 +- alpha*beta*log(pi_guide/pi_ref) from a frozen
+                              DPO-trained guide (token_weights.guide_model), floored
+  token_weights.method=cdpo   cDPO: rejected-token weights 1 - s_t from contrastive estimation with
+                              a positive and a negative model (recipes/cdpo_models.py trains them)
+  treg.alpha>0                T-REG: token rewards from contrastive prompting of a frozen model,
+                              a weighted token-level regulariser added to the loss
+Formulas, defaults and where we follow the authors' code: rlhf/losses/preference.py.
+
+Launch:  python -m recipes.dpo model=pretrained model.name_or_path=<sft export> data.source=<pairs>
+         torchrun --nproc_per_node 2 -m recipes.dpo distributed=zero2 ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.config import ConfigError, DPOConfig, ModelConfig, plan_sft_batches, register_configs
+from rlhf.data.collate import collate_pairs
+from rlhf.data.load import load_task_data
+from rlhf.data.sampler import EpochSampler
+from rlhf.data.token_cache import cached_token_values, pad_token_values, token_cache_key
+from rlhf.distributed import build_engine, launcher_env
+from rlhf.eval.accuracy import heldout_accuracy
+from rlhf.loggers import build_loggers
+from rlhf.losses.preference import (
+    cdpo_token_weights,
+    preference_loss,
+    sequence_logratios,
+    tgdpo_token_weights,
+    token_reward_regularizer,
+    treg_loss,
+)
+from rlhf.metrics import MetricAccumulator
+from rlhf.models.forward import response_logprobs
+from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_tokenizer
+from rlhf.models.token_scorers import PairTokenScorer
+from rlhf.plots import plot_metrics
+from rlhf.rollout.hf import encode_prompts
+from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, open_run, rank_slice
+from rlhf.scoring import resolve_reward
+
+
+def train(cfg: DPOConfig) -> dict[str, float | str]:
+    """Train with the configured DPO-family loss; returns the final metrics, the last checkpoint
+    and the run directory."""
+    # Setup: validate before loading anything heavy.
+    env = launcher_env()
+    plan = plan_sft_batches(cfg, env.world_size)
+    loss_fn, needs_reference = preference_loss(
+        cfg.loss.type,
+        beta=cfg.loss.beta,
+        label_smoothing=cfg.loss.label_smoothing,
+        simpo_gamma=cfg.loss.simpo_gamma,
+    )
+    _validate(cfg, needs_reference)
+    accuracy_fn = _accuracy_reward(cfg.eval.accuracy_reward)
+    train_rows, eval_rows = load_task_data(cfg.data, needs_pairs=True)
+    run_dir, checkpoint = open_run(cfg, env)
+    tokenizer = load_tokenizer(cfg.model)
+    policy = build_engine(
+        lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
+        cfg.optim,
+        cfg.distributed,
+        cfg.train.steps,
+        plan.micro_batch_size,
+    )
+    scorer = _build_scorer(cfg, tokenizer, policy, needs_reference)
+    d, w = cfg.data, cfg.token_weights
+
+    def collate(rows):
+        prompts = [str(p) for p in rows[d.prompt_column]]
+        tensors = collate_pairs(
+            tokenizer,
+            prompts,
+            [str(c) for c in rows[d.chosen_column]],
+            [str(r) for r in rows[d.rejected_column]],
+            policy.device,
+            d.apply_chat_template,
+        )
+        return prompts + prompts, tensors
+
+    # Frozen models' token values: precomputed once (then the models are dropped) or per micro-batch.
+    caches: dict[str, dict[str, list[torch.Tensor]]] = {}
+    if cfg.reference.precompute and scorer.columns:
+        for split, rows in (("train", train_rows), ("eval", eval_rows)):
+            if rows is not None:
+                caches[split] = _precompute(cfg, split, rows, scorer, collate, policy, run_dir)
+        scorer = PairTokenScorer()  # the frozen models are no longer needed
+
+    def token_values(split, rows, row_ids, tensors, prompts) -> dict[str, torch.Tensor]:
+        if split not in caches:
+            return scorer(prompts, *tensors)
+        mask = tensors[3]
+        half = len(row_ids)
+        out = {}
+        for name in ("ref_logprobs", "guide_logprobs", "contrast_scores", "treg_rewards"):
+            if f"chosen/{name}" in caches[split]:
+                values = [caches[split][f"chosen/{name}"][i] for i in row_ids] + [
+                    caches[split][f"rejected/{name}"][i] for i in row_ids
+                ]
+                out[name] = pad_token_values(values, mask, column=name, row_ids=row_ids + row_ids)
+        assert all(v.shape[0] == 2 * half for v in out.values())
+        return out
+
+    def pair_loss(split, rows, row_ids, normalizer):
+        """The loss and metrics of one micro-batch of pairs (policy forward with grad)."""
+        prompts, tensors = collate(rows)
+        mask = tensors[3]
+        logprobs, _ = response_logprobs(policy.model, *tensors)
+        values = token_values(split, rows, row_ids, tensors, prompts)
+        p = len(row_ids)
+        c, r = slice(0, p), slice(p, 2 * p)
+        ref = values.get("ref_logprobs")
+        weights = [None, None]
+        metrics = {}
+        if w.method == "tgdpo":
+            guide_ratio = values["guide_logprobs"] - ref
+            weights[0], weights[1], metrics = tgdpo_token_weights(
+                guide_ratio[c],
+                guide_ratio[r],
+                mask[c],
+                mask[r],
+                alpha=w.alpha,
+                beta=cfg.loss.beta,
+                floor=w.floor,
+            )
+        elif w.method == "cdpo":
+            scores = values["contrast_scores"]
+            weights[1] = cdpo_token_weights(scores[r], mask[r], rejected=True)
+            if w.weight_chosen:
+                weights[0] = cdpo_token_weights(scores[c], mask[c], rejected=False)
+            metrics = {"cdpo/rejected_weight_mean": weights[1].sum() / mask[r].sum().clamp(min=1)}
+        chosen = sequence_logratios(logprobs[c], ref[c] if ref is not None else None, mask[c], weights[0])
+        rejected = sequence_logratios(logprobs[r], ref[r] if ref is not None else None, mask[r], weights[1])
+        lengths = mask.sum(-1)
+        out = loss_fn(
+            chosen, rejected, chosen_lengths=lengths[c], rejected_lengths=lengths[r], normalizer=normalizer
+        )
+        if cfg.treg.alpha:
+            rewards = values["treg_rewards"]
+            out = treg_loss(
+                out,
+                chosen,
+                rejected,
+                token_reward_regularizer(logprobs[c], rewards[c], mask[c], beta=cfg.loss.beta),
+                token_reward_regularizer(logprobs[r], rewards[r], mask[r], beta=cfg.loss.beta),
+                alpha=cfg.treg.alpha,
+                beta=cfg.loss.beta,
+                normalizer=normalizer,
+            )
+        sums = torch.where(mask, logprobs.detach(), 0.0).sum(-1)
+        out.metrics.update(metrics)
+        out.metrics["logprobs/chosen"] = sums[c].mean()
+        out.metrics["logprobs/rejected"] = sums[r].mean()
+        return out
+
+    sampler = EpochSampler(len(train_rows), seed=cfg.seed)
+    start_step = 0
+    if checkpoint:
+        state = load_checkpoint(checkpoint, policy)
+        sampler.load_state_dict(state["sampler"])
+        start_step = state["step"]
+    loggers = build_loggers(
+        cfg.logger if env.is_main else None,
+        run_dir,
+        "dpo",
+        dataclasses.asdict(cfg),
+        cfg.train.steps,
+        start_step,
+    )
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        results = {}
+        if eval_rows is None:
+            return results
+        rows = eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
+        shard = len(rows) // env.world_size  # equal shares: every rank runs the same forwards
+        correct = torch.zeros((), device=policy.device)
+        for start in range(env.rank * shard, (env.rank + 1) * shard, cfg.eval.batch_size):
+            ids = list(range(start, min(start + cfg.eval.batch_size, (env.rank + 1) * shard)))
+            correct += pair_loss("eval", rows.select(ids), ids, 1.0).metrics["rewards/accuracy"] * len(ids)
+        results["eval/reward_accuracy"] = float(policy.all_reduce_sum(correct)) / max(
+            shard * env.world_size, 1
+        )
+        if accuracy_fn is not None:
+            prompts = rows.to_pandas().drop_duplicates(d.prompt_column)
+            task = rows.select(prompts.index.tolist())
+            results["eval/accuracy"] = heldout_accuracy(policy, tokenizer, task, accuracy_fn, d, cfg.eval)
+        return results
+
+    def save(step: int) -> str:
+        return save_checkpoint(
+            run_dir, step, policy, tokenizer, {"sampler": sampler.state_dict()}, cfg.checkpoint.keep_last
+        )
+
+    result: dict[str, float | str] = {}
+    if start_step == 0:
+        before = evaluate()
+        result.update({f"{k}_before": v for k, v in before.items()})
+        if before:
+            loggers.log(before, 0)
+    last_checkpoint, step, metrics = checkpoint or "", start_step, {}
+    try:
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            started = time.perf_counter()
+            # 1 batch: this rank's share of the step's pairs; one normalizer for the whole step
+            indices = rank_slice(sampler.next_indices(cfg.train.batch_size), env.rank, env.world_size)
+            normalizer = policy.all_reduce_sum(torch.tensor(float(len(indices)), device=policy.device))
+            accumulator = MetricAccumulator()
+            step_loss = torch.zeros((), device=policy.device)
+            # 2-3 one forward per micro-batch for chosen and rejected, frozen token values, the loss
+            for start in range(0, len(indices), plan.micro_batch_size):
+                ids = indices[start : start + plan.micro_batch_size]
+                out = pair_loss("train", train_rows.select(ids), ids, normalizer)
+                policy.backward(out.loss)
+                step_loss += out.loss.detach()
+                accumulator.add(out.metrics, weight=len(ids))
+            # 4 optimizer step, log, evaluate, checkpoint
+            metrics = {
+                "loss": float(policy.all_reduce_sum(step_loss)),
+                **accumulator.compute(),
+                **policy.step(),
+            }
+            metrics["time/step"] = time.perf_counter() - started
+            metrics = mean_over_ranks(metrics, policy)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                metrics.update(evaluate())
+            if step % cfg.logger.log_every == 0 or any(k.startswith("eval/") for k in metrics):
+                loggers.log(metrics, step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                last_checkpoint = save(step)
+        if cfg.checkpoint.save_final and not last_checkpoint.endswith(f"step-{step:06d}"):
+            last_checkpoint = save(step)
+        final = {k: v for k, v in metrics.items() if k.startswith("eval/")} or evaluate()
+        if final:
+            result.update(final)
+            loggers.log(final, step)
+    finally:
+        loggers.close()
+    if env.is_main:
+        plot_metrics(
+            run_dir,
+            ["loss", "rewards/margin", "rewards/accuracy", "eval/reward_accuracy", "eval/accuracy"],
+            "dpo_curves.png",
+            f"DPO family ({cfg.loss.type}, token weights: {w.method})",
+        )
+    return {**metrics, **result, "step": step, "checkpoint": last_checkpoint, "run_dir": run_dir}
+
+
+def _validate(cfg: DPOConfig, needs_reference: bool) -> None:
+    w = cfg.token_weights
+    if w.method not in ("none", "tgdpo", "cdpo"):
+        raise ConfigError(f"token_weights.method={w.method!r}; choose none, tgdpo or cdpo")
+    if w.method == "tgdpo" and not w.guide_model:
+        raise ConfigError("token_weights.method=tgdpo needs token_weights.guide_model (a DPO-trained policy)")
+    if w.method == "tgdpo" and not needs_reference:
+        raise ConfigError(
+            f"token_weights.method=tgdpo needs a reference model; loss.type={cfg.loss.type} has none"
+        )
+    if w.method == "cdpo" and not (w.positive_model and w.negative_model):
+        raise ConfigError(
+            "token_weights.method=cdpo needs token_weights.positive_model and token_weights.negative_model "
+            "(python -m recipes.cdpo_models trains them)"
+        )
+    if cfg.treg.alpha < 0:
+        raise ConfigError(f"treg.alpha={cfg.treg.alpha} must be >= 0")
+    if cfg.treg.alpha and not needs_reference and not cfg.treg.model:
+        raise ConfigError(
+            f"treg.alpha > 0 with loss.type={cfg.loss.type} (no reference model) needs treg.model, the frozen "
+            "model to prompt for token rewards"
+        )
+
+
+def _accuracy_reward(name: str | None):
+    if not name:
+        return None
+    from rewards import REWARD_FUNCTIONS
+
+    return resolve_reward(name, REWARD_FUNCTIONS)
+
+
+def _frozen(policy, path: str, tokenizer, dtype: str) -> torch.nn.Module:
+    model_cfg = ModelConfig(source="pretrained", name_or_path=path, dtype=dtype)
+    model = policy.prepare_frozen(lambda: load_causal_lm(model_cfg, tokenizer))
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"{path!r} has a vocabulary of {model.config.vocab_size}, the tokenizer {len(tokenizer)}"
+        )
+    return model
+
+
+def _build_scorer(cfg: DPOConfig, tokenizer, policy, needs_reference: bool) -> PairTokenScorer:
+    w, dtype = cfg.token_weights, cfg.model.dtype
+    reference = load_reference(cfg.model, tokenizer, policy, seed=cfg.seed) if needs_reference else None
+    scorer = PairTokenScorer(reference=reference)
+    if w.method == "tgdpo":
+        scorer.guide = _frozen(policy, w.guide_model, tokenizer, dtype)
+    if w.method == "cdpo":
+        scorer.positive = _frozen(policy, w.positive_model, tokenizer, dtype)
+        scorer.negative = _frozen(policy, w.negative_model, tokenizer, dtype)
+        scorer.contrast_beta = w.contrast_beta
+    if cfg.treg.alpha:
+        scorer.treg_model = _frozen(policy, cfg.treg.model, tokenizer, dtype) if cfg.treg.model else reference
+        scorer.better_template, scorer.worse_template = cfg.treg.better_template, cfg.treg.worse_template
+        scorer.encode_prompts = lambda prompts: encode_prompts(
+            tokenizer, prompts, cfg.data.apply_chat_template, policy.device
+        )
+    return scorer
+
+
+def _precompute(cfg: DPOConfig, split, rows, scorer: PairTokenScorer, collate, policy, run_dir) -> dict:
+    """The frozen models' token values of every pair of `rows`, from the disk cache or computed now."""
+    key = token_cache_key(
+        split=split,
+        rows=len(rows),
+        fingerprint=getattr(rows, "_fingerprint", None),
+        data=dataclasses.asdict(cfg.data),
+        model=dataclasses.asdict(cfg.model),
+        columns=scorer.columns,
+        token_weights=dataclasses.asdict(cfg.token_weights),
+        treg=dataclasses.asdict(cfg.treg) if cfg.treg.alpha else None,
+    )
+    directory = os.path.join(cfg.reference.cache_dir or os.path.join(run_dir, "token_cache"), key)
+
+    def compute(indices: list[int]) -> dict[str, list[torch.Tensor]]:
+        prompts, tensors = collate(rows.select(indices))
+        values = scorer(prompts, *tensors)
+        mask, p = tensors[3], len(indices)
+        out = {}
+        for name, tensor in values.items():
+            per_row = [tensor[i][mask[i]].float().cpu() for i in range(2 * p)]
+            out[f"chosen/{name}"], out[f"rejected/{name}"] = per_row[:p], per_row[p:]
+        return out
+
+    def progress(done: int, total: int) -> None:
+        print(f"[dpo] precomputing token values ({split}): {done}/{total} pairs", flush=True)
+
+    return cached_token_values(
+        len(rows),
+        compute,
+        directory=directory,
+        engine=policy,
+        batch_size=cfg.reference.batch_size,
+        progress=progress,
+    )
+
+
+@hydra.main(config_path="../configs", config_name="dpo", version_base=None)
+def main(dict_cfg: DictConfig) -> None:
+    cfg: DPOConfig = OmegaConf.to_object(dict_cfg)
+    result = train(cfg)
+    if launcher_env().is_main:
+        print(f"DPO finished at step {result['step']}; checkpoint: {result['checkpoint']}")
+        for key in ("eval/reward_accuracy", "eval/accuracy"):
+            if key in result:
+                print(f"{key}: {result.get(key + '_before', float('nan')):.3f} -> {result[key]:.3f}")
+
+
+register_configs()
+
+if __name__ == "__main__":
+    sys.argv = drop_launcher_arguments(sys.argv)
+    main()

@@ -1,0 +1,81 @@
+"""Per-token values from frozen models for token-level preference methods.
+
+For a collated pair batch (rows [chosen; rejected], prompt left-padded, completion right-padded),
+`PairTokenScorer` returns the values the DPO recipe needs besides the policy's own logprobs, each
+[2P, T] in float32 and meaningful only where the completion mask is True:
+    ref_logprobs      log pi_ref(y_t) of the reference (DPO family, except SimPO)
+    guide_logprobs    log pi_hat(y_t) of a frozen DPO-trained guide (TGDPO)
+    contrast_scores   softmax((1 + b) z_pos - b z_neg)[y_t] of the positive and negative models (cDPO)
+    treg_rewards      sigmoid(log pi(y_t | better prompt) - log pi(y_t | worse prompt)) - 0.5 (T-REG)
+The same function serves the on-the-fly path (called per micro-batch) and the precomputed cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.losses.preference import contrastive_prompt_token_rewards, contrastive_token_scores
+from rlhf.models.forward import response_logits, response_logprobs
+
+PromptEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PairTokenScorer:
+    reference: torch.nn.Module | None = None
+    guide: torch.nn.Module | None = None
+    positive: torch.nn.Module | None = None
+    negative: torch.nn.Module | None = None
+    contrast_beta: float = 1.0
+    treg_model: torch.nn.Module | None = None
+    better_template: str = "{prompt}"
+    worse_template: str = "{prompt}"
+    encode_prompts: PromptEncoder | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        names = []
+        if self.reference is not None:
+            names.append("ref_logprobs")
+        if self.guide is not None:
+            names.append("guide_logprobs")
+        if self.positive is not None:
+            names.append("contrast_scores")
+        if self.treg_model is not None:
+            names.append("treg_rewards")
+        return names
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str],
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Values for rows [chosen; rejected]; `prompts` are the 2P prompt texts of those rows."""
+        tensors = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+        out: dict[str, torch.Tensor] = {}
+        if self.reference is not None:
+            out["ref_logprobs"] = response_logprobs(self.reference, *tensors)[0]
+        if self.guide is not None:
+            out["guide_logprobs"] = response_logprobs(self.guide, *tensors)[0]
+        if self.positive is not None:
+            out["contrast_scores"] = contrastive_token_scores(
+                response_logits(self.positive, *tensors),
+                response_logits(self.negative, *tensors),
+                completion_ids,
+                beta=self.contrast_beta,
+            )
+        if self.treg_model is not None:
+            better = self.encode_prompts([self.better_template.format(prompt=p) for p in prompts])
+            worse = self.encode_prompts([self.worse_template.format(prompt=p) for p in prompts])
+            out["treg_rewards"] = contrastive_prompt_token_rewards(
+                response_logprobs(self.treg_model, *better, completion_ids, completion_mask)[0],
+                response_logprobs(self.treg_model, *worse, completion_ids, completion_mask)[0],
+            )
+        return out

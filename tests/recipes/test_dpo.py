@@ -1,0 +1,156 @@
+"""DPO recipe: learns synthetic pairs, cached reference values equal on-the-fly ones, token-level
+variants reduce to DPO where the spec says so, resume is exact, bad configs name the field."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from recipes import dpo
+from rlhf.checkpoint import export_dir
+from rlhf.config import ConfigError
+from rlhf.loggers import read_metrics
+
+FAST = [
+    "train.steps=4",
+    "train.batch_size=8",
+    "train.micro_batch_size=4",
+    "eval.every=0",
+    "eval.num_samples=16",
+]
+
+
+@pytest.fixture()
+def pairs(tmp_path_factory) -> str:
+    """A small local pair dataset (48 train, 16 eval) so that precomputation stays quick."""
+    from rlhf.data.preferences import make_addition_preferences
+
+    directory = tmp_path_factory.mktemp("pairs")
+    data = make_addition_preferences(eval_size=16)
+    data["train"].select(range(48)).to_json(str(directory / "train.jsonl"))
+    data["eval"].to_json(str(directory / "eval.jsonl"))
+    return f"data.source={directory}"
+
+
+def losses(result) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(result["run_dir"]) if "loss" in r}
+
+
+def test_dpo_learns_pairs_and_exports(make_config):
+    result = dpo.train(
+        make_config(
+            "dpo",
+            "train.steps=40",
+            "train.batch_size=16",
+            "train.micro_batch_size=8",
+            "optim.lr=3e-3",
+            "eval.num_samples=64",
+            "eval.accuracy_reward=exact_match",
+            "eval.max_new_tokens=4",
+        )
+    )
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"]
+    assert result["eval/reward_accuracy_before"] == 0.0  # policy == reference: every margin is 0
+    assert result["eval/reward_accuracy"] > 0.6
+    assert 0.0 <= result["eval/accuracy"] <= 1.0
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "logprobs/chosen"):
+        assert key in rows[-1]
+    model = AutoModelForCausalLM.from_pretrained(export_dir(result["checkpoint"]))
+    assert model.config.vocab_size > 0
+    assert os.path.exists(os.path.join(result["run_dir"], "dpo_curves.png"))
+
+
+def test_precomputed_reference_matches_on_the_fly_and_is_reused(make_config, tmp_path, pairs):
+    cache = tmp_path / "cache"
+    live = dpo.train(make_config("dpo", pairs, *FAST, run_dir=str(tmp_path / "live")))
+    precompute = ["reference.precompute=true", f"reference.cache_dir={cache}"]
+    cached = dpo.train(make_config("dpo", pairs, *FAST, *precompute, run_dir=str(tmp_path / "c")))
+    assert losses(cached) == pytest.approx(losses(live), rel=1e-5)
+    entries = os.listdir(cache)
+    assert len(entries) == 2  # train and eval splits
+    assert all(os.path.exists(cache / entry / "complete.json") for entry in entries)
+    # A second run with the same key reads the cache instead of computing: a poisoned shard fails it.
+    for entry in entries:
+        for name in os.listdir(cache / entry):
+            if name.startswith("shard-"):
+                (cache / entry / name).write_bytes(b"not a tensor file")
+    with pytest.raises(Exception, match="pickle|load|tensor|zip|magic"):
+        dpo.train(make_config("dpo", pairs, *FAST, *precompute, run_dir=str(tmp_path / "d")))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["token_weights.method=tgdpo", "token_weights.alpha=0.0"],  # alpha 0: DPO
+        ["treg.alpha=0.0"],  # T-REG off: DPO
+    ],
+)
+def test_token_variants_reduce_to_dpo(make_config, tmp_path, variant):
+    base = dpo.train(make_config("dpo", *FAST, run_dir=str(tmp_path / "base")))
+    guide = export_dir(base["checkpoint"])
+    extra = [f"token_weights.guide_model={guide}"] if "tgdpo" in variant[0] else []
+    result = dpo.train(make_config("dpo", *FAST, *variant, *extra, run_dir=str(tmp_path / "v")))
+    assert losses(result) == pytest.approx(losses(base), rel=1e-6)
+
+
+def test_token_variants_train(make_config, tmp_path, pairs):
+    base = dpo.train(make_config("dpo", pairs, *FAST, "optim.lr=3e-3", run_dir=str(tmp_path / "base")))
+    guide = export_dir(base["checkpoint"])
+    for name, variant in {
+        "tgdpo": [
+            "token_weights.method=tgdpo",
+            f"token_weights.guide_model={guide}",
+            "token_weights.floor=0.05",
+        ],
+        "cdpo": [
+            "token_weights.method=cdpo",
+            f"token_weights.positive_model={guide}",
+            "token_weights.negative_model=" + guide,
+            "token_weights.weight_chosen=true",
+        ],
+        "treg": ["treg.alpha=0.5", "treg.better_template='1{prompt}'", "treg.worse_template='9{prompt}'"],
+        "simpo": ["loss.type=simpo", "loss.simpo_gamma=0.2"],
+    }.items():
+        result = dpo.train(
+            make_config(
+                "dpo", pairs, *FAST, "reference.precompute=true", *variant, run_dir=str(tmp_path / name)
+            )
+        )
+        rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+        assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows), name
+        metric = {
+            "tgdpo": "tgdpo/floor_rate",
+            "cdpo": "cdpo/rejected_weight_mean",
+            "treg": "treg/weight",
+        }.get(name)
+        if metric:
+            assert metric in rows[-1], name
+    # cDPO with identical positive and negative models: s_t = softmax(z)[y_t] < 1, so weights differ from 1
+    assert 0 < rows[-1]["loss"]
+
+
+def test_dpo_resumes_exactly(make_config, tmp_path):
+    full = dpo.train(make_config("dpo", *FAST, "checkpoint.every=2", run_dir=str(tmp_path / "a")))
+    dpo.train(make_config("dpo", *FAST, "train.steps=2", "checkpoint.every=2", run_dir=str(tmp_path / "b")))
+    resumed = dpo.train(make_config("dpo", *FAST, "checkpoint.every=2", f"resume={tmp_path / 'b'}"))
+    assert losses(resumed)[4] == pytest.approx(losses(full)[4], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["loss.type=kto"], "loss.type"),
+        (["token_weights.method=tgdpo"], "token_weights.guide_model"),
+        (["token_weights.method=cdpo"], "token_weights.positive_model"),
+        (["token_weights.method=weird"], "token_weights.method"),
+        (["loss.type=simpo", "treg.alpha=0.5"], "treg.model"),
+    ],
+)
+def test_bad_configs_name_the_field(make_config, overrides, field):
+    with pytest.raises((ConfigError, ValueError), match=field.replace(".", r"\.")):
+        dpo.train(make_config("dpo", *FAST, *overrides))
