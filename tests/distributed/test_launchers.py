@@ -143,3 +143,46 @@ def test_ppo_under_torchrun_zero2_with_reward_model(tmp_path):
     )
     checkpoint = list_checkpoints(str(tmp_path / "run"))[-1]
     AutoModelForTokenClassification.from_pretrained(os.path.join(checkpoint, "critic_hf"))
+
+
+def test_dpo_under_torchrun_zero3_with_precomputed_reference_matches_one_process(tmp_path):
+    """Each rank precomputes its share of the reference values (uneven shares, collective forwards),
+    all ranks read the whole cache, and the losses equal a one-process run on the same pairs."""
+    from recipes import dpo
+    from rlhf.data.preferences import make_addition_preferences
+    from tests.recipes.conftest import CONFIG_DIR, SMALL_MODEL
+
+    data = make_addition_preferences(eval_size=15)
+    (tmp_path / "pairs").mkdir()
+    data["train"].select(range(47)).to_json(str(tmp_path / "pairs" / "train.jsonl"))
+    data["eval"].to_json(str(tmp_path / "pairs" / "eval.jsonl"))
+    common = [
+        f"data.source={tmp_path / 'pairs'}",
+        "reference.precompute=true",
+        "train.steps=3",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "eval.every=0",
+        "eval.num_samples=14",
+        "optim.lr=1e-2",
+    ]
+    torchrun(["-m", "recipes.dpo", *SMALL, *common, "distributed=zero3", f"run_dir={tmp_path / 'two'}"])
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rlhf.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose("dpo", overrides=[*SMALL_MODEL, *common, f"run_dir={tmp_path / 'one'}"])
+    dpo.train(OmegaConf.to_object(cfg))
+    two, one = _trained_rows(tmp_path / "two"), _trained_rows(tmp_path / "one")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(two, one):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(b["loss"])), (a["loss"], b["loss"])
+    shards = [
+        n
+        for e in os.listdir(tmp_path / "two" / "token_cache")
+        for n in os.listdir(tmp_path / "two" / "token_cache" / e)
+    ]
+    assert sum(n.startswith("shard-") for n in shards) == 4  # 2 ranks x (train, eval)

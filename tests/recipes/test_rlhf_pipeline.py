@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from recipes.rlhf_pipeline import run_pipeline, split_overrides
+from recipes.rlhf_pipeline import METHODS, parse_methods, run_pipeline, split_overrides
 
 SMALL = [
     "model.tiny.hidden_size=32",
@@ -16,11 +16,15 @@ SMALL = [
 
 
 def test_overrides_go_to_their_stage():
-    assert split_overrides(["seed=3", "ppo.train.steps=5", "rm.optim.lr=1"]) == {
+    assert split_overrides(["seed=3", "ppo.train.steps=5", "rm.optim.lr=1", "dpo.loss.beta=0.2"]) == {
         "sft": ["seed=3"],
+        "rm_backbone": ["seed=3"],
         "rm": ["seed=3", "optim.lr=1"],
         "ppo": ["seed=3", "train.steps=5"],
+        "dpo": ["seed=3", "loss.beta=0.2"],
     }
+    assert parse_methods(["seed=1", "methods=ppo,dpo"]) == (["seed=1"], ("ppo", "dpo"))
+    assert parse_methods(["seed=1"]) == (["seed=1"], METHODS)
 
 
 def test_pipeline_runs_every_stage(tmp_path):
@@ -30,6 +34,12 @@ def test_pipeline_runs_every_stage(tmp_path):
             *[f"sft.{o}" for o in SMALL],
             "sft.train.steps=20",
             "sft.train.check_every=0",
+            "rm_backbone.train.steps=5",
+            "dpo.train.steps=3",
+            "dpo.train.batch_size=8",
+            "dpo.train.micro_batch_size=8",
+            "dpo.eval.every=0",
+            "dpo.eval.num_samples=16",
             "sft.eval.num_samples=20",
             "rm.train.steps=4",
             "rm.train.batch_size=8",
@@ -51,3 +61,6 @@ def test_pipeline_runs_every_stage(tmp_path):
     assert os.path.exists(tmp_path / "ppo" / "pipeline.png")
     for key in ("gold_start", "gold_end", "rm_start", "rm_end", "kl_end", "accuracy_start", "accuracy_end"):
         assert summary[key] == summary[key], key  # not NaN
+    assert os.path.exists(tmp_path / "rto" / "pipeline.png")
+    for name in ("sft", *METHODS):  # every model answered the held-out problems
+        assert 0.0 <= summary[f"heldout/{name}"]["digit_match"] <= 1.0, name
