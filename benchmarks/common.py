@@ -41,3 +41,19 @@ def append_results(title: str, command: str, body: str) -> None:
     stamp = datetime.date.today().isoformat()
     with open(RESULTS, "a") as handle:
         handle.write(f"\n## {title} ({stamp})\n\n`{command}`\n\n{machine()}; {versions()}\n\n{body}\n")
+
+
+def step_timer(times: list[float]):
+    """A transformers `TrainerCallback` that appends each optimizer step's wall time to `times`."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.started)
+
+    return StepTimer()

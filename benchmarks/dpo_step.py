@@ -20,12 +20,11 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results, median_range  # noqa: E402
+from benchmarks.common import append_results, median_range, step_timer  # noqa: E402
 
 PAIRS = 8
 
@@ -89,7 +88,6 @@ def run_ours(prompt_length: int, steps: int, workdir: str) -> list[float]:
 
 def run_trl(prompt_length: int, steps: int, workdir: str) -> list[float]:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -98,13 +96,6 @@ def run_trl(prompt_length: int, steps: int, workdir: str) -> list[float]:
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(TinyModelSpec(max_position_embeddings=512), tokenizer, seed=0)
     times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.started)
 
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(dir=workdir),
@@ -133,7 +124,7 @@ def run_trl(prompt_length: int, steps: int, workdir: str) -> list[float]:
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[StepTimer()],
+        callbacks=[step_timer(times)],
     )
     trainer.remove_callback(PrinterCallback)
     if len(trainer.train_dataset) != len(rows):

@@ -22,12 +22,11 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results, median_range  # noqa: E402
+from benchmarks.common import append_results, median_range, step_timer  # noqa: E402
 
 GROUP, PROMPTS, NEW_TOKENS = 8, 2, 32
 
@@ -124,19 +123,11 @@ def patch_trl_logprobs(trainer) -> None:
 
 def run_trl(prompt_length: int, steps: int, workdir: str, patched: bool) -> dict[str, list[float]]:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     model, tokenizer = build_model()
     times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.started)
 
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(dir=workdir),
@@ -166,7 +157,7 @@ def run_trl(prompt_length: int, steps: int, workdir: str, patched: bool) -> dict
         args=args,
         train_dataset=Dataset.from_dict({"prompt": make_prompts(prompt_length)}),
         processing_class=tokenizer,
-        callbacks=[StepTimer()],
+        callbacks=[step_timer(times)],
     )
     trainer.remove_callback(PrinterCallback)
     if patched:

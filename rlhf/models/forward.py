@@ -31,18 +31,7 @@ def response_logprobs(
 
     Values at masked response positions are finite but meaningless; mask them downstream.
     """
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    num_response = response_ids.shape[1]
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=num_response + 1,
-        use_cache=False,
-    )
-    logits = outputs.logits[:, :-1]  # position i predicts token i + 1
+    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     # Tokens outside the kept support (possible only at masked positions) would give -inf.
     safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
@@ -72,7 +61,7 @@ def response_logits(
         logits_to_keep=num_response + 1,
         use_cache=False,
     )
-    return outputs.logits[:, :-1]
+    return outputs.logits[:, :-1]  # position i predicts token i + 1
 
 
 def _joined(prompt_ids, prompt_mask, response_ids, response_mask):

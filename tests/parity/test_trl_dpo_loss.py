@@ -98,6 +98,7 @@ def test_dpo_losses_match_trl(loss_type, label_smoothing, seed):
         rejected_lengths=lengths[pairs:],
         normalizer=pairs,
     )
+    # float32 on both sides; TRL sums the log-ratios in another order (sequence sums first): rounding only
     torch.testing.assert_close(ours.loss, expected.float(), rtol=1e-5, atol=1e-6)
     for ours_key, trl_key in [
         ("rewards/chosen", "rewards/chosen"),
@@ -139,5 +140,6 @@ def test_simpo_matches_trl_cpo(label_smoothing, seed):
         rejected_lengths=lengths[pairs:],
         normalizer=pairs,
     )
+    # TRL averages log-probabilities before the difference, we divide the summed ones: float32 rounding only
     torch.testing.assert_close(ours.loss, trl_losses.mean(), rtol=1e-5, atol=1e-6)
     assert ours.metrics["rewards/chosen"].item() == pytest.approx(trl_chosen_rewards.mean().item(), rel=1e-5)
