@@ -6,6 +6,7 @@ The backend is NCCL on CUDA machines and gloo on CPU machines.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ def init_process_group(timeout_s: float = 1800, always: bool = False) -> DistEnv
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # Without an explicit destroy, gloo's worker threads outlive the interpreter's teardown and
+        # the process can die with SIGABRT after a successful run ("terminate called without an
+        # active exception"); destroying the group while Python is still alive joins them.
+        atexit.register(destroy_process_group)
     return env
 
 

@@ -105,3 +105,24 @@ def test_only_the_distributed_package_imports_deepspeed_or_torch_distributed():
             if bad:
                 offenders.append(f"{path.relative_to(ROOT)}: {sorted(bad)}")
     assert not offenders, offenders
+
+
+def test_process_group_is_destroyed_at_exit():
+    """A gloo group left alive into interpreter teardown can abort a finished run (SIGABRT)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        "from rlhf.distributed.env import init_process_group\n"
+        # registered first, so it runs after the handler init_process_group registers
+        "atexit.register(lambda: print('alive at exit:', dist.is_initialized()))\n"
+        "init_process_group(always=True)\n"
+        "assert dist.is_initialized()\n"
+    )
+    env = {"PATH": "", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "alive at exit: False" in done.stdout
