@@ -6,12 +6,14 @@ reward model, then PPO, RTO, DPO and TGDPO from the SFT policy). PPO curves: gol
 correct answer digits on the rollouts; proxy = the reward model's score; both are moving averages
 over 20 steps. Held-out: every final model answers the task's 1000 held-out problems greedily.
 
-Usage: python benchmarks/rlhf_pipeline.py [--seeds 1 2 3] [--no-record] [overrides...]
+Usage: python benchmarks/rlhf_pipeline.py [--seeds 1 2 3] [--jobs 3] [--no-record] [overrides...]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import statistics
 import sys
@@ -95,25 +97,37 @@ def plot_comparison(results: list[tuple[int, dict]], directory: str) -> str:
     return path
 
 
+def _run_seed(job: tuple[list[str], str], threads: int) -> dict:
+    torch.set_num_threads(threads)
+    from recipes.rlhf_pipeline import run_pipeline
+
+    overrides, run_dir = job
+    return run_pipeline(overrides, run_dir=run_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run side by side, the CPU threads split between them"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    from recipes.rlhf_pipeline import run_pipeline
-
     root = os.path.join("runs", "benchmarks", "rlhf_pipeline", time.strftime("%Y-%m-%d_%H-%M-%S"))
-    results = [
-        (
-            seed,
-            run_pipeline(
-                [f"seed={seed}", "logger=quiet", *args.overrides], run_dir=os.path.join(root, f"seed{seed}")
-            ),
-        )
+    jobs = [
+        ([f"seed={seed}", "logger=quiet", *args.overrides], os.path.join(root, f"seed{seed}"))
         for seed in args.seeds
     ]
+    threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
+    if args.jobs > 1:
+        # the tiny models gain little from a second thread, so whole seeds in parallel finish sooner
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            summaries = list(pool.map(_run_seed, jobs, [threads] * len(jobs)))
+    else:
+        summaries = [_run_seed(job, threads) for job in jobs]
+    results = list(zip(args.seeds, summaries))
     lines = [
         "| seed | SFT exact match | pairs | RM pair accuracy | PPO rollout gold start → end (best @ step) | RM reward start → end | KL end | over-optimisation after step |",
         "|---|---|---|---|---|---|---|---|",
@@ -157,9 +171,9 @@ def main() -> None:
             f"python benchmarks/rlhf_pipeline.py --seeds {' '.join(map(str, args.seeds))}",
             "SFT (tiny Llama, 2-digit addition, stop at 35%) → 4 samples per prompt on 9000 prompts, every two with "
             "different gold scores (fraction of correct digits) make a pair → Bradley-Terry RM (2000 steps x 64 pairs, "
-            "lr 1e-3) from the SFT model trained on to 90% → from the SFT policy: PPO (32 prompts/step, 300 steps, KL "
+            "lr 1e-3, cosine) from the SFT model trained on to 90% → from the SFT policy: PPO (32 prompts/step, 300 steps, KL "
             "0.05, critic from the RM); RTO (the same PPO plus clip(0.05 log pi_dpo/pi_sft, +-0.05) per token); DPO "
-            "(300 steps x 32 pairs, beta 0.1, lr 1e-4); TGDPO (same, alpha 0.5, guided by the DPO model). PPO gold and "
+            "(300 steps x 32 pairs, beta 0.5, lr 1e-4); TGDPO (same, alpha 0.5, guided by the DPO model). PPO gold and "
             "RM reward are 20-step moving averages over the rollouts.\n\n" + table,
         )
 

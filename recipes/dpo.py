@@ -295,8 +295,8 @@ def _accuracy_reward(name: str | None):
     return resolve_reward(name, REWARD_FUNCTIONS)
 
 
-def _frozen(policy, path: str, tokenizer, dtype: str) -> torch.nn.Module:
-    model_cfg = ModelConfig(source="pretrained", name_or_path=path, dtype=dtype)
+def _frozen(policy, path: str, tokenizer, like: ModelConfig) -> torch.nn.Module:
+    model_cfg = like.pretrained_like(path)
     model = policy.prepare_frozen(lambda: load_causal_lm(model_cfg, tokenizer))
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(
@@ -306,17 +306,19 @@ def _frozen(policy, path: str, tokenizer, dtype: str) -> torch.nn.Module:
 
 
 def _build_scorer(cfg: DPOConfig, tokenizer, policy, needs_reference: bool) -> PairTokenScorer:
-    w, dtype = cfg.token_weights, cfg.model.dtype
+    w = cfg.token_weights
     reference = load_reference(cfg.model, tokenizer, policy, seed=cfg.seed) if needs_reference else None
     scorer = PairTokenScorer(reference=reference)
     if w.method == "tgdpo":
-        scorer.guide = _frozen(policy, w.guide_model, tokenizer, dtype)
+        scorer.guide = _frozen(policy, w.guide_model, tokenizer, cfg.model)
     if w.method == "cdpo":
-        scorer.positive = _frozen(policy, w.positive_model, tokenizer, dtype)
-        scorer.negative = _frozen(policy, w.negative_model, tokenizer, dtype)
+        scorer.positive = _frozen(policy, w.positive_model, tokenizer, cfg.model)
+        scorer.negative = _frozen(policy, w.negative_model, tokenizer, cfg.model)
         scorer.contrast_beta = w.contrast_beta
     if cfg.treg.alpha:
-        scorer.treg_model = _frozen(policy, cfg.treg.model, tokenizer, dtype) if cfg.treg.model else reference
+        scorer.treg_model = (
+            _frozen(policy, cfg.treg.model, tokenizer, cfg.model) if cfg.treg.model else reference
+        )
         scorer.better_template, scorer.worse_template = cfg.treg.better_template, cfg.treg.worse_template
         scorer.encode_prompts = lambda prompts: encode_prompts(
             tokenizer, prompts, cfg.data.apply_chat_template, policy.device

@@ -89,9 +89,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     reference = load_reference(cfg.model, tokenizer, policy, seed=cfg.seed)
     reward_model = None
     if cfg.reward_model.name_or_path:
-        rm_cfg = ModelConfig(
-            source="pretrained", name_or_path=cfg.reward_model.name_or_path, dtype=cfg.reward_model.dtype
-        )
+        rm_cfg = cfg.model.pretrained_like(cfg.reward_model.name_or_path, cfg.reward_model.dtype)
         reward_model = policy.prepare_frozen(lambda: load_scorer(rm_cfg, tokenizer))
         if reward_model.config.vocab_size < len(tokenizer):
             raise ConfigError(
@@ -276,12 +274,7 @@ def _critic_model_config(cfg: PPOConfig) -> ModelConfig:
     if cfg.critic.init == "policy":
         return dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False))
     path = cfg.reward_model.name_or_path if cfg.critic.init == "reward_model" else cfg.critic.name_or_path
-    return ModelConfig(
-        source="pretrained",
-        name_or_path=path,
-        dtype=cfg.model.dtype,
-        attn_implementation=cfg.model.attn_implementation,
-    )
+    return cfg.model.pretrained_like(path)
 
 
 def warp_of(cfg: PPOConfig) -> dict:
@@ -299,7 +292,7 @@ def _dense_sources(cfg: PPOConfig, policy, tokenizer, micro_batch_size: int, war
         raise ConfigError("rto.reference=dpo_reference needs rto.dpo_reference_model")
 
     def frozen_logprobs(path: str):
-        model_cfg = ModelConfig(source="pretrained", name_or_path=path, dtype=cfg.model.dtype)
+        model_cfg = cfg.model.pretrained_like(path)
         model = policy.prepare_frozen(lambda: load_causal_lm(model_cfg, tokenizer))
         return lambda batch: _batched(
             lambda *rows: response_logprobs(model, *rows, **warp)[0], batch, micro_batch_size

@@ -50,6 +50,20 @@ class ModelConfig:
     pad_token: str | None = None
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Prefix Grouper: rows that repeat a prompt (GRPO/PPO groups, DPO chosen/rejected) are packed so
+    # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa or eager.
+    shared_prefix: bool = False
+
+    def pretrained_like(self, name_or_path: str, dtype: str | None = None) -> ModelConfig:
+        """Config for another checkpoint (reward model, critic, frozen guide) that runs like this one."""
+        return ModelConfig(
+            source="pretrained",
+            name_or_path=name_or_path,
+            dtype=dtype or self.dtype,
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+            shared_prefix=self.shared_prefix,
+        )
 
 
 @dataclass

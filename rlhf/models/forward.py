@@ -4,13 +4,20 @@ Input rows are [left-padded prompt; right-padded response]. Position ids count o
 (as `generate` does for left padding), and the LM head runs only on the positions that predict
 response tokens. Logits are warped exactly as in sampling (temperature, top-k, top-p) before the
 log-softmax, so log pi(a_t) is the probability of the distribution the token was drawn from.
+
+A model loaded with `model.shared_prefix=true` packs rows that repeat a prompt into one sequence
+per prompt (rlhf.models.shared_prefix); every function here returns the same values either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from transformers import PreTrainedModel
 
+from rlhf.models.shared_prefix import SharedPrefixLayout, build_layout, uses_shared_prefix
 from rlhf.ops import entropy_from_logits, logprobs_from_logits, warp_logits
 
 
@@ -52,6 +59,12 @@ def response_logits(
 ) -> torch.Tensor:
     """[B, T, V] raw next-token logits at the positions that predict each response token (for
     scores that combine two models' distributions, such as cDPO's contrastive estimation)."""
+    layout = _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    if layout is not None:
+        # only columns from the earliest prefix end on can predict a response token
+        first_kept = int(layout.prefix_len.min()) - 1
+        logits = _packed_forward(model, layout, logits_to_keep=layout.width - first_kept).logits
+        return logits[layout.group_of_row[:, None], layout.predict_index - first_kept]
     input_ids, attention_mask, position_ids = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
     num_response = response_ids.shape[1]
     outputs = model(
@@ -62,6 +75,24 @@ def response_logits(
         use_cache=False,
     )
     return outputs.logits[:, :-1]  # position i predicts token i + 1
+
+
+def _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask) -> SharedPrefixLayout | None:
+    """The packed layout when `model` runs shared-prefix attention and some prompt repeats."""
+    if not uses_shared_prefix(model):
+        return None
+    layout = build_layout(prompt_ids, prompt_mask, response_ids, response_mask)
+    return layout if layout.num_groups < response_ids.shape[0] else None
+
+
+def _packed_forward(model, layout: SharedPrefixLayout, **kwargs):
+    return model(
+        input_ids=layout.input_ids,
+        position_ids=layout.position_ids,
+        use_cache=False,
+        shared_prefix_layout=layout,
+        **kwargs,
+    )
 
 
 def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -80,13 +111,26 @@ def sequence_scores(
 ) -> torch.Tensor:
     """[B] scalar score of a sequence-classification model (reward model) for prompt + response.
 
-    The head reads the last non-pad token, which is the response's last valid token.
+    The score is the head's output at the response's last valid token (the prompt's last token for
+    an empty response), found from the masks: the pooling of transformers looks for the last token
+    that is not the pad id, which misreads a response that ends in EOS when EOS is the pad token,
+    or one that sampled the pad id.
     """
-    input_ids, attention_mask, position_ids = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).logits
-    return logits.float().squeeze(-1)
+    layout = _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    with _head_outputs(model) as per_column:
+        if layout is not None:
+            _packed_forward(model, layout)
+            rows, columns = layout.group_of_row, layout.last_index
+        else:
+            input_ids, attention_mask, position_ids = _joined(
+                prompt_ids, prompt_mask, response_ids, response_mask
+            )
+            model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+            rows = torch.arange(response_ids.shape[0], device=response_ids.device)
+            columns = prompt_ids.shape[1] + response_mask.sum(1) - 1
+    return per_column[0][rows, columns].float().squeeze(-1)
 
 
 def token_values(
@@ -98,9 +142,28 @@ def token_values(
 ) -> torch.Tensor:
     """[B, T] value V(s_t) of a token-classification model (critic) for each response token:
     read at the position whose hidden state predicts that token, as the logprobs are."""
+    layout = _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    if layout is not None:
+        logits = _packed_forward(model, layout).logits
+        return logits[layout.group_of_row[:, None], layout.predict_index, 0].float()
     input_ids, attention_mask, position_ids = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).logits
     num_response = response_ids.shape[1]
     return logits[:, -num_response - 1 : -1, 0].float()
+
+
+@contextlib.contextmanager
+def _head_outputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Captures the per-position output of the scalar head (`score`) of a sequence classifier,
+    before transformers pools it."""
+    heads = [m for name, m in model.named_modules() if name.split(".")[-1] == "score"]
+    if len(heads) != 1:
+        raise ValueError(f"expected one `score` head in the reward model, found {len(heads)}")
+    captured: list[torch.Tensor] = []
+    handle = heads[0].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        yield captured
+    finally:
+        handle.remove()

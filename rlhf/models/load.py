@@ -19,9 +19,14 @@ from transformers import (
 
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.models.lora import AdapterDisabledView, apply_lora
+from rlhf.models.shared_prefix import shared_prefix_attention
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _attention(cfg: ModelConfig) -> str:
+    return shared_prefix_attention(cfg.attn_implementation) if cfg.shared_prefix else cfg.attn_implementation
 
 
 def _dtype(cfg: ModelConfig) -> torch.dtype:
@@ -71,17 +76,17 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
             max_position_embeddings=t.max_position_embeddings,
             tie_word_embeddings=t.tie_word_embeddings,
         )
-        model = build_tiny_causal_lm(spec, tokenizer, seed=seed, attn_implementation=cfg.attn_implementation)
+        model = build_tiny_causal_lm(spec, tokenizer, seed=seed, attn_implementation=_attention(cfg))
         return model.to(_dtype(cfg))
     model = AutoModelForCausalLM.from_pretrained(
         cfg.name_or_path,
         dtype=_dtype(cfg),
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=_attention(cfg),
         trust_remote_code=cfg.trust_remote_code,
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return _without_dropout(model)
 
 
 def load_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> torch.nn.Module:
@@ -115,14 +120,23 @@ def load_scorer(
             torch.manual_seed(seed)
             model = auto.from_config(config)
         model.base_model.load_state_dict(lm.base_model.state_dict())  # same backbone as the policy
-        return model.to(_dtype(cfg))
+        return _without_dropout(model).to(_dtype(cfg))
     model = auto.from_pretrained(
         cfg.name_or_path,
         num_labels=1,
         dtype=_dtype(cfg),
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=_attention(cfg),
         trust_remote_code=cfg.trust_remote_code,
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    return _without_dropout(model)
+
+
+def _without_dropout(model: PreTrainedModel) -> PreTrainedModel:
+    """Dropout off (TRL's `disable_dropout`): old, new and reference logprobs and value targets
+    must come from the same deterministic function (the token classifier's head has p=0.1)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     return model

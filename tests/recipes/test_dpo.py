@@ -154,3 +154,12 @@ def test_dpo_resumes_exactly(make_config, tmp_path):
 def test_bad_configs_name_the_field(make_config, overrides, field):
     with pytest.raises((ConfigError, ValueError), match=field.replace(".", r"\.")):
         dpo.train(make_config("dpo", *FAST, *overrides))
+
+
+def test_shared_prefix_forward_gives_the_same_run(make_config, tmp_path):
+    """Chosen and rejected share the prompt: packed once per pair, the losses are unchanged."""
+    plain = dpo.train(make_config("dpo", *FAST, run_dir=str(tmp_path / "plain")))
+    shared = dpo.train(
+        make_config("dpo", *FAST, "model.shared_prefix=true", run_dir=str(tmp_path / "shared"))
+    )
+    assert losses(shared) == pytest.approx(losses(plain), rel=1e-5)

@@ -209,3 +209,16 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint(make_config, monkeyp
         )
     )
     assert resumed["step"] == 4 and resumed["checkpoint"].endswith("step-000004")
+
+
+def test_shared_prefix_forward_gives_the_same_run(make_config, tmp_path):
+    """Policy (with gradient), old and reference logprobs through the packed layout: same run."""
+    common = [*FAST, "train.steps=2", "loss.kl_coef=0.05", "train.num_minibatches=2", "eval.every=0"]
+    runs = [
+        grpo.train(make_config("grpo", *common, f"model.shared_prefix={on}", run_dir=str(tmp_path / str(on))))
+        for on in (False, True)
+    ]
+    plain, shared = ({r["step"]: r for r in read_metrics(run["run_dir"]) if "loss" in r} for run in runs)
+    for step in plain:
+        for key in ("loss", "kl/mean", "reward/mean", "entropy"):
+            assert shared[step][key] == pytest.approx(plain[step][key], rel=1e-4, abs=1e-6), (step, key)

@@ -127,3 +127,24 @@ def test_ppo_with_rto_token_reward(make_config, reward_model_dir, tmp_path):
             assert all(abs(r["reward/rto_token_mean"]) <= 0.05 for r in rows)
         else:  # its own reference is the same model: the reward is exactly 0
             assert all(r["reward/rto_sum"] == 0 for r in rows)
+
+
+def test_shared_prefix_forward_gives_the_same_run(make_config, reward_model_dir, tmp_path):
+    """Two samples per prompt: reference, critic and reward-model passes packed; same run."""
+    common = [*FAST, f"reward_model.name_or_path={reward_model_dir}", "train.steps=2", "eval.every=0"]
+    runs = [
+        ppo.train(
+            make_config(
+                "ppo",
+                *common,
+                "rollout.group_size=2",
+                f"model.shared_prefix={on}",
+                run_dir=str(tmp_path / str(on)),
+            )
+        )
+        for on in (False, True)
+    ]
+    plain, shared = ({r["step"]: r for r in read_metrics(run["run_dir"]) if "loss" in r} for run in runs)
+    for step in plain:
+        for key in ("loss", "loss/value", "reward/model_mean", "kl/sequence_mean", "value/mean"):
+            assert shared[step][key] == pytest.approx(plain[step][key], rel=1e-4, abs=1e-6), (step, key)

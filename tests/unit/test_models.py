@@ -120,3 +120,27 @@ def test_rollout_groups_and_columns(tiny_llama, tokenizer):
     assert (batch.response_ids[~batch.response_mask] == tokenizer.pad_token_id).all()
     picked = batch.select([4, 1])
     assert picked.prompts == [batch.prompts[4], batch.prompts[1]] and picked.columns["answer"] == ["25", "2"]
+
+
+def test_reward_is_read_at_the_last_valid_token_even_when_it_is_the_pad_id(tokenizer):
+    """transformers' pooling skips trailing pad ids; a response ending in EOS == pad must not lose it."""
+    from rlhf.models.forward import sequence_scores
+    from rlhf.models.load import load_scorer
+
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    model = load_scorer(cfg, tokenizer, seed=1).eval()
+    pad = tokenizer.pad_token_id
+    prompt_ids = torch.tensor([[pad, 5, 6], [7, 8, 9]])
+    prompt_mask = prompt_ids != pad
+    response_ids = torch.tensor([[10, 11, pad, pad], [12, pad, pad, pad]])
+    response_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    scores = sequence_scores(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1).long()
+    hidden = model.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+    ).last_hidden_state
+    per_token = model.score(hidden).squeeze(-1)
+    torch.testing.assert_close(scores, torch.stack([per_token[0, 5], per_token[1, 3]]))

@@ -1,0 +1,259 @@
+"""Shared-prefix forward (Prefix Grouper, arXiv 2506.05433): rows that share a prompt are packed
+into one sequence [prefix; suffix_1; ...; suffix_G] so the prompt is encoded once per group.
+
+Embeddings, norms, MLPs and projections act per token, so only attention changes. It runs as two
+calls of the model's own attention function (SDPA or eager): the prefix attends causally to itself,
+and every suffix attends to the prefix plus its own causal past, never to another suffix. Suffix
+positions restart at the prefix length, so each token sees exactly what it sees in the repeated
+layout [prompt; response_i]; the output at the prefix's last token predicts every suffix's first.
+
+The attention function is registered with transformers' attention interface under
+`rlhf_shared_prefix_<base>`; a model loaded with that implementation behaves exactly like `<base>`
+unless a forward passes `shared_prefix_layout=` (which `rlhf.models.forward` does when the rows
+of a batch repeat a prompt). No modeling file is copied or patched.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "rlhf_shared_prefix_"
+SUPPORTED_BASES = ("sdpa", "eager")
+
+
+@dataclass
+class SharedPrefixLayout:
+    """Where every token of a batch [N rows of prompt + response] sits in the packed batch.
+
+    Packed row g holds group g: its prompt's valid tokens at 0..prefix_len[g]-1, then each member
+    row's valid response tokens in row order, then padding up to `width`.
+    """
+
+    input_ids: torch.Tensor  # [B, width] packed tokens
+    position_ids: torch.Tensor  # [B, width]: prefix 0..p-1, every suffix p..p+len-1
+    group_of_row: torch.Tensor  # [N] packed row of each original row
+    prefix_len: torch.Tensor  # [B]
+    prefix_width: int  # longest prefix: the prefix attention call covers packed columns [0, prefix_width)
+    prefix_mask: torch.Tensor  # [B, 1, P, P] causal and key inside the prefix
+    prefix_put: tuple[torch.Tensor, torch.Tensor]  # (packed row, column) of every prefix token
+    suffix_index: torch.Tensor  # [N, S] packed column of each response token (clamped past the end)
+    suffix_mask: torch.Tensor  # [N, 1, S, P + S] keys: the group's prefix, then its own causal past
+    suffix_take: tuple[torch.Tensor, torch.Tensor]  # (row, token) of every valid response token
+    suffix_put: tuple[torch.Tensor, torch.Tensor]  # their (packed row, column)
+    predict_index: torch.Tensor  # [N, T] packed column whose output predicts response token t
+    last_index: torch.Tensor  # [N] packed column of each row's last valid token
+
+    @property
+    def num_groups(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def build_layout(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    pad_token_id: int = 0,
+) -> SharedPrefixLayout:
+    """Group rows with identical prompts (any order, any padding) and pack each group.
+
+    `response_mask` must mark a prefix of each row (right padding), as rollouts and tokenized
+    preference data do; each prompt needs at least one token.
+    """
+    device = prompt_ids.device
+    num_rows, num_response = response_ids.shape
+    prompt_mask, response_mask = prompt_mask.bool(), response_mask.bool()
+    suffix_len = response_mask.sum(1)
+    if not torch.equal(response_mask, torch.arange(num_response, device=device) < suffix_len[:, None]):
+        raise ValueError("shared-prefix forward: response_mask must be right-padded (True, then False)")
+    key = torch.where(prompt_mask, prompt_ids, torch.full_like(prompt_ids, -1))
+    _, group_of_row = torch.unique(key, dim=0, return_inverse=True)
+    num_groups = int(group_of_row.max()) + 1
+    rows = torch.arange(num_rows, device=device)
+    first_row = torch.full((num_groups,), num_rows, device=device).scatter_reduce(
+        0, group_of_row, rows, "amin"
+    )
+    prefix_valid_src = prompt_mask[first_row]
+    prefix_len = prefix_valid_src.sum(1)
+    if int(prefix_len.min()) < 1:
+        raise ValueError("shared-prefix forward: every prompt needs at least one token")
+    prefix_width = int(prefix_len.max())
+
+    # Each row's suffix starts after its prefix and the suffixes of the earlier rows of its group.
+    order = torch.argsort(group_of_row * num_rows + rows)
+    sorted_len = suffix_len[order]
+    before = sorted_len.cumsum(0) - sorted_len
+    group_first_sorted = torch.zeros(num_groups, dtype=torch.long, device=device).scatter_reduce(
+        0, group_of_row[order], torch.arange(num_rows, device=device), "amin", include_self=False
+    )
+    within = before - before[group_first_sorted[group_of_row[order]]]
+    offset = torch.empty_like(suffix_len)
+    offset[order] = prefix_len[group_of_row[order]] + within
+    group_len = prefix_len.scatter_add(0, group_of_row, suffix_len)
+    width = int(group_len.max())
+
+    input_ids = torch.full((num_groups, width), pad_token_id, dtype=prompt_ids.dtype, device=device)
+    position_ids = torch.zeros(num_groups, width, dtype=torch.long, device=device)
+    prefix_rows, prefix_cols = prefix_valid_src.nonzero(as_tuple=True)
+    prefix_slot = (prefix_valid_src.cumsum(1) - 1)[prefix_rows, prefix_cols]
+    input_ids[prefix_rows, prefix_slot] = prompt_ids[first_row][prefix_rows, prefix_cols]
+    position_ids[prefix_rows, prefix_slot] = prefix_slot
+
+    suffix_width = max(int(suffix_len.max()), 1)
+    steps = torch.arange(suffix_width, device=device)
+    suffix_valid = steps < suffix_len[:, None]
+    suffix_index = (offset[:, None] + steps).clamp(max=width - 1)
+    take_rows, take_steps = suffix_valid.nonzero(as_tuple=True)
+    put_rows, put_cols = group_of_row[take_rows], suffix_index[take_rows, take_steps]
+    input_ids[put_rows, put_cols] = response_ids[take_rows, take_steps]
+    position_ids[put_rows, put_cols] = prefix_len[put_rows] + take_steps
+
+    prefix_cols_all = torch.arange(prefix_width, device=device)
+    prefix_key_valid = prefix_cols_all < prefix_len[:, None]  # [B, P]
+    causal_prefix = prefix_cols_all[None, :] <= prefix_cols_all[:, None]  # [P, P] key <= query
+    prefix_mask = (causal_prefix[None] & prefix_key_valid[:, None, :])[:, None]
+    causal_suffix = steps[None, :] <= steps[:, None]  # [S, S]
+    suffix_keys = causal_suffix[None] & suffix_valid[:, None, :]  # [N, S, S]
+    group_prefix = prefix_key_valid[group_of_row][:, None, :].expand(-1, suffix_width, -1)
+    suffix_mask = torch.cat([group_prefix, suffix_keys], dim=2)[:, None]
+
+    response_steps = torch.arange(num_response, device=device)
+    predict_index = torch.where(
+        response_steps[None, :] == 0,
+        prefix_len[group_of_row][:, None] - 1,
+        offset[:, None] + response_steps[None, :] - 1,
+    ).clamp(max=width - 1)
+    last_index = torch.where(suffix_len > 0, offset + suffix_len - 1, prefix_len[group_of_row] - 1)
+    return SharedPrefixLayout(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        group_of_row=group_of_row,
+        prefix_len=prefix_len,
+        prefix_width=prefix_width,
+        prefix_mask=prefix_mask,
+        prefix_put=(prefix_rows, prefix_slot),
+        suffix_index=suffix_index,
+        suffix_mask=suffix_mask,
+        suffix_take=(take_rows, take_steps),
+        suffix_put=(put_rows, put_cols),
+        predict_index=predict_index,
+        last_index=last_index,
+    )
+
+
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def grouped_attention(
+    attend: AttentionFn,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: SharedPrefixLayout,
+    additive_mask: bool,
+    **kwargs,
+) -> torch.Tensor:
+    """Attention over a packed batch, [B, H, L, D] in and [B, L, H, D] out (transformers' layout).
+
+    `attend` is the base attention function; it gets boolean masks, or additive float masks when
+    `additive_mask` (eager adds the mask to the scores)."""
+
+    def mask(allowed: torch.Tensor) -> torch.Tensor:
+        if not additive_mask:
+            return allowed
+        blocked = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        return blocked.masked_fill(~allowed, torch.finfo(query.dtype).min)
+
+    width = layout.prefix_width
+    prefix_out, _ = attend(
+        module,
+        query[:, :, :width],
+        key[:, :, :width],
+        value[:, :, :width],
+        mask(layout.prefix_mask),
+        **kwargs,
+    )  # [B, P, H, D]
+    # Suffix rows: their own tokens as queries; the group's prefix (one copy per member, whose
+    # gradients autograd sums into the single prefix) and their own tokens as keys.
+    group, index = layout.group_of_row[:, None], layout.suffix_index
+
+    def suffix_rows(states: torch.Tensor) -> torch.Tensor:
+        return states.transpose(1, 2)[group, index].transpose(1, 2)  # [N, H, S, D]
+
+    suffix_out, _ = attend(
+        module,
+        suffix_rows(query),
+        torch.cat([key[:, :, :width][layout.group_of_row], suffix_rows(key)], dim=2),
+        torch.cat([value[:, :, :width][layout.group_of_row], suffix_rows(value)], dim=2),
+        mask(layout.suffix_mask),
+        **kwargs,
+    )  # [N, S, H, D]
+    batch, heads, length, _ = query.shape
+    out = prefix_out.new_zeros(batch, length, *prefix_out.shape[2:])
+    out = out.index_put(layout.prefix_put, prefix_out[layout.prefix_put])
+    return out.index_put(layout.suffix_put, suffix_out[layout.suffix_take])
+
+
+def _base_attention(base: str, module: torch.nn.Module) -> AttentionFn:
+    if base == "eager":  # the model's own eager function (it lives in its modeling module)
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_attention(base: str) -> AttentionFn:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        layout = kwargs.pop("shared_prefix_layout", None)
+        attend = _base_attention(base, module)
+        if layout is None:
+            return attend(module, query, key, value, attention_mask, **kwargs)
+        if getattr(module, "sliding_window", None):
+            raise ValueError("shared-prefix forward does not support sliding-window attention layers")
+        kwargs.pop("is_causal", None)  # the masks carry the causal structure
+        return grouped_attention(attend, module, query, key, value, layout, base == "eager", **kwargs), None
+
+    return attention
+
+
+def shared_prefix_attention(base: str) -> str:
+    """Register (once) the shared-prefix attention over `base` and return its name, for
+    `attn_implementation=` in from_pretrained or a model config."""
+    if base.startswith(PREFIX):
+        return base
+    if base not in SUPPORTED_BASES:
+        raise ValueError(
+            f"model.shared_prefix works with attn_implementation in {list(SUPPORTED_BASES)}, not {base!r}"
+        )
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_attention(base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def model_config(model: torch.nn.Module):
+    """The transformers config behind wrappers (DeepSpeed engine, peft, adapter views), or None."""
+    seen = 0
+    while model is not None and seen < 8:
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            return config
+        model = getattr(model, "module", None) or getattr(model, "peft_model", None)
+        seen += 1
+    return None
+
+
+def uses_shared_prefix(model: torch.nn.Module) -> bool:
+    config = model_config(model)
+    return config is not None and str(config._attn_implementation).startswith(PREFIX)

@@ -1,0 +1,181 @@
+"""Shared-prefix forward equals the repeated layout: logits, values, scores and every gradient, for
+Llama and Qwen2, SDPA and eager, mixed prompt and response lengths, padding, groups of any size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.config import ModelConfig
+from rlhf.models.forward import response_logits, response_logprobs, sequence_scores, token_values
+from rlhf.models.load import load_causal_lm, load_scorer
+from rlhf.models.shared_prefix import build_layout, shared_prefix_attention, uses_shared_prefix
+from rlhf.models.tiny import build_char_tokenizer
+
+TOKENIZER = build_char_tokenizer()
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
+
+
+def model_config(arch: str, attention: str, shared: bool) -> ModelConfig:
+    cfg = ModelConfig(attn_implementation=attention, shared_prefix=shared)
+    for name, value in {**TINY, "arch": arch}.items():
+        setattr(cfg.tiny, name, value)
+    return cfg
+
+
+def grouped_batch(group_of_row, prompt_lengths, response_lengths, prompt_width=9, response_width=7, seed=0):
+    """Left-padded prompts (rows of a group share one), right-padded responses of the given lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = len(TOKENIZER)
+    prompts = [torch.randint(4, vocab, (n,), generator=generator) for n in prompt_lengths]
+    rows = len(group_of_row)
+    prompt_ids = torch.zeros(rows, prompt_width, dtype=torch.long)
+    prompt_mask = torch.zeros(rows, prompt_width, dtype=torch.bool)
+    response_ids = torch.zeros(rows, response_width, dtype=torch.long)
+    response_mask = torch.zeros(rows, response_width, dtype=torch.bool)
+    for row, group in enumerate(group_of_row):
+        prompt = prompts[group]
+        prompt_ids[row, prompt_width - len(prompt) :] = prompt
+        prompt_mask[row, prompt_width - len(prompt) :] = True
+        length = response_lengths[row]
+        response_ids[row, :length] = torch.randint(4, vocab, (length,), generator=generator)
+        response_mask[row, :length] = True
+    return prompt_ids, prompt_mask, response_ids, response_mask
+
+
+# groups of 3, 1 and 2 rows, interleaved; one empty response; prompts of 5, 1 and 9 tokens
+MIXED = grouped_batch([0, 2, 0, 1, 2, 0], [5, 1, 9], [7, 3, 0, 4, 1, 5])
+CASES = [(arch, attention) for arch in ("llama", "qwen2") for attention in ("sdpa", "eager")]
+
+
+@pytest.mark.parametrize("arch,attention", CASES)
+def test_logits_and_every_gradient_equal_the_repeated_layout(arch, attention):
+    plain = load_causal_lm(model_config(arch, attention, False), TOKENIZER, seed=3)
+    shared = load_causal_lm(model_config(arch, attention, True), TOKENIZER, seed=3)
+    assert uses_shared_prefix(shared) and not uses_shared_prefix(plain)
+    _, _, response_ids, mask = MIXED
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (plain, shared):
+        logits = response_logits(model, *MIXED)
+        logprobs, _ = response_logprobs(model, *MIXED)
+        (logprobs * weights * mask).sum().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    (plain_logits, plain_grads), (shared_logits, shared_grads) = results
+    torch.testing.assert_close(shared_logits[mask], plain_logits[mask], rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        # fp32 sums in another order: the prefix's gradient is one sum instead of G copies
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_layout_packs_each_prompt_once_with_restarting_positions():
+    layout = build_layout(*MIXED)
+    assert layout.num_groups == 3
+    # the group of the 5-token prompt holds rows 0, 2 and 5: 5 + 7 + 0 + 5 tokens
+    group = int(layout.group_of_row[0])
+    assert int(layout.prefix_len[group]) == 5
+    positions = layout.position_ids[group].tolist()
+    assert positions[:17] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9]
+    # the first response token of every row is predicted from its prompt's last token
+    assert layout.predict_index[:, 0].tolist() == (layout.prefix_len[layout.group_of_row] - 1).tolist()
+
+
+def test_groups_of_one_equal_the_plain_forward():
+    """Every prompt distinct: the forward takes the ordinary path, and the packed one agrees too."""
+    batch = grouped_batch([0, 1, 2], [3, 6, 2], [4, 7, 2], seed=5)
+    plain = load_causal_lm(model_config("llama", "sdpa", False), TOKENIZER, seed=0)
+    shared = load_causal_lm(model_config("llama", "sdpa", True), TOKENIZER, seed=0)
+    mask = batch[3]
+    layout = build_layout(*batch)
+    packed = shared(
+        input_ids=layout.input_ids,
+        position_ids=layout.position_ids,
+        shared_prefix_layout=layout,
+        use_cache=False,
+    ).logits[layout.group_of_row[:, None], layout.predict_index]
+    expected = response_logits(plain, *batch)
+    torch.testing.assert_close(packed[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(response_logits(shared, *batch)[mask], expected[mask])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_critic_values_and_reward_scores_equal(attention):
+    _, _, _, mask = MIXED
+    for per_token in (True, False):
+        plain, shared = (
+            load_scorer(model_config("qwen2", attention, on), TOKENIZER, seed=2, per_token=per_token).eval()
+            for on in (False, True)
+        )  # eval: the token-classification head has dropout
+        if per_token:
+            torch.testing.assert_close(
+                token_values(shared, *MIXED)[mask], token_values(plain, *MIXED)[mask], rtol=1e-5, atol=1e-5
+            )
+        else:
+            torch.testing.assert_close(
+                sequence_scores(shared, *MIXED), sequence_scores(plain, *MIXED), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_generation_with_the_shared_prefix_attention_is_unchanged():
+    """Outside a packed forward the registered attention is the base one (generation, padding)."""
+    plain = load_causal_lm(model_config("llama", "eager", False), TOKENIZER, seed=4)
+    shared = load_causal_lm(model_config("llama", "eager", True), TOKENIZER, seed=4)
+    prompt_ids, prompt_mask, _, _ = grouped_batch([0, 1], [3, 6], [0, 0])
+    kwargs = dict(attention_mask=prompt_mask.long(), max_new_tokens=5, do_sample=False)
+    assert torch.equal(shared.generate(prompt_ids, **kwargs), plain.generate(prompt_ids, **kwargs))
+
+
+def test_bad_inputs_are_named():
+    prompt_ids, prompt_mask, response_ids, response_mask = MIXED
+    holes = response_mask.clone()
+    holes[0, 1] = False
+    with pytest.raises(ValueError, match="right-padded"):
+        build_layout(prompt_ids, prompt_mask, response_ids, holes)
+    with pytest.raises(ValueError, match="at least one token"):
+        build_layout(prompt_ids, torch.zeros_like(prompt_mask), response_ids, response_mask)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        shared_prefix_attention("flex_attention")
+
+
+def test_grpo_loss_and_one_optimizer_step_equal():
+    """The GRPO update (policy logprobs with gradient, KL to the reference, Adam step) is the same
+    with the packed layout; groups of 4 rows share a prompt, as in a rollout."""
+    from recipes.grpo import _update
+    from rlhf.config import GRPOConfig, OptimConfig, plan_grpo_batches
+    from rlhf.distributed import build_engine
+    from rlhf.losses.kl import k3
+    from rlhf.losses.reduce import get_reduction
+    from rlhf.types import RolloutBatch
+
+    prompt_ids, prompt_mask, response_ids, response_mask = grouped_batch(
+        [0, 0, 0, 0, 1, 1, 1, 1], [4, 8], [7, 2, 5, 0, 3, 7, 6, 1], seed=9
+    )
+    cfg = GRPOConfig(optim=OptimConfig(lr=1.0, eps=1.0, max_grad_norm=None))
+    cfg.train.prompts_per_step, cfg.rollout.group_size, cfg.train.micro_batch_size = 2, 4, 8
+    cfg.loss.kl_coef, cfg.train.num_minibatches = 0.05, 1
+    plan = plan_grpo_batches(cfg, 1)
+    weights = []
+    for shared in (False, True):
+        model = load_causal_lm(model_config("qwen2", "sdpa", shared), TOKENIZER, seed=6)
+        engine = build_engine(model, cfg.optim, cfg.distributed, total_steps=1, micro_batch_size=8)
+        batch = RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            group_ids=torch.arange(8) // 4,
+            truncated=torch.zeros(8, dtype=torch.bool),
+            old_logprobs=-torch.rand(8, 7, generator=torch.Generator().manual_seed(11)) * 3,
+            ref_logprobs=-torch.rand(8, 7, generator=torch.Generator().manual_seed(12)) * 3,
+            advantages=torch.randn(8, generator=torch.Generator().manual_seed(13)),
+        )
+        torch.manual_seed(0)  # the minibatch order
+        warp = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        stats = _update(engine, batch, plan, cfg, get_reduction("token_mean"), k3, warp)
+        weights.append(({n: p.detach().clone() for n, p in model.named_parameters()}, stats))
+    (plain, plain_stats), (shared, shared_stats) = weights
+    for name, value in plain.items():
+        torch.testing.assert_close(shared[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert plain_stats.keys() == shared_stats.keys()
+    for key, value in plain_stats.items():  # loss, clip fractions, ratio, KL, entropy
+        assert shared_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
