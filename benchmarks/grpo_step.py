@@ -10,7 +10,10 @@ no loss value.
 The two sides are interleaved (ours, TRL, TRL-patched, ours, ...), 3 repeats, 6 steps per run,
 the first step of each run dropped; medians and ranges are reported.
 
-Usage: python benchmarks/grpo_step.py [--repeats 3] [--steps 6] [--no-record]
+With --shared-prefix, ours also runs with `model.shared_prefix=true` (each prompt encoded once per
+group in generation's prefill and in every training forward), interleaved with the others.
+
+Usage: python benchmarks/grpo_step.py [--repeats 3] [--steps 6] [--shared-prefix] [--no-record]
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ def build_model(seed: int = 0):
     return build_tiny_causal_lm(TinyModelSpec(max_position_embeddings=512), tokenizer, seed=seed), tokenizer
 
 
-def run_ours(prompt_length: int, steps: int, workdir: str) -> dict[str, list[float]]:
+def run_ours(
+    prompt_length: int, steps: int, workdir: str, shared_prefix: bool = False
+) -> dict[str, list[float]]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -86,6 +91,7 @@ def run_ours(prompt_length: int, steps: int, workdir: str) -> dict[str, list[flo
                     "checkpoint.every=0",
                     "checkpoint.save_final=false",
                     "logger=quiet",
+                    f"model.shared_prefix={shared_prefix}",
                 ],
             )
         )
@@ -175,6 +181,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--shared-prefix", action="store_true", help="also run ours with model.shared_prefix=true"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -184,6 +193,8 @@ def main() -> None:
         "trl": lambda n: run_trl(n, args.steps, workdir, False),
         "trl_patched": lambda n: run_trl(n, args.steps, workdir, True),
     }
+    if args.shared_prefix:
+        sides["ours_shared"] = lambda n: run_ours(n, args.steps, workdir, shared_prefix=True)
     results: dict[int, dict[str, dict[str, list[float]]]] = {}
     for length in args.prompt_lengths:
         results[length] = {name: {} for name in sides}
@@ -209,6 +220,22 @@ def main() -> None:
             f"| {statistics.median(trl_raw['time/step']) / m['time/step']:.2f}x | {statistics.median(trl_patched['time/step']) / m['time/step']:.2f}x "
             f"| {m['response/length_mean']:.1f} / {statistics.median(trl_raw['response/length_mean']):.1f} |"
         )
+    if args.shared_prefix:
+        lines += [
+            "",
+            "| prompt tokens | ours shared-prefix s/step | gen / logprob / update | ours / shared | TRL / shared | TRL patched / shared |",
+            "|---|---|---|---|---|---|",
+        ]
+        for length, sides_out in results.items():
+            shared = sides_out["ours_shared"]
+            m = {k: statistics.median(v) for k, v in shared.items()}
+            step = m["time/step"]
+            lines.append(
+                f"| {length} | {median_range(shared['time/step'])} | {m['time/generate']:.3f} / {m['time/logprob_passes']:.3f} / {m['time/update']:.3f} "
+                f"| {statistics.median(sides_out['ours']['time/step']) / step:.2f}x "
+                f"| {statistics.median(sides_out['trl']['time/step']) / step:.2f}x "
+                f"| {statistics.median(sides_out['trl_patched']['time/step']) / step:.2f}x |"
+            )
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
@@ -219,7 +246,7 @@ def main() -> None:
         )
         append_results(
             "GRPO step time against TRL GRPOTrainer",
-            "python benchmarks/grpo_step.py",
+            "python benchmarks/grpo_step.py" + (" --shared-prefix" if args.shared_prefix else ""),
             f"{settings}\n\n{table}",
         )
 

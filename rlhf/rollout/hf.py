@@ -3,7 +3,8 @@
 Sampling uses an explicit GenerationConfig (temperature, top-k, top-p and nothing else), so a
 model's own generation defaults (repetition penalty, min-p...) never change the distribution the
 logprob passes score. The response mask covers tokens up to and including the first EOS; rows
-with no EOS within `max_new_tokens` are flagged `truncated`.
+with no EOS within `max_new_tokens` are flagged `truncated`. A shared-prefix model prefills each
+prompt once per group (see `generate_groups`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.models.shared_prefix import uses_shared_prefix
 from rlhf.types import RolloutBatch
 
 
@@ -84,18 +86,16 @@ def generate_rollouts(
     """Sample `group_size` completions for each prompt; rows of one prompt are contiguous."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, apply_chat_template, device)
-    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
-    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask.long(),
-            generation_config=sampling.generation_config(tokenizer, do_sample),
+        output = generate_groups(
+            model, prompt_ids, prompt_mask, group_size, sampling.generation_config(tokenizer, do_sample)
         )
     finally:
         model.train(was_training)
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     response_ids = output[:, prompt_ids.shape[1] :]
     response_mask, truncated = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
     response_ids = torch.where(
@@ -118,6 +118,40 @@ def generate_rollouts(
         prompts=repeated_prompts,
         completions=completions,
         columns=repeated_columns,
+    )
+
+
+def generate_groups(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group_size: int,
+    generation_config: GenerationConfig,
+    **generate_kwargs,
+):
+    """`group_size` continuations of each (left-padded) prompt, rows of one prompt contiguous.
+
+    With a shared-prefix model (`model.shared_prefix`), each prompt but its last token is prefilled
+    once and its key/value cache repeated for the group, instead of prefilling G copies; generate
+    then feeds the last prompt token, so the first sampled token sees the same logits."""
+    repeated_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+    repeated_mask = prompt_mask.repeat_interleave(group_size, dim=0).long()
+    if group_size > 1 and prompt_ids.shape[1] > 1 and uses_shared_prefix(model):
+        head_mask = prompt_mask[:, :-1].long()
+        prefill = model(
+            input_ids=prompt_ids[:, :-1],
+            attention_mask=head_mask,
+            position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+        )
+        cache = prefill.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        generate_kwargs["past_key_values"] = cache
+    return model.generate(
+        input_ids=repeated_ids,
+        attention_mask=repeated_mask,
+        generation_config=generation_config,
+        **generate_kwargs,
     )
 
 

@@ -29,7 +29,8 @@ def _trained_rows(run_dir) -> list[dict]:
 
 
 def test_grpo_under_deepspeed_launcher_zero3_with_reference(tmp_path):
-    """A local pretrained directory: from_pretrained partitions policy and reference as they load."""
+    """A local pretrained directory: from_pretrained partitions policy and reference as they load;
+    both run the shared-prefix forward (prefill once per group, packed logprob passes)."""
     from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
     tokenizer = build_char_tokenizer()
@@ -52,6 +53,7 @@ def test_grpo_under_deepspeed_launcher_zero3_with_reference(tmp_path):
         "model=pretrained",
         f"model.name_or_path={tmp_path / 'start'}",
         "model.dtype=float32",
+        "model.shared_prefix=true",
         "loss.kl_coef=0.05",
         "train.steps=2",
         "train.num_minibatches=2",

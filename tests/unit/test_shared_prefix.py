@@ -179,3 +179,63 @@ def test_grpo_loss_and_one_optimizer_step_equal():
     assert plain_stats.keys() == shared_stats.keys()
     for key, value in plain_stats.items():  # loss, clip fractions, ratio, KL, entropy
         assert shared_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rollout_prefills_each_prompt_once_with_the_same_first_step_logits(arch):
+    from transformers import GenerationConfig
+
+    from rlhf.rollout.hf import generate_groups
+
+    prompt_ids, prompt_mask, _, _ = grouped_batch([0, 1, 2], [4, 9, 1], [0, 0, 0], seed=3)
+    plain = load_causal_lm(model_config(arch, "sdpa", False), TOKENIZER, seed=8).eval()
+    shared = load_causal_lm(model_config(arch, "sdpa", True), TOKENIZER, seed=8).eval()
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=4, pad_token_id=TOKENIZER.pad_token_id, eos_token_id=-1
+    )
+    calls = []
+    hook = shared.model.register_forward_pre_hook(
+        lambda _m, _a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    outputs = [
+        generate_groups(
+            model, prompt_ids, prompt_mask, 3, config, output_logits=True, return_dict_in_generate=True
+        )
+        for model in (plain, shared)
+    ]
+    hook.remove()
+    assert calls[0] == (3, prompt_ids.shape[1] - 1)  # one prefill row per prompt, not per sample
+    assert all(shape[1] == 1 for shape in calls[1:])  # then one token at a time for 9 rows
+    torch.testing.assert_close(outputs[1].logits[0], outputs[0].logits[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs[1].sequences, outputs[0].sequences)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_bf16_on_gpu_matches_the_repeated_layout(attention):
+    """bf16 kernels on CUDA: logits and every gradient within bf16 rounding of the repeated layout."""
+    batch = tuple(
+        t.cuda()
+        for t in grouped_batch(
+            [0, 0, 0, 0, 1, 1, 1, 1],
+            [40, 17],
+            [30, 2, 25, 0, 9, 30, 14, 1],
+            prompt_width=48,
+            response_width=30,
+        )
+    )
+    mask = batch[3]
+    results = []
+    for shared in (False, True):
+        cfg = model_config("qwen2", attention, shared)
+        cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.tiny.intermediate_size = 256, 4, 512
+        cfg.dtype = "bfloat16"
+        model = load_causal_lm(cfg, TOKENIZER, seed=5).cuda()
+        logprobs, _ = response_logprobs(model, *batch)
+        (logprobs * mask).sum().backward()
+        results.append((logprobs.float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared[mask], plain[mask], rtol=2e-2, atol=5e-2)
+    for name, grad in plain_grads.items():
+        error = (shared_grads[name] - grad).norm() / grad.norm().clamp(min=1e-6)
+        assert error < 5e-2, (name, float(error))
