@@ -4,7 +4,8 @@ Each step samples completions, scores them with a frozen reward model and/or rew
 builds token rewards (k1 KL penalty to the reference on every token, the clipped and optionally
 normalised score on each row's last valid token, plus dense sources: RTO's DPO token reward
 with `rto.dpo_model`, arXiv 2404.18922), runs GAE with the
-critic's values, whitens the advantages over all ranks, and takes `num_minibatches x epochs`
+critic's values (over tokens, or over macro actions with `advantage.macro.segmenter`: MA-RLHF,
+arXiv 2410.02743), whitens the advantages over all ranks, and takes `num_minibatches x epochs`
 clipped policy and clipped value steps on the rollout. Policy and critic have their own engines
 and optimizers. The KL coefficient is fixed or adaptive (proportional control to a target KL).
 Defaults follow DeepSpeed-Chat / the MA-RLHF and CD-RLHF code: gamma 1, lambda 0.95, clip 0.2,
@@ -25,7 +26,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.advantages import gae
+from rlhf.advantages import gae, macro_gae
 from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, register_configs
 from rlhf.data.load import load_task_data
@@ -51,6 +52,7 @@ from rlhf.runtime import (
     rank_slice,
 )
 from rlhf.scoring import score_completions
+from rlhf.segments import macro_ratio_logprobs, make_segmenter, num_segments
 from rlhf.shaping import (
     AdaptiveKLController,
     DPOTokenReward,
@@ -96,6 +98,10 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 f"reward_model.name_or_path={cfg.reward_model.name_or_path!r} has a vocabulary of {reward_model.config.vocab_size}; the policy tokenizer has {len(tokenizer)} tokens: they must share a tokenizer"
             )
     dense_sources = _dense_sources(cfg, policy, tokenizer, plan.micro_batch_size, warp_of(cfg))
+    try:
+        segmenter = make_segmenter(cfg.advantage.macro, tokenizer, seed=cfg.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     if cfg.loss.kl_controller == "adaptive":
         kl_controller = AdaptiveKLController(cfg.loss.kl_coef, cfg.loss.kl_target, cfg.loss.kl_horizon)
     else:
@@ -223,9 +229,25 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 dense=dense,
                 score_clip=cfg.shaping.score_clip,
             )
-            advantages, returns = gae(
-                token_rewards, old_values, mask, gamma=cfg.advantage.gamma, lam=cfg.advantage.lam
-            )
+            segment_ids = None
+            if segmenter is None:
+                advantages, returns = gae(
+                    token_rewards, old_values, mask, gamma=cfg.advantage.gamma, lam=cfg.advantage.lam
+                )
+            else:  # MA-RLHF: GAE over macro actions, each token takes its segment's values
+                segment_ids = segmenter(batch, step * policy.world_size + policy.rank)
+                advantages, returns = macro_gae(
+                    token_rewards,
+                    old_values,
+                    segment_ids,
+                    gamma=cfg.advantage.gamma,
+                    lam=cfg.advantage.lam,
+                    aggregation=cfg.advantage.macro.aggregation,
+                    reward_aggregation=cfg.advantage.macro.reward_aggregation,
+                )
+                segments = num_segments(segment_ids).float()
+                metrics["macro/segments_mean"] = float(segments.mean())
+                metrics["macro/segment_length_mean"] = float(mask.sum(1).float().sum() / segments.sum())
             if cfg.advantage.whiten:
                 advantages = masked_whiten(
                     advantages, mask, all_reduce_sum=policy.all_reduce_sum if policy.world_size > 1 else None
@@ -240,7 +262,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
 
             # 5 update: policy and critic, minibatches x epochs, micro-batches accumulate
             update_started = time.perf_counter()
-            metrics.update(_update(policy, critic, batch, old_values, returns, plan, cfg, reduction, warp))
+            metrics.update(
+                _update(policy, critic, batch, old_values, returns, plan, cfg, reduction, warp, segment_ids)
+            )
             metrics["time/update"] = time.perf_counter() - update_started
 
             # 6 log, adapt the KL coefficient, evaluate, checkpoint
@@ -328,9 +352,11 @@ def _batched(compute, batch, micro_batch_size: int) -> torch.Tensor:
 
 
 def _update(
-    policy, critic, batch, old_values, returns, plan, cfg: PPOConfig, reduction, warp: dict
+    policy, critic, batch, old_values, returns, plan, cfg: PPOConfig, reduction, warp: dict, segment_ids=None
 ) -> dict[str, float]:
-    """Clipped policy and value steps; each normalizer counts its whole minibatch on all ranks."""
+    """Clipped policy and value steps; each normalizer counts its whole minibatch on all ranks.
+    With macro segments and `advantage.macro.ratio=macro`, the ratio clipped is the segment's product."""
+    macro_ratio = segment_ids is not None and cfg.advantage.macro.ratio == "macro"
     accumulator = MetricAccumulator()
     stats: dict[str, float] = {}
     losses: list[float] = []
@@ -349,7 +375,9 @@ def _update(
                     policy.model, *tensors, with_entropy=True, entropy_grad=cfg.loss.entropy_coef != 0, **warp
                 )
                 out = policy_gradient_loss(
-                    logprobs,
+                    macro_ratio_logprobs(logprobs, batch.old_logprobs[micro], segment_ids[micro])
+                    if macro_ratio
+                    else logprobs,
                     batch.old_logprobs[micro],
                     batch.advantages[micro],
                     mask,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.ops import masked_mean, masked_var
+from rlhf.segments import broadcast_to_tokens, segment_mask, segment_reduce
 
 
 def _grouped(scores: torch.Tensor, valid: torch.Tensor | None, group_size: int):
@@ -96,3 +97,23 @@ def gae(
         advantages[:, t] = torch.where(mask[:, t], running, torch.zeros_like(running))
     returns = torch.where(mask, advantages + values, zeros)
     return advantages, returns
+
+
+def macro_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    segment_ids: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    aggregation: str = "mean",
+    reward_aggregation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over macro actions (MA-RLHF), broadcast back to tokens: token rewards and values [B, T]
+    are reduced per segment (`rlhf.segments.segment_reduce`; rewards with `reward_aggregation`,
+    default the same as values), GAE runs over each row's segments, and every token of a segment
+    gets that segment's advantage and return. One token per segment is token-level GAE."""
+    macro_rewards = segment_reduce(rewards, segment_ids, reward_aggregation or aggregation)
+    macro_values = segment_reduce(values, segment_ids, aggregation)
+    advantages, returns = gae(macro_rewards, macro_values, segment_mask(segment_ids), gamma=gamma, lam=lam)
+    return broadcast_to_tokens(advantages, segment_ids), broadcast_to_tokens(returns, segment_ids)

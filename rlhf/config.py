@@ -284,10 +284,28 @@ class PPOLossConfig:
 
 
 @dataclass
+class MacroConfig:
+    """MA-RLHF macro actions (rlhf/segments.py): GAE over token segments instead of tokens."""
+
+    segmenter: str = "none"  # none (token-level PPO) | fixed | randomized | perplexity | parse
+    n: int = 5  # fixed n-gram length
+    random_lengths: list[int] = field(default_factory=lambda: [1, 2, 3, 5, 10])  # randomized
+    random_repeats: int = 3
+    parse_style: str = "prose"  # parse: prose (clauses, sentences) | code (statements, lines)
+    parse_max_length: int = 5  # parse: longer spans are cut (the authors' cutoff C)
+    aggregation: str = (
+        "mean"  # per-segment values (and rewards): mean (authors' code) | sum | position | last
+    )
+    reward_aggregation: str | None = None  # rewards only; None = aggregation ("sum" is the paper's)
+    ratio: str = "token"  # token: per-token clipping (authors' code) | macro: one product ratio per segment
+
+
+@dataclass
 class GAEConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True  # advantage whitening over the step's tokens (all ranks)
+    macro: MacroConfig = field(default_factory=MacroConfig)
 
 
 @dataclass

@@ -148,3 +148,47 @@ def test_shared_prefix_forward_gives_the_same_run(make_config, reward_model_dir,
     for step in plain:
         for key in ("loss", "loss/value", "reward/model_mean", "kl/sequence_mean", "value/mean"):
             assert shared[step][key] == pytest.approx(plain[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_macro_actions_of_one_token_are_token_level_ppo(make_config, tmp_path):
+    common = [*FAST, "+experiment=ppo_arithmetic_rewards", "train.steps=2", "eval.every=0"]
+    token = ppo.train(make_config("ppo", *common, run_dir=str(tmp_path / "token")))
+    macro = ppo.train(
+        make_config(
+            "ppo",
+            *common,
+            "advantage.macro.segmenter=fixed",
+            "advantage.macro.n=1",
+            run_dir=str(tmp_path / "n1"),
+        )
+    )
+    first, second = (
+        {r["step"]: r for r in read_metrics(run["run_dir"]) if "loss" in r} for run in (token, macro)
+    )
+    for step in first:
+        for key in ("loss", "loss/value", "kl/sequence_mean"):
+            assert second[step][key] == pytest.approx(first[step][key], rel=1e-6, abs=1e-9), (step, key)
+    assert second[1]["macro/segment_length_mean"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "macro",
+    [
+        ["advantage.macro.segmenter=fixed", "advantage.macro.n=2", "advantage.macro.ratio=macro"],
+        ["advantage.macro.segmenter=perplexity", "advantage.macro.reward_aggregation=sum"],
+        ["advantage.macro.segmenter=parse", "advantage.macro.aggregation=position"],
+        ["advantage.macro.segmenter=randomized", "advantage.macro.aggregation=last"],
+    ],
+)
+def test_macro_action_ppo_runs(make_config, macro):
+    result = ppo.train(
+        make_config("ppo", *FAST, "+experiment=ppo_arithmetic_rewards", "train.steps=2", *macro)
+    )
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loss/value"]])).all() for r in rows)
+    assert all(r["macro/segments_mean"] >= 1 for r in rows)
+
+
+def test_macro_config_errors_name_the_field(make_config):
+    with pytest.raises(ConfigError, match="advantage.macro.segmenter"):
+        ppo.train(make_config("ppo", "+experiment=ppo_arithmetic_rewards", "advantage.macro.segmenter=words"))
