@@ -33,14 +33,16 @@ from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env
 from rlhf.eval.accuracy import heldout_accuracy
+from rlhf.intrinsic import Curiosity, CuriosityModel
 from rlhf.loggers import build_loggers
 from rlhf.losses.kl import k1
 from rlhf.losses.policy import policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
 from rlhf.losses.value import clipped_value_loss
 from rlhf.metrics import MetricAccumulator
-from rlhf.models.forward import response_logprobs, sequence_scores, token_values
+from rlhf.models.forward import response_logprobs, response_logprobs_and_states, sequence_scores, token_values
 from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_scorer, load_tokenizer
+from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
@@ -98,6 +100,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 f"reward_model.name_or_path={cfg.reward_model.name_or_path!r} has a vocabulary of {reward_model.config.vocab_size}; the policy tokenizer has {len(tokenizer)} tokens: they must share a tokenizer"
             )
     dense_sources = _dense_sources(cfg, policy, tokenizer, plan.micro_batch_size, warp_of(cfg))
+    curiosity = _curiosity(cfg, policy, reference)
+    if curiosity:
+        dense_sources.append(curiosity)
     try:
         segmenter = make_segmenter(cfg.advantage.macro, tokenizer, seed=cfg.seed)
     except ValueError as error:
@@ -118,6 +123,8 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         sampler.load_state_dict(state["sampler"])
         kl_controller.load_state_dict(state["kl_controller"])
         score_moments.load_state_dict(state["score_moments"])
+        if curiosity:
+            curiosity.load_state_dict(state["curiosity"])
         start_step = state["step"]
     loggers = build_loggers(
         cfg.logger if env.is_main else None,
@@ -139,6 +146,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             "sampler": sampler.state_dict(),
             "kl_controller": kl_controller.state_dict(),
             "score_moments": score_moments.state_dict(),
+            **({"curiosity": curiosity.state_dict()} if curiosity else {}),
         }
         return save_checkpoint(
             run_dir, step, policy, tokenizer, state, cfg.checkpoint.keep_last, {"critic": critic}
@@ -164,6 +172,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 group_size=g,
                 sampling=sampling,
                 apply_chat_template=d.apply_chat_template,
+                record_topk=cfg.curiosity.top_k if curiosity else None,
             )
             metrics["time/generate"] = time.perf_counter() - started
             metrics.pop("rollout/tokens")
@@ -202,11 +211,20 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                     batch,
                     plan.micro_batch_size,
                 )
-                batch.ref_logprobs = _batched(
-                    lambda *rows: response_logprobs(reference, *rows, **warp)[0],
-                    batch,
-                    plan.micro_batch_size,
-                )
+                if curiosity:  # the reference pass also yields the curiosity module's states
+                    parts = [
+                        response_logprobs_and_states(reference, *_tensors(batch, rows), **warp)
+                        for rows in torch.arange(batch.batch_size).split(plan.micro_batch_size)
+                    ]
+                    batch.ref_logprobs, batch.ref_states, batch.ref_next_states = (
+                        torch.cat(part) for part in zip(*parts, strict=True)
+                    )
+                else:
+                    batch.ref_logprobs = _batched(
+                        lambda *rows: response_logprobs(reference, *rows, **warp)[0],
+                        batch,
+                        plan.micro_batch_size,
+                    )
                 old_values = _batched(
                     lambda *rows: token_values(critic.model, *rows),
                     batch,
@@ -214,7 +232,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 )
 
                 dense = {}
-                for source in dense_sources:  # RTO's DPO token reward
+                for source in dense_sources:  # RTO's DPO token reward, CD-RLHF's curiosity
                     dense[source.name], source_metrics = source(batch)
                     metrics.update(source_metrics)
             metrics["time/logprob_passes"] = time.perf_counter() - passes_started
@@ -265,6 +283,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             metrics.update(
                 _update(policy, critic, batch, old_values, returns, plan, cfg, reduction, warp, segment_ids)
             )
+            if curiosity:  # after the rewards were read from it, as the authors order it
+                metrics.update(curiosity.update(batch))
+                batch.ref_states = batch.ref_next_states = None
             metrics["time/update"] = time.perf_counter() - update_started
 
             # 6 log, adapt the KL coefficient, evaluate, checkpoint
@@ -304,6 +325,34 @@ def _critic_model_config(cfg: PPOConfig) -> ModelConfig:
 def warp_of(cfg: PPOConfig) -> dict:
     """The sampling warp, applied identically in every logprob pass."""
     return {"temperature": cfg.rollout.temperature, "top_k": cfg.rollout.top_k, "top_p": cfg.rollout.top_p}
+
+
+def _curiosity(cfg: PPOConfig, policy, reference) -> Curiosity | None:
+    """CD-RLHF's curiosity module on the reference's hidden states and the policy's embeddings."""
+    c = cfg.curiosity
+    if c.eta == 0:
+        return None
+    if c.top_k < 1:
+        raise ConfigError(f"curiosity.top_k={c.top_k} must be at least 1")
+    config = model_config(reference)
+    policy_config = model_config(policy.module)
+    embeddings = policy.module.get_input_embeddings()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the same module on every rank
+        module = CuriosityModel(
+            config.hidden_size,
+            embeddings.embedding_dim,
+            c.intermediate_size or policy_config.intermediate_size,
+        ).to(policy.device)
+    return Curiosity(
+        module,
+        embeddings,
+        eta=c.eta,
+        lr=c.lr,
+        weight_decay=c.weight_decay,
+        all_reduce_sum=policy.all_reduce_sum,
+        world_size=policy.world_size,
+    )
 
 
 def _dense_sources(cfg: PPOConfig, policy, tokenizer, micro_batch_size: int, warp: dict) -> list:

@@ -327,6 +327,17 @@ class RTOConfig:
 
 
 @dataclass
+class CuriosityConfig:
+    """CD-RLHF (rlhf/intrinsic.py): eta * curiosity on tokens sampled outside the top-k."""
+
+    eta: float = 0.0  # 0 disables; the authors use 0.04-0.08
+    top_k: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    intermediate_size: int | None = None  # forward-model width; None: the policy's intermediate size
+
+
+@dataclass
 class PPOConfig(RunConfig):
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(functions=[]))
     reward_model: ScoringModelConfig = field(default_factory=ScoringModelConfig)
@@ -335,6 +346,7 @@ class PPOConfig(RunConfig):
     advantage: GAEConfig = field(default_factory=GAEConfig)
     shaping: ScoreShapingConfig = field(default_factory=ScoreShapingConfig)
     rto: RTOConfig = field(default_factory=RTOConfig)
+    curiosity: CuriosityConfig = field(default_factory=CuriosityConfig)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=1))
     train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
 

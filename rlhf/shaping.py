@@ -5,7 +5,8 @@ Token level (PPO, as in Ziegler et al. arXiv 1909.08593 and DeepSpeed-Chat):
     r_bt = -beta * kl_bt  +  [t = last valid token of row b] * clip(score_b)  +  sum_s dense_s,bt
 with kl_bt the k1 estimate log pi_old - log pi_ref. The score lands on the last *valid* token of
 each row (rows have different lengths and are right-padded). Dense sources (the DPO-implicit reward
-of RTO, the curiosity of CD-RLHF...) are [B, T] tensors behind the `DenseRewardSource` interface.
+of RTO, the curiosity of CD-RLHF in `rlhf.intrinsic.Curiosity`) are [B, T] tensors behind the
+`DenseRewardSource` interface.
 
 Outcome level (GRPO, RLOO): the KL-in-reward placement subtracts each row's summed KL estimate
 from its score before the group baseline (verl's `use_kl_in_reward`).

@@ -45,6 +45,9 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None  # [B, T]
     ref_logprobs: torch.Tensor | None = None  # [B, T]
     advantages: torch.Tensor | None = None  # [B] or [B, T]
+    outside_topk: torch.Tensor | None = None  # [B, T] bool: sampled token not in the top-k (CD-RLHF)
+    ref_states: torch.Tensor | None = None  # [B, T, h] reference last hidden state predicting token t
+    ref_next_states: torch.Tensor | None = None  # [B, T, h] ... at token t itself
 
     @property
     def batch_size(self) -> int:

@@ -59,22 +59,76 @@ def response_logits(
 ) -> torch.Tensor:
     """[B, T, V] raw next-token logits at the positions that predict each response token (for
     scores that combine two models' distributions, such as cDPO's contrastive estimation)."""
-    layout = _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    if layout is not None:
-        # only columns from the earliest prefix end on can predict a response token
-        first_kept = int(layout.prefix_len.min()) - 1
-        logits = _packed_forward(model, layout, logits_to_keep=layout.width - first_kept).logits
-        return logits[layout.group_of_row[:, None], layout.predict_index - first_kept]
-    input_ids, attention_mask, position_ids = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
-    num_response = response_ids.shape[1]
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=num_response + 1,
-        use_cache=False,
+    return _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
+
+
+def response_logprobs_and_states(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log pi(response_t) [B, T], states [B, T, h], next states [B, T, h]) from one forward: the
+    last hidden state (the LM head's input) where token t is predicted, and where it is read."""
+    logits, (states, next_states) = _response_forward(
+        model, prompt_ids, prompt_mask, response_ids, response_mask, with_states=True
     )
-    return outputs.logits[:, :-1]  # position i predicts token i + 1
+    logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
+    return logprobs_from_logits(logits, safe_ids), states, next_states
+
+
+def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, with_states: bool = False):
+    """Logits predicting each response token, and with `with_states` the hidden states around it."""
+    layout = _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    with _head_inputs(model, with_states) as hidden:
+        if layout is not None:
+            # only columns from the earliest prefix end on can predict a response token
+            first_kept = int(layout.prefix_len.min()) - 1
+            logits = _packed_forward(model, layout, logits_to_keep=layout.width - first_kept).logits
+            rows = layout.group_of_row[:, None]
+            predict, token = layout.predict_index - first_kept, layout.token_index - first_kept
+            logits = logits[rows, predict]
+        else:
+            input_ids, attention_mask, position_ids = _joined(
+                prompt_ids, prompt_mask, response_ids, response_mask
+            )
+            outputs = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=response_ids.shape[1] + 1,
+                use_cache=False,
+            )
+            logits = outputs.logits[:, :-1]  # position i predicts token i + 1
+    if not with_states:
+        return logits, None
+    if layout is not None:
+        return logits, (hidden[0][rows, predict], hidden[0][rows, token])
+    return logits, (hidden[0][:, :-1], hidden[0][:, 1:])
+
+
+@contextlib.contextmanager
+def _head_inputs(model: torch.nn.Module, active: bool) -> Iterator[list[torch.Tensor]]:
+    """Captures the LM head's input (the last hidden states, after the final norm) when `active`."""
+    captured: list[torch.Tensor] = []
+    if not active:
+        yield captured
+        return
+    owner = model
+    while not hasattr(owner, "get_output_embeddings"):  # DeepSpeed engine, adapter-disabled view
+        owner = getattr(owner, "module", None) or owner.peft_model
+    head = owner.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask) -> SharedPrefixLayout | None:

@@ -48,6 +48,7 @@ class SharedPrefixLayout:
     suffix_take: tuple[torch.Tensor, torch.Tensor]  # (row, token) of every valid response token
     suffix_put: tuple[torch.Tensor, torch.Tensor]  # their (packed row, column)
     predict_index: torch.Tensor  # [N, T] packed column whose output predicts response token t
+    token_index: torch.Tensor  # [N, T] packed column of response token t itself (clamped past the end)
     last_index: torch.Tensor  # [N] packed column of each row's last valid token
 
     @property
@@ -134,6 +135,7 @@ def build_layout(
         prefix_len[group_of_row][:, None] - 1,
         offset[:, None] + response_steps[None, :] - 1,
     ).clamp(max=width - 1)
+    token_index = (offset[:, None] + response_steps[None, :]).clamp(max=width - 1)
     last_index = torch.where(suffix_len > 0, offset + suffix_len - 1, prefix_len[group_of_row] - 1)
     return SharedPrefixLayout(
         input_ids=input_ids,
@@ -148,6 +150,7 @@ def build_layout(
         suffix_take=(take_rows, take_steps),
         suffix_put=(put_rows, put_cols),
         predict_index=predict_index,
+        token_index=token_index,
         last_index=last_index,
     )
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.intrinsic import TopKRecorder
 from rlhf.models.shared_prefix import uses_shared_prefix
 from rlhf.types import RolloutBatch
 
@@ -82,15 +83,25 @@ def generate_rollouts(
     sampling: SamplingParams,
     apply_chat_template: bool = False,
     do_sample: bool = True,
+    record_topk: int | None = None,
 ) -> RolloutBatch:
-    """Sample `group_size` completions for each prompt; rows of one prompt are contiguous."""
+    """Sample `group_size` completions for each prompt; rows of one prompt are contiguous. With
+    `record_topk`, `outside_topk` marks the sampled tokens outside the k most likely ones of the
+    distribution they were drawn from (recorded during generation, no extra pass)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, apply_chat_template, device)
     was_training = model.training
     model.eval()
+    recorder = TopKRecorder(record_topk) if record_topk else None
+    extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder else {}
     try:
         output = generate_groups(
-            model, prompt_ids, prompt_mask, group_size, sampling.generation_config(tokenizer, do_sample)
+            model,
+            prompt_ids,
+            prompt_mask,
+            group_size,
+            sampling.generation_config(tokenizer, do_sample),
+            **extra,
         )
     finally:
         model.train(was_training)
@@ -109,6 +120,7 @@ def generate_rollouts(
     repeated_columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
     group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
     return RolloutBatch(
+        outside_topk=recorder.outside(response_ids) & response_mask if recorder else None,
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=response_ids,
@@ -164,6 +176,7 @@ def rollout_rows(
     group_size: int,
     sampling: SamplingParams,
     apply_chat_template: bool = False,
+    record_topk: int | None = None,
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """Step 1 of an RL loop: `group_size` samples for each dataset row, every other column handed on
     to the rewards, with the policy's ZeRO-3 parameters gathered once for the whole generation.
@@ -178,6 +191,7 @@ def rollout_rows(
             group_size=group_size,
             sampling=sampling,
             apply_chat_template=apply_chat_template,
+            record_topk=record_topk,
         )
     lengths = batch.response_mask.sum(-1).float()
     metrics = {

@@ -239,3 +239,30 @@ def test_bf16_on_gpu_matches_the_repeated_layout(attention):
     for name, grad in plain_grads.items():
         error = (shared_grads[name] - grad).norm() / grad.norm().clamp(min=1e-6)
         assert error < 5e-2, (name, float(error))
+
+
+def test_states_for_curiosity_come_with_the_logprob_pass():
+    """The last hidden states before and at each response token, from the same forward, packed or not,
+    equal transformers' `output_hidden_states` at those positions."""
+    from rlhf.models.forward import response_logprobs_and_states
+
+    plain = load_causal_lm(model_config("llama", "sdpa", False), TOKENIZER, seed=2).eval()
+    shared = load_causal_lm(model_config("llama", "sdpa", True), TOKENIZER, seed=2).eval()
+    prompt_ids, prompt_mask, response_ids, mask = MIXED
+    joined = torch.cat([prompt_mask, mask], 1).long()
+    hidden = plain(
+        input_ids=torch.cat([prompt_ids, response_ids], 1),
+        attention_mask=joined,
+        position_ids=(joined.cumsum(1) - 1).clamp(min=0),
+        output_hidden_states=True,
+    ).hidden_states[-1]
+    width = prompt_ids.shape[1]
+    expected_states = hidden[:, width - 1 : -1]
+    expected_next = hidden[:, width:]
+    for model in (plain, shared):
+        logprobs, states, next_states = response_logprobs_and_states(model, *MIXED)
+        torch.testing.assert_close(
+            logprobs[mask], response_logprobs(plain, *MIXED)[0][mask], rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(states[mask], expected_states[mask], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(next_states[mask], expected_next[mask], rtol=1e-5, atol=1e-5)
