@@ -50,3 +50,21 @@ def digit_match(
         hits = sum(1 for a, b in zip(text, ref) if a == b)
         scores.append(hits / max(len(ref), len(text), 1))
     return scores
+
+
+_SUM = re.compile(r"\d+(?: *\+ *\d+)+")
+
+
+def sum_to_target(
+    prompts: list[str], completions: list[str], target: list[Any], **_: Any
+) -> list[float | None]:
+    """1.0 when the completion is two or more positive numbers joined by "+" adding up to `target`."""
+    scores: list[float | None] = []
+    for text, goal in zip(completions, target):
+        text = text.strip()
+        if goal is None:
+            scores.append(None)
+            continue
+        parts = [int(p) for p in text.split("+")] if _SUM.fullmatch(text) else []
+        scores.append(float(bool(parts) and min(parts) >= 1 and sum(parts) == int(goal)))
+    return scores

@@ -68,8 +68,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "arithmetic" (synthetic, no download), a local .jsonl/.json/.parquet/.csv file or directory,
-    # or a Hugging Face hub dataset name.
+    # "arithmetic" or "sums" (synthetic, no download), a local .jsonl/.json/.parquet/.csv file or
+    # directory, or a Hugging Face hub dataset name.
     source: str = "arithmetic"
     train_split: str = "train"
     eval_split: str | None = "eval"
@@ -86,6 +86,8 @@ class DataConfig:
     eval_size: int = 1000
     task_seed: int = 0
     reverse_digits: bool = True
+    sum_max_target: int = 30  # "sums": targets 4..this, written with up to sum_max_parts one-digit parts
+    sum_max_parts: int = 4
 
 
 @dataclass

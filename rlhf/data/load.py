@@ -14,6 +14,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from rlhf.config import DataConfig
 from rlhf.data.arithmetic import make_addition_task
 from rlhf.data.preferences import make_addition_preferences
+from rlhf.data.sums import make_sum_task
 
 SYNTHETIC_TASKS = {"arithmetic", "arithmetic_preferences"}
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -47,6 +48,8 @@ def load_splits(cfg: DataConfig) -> DatasetDict:
     """The dataset's splits as a DatasetDict (not yet validated)."""
     if cfg.source == "arithmetic":
         return make_addition_task(cfg.num_digits, cfg.eval_size, cfg.task_seed, cfg.reverse_digits)
+    if cfg.source == "sums":
+        return make_sum_task(cfg.sum_max_target, cfg.sum_max_parts, seed=cfg.task_seed)
     if cfg.source == "arithmetic_preferences":
         return make_addition_preferences(cfg.num_digits, cfg.eval_size, cfg.task_seed)
     if os.path.exists(cfg.source):
