@@ -43,9 +43,11 @@ from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference, load_tokenizer
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
+from rlhf.rollout.records import sample_rows
 from rlhf.runtime import (
     build_rewards,
     drop_launcher_arguments,
+    log_rollout_sample,
     mean_over_ranks,
     open_run,
     rank_slice,
@@ -138,6 +140,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             metrics.update(reward_metrics)
             metrics["reward/mean"] = float(scores[valid].mean()) if valid.any() else 0.0
             metrics["reward/std"] = float(scores[valid].std()) if valid.sum() > 1 else 0.0
+            raw_scores = torch.where(valid, scores, torch.nan)
             if cfg.reward.accuracy_reward in per_reward:
                 metrics["accuracy"] = float((per_reward[cfg.reward.accuracy_reward] >= 1.0).float().mean())
 
@@ -182,6 +185,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
                 flat = adv.zero_variance_groups(scores, valid, group_size=g)
                 metrics["groups/zero_variance_fraction"] = float(flat.float().mean())
                 keep &= ~flat
+            rollout_mask = batch.response_mask  # the sample log shows dropped groups' tokens too
             batch.response_mask = batch.response_mask & keep.unsqueeze(-1)
 
             # 5 update: minibatches x epochs optimizer steps, micro-batches accumulate
@@ -209,6 +213,8 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
                 metrics["eval/accuracy"] = evaluate()
             if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
                 loggers.log(metrics, step)
+                sampled = dataclasses.replace(batch, response_mask=rollout_mask)
+                _log_sample(loggers, cfg, sampled, tokenizer, step, raw_scores, engine, warp)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 last_checkpoint = save(step)
             if cfg.train.time_limit_s is not None and elapsed >= cfg.train.time_limit_s:
@@ -229,6 +235,29 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             "GRPO",
         )
     return {**metrics, **result, "step": step, "checkpoint": last_checkpoint, "run_dir": run_dir}
+
+
+def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, engine, warp: dict) -> None:
+    """A sample of the rollout for rollouts.jsonl and wandb, with per-token logprobs: those of the
+    rollout when they were computed, else a pass over the sampled rows on every rank (ZeRO-3 gathers
+    need all of them)."""
+    if cfg.logger.rollout_samples <= 0:
+        return
+    logprobs = batch.old_logprobs
+    if logprobs is None:
+        rows = sample_rows(batch.batch_size, cfg.logger.rollout_samples, step)
+        with torch.no_grad():
+            sampled = _batched_logprobs(engine.model, batch.select(rows), len(rows), warp)
+        logprobs = torch.zeros_like(batch.response_mask, dtype=sampled.dtype)
+        logprobs[torch.as_tensor(rows, device=logprobs.device)] = sampled
+    kl = None if batch.ref_logprobs is None else logprobs - batch.ref_logprobs
+    per_token = {
+        "logprobs": logprobs,
+        "ref_logprobs": batch.ref_logprobs,
+        "kl": kl,
+        "advantage": batch.advantages,
+    }
+    log_rollout_sample(loggers, cfg.logger, batch, tokenizer, step, scores, per_token)
 
 
 def _batched_logprobs(model, batch, micro_batch_size: int, warp: dict) -> torch.Tensor:

@@ -49,6 +49,7 @@ from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.runtime import (
     build_rewards,
     drop_launcher_arguments,
+    log_rollout_sample,
     mean_over_ranks,
     open_run,
     rank_slice,
@@ -201,6 +202,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                     scores += cfg.reward_model.weight * rm_scores
                     metrics["reward/model_mean"] = float(rm_scores.mean())
                 metrics["reward/mean"] = float(scores.mean())
+                raw_scores = scores
                 if cfg.shaping.normalize:
                     score_moments.update(engine_gather_scores(scores, policy))
                     scores = score_moments.normalize(scores)
@@ -296,6 +298,23 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 metrics["eval/accuracy"] = evaluate()
             if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
                 loggers.log(metrics, step)
+                log_rollout_sample(
+                    loggers,
+                    cfg.logger,
+                    batch,
+                    tokenizer,
+                    step,
+                    raw_scores,
+                    {
+                        "logprobs": batch.old_logprobs,
+                        "ref_logprobs": batch.ref_logprobs,
+                        "kl": kl,
+                        "rewards": token_rewards,
+                        "values": old_values,
+                        "advantages": batch.advantages,
+                        "segment_ids": segment_ids,
+                    },
+                )
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 last_checkpoint = save(step)
         if cfg.checkpoint.save_final and not last_checkpoint.endswith(f"step-{step:06d}"):
@@ -308,7 +327,15 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     if policy.is_main:
         plot_metrics(
             run_dir,
-            ["reward/mean", "reward/model_mean", "kl/sequence_mean", "value/error", "eval/accuracy"],
+            [
+                "reward/mean",
+                "reward/model_mean",
+                "accuracy",
+                "kl/sequence_mean",
+                "response/length_mean",
+                "value/error",
+                "eval/accuracy",
+            ],
             "ppo_curves.png",
             "PPO",
         )
@@ -337,6 +364,11 @@ def _curiosity(cfg: PPOConfig, policy, reference) -> Curiosity | None:
     config = model_config(reference)
     policy_config = model_config(policy.module)
     embeddings = policy.module.get_input_embeddings()
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:  # under ZeRO-3 the table is partitioned: gather it
+        with policy.gathered_parameters(embeddings.parameters()):
+            return embeddings(ids)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the same module on every rank
         module = CuriosityModel(
@@ -346,7 +378,7 @@ def _curiosity(cfg: PPOConfig, policy, reference) -> Curiosity | None:
         ).to(policy.device)
     return Curiosity(
         module,
-        embeddings,
+        embed,
         eta=c.eta,
         lr=c.lr,
         weight_decay=c.weight_decay,

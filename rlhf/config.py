@@ -169,6 +169,8 @@ class LoggerConfig:
     wandb_project: str = "rlhf"
     wandb_entity: str | None = None
     log_every: int = 1
+    # Rollout rows saved per logged step to <run_dir>/rollouts.jsonl and the wandb table (0: none)
+    rollout_samples: int = 4
 
 
 @dataclass

@@ -2,7 +2,12 @@
 
 wandb runs offline by default (no network needed; `wandb sync <run_dir>/wandb/offline-run-*` uploads
 later); `logger.wandb_mode=online` logs live. Metric names are grouped by section with "/"
-(reward/..., clip/..., kl/...), which wandb shows as panels.
+(reward/..., clip/..., kl/...), which wandb shows as panels; names without a section go under
+train/ in wandb only (metrics.jsonl keeps them as the recipes wrote them).
+
+Rollout samples (rlhf/rollout/records.py) go to <run_dir>/rollouts.jsonl, one record per line, and
+to wandb as a table per step ("rollouts/samples") with histograms of the whole rollout's rewards,
+advantages and lengths under hist/.
 """
 
 from __future__ import annotations
@@ -44,6 +49,20 @@ class ConsoleLogger:
         self.bar.close()
 
 
+ROLLOUTS_FILE = "rollouts.jsonl"
+# Columns of the wandb rollout table; the per-token lists stay in rollouts.jsonl.
+TABLE_COLUMNS = ("step", "prompt", "completion", "score", "length", "advantage")
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def wandb_name(key: str) -> str:
+    """Metric names with a section keep it; the rest are grouped under train/."""
+    return key if "/" in key else f"train/{key}"
+
+
 class JsonlLogger:
     """Appends one JSON object per logged step; a resumed run keeps appending to the same file."""
 
@@ -53,11 +72,18 @@ class JsonlLogger:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         row = {"step": step, "time": time.time()}
-        row.update(
-            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        )
+        row.update({k: _finite_or_none(v) for k, v in metrics.items()})
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+
+    def log_rollouts(self, records: list[dict[str, Any]], step: int, distributions: dict) -> None:
+        with open(os.path.join(os.path.dirname(self.path), ROLLOUTS_FILE), "a") as handle:
+            for record in records:
+                clean = {
+                    k: [_finite_or_none(x) for x in v] if isinstance(v, list) else _finite_or_none(v)
+                    for k, v in record.items()
+                }
+                handle.write(json.dumps(clean) + "\n")
 
     def close(self) -> None:
         pass
@@ -82,7 +108,21 @@ class WandbLogger:
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log({wandb_name(k): v for k, v in metrics.items()}, step=step)
+
+    def log_rollouts(self, records: list[dict[str, Any]], step: int, distributions: dict) -> None:
+        table = self.wandb.Table(columns=list(TABLE_COLUMNS))
+        for record in records:
+            advantage = record.get("advantage")
+            if advantage is None and record.get("advantages"):
+                advantage = sum(record["advantages"]) / len(record["advantages"])
+            table.add_data(*[advantage if c == "advantage" else record.get(c) for c in TABLE_COLUMNS])
+        logged = {"rollouts/samples": table}
+        for name, values in distributions.items():
+            values = [float(v) for v in values if math.isfinite(float(v))]
+            if values:
+                logged[f"hist/{name}"] = self.wandb.Histogram(values)
+        self.run.log(logged, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -113,6 +153,14 @@ class Loggers:
     def log(self, metrics: dict[str, float], step: int) -> None:
         for sink in self.sinks:
             sink.log(metrics, step)
+
+    def log_rollouts(
+        self, records: list[dict[str, Any]], step: int, distributions: dict[str, list[float]] | None = None
+    ) -> None:
+        """Rollout samples and the whole rollout's distributions (rewards, advantages, lengths)."""
+        for sink in self.sinks:
+            if hasattr(sink, "log_rollouts"):
+                sink.log_rollouts(records, step, distributions or {})
 
     def message(self, text: str) -> None:
         if self.console is not None:
@@ -163,3 +211,23 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
                 rows[step] = row
                 order.append(step)
     return [rows[s] for s in sorted(order)]
+
+
+def read_rollouts(run_dir: str) -> list[dict[str, Any]]:
+    """Records of a run's rollouts.jsonl (empty when it saved none); a resumed run's records for
+    replayed steps replace the old ones."""
+    path = os.path.join(run_dir, ROLLOUTS_FILE)
+    if not os.path.exists(path):
+        return []
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    seen_at: dict[int, int] = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle):
+            record = json.loads(line)
+            step = record["step"]
+            # a step written again after a resume starts a new block: keep only the newest block
+            if step in by_step and number != seen_at[step] + 1:
+                by_step[step] = []
+            by_step.setdefault(step, []).append(record)
+            seen_at[step] = number
+    return [r for step in sorted(by_step) for r in by_step[step]]

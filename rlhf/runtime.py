@@ -1,7 +1,7 @@
 """Run set-up shared by the recipes: seeding, the run directory, resume lookup, reward functions.
 
-A run directory holds config.yaml (the resolved config), metrics.jsonl, checkpoints/, plots and the
-offline wandb run. `resume=<dir>` continues the run that owns that checkpoint, in its own directory.
+A run directory holds config.yaml (the resolved config), metrics.jsonl, rollouts.jsonl (a sample of
+each logged step's rollout), checkpoints/, plots and the offline wandb run. `resume=<dir>` continues the run that owns that checkpoint, in its own directory.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from rlhf.checkpoint import CHECKPOINT_DIR, export_dir, resolve_checkpoint
-from rlhf.config import ModelConfig, RewardConfig
+from rlhf.config import LoggerConfig, ModelConfig, RewardConfig
+from rlhf.rollout.records import rollout_records, sample_rows
 from rlhf.scoring import WeightedReward, resolve_reward
 
 
@@ -103,3 +104,31 @@ def open_run(cfg: Any, env: Any) -> tuple[str, str | None]:
         prepare_run_dir(run_dir, cfg)
     seed_everything(cfg.seed + env.rank)
     return run_dir, checkpoint
+
+
+def log_rollout_sample(
+    loggers: Any,
+    cfg: LoggerConfig,
+    batch: Any,
+    tokenizer: Any,
+    step: int,
+    scores: torch.Tensor,
+    per_token: dict[str, torch.Tensor | None],
+) -> None:
+    """Save `logger.rollout_samples` rows of this step's rollout (rank 0; other ranks have no sinks)
+    with the distributions of the whole rollout's scores, advantages and response lengths."""
+    if not loggers.sinks or cfg.rollout_samples <= 0:
+        return
+    rows = sample_rows(batch.batch_size, cfg.rollout_samples, step)
+    mask = batch.response_mask.bool()
+    advantages = batch.advantages
+    if advantages is not None and advantages.dim() == 2:  # per token: one value per trained token
+        advantages = advantages[mask]
+    distributions = {
+        "reward": scores.float().cpu().tolist(),
+        "response_length": mask.sum(-1).float().cpu().tolist(),
+    }
+    if advantages is not None:
+        distributions["advantage"] = advantages.float().cpu().tolist()
+    records = rollout_records(batch, tokenizer, rows, step, scores, per_token)
+    loggers.log_rollouts(records, step, distributions)

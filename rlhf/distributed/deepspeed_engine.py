@@ -125,10 +125,12 @@ class DeepSpeedEngine:
     def barrier(self) -> None:
         barrier()
 
-    def gathered_parameters(self) -> contextlib.AbstractContextManager:
+    def gathered_parameters(self, parameters=None) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3, the whole policy (or just `parameters`) materialised on every rank, read-only."""
         if self.stage != 3:
             return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        chosen = list(self.module.parameters() if parameters is None else parameters)
+        return deepspeed.zero.GatheredParameters(chosen, modifier_rank=None)
 
     @contextlib.contextmanager
     def construction_context(self) -> Iterator[None]:

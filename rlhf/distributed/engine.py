@@ -44,7 +44,7 @@ class TrainEngine(Protocol):
 
     def barrier(self) -> None: ...
 
-    def gathered_parameters(self) -> contextlib.AbstractContextManager: ...
+    def gathered_parameters(self, parameters=None) -> contextlib.AbstractContextManager: ...
 
     def prepare_frozen(self, model: torch.nn.Module | Callable[[], torch.nn.Module]) -> torch.nn.Module: ...
 
@@ -115,7 +115,7 @@ class SingleProcessEngine:
     def barrier(self) -> None:
         pass
 
-    def gathered_parameters(self) -> contextlib.AbstractContextManager:
+    def gathered_parameters(self, parameters=None) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def prepare_frozen(self, model: ModelSource) -> torch.nn.Module:

@@ -119,7 +119,10 @@ def load_scorer(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = auto.from_config(config)
-        model.base_model.load_state_dict(lm.base_model.state_dict())  # same backbone as the policy
+        # Take the policy's backbone module itself rather than copying its weights: under ZeRO-3's
+        # construction context `from_config` builds a partitioned backbone that cannot be copied into;
+        # the tiny model is whole and deepspeed.initialize partitions it like the policy.
+        setattr(model, model.base_model_prefix, lm.base_model)
         return _without_dropout(model).to(_dtype(cfg))
     model = auto.from_pretrained(
         cfg.name_or_path,

@@ -147,6 +147,36 @@ def test_ppo_under_torchrun_zero2_with_reward_model(tmp_path):
     AutoModelForTokenClassification.from_pretrained(os.path.join(checkpoint, "critic_hf"))
 
 
+def test_ppo_under_torchrun_zero3_with_curiosity_and_macro_actions(tmp_path):
+    """CD-RLHF's module reads the policy's partitioned embedding table (gathered for the lookup) and
+    the partitioned reference's hidden states; macro GAE and the rollout sample log run on 2 ranks."""
+    torchrun(
+        [
+            "-m",
+            "recipes.ppo",
+            *SMALL,
+            "distributed=zero3",
+            "+experiment=ppo_sums",
+            "curiosity.eta=0.04",
+            "advantage.macro.segmenter=fixed",
+            "advantage.macro.n=3",
+            "train.prompts_per_step=4",
+            "train.micro_batch_size=2",
+            "rollout.max_new_tokens=6",
+            "train.steps=2",
+            "eval.num_samples=4",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    rows = _trained_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        values = [row["loss"], row["curiosity/loss"], row["curiosity/error_mean"], row["macro/segments_mean"]]
+        assert torch.isfinite(torch.tensor(values)).all(), row
+    with open(tmp_path / "run" / "rollouts.jsonl") as handle:
+        assert len(handle.readlines()) == 2 * 2  # rank 0 writes its own 2 rows each step
+
+
 def test_dpo_under_torchrun_zero3_with_precomputed_reference_matches_one_process(tmp_path):
     """Each rank precomputes its share of the reference values (uneven shares, collective forwards),
     all ranks read the whole cache, and the losses equal a one-process run on the same pairs."""

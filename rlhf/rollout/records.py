@@ -1,0 +1,59 @@
+"""A rollout's rows as plain records for the run directory (rollouts.jsonl) and the wandb table.
+
+Each record holds the prompt, the completion, its score and, token by token over the valid response
+tokens, the decoded tokens and whichever per-token quantities the recipe computed (logprobs,
+ref_logprobs, kl, rewards, values, advantages, segment_ids). A per-sequence advantage (GRPO) is stored
+as `advantage`. Records are what `rlhf.inspect` reads back and draws as token heatmaps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlhf.types import RolloutBatch
+
+
+def sample_rows(batch_size: int, count: int, step: int) -> list[int]:
+    """`count` rows spread over the batch, shifting with the step so every prompt position shows up."""
+    if count <= 0 or batch_size == 0:
+        return []
+    count = min(count, batch_size)
+    stride = batch_size / count
+    offset = step % max(1, int(stride))
+    return sorted({min(batch_size - 1, int(i * stride) + offset) for i in range(count)})
+
+
+def rollout_records(
+    batch: RolloutBatch,
+    tokenizer,
+    rows: list[int],
+    step: int,
+    scores: torch.Tensor | None = None,
+    per_token: dict[str, torch.Tensor | None] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per row in `rows`; `per_token` maps names to [B, T] tensors (None entries skipped)
+    or to [B] tensors (stored as one number per record)."""
+    per_token = {k: v for k, v in (per_token or {}).items() if v is not None}
+    records = []
+    for row in rows:
+        mask = batch.response_mask[row].bool()
+        ids = batch.response_ids[row][mask].tolist()
+        record: dict[str, Any] = {
+            "step": step,
+            "prompt": batch.prompts[row] if batch.prompts else "",
+            "completion": batch.completions[row] if batch.completions else tokenizer.decode(ids),
+            "score": None if scores is None else float(scores[row]),
+            "length": len(ids),
+            "tokens": [tokenizer.decode([i]) for i in ids],
+        }
+        for name, values in per_token.items():
+            value = values[row].detach().cpu()
+            value = value.float() if value.is_floating_point() else value.long()
+            if value.dim() == 0:
+                record[name] = value.item()
+            else:
+                record[name] = value[mask.cpu()].tolist()
+        records.append(record)
+    return records
