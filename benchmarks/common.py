@@ -57,3 +57,20 @@ def step_timer(times: list[float]):
             times.append(time.perf_counter() - self.started)
 
     return StepTimer()
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each position (fewer at the start)."""
+    return [
+        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+        for i in range(len(values))
+    ]
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure as PNG (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -33,7 +33,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, moving_average, save_figure  # noqa: E402
 
 COLORS = ("tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green")
 
@@ -139,11 +139,7 @@ def _training_curves(run_dir: str, window: int = 10) -> dict[str, list[float]]:
     rows = [r for r in read_metrics(run_dir) if "reward/sum_to_target/mean" in r]
 
     def smoothed(key: str) -> list[float]:
-        values = [r.get(key, 0.0) for r in rows]
-        return [
-            sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
-            for i in range(len(values))
-        ]
+        return moving_average([r.get(key, 0.0) for r in rows], window)
 
     return {
         "curiosity_gated_mean": statistics.mean([r["curiosity/reward_mean"] for r in rows])
@@ -210,9 +206,7 @@ def plot(trajectories: dict, training: dict, metrics: tuple[str, ...], names: li
             axis.set_visible(False)
     fig.suptitle("CD-RLHF vs PPO on the sums task (star: SFT start)")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, moving_average, save_figure  # noqa: E402
 
 VARIANTS = {
     "ppo": [],
@@ -90,10 +90,7 @@ def _run_variant(job: tuple[int, str, str, str], threads: int) -> tuple[int, str
 
 
 def smoothed(values: list[float], window: int = WINDOW) -> list[float]:
-    return [
-        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-        for i in range(len(values))
-    ]
+    return moving_average(values, window)
 
 
 def curves(run_dir: str) -> dict[str, list[float]]:
@@ -136,9 +133,7 @@ def plot(all_curves: dict[tuple[int, str], dict], path: str) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
