@@ -51,7 +51,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Prefix Grouper: rows that repeat a prompt (GRPO/PPO groups, DPO chosen/rejected) are packed so
-    # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa or eager.
+    # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa, eager or flash_attention_2.
     shared_prefix: bool = False
 
     def pretrained_like(self, name_or_path: str, dtype: str | None = None) -> ModelConfig:

@@ -1,11 +1,17 @@
 """Shared-prefix forward (Prefix Grouper, arXiv 2506.05433): rows that share a prompt are packed
 into one sequence [prefix; suffix_1; ...; suffix_G] so the prompt is encoded once per group.
 
-Embeddings, norms, MLPs and projections act per token, so only attention changes. It runs as two
-calls of the model's own attention function (SDPA or eager): the prefix attends causally to itself,
-and every suffix attends to the prefix plus its own causal past, never to another suffix. Suffix
-positions restart at the prefix length, so each token sees exactly what it sees in the repeated
-layout [prompt; response_i]; the output at the prefix's last token predicts every suffix's first.
+Embeddings, norms, MLPs and projections act per token, so only attention changes: the prefix
+attends causally to itself, and every suffix attends to the prefix plus its own causal past, never
+to another suffix. Suffix positions restart at the prefix length, so each token sees exactly what
+it sees in the repeated layout [prompt; response_i]; the output at the prefix's last token predicts
+every suffix's first.
+
+With SDPA or eager that is two calls of the model's own attention function with dense masks. With
+FlashAttention-2 it is one variable-length call without masks: the sequences are every group's
+prefix (keys: itself) and every suffix (keys: its group's prefix, then itself); FlashAttention
+aligns a causal mask to the bottom right when a sequence has more keys than queries, which is
+exactly "the whole prefix plus my own past".
 
 The attention function is registered with transformers' attention interface under
 `rlhf_shared_prefix_<base>`; a model loaded with that implementation behaves exactly like `<base>`
@@ -15,17 +21,23 @@ of a batch repeat a prompt). No modeling file is copied or patched.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import transformers.modeling_flash_attention_utils as flash_utils
 from transformers import AttentionInterface
+from transformers.integrations.flash_attention import get_target_dtype
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 PREFIX = "rlhf_shared_prefix_"
-SUPPORTED_BASES = ("sdpa", "eager")
+FLASH = "flash_attention_2"
+SUPPORTED_BASES = ("sdpa", "eager", FLASH)
+# transformers treats any implementation named "*flash*" as a flash kernel to import, so ours is "fa2"
+REGISTERED_NAMES = {"sdpa": PREFIX + "sdpa", "eager": PREFIX + "eager", FLASH: PREFIX + "fa2"}
 
 
 @dataclass
@@ -58,6 +70,58 @@ class SharedPrefixLayout:
     @property
     def width(self) -> int:
         return self.input_ids.shape[1]
+
+    @functools.cached_property
+    def varlen(self) -> VarlenSequences:
+        """The variable-length sequences of the FlashAttention path (built once, used by every layer)."""
+        return varlen_sequences(self)
+
+
+@dataclass
+class VarlenSequences:
+    """FlashAttention's variable-length view of a packed batch: every group's prefix, then every
+    non-empty suffix, as sequences over tokens flattened to `packed row * width + column`."""
+
+    query_index: torch.Tensor  # [total queries] flat packed position of each query token
+    key_index: torch.Tensor  # [total keys] flat packed position of each key token
+    cu_query: torch.Tensor  # [sequences + 1] int32 query offsets
+    cu_key: torch.Tensor  # [sequences + 1] int32 key offsets
+    max_query: int
+    max_key: int
+
+
+def varlen_sequences(layout: SharedPrefixLayout) -> VarlenSequences:
+    width = layout.width
+    prefix_rows, prefix_cols = layout.prefix_put  # group-major, columns 0..prefix_len-1 ascending
+    prefix_flat = prefix_rows * width + prefix_cols
+    take_rows, _ = layout.suffix_take  # row-major, steps ascending
+    put_rows, put_cols = layout.suffix_put
+    suffix_flat = put_rows * width + put_cols
+    suffix_len = torch.bincount(take_rows, minlength=layout.group_of_row.shape[0])
+    rows = (suffix_len > 0).nonzero().squeeze(1)  # FlashAttention gets no empty sequences
+    group = layout.group_of_row[rows]
+    query_len = suffix_len[rows]
+    key_len = layout.prefix_len[group] + query_len
+    # key i of suffix sequence n: prefix column i while i < prefix_len, else its own token i - prefix_len
+    sequence = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), key_len)
+    step = torch.arange(sequence.shape[0], device=rows.device) - (key_len.cumsum(0) - key_len)[sequence]
+    prefix_len = layout.prefix_len[group][sequence]
+    own = layout.suffix_index[rows[sequence], (step - prefix_len).clamp(min=0)]
+    suffix_keys = group[sequence] * width + torch.where(step < prefix_len, step, own)
+
+    def offsets(lengths: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+    query_lengths = torch.cat([layout.prefix_len, query_len])
+    key_lengths = torch.cat([layout.prefix_len, key_len])
+    return VarlenSequences(
+        query_index=torch.cat([prefix_flat, suffix_flat]),
+        key_index=torch.cat([prefix_flat, suffix_keys]),
+        cu_query=offsets(query_lengths),
+        cu_key=offsets(key_lengths),
+        max_query=int(query_lengths.max()),
+        max_key=int(key_lengths.max()),
+    )
 
 
 def build_layout(
@@ -209,9 +273,85 @@ def grouped_attention(
     return out.index_put(layout.suffix_put, suffix_out[layout.suffix_take])
 
 
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: SharedPrefixLayout,
+    **kwargs,
+) -> torch.Tensor:
+    """FlashAttention-2 over a packed batch in one variable-length call, [B, H, L, D] in and
+    [B, L, H, D] out. A suffix's key sequence repeats its group's prefix keys (one gather per
+    member, whose gradients autograd sums into the single prefix); no mask is materialised."""
+    if flash_utils.flash_attn_supports_top_left_mask():
+        raise ValueError(
+            "shared-prefix forward with flash_attention_2 needs a kernel that aligns causal masks to the "
+            "bottom right (flash-attn 2.1 or newer)"
+        )
+    sequences = layout.varlen
+    batch, _, width, _ = query.shape
+
+    def tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        flat = states.transpose(1, 2).reshape(batch * width, states.shape[1], states.shape[-1])
+        return flat[index].transpose(0, 1)[None]  # [1, H, T, D]
+
+    out, _ = flash_attention(
+        module,
+        tokens(query, sequences.query_index),
+        tokens(key, sequences.key_index),
+        tokens(value, sequences.key_index),
+        None,
+        is_causal=True,
+        cu_seq_lens_q=sequences.cu_query,
+        cu_seq_lens_k=sequences.cu_key,
+        max_length_q=sequences.max_query,
+        max_length_k=sequences.max_key,
+        **kwargs,
+    )  # [1, total queries, H, D]
+    packed = out.new_zeros(batch * width, *out.shape[2:])
+    return packed.index_put((sequences.query_index,), out[0]).view(batch, width, *out.shape[2:])
+
+
+def flash_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' FlashAttention-2 call with the implementation named explicitly: its own wrapper
+    reads the name from the model config, which carries ours."""
+    out = flash_utils._flash_attention_forward(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attention_mask,
+        query_length=query.shape[2],
+        is_causal=module.is_causal if is_causal is None else is_causal,
+        dropout=dropout,
+        softmax_scale=scaling,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        use_top_left_mask=flash_utils.flash_attn_supports_top_left_mask(),
+        target_dtype=get_target_dtype(query, module),
+        attn_implementation=FLASH,
+        **kwargs,
+    )
+    return out, None
+
+
 def _base_attention(base: str, module: torch.nn.Module) -> AttentionFn:
     if base == "eager":  # the model's own eager function (it lives in its modeling module)
         return sys.modules[type(module).__module__].eager_attention_forward
+    if base == FLASH:
+        return flash_attention
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
@@ -224,6 +364,8 @@ def _make_attention(base: str) -> AttentionFn:
         if getattr(module, "sliding_window", None):
             raise ValueError("shared-prefix forward does not support sliding-window attention layers")
         kwargs.pop("is_causal", None)  # the masks carry the causal structure
+        if base == FLASH:
+            return varlen_attention(module, query, key, value, layout, **kwargs), None
         return grouped_attention(attend, module, query, key, value, layout, base == "eager", **kwargs), None
 
     return attention
@@ -238,7 +380,15 @@ def shared_prefix_attention(base: str) -> str:
         raise ValueError(
             f"model.shared_prefix works with attn_implementation in {list(SUPPORTED_BASES)}, not {base!r}"
         )
-    name = PREFIX + base
+    if base == FLASH:
+        try:  # what transformers does when it loads a flash model: fail now, not at the first forward
+            flash_utils.lazy_import_flash_attention(FLASH)
+        except (ImportError, ValueError) as error:
+            raise ValueError(
+                "model.shared_prefix with attn_implementation=flash_attention_2 needs the flash-attn package "
+                f"(2.1 or newer) or a FlashAttention-2 kernel from the kernels package: {error}"
+            ) from error
+    name = REGISTERED_NAMES[base]
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_attention(base))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])

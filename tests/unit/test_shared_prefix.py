@@ -1,10 +1,16 @@
 """Shared-prefix forward equals the repeated layout: logits, values, scores and every gradient, for
-Llama and Qwen2, SDPA and eager, mixed prompt and response lengths, padding, groups of any size."""
+Llama and Qwen2, SDPA, eager and FlashAttention-2, mixed prompt and response lengths, padding,
+groups of any size.
+
+FlashAttention has no CPU kernel, so on CPU its path runs against a plain-torch kernel with
+flash-attn's contract (variable-length sequences, causal masks aligned to the bottom right); the
+GPU-marked test runs the real one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers.modeling_flash_attention_utils as flash_utils
 
 from rlhf.config import ModelConfig
 from rlhf.models.forward import response_logits, response_logprobs, sequence_scores, token_values
@@ -66,6 +72,119 @@ def test_logits_and_every_gradient_equal_the_repeated_layout(arch, attention):
     for name, grad in plain_grads.items():
         # fp32 sums in another order: the prefix's gradient is one sum instead of G copies
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def reference_flash_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
+    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False,
+):  # fmt: skip
+    """flash_attn_varlen_func in plain torch: [tokens, heads, dim] sequences cut at the offsets;
+    a causal query i of a sequence with more keys than queries sees keys up to i + keys - queries."""
+    assert dropout_p == 0.0 and window_size == (-1, -1) and not softcap
+    outputs = []
+    for start_q, end_q, start_k, end_k in zip(
+        cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:]
+    ):
+        queries, keys, values = (
+            x.transpose(0, 1) for x in (q[start_q:end_q], k[start_k:end_k], v[start_k:end_k])
+        )
+        allowed = None
+        if causal:
+            num_q, num_k = queries.shape[1], keys.shape[1]
+            allowed = torch.arange(num_k)[None, :] <= torch.arange(num_q)[:, None] + (num_k - num_q)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=allowed, scale=softmax_scale, enable_gqa=True
+        )
+        outputs.append(out.transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def reference_flash(q, k, v, **kwargs):
+    """flash_attn_func: [batch, length, heads, dim], every row one sequence."""
+    batch, length = q.shape[:2]
+    offsets = torch.arange(batch + 1, dtype=torch.int32) * length
+    flat = (x.reshape(batch * length, *x.shape[2:]) for x in (q, k, v))
+    return reference_flash_varlen(*flat, offsets, offsets, **kwargs).view(q.shape)
+
+
+@pytest.fixture
+def reference_flash_kernels(monkeypatch):
+    """transformers' FlashAttention-2 path, with the plain-torch kernels in place of flash-attn's."""
+    process = flash_utils._lazy_define_process_function(reference_flash_varlen)
+    kernels = (
+        reference_flash,
+        reference_flash_varlen,
+        None,
+        flash_utils._pad_input,
+        flash_utils._unpad_input,
+    )
+    monkeypatch.setattr(
+        flash_utils, "lazy_import_flash_attention", lambda *a, **k: (kernels, (process, dict))
+    )
+    monkeypatch.setattr(flash_utils, "flash_attn_supports_top_left_mask", lambda: False)
+
+
+def test_varlen_sequences_repeat_the_prefix_keys_for_each_suffix():
+    # one prompt of 2 tokens, responses of 2, 1 and 0 tokens: packed [p0 p1 a0 a1 b0]
+    prompt_ids = torch.tensor([[5, 6]] * 3)
+    response_ids = torch.tensor([[7, 8], [9, 0], [0, 0]])
+    response_mask = torch.tensor([[True, True], [True, False], [False, False]])
+    layout = build_layout(
+        prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool), response_ids, response_mask
+    )
+    sequences = layout.varlen
+    assert sequences.query_index.tolist() == [0, 1, 2, 3, 4]
+    assert sequences.key_index.tolist() == [0, 1, 0, 1, 2, 3, 0, 1, 4]  # the empty response has no sequence
+    assert sequences.cu_query.tolist() == [0, 2, 4, 5]
+    assert sequences.cu_key.tolist() == [0, 2, 6, 9]
+    assert (sequences.max_query, sequences.max_key) == (2, 4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_flash_attention_path_equals_the_repeated_layout(arch, reference_flash_kernels):
+    plain = load_causal_lm(model_config(arch, "sdpa", False), TOKENIZER, seed=3)
+    shared = load_causal_lm(model_config(arch, "flash_attention_2", True), TOKENIZER, seed=3)
+    assert uses_shared_prefix(shared)
+    _, _, _, mask = MIXED
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (plain, shared):
+        logprobs, _ = response_logprobs(model, *MIXED)
+        (logprobs * weights * mask).sum().backward()
+        results.append((logprobs, {n: p.grad for n, p in model.named_parameters()}))
+    (plain_logprobs, plain_grads), (shared_logprobs, shared_grads) = results
+    torch.testing.assert_close(shared_logprobs[mask], plain_logprobs[mask], rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # outside a packed forward it is transformers' FlashAttention-2 path (padding unpadded), and the
+    # rollout's prefill-once generation runs on it unchanged
+    from transformers import GenerationConfig
+
+    from rlhf.rollout.hf import generate_groups
+
+    prompt_ids, prompt_mask, _, _ = grouped_batch([0, 1], [3, 6], [0, 0])
+    kwargs = dict(attention_mask=prompt_mask.long(), max_new_tokens=5, do_sample=False)
+    assert torch.equal(shared.generate(prompt_ids, **kwargs), plain.generate(prompt_ids, **kwargs))
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=4, pad_token_id=TOKENIZER.pad_token_id, eos_token_id=-1
+    )
+    outputs = [
+        generate_groups(
+            model.eval(), prompt_ids, prompt_mask, 3, config, output_logits=True, return_dict_in_generate=True
+        )
+        for model in (plain, shared)
+    ]
+    torch.testing.assert_close(outputs[1].logits[0], outputs[0].logits[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs[1].sequences, outputs[0].sequences)
+
+
+def test_flash_attention_without_a_kernel_is_a_clear_error(monkeypatch):
+    def missing(*args, **kwargs):
+        raise ImportError("No module named 'flash_attn'")
+
+    monkeypatch.setattr(flash_utils, "lazy_import_flash_attention", missing)
+    with pytest.raises(ValueError, match="flash_attention_2 needs the flash-attn package"):
+        shared_prefix_attention("flash_attention_2")
 
 
 def test_layout_packs_each_prompt_once_with_restarting_positions():
@@ -211,9 +330,11 @@ def test_rollout_prefills_each_prompt_once_with_the_same_first_step_logits(arch)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attention_2"])
 def test_bf16_on_gpu_matches_the_repeated_layout(attention):
     """bf16 kernels on CUDA: logits and every gradient within bf16 rounding of the repeated layout."""
+    if attention == "flash_attention_2":
+        pytest.importorskip("flash_attn")
     batch = tuple(
         t.cuda()
         for t in grouped_batch(
