@@ -14,9 +14,10 @@ aligns a causal mask to the bottom right when a sequence has more keys than quer
 exactly "the whole prefix plus my own past".
 
 The attention function is registered with transformers' attention interface under
-`rlhf_shared_prefix_<base>`; a model loaded with that implementation behaves exactly like `<base>`
-unless a forward passes `shared_prefix_layout=` (which `rlhf.models.forward` does when the rows
-of a batch repeat a prompt). No modeling file is copied or patched.
+`rlhf_shared_prefix_<base>` (`rlhf_shared_prefix_fa2` for FlashAttention-2); a model loaded with
+that implementation behaves exactly like `<base>` unless a forward passes `shared_prefix_layout=`
+(which `rlhf.models.forward` does when the rows of a batch repeat a prompt). No modeling file is
+copied or patched.
 """
 
 from __future__ import annotations
