@@ -7,6 +7,7 @@ The backend is NCCL on CUDA machines and gloo on CPU machines.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -90,4 +91,26 @@ def broadcast_object(value, src: int = 0):
 
 def destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        remove_deepspeed_shm_buffer(rank)
+
+
+def remove_deepspeed_shm_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment, if it made one.
+
+    Under the deepspeed launcher on CPU (all ranks on one machine), DeepSpeed's communication backend
+    creates a 69 MB shared-memory segment per rank, named after the uid, master address, master port
+    and rank, and never unlinks it: without this every run would leave its segments in /dev/shm, in
+    RAM, until the machine reboots. Mapped memory stays valid after the unlink."""
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(rank),
+        ]
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))

@@ -39,12 +39,13 @@ def test_grpo_under_deepspeed_launcher_zero3_with_reference(tmp_path):
     ).save_pretrained(tmp_path / "start")
     tokenizer.save_pretrained(tmp_path / "start")
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    port = _free_port()
     command = [
         launcher,
         "--num_gpus",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(port),
         "--module",
         "recipes.grpo",
         *SMALL,
@@ -69,6 +70,9 @@ def test_grpo_under_deepspeed_launcher_zero3_with_reference(tmp_path):
         os.path.join(list_checkpoints(str(tmp_path / "run"))[-1], "hf")
     )
     assert exported.model.embed_tokens.weight.shape[1] == 32
+    # DeepSpeed's CPU all-reduce segments (one per rank) are unlinked at exit, not left in RAM
+    if os.path.isdir("/dev/shm"):
+        assert not [name for name in os.listdir("/dev/shm") if name.endswith((f"_{port}_0", f"_{port}_1"))]
 
 
 def test_sft_under_torchrun_zero1_with_lora(tmp_path):
