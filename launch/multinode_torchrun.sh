@@ -6,5 +6,5 @@ recipe=${1:?usage: NNODES=N NPROC=P RDZV_HOST=HOST launch/multinode_torchrun.sh 
 shift
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
-exec torchrun --nnodes "${NNODES:?}" --nproc_per_node "${NPROC:?}" --rdzv_backend c10d \
+exec torchrun --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --nnodes "${NNODES:?}" --nproc_per_node "${NPROC:?}" --rdzv_backend c10d \
     --rdzv_endpoint "${RDZV_HOST:?}:${RDZV_PORT:-29500}" --rdzv_id "${RDZV_ID:-rlhf}" -m "recipes.$recipe" "$@"

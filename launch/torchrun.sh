@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 nproc=${NPROC:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
-exec torchrun --standalone --nproc_per_node "$nproc" -m "recipes.$recipe" "$@"
+exec torchrun --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --standalone --nproc_per_node "$nproc" -m "recipes.$recipe" "$@"

@@ -28,17 +28,15 @@ import time
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.config import ConfigError, DPOConfig, ModelConfig, plan_sft_batches, register_configs
 from rlhf.data.collate import collate_pairs
-from rlhf.data.load import load_task_data
+from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.data.token_cache import cached_token_values, pad_token_values, token_cache_key
-from rlhf.distributed import build_engine, launcher_env
+from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.eval.accuracy import heldout_accuracy
-from rlhf.loggers import build_loggers
 from rlhf.losses.preference import (
     cdpo_token_weights,
     preference_loss,
@@ -53,7 +51,8 @@ from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_t
 from rlhf.models.token_scorers import PairTokenScorer
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import encode_prompts
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, open_run, rank_slice
+from rlhf.run import Run, recipe_config
+from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
 from rlhf.scoring import resolve_reward
 
 
@@ -72,8 +71,11 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
     _validate(cfg, needs_reference)
     accuracy_fn = _accuracy_reward(cfg.eval.accuracy_reward)
     train_rows, eval_rows = load_task_data(cfg.data, needs_pairs=True)
-    run_dir, checkpoint = open_run(cfg, env)
+    run = Run.open("dpo", cfg, env)
     tokenizer = load_tokenizer(cfg.model)
+    warn_unknown_tokens(
+        tokenizer, train_rows, [cfg.data.prompt_column, cfg.data.chosen_column, cfg.data.rejected_column]
+    )
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
         cfg.optim,
@@ -81,48 +83,116 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
         cfg.train.steps,
         plan.micro_batch_size,
     )
-    scorer = _build_scorer(cfg, tokenizer, policy, needs_reference)
-    d, w = cfg.data, cfg.token_weights
+    pairs = PairLoss(cfg, tokenizer, policy, loss_fn, _build_scorer(cfg, tokenizer, policy, needs_reference))
+    sampler = EpochSampler(len(train_rows), seed=cfg.seed)
+    state = run.attach(policy, tokenizer, lambda: {"sampler": sampler.state_dict()})
+    if state:
+        sampler.load_state_dict(state["sampler"])
+    # Frozen models' token values: precomputed once (then the models are dropped) or per micro-batch.
+    if cfg.reference.precompute and pairs.scorer.columns:
+        for split, rows in (("train", train_rows), ("eval", eval_rows)):
+            if rows is not None:
+                pairs.caches[split] = _precompute(cfg, split, rows, pairs, run.dir)
+        pairs.scorer = PairTokenScorer()  # the frozen models are no longer needed
 
-    def collate(rows):
+    def evaluate() -> dict[str, float]:
+        return _evaluate(cfg, pairs, eval_rows, accuracy_fn)
+
+    result: dict[str, float | str] = {}
+    metrics: dict[str, float] = {}
+    with run:
+        if run.start_step == 0:
+            before = evaluate()
+            result.update({f"{k}_before": v for k, v in before.items()})
+            if before:
+                run.log(before, 0)
+        for step in run.steps():
+            started = time.perf_counter()
+            # 1 batch: this rank's share of the step's pairs; one normalizer for the whole step
+            indices = rank_slice(sampler.next_indices(cfg.train.batch_size), env.rank, env.world_size)
+            normalizer = policy.all_reduce_sum(torch.tensor(float(len(indices)), device=policy.device))
+            accumulator = MetricAccumulator()
+            step_loss = torch.zeros((), device=policy.device)
+            # 2-3 one forward per micro-batch for chosen and rejected, frozen token values, the loss
+            for start in range(0, len(indices), plan.micro_batch_size):
+                ids = indices[start : start + plan.micro_batch_size]
+                out = pairs("train", train_rows.select(ids), ids, normalizer)
+                policy.backward(out.loss)
+                step_loss += out.loss.detach()
+                accumulator.add(out.metrics, weight=len(ids))
+            # 4 optimizer step, log, evaluate (checkpoints and stops: in run.steps)
+            metrics = {
+                "loss": float(policy.all_reduce_sum(step_loss)),
+                **accumulator.compute(),
+                **policy.step(),
+            }
+            metrics["time/step"] = time.perf_counter() - started
+            metrics = mean_over_ranks(metrics, policy)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                metrics.update(evaluate())
+            if step % cfg.logger.log_every == 0 or any(k.startswith("eval/") for k in metrics):
+                run.log(metrics, step)
+        run.finish()
+        final = {k: v for k, v in metrics.items() if k.startswith("eval/")} or evaluate()
+        if final:
+            result.update(final)
+            run.log(final, run.step)
+    if env.is_main:
+        plot_metrics(
+            run.dir,
+            ["loss", "rewards/margin", "rewards/accuracy", "eval/reward_accuracy", "eval/accuracy"],
+            "dpo_curves.png",
+            f"DPO family ({cfg.loss.type}, token weights: {cfg.token_weights.method})",
+        )
+    return run.result(metrics, result)
+
+
+class PairLoss:
+    """Steps 2-3 for one micro-batch of pairs: collate chosen and rejected, the policy's logprobs
+    (with gradient), the frozen models' token values (cached or computed), token weights, the loss."""
+
+    def __init__(self, cfg: DPOConfig, tokenizer, policy, loss_fn, scorer: PairTokenScorer):
+        self.cfg, self.tokenizer, self.policy, self.loss_fn, self.scorer = (
+            cfg,
+            tokenizer,
+            policy,
+            loss_fn,
+            scorer,
+        )
+        self.caches: dict[str, dict[str, list[torch.Tensor]]] = {}
+
+    def collate(self, rows):
+        d = self.cfg.data
         prompts = [str(p) for p in rows[d.prompt_column]]
         tensors = collate_pairs(
-            tokenizer,
+            self.tokenizer,
             prompts,
             [str(c) for c in rows[d.chosen_column]],
             [str(r) for r in rows[d.rejected_column]],
-            policy.device,
+            self.policy.device,
             d.apply_chat_template,
         )
         return prompts + prompts, tensors
 
-    # Frozen models' token values: precomputed once (then the models are dropped) or per micro-batch.
-    caches: dict[str, dict[str, list[torch.Tensor]]] = {}
-    if cfg.reference.precompute and scorer.columns:
-        for split, rows in (("train", train_rows), ("eval", eval_rows)):
-            if rows is not None:
-                caches[split] = _precompute(cfg, split, rows, scorer, collate, policy, run_dir)
-        scorer = PairTokenScorer()  # the frozen models are no longer needed
-
-    def token_values(split, row_ids, tensors, prompts) -> dict[str, torch.Tensor]:
-        if split not in caches:
-            return scorer(prompts, *tensors)
-        mask = tensors[3]
+    def token_values(self, split, row_ids, tensors, prompts) -> dict[str, torch.Tensor]:
+        if split not in self.caches:
+            return self.scorer(prompts, *tensors)
+        cache, mask = self.caches[split], tensors[3]
         out = {}
         for name in ("ref_logprobs", "guide_logprobs", "contrast_scores", "treg_rewards"):
-            if f"chosen/{name}" in caches[split]:
-                values = [caches[split][f"chosen/{name}"][i] for i in row_ids] + [
-                    caches[split][f"rejected/{name}"][i] for i in row_ids
+            if f"chosen/{name}" in cache:
+                values = [cache[f"chosen/{name}"][i] for i in row_ids] + [
+                    cache[f"rejected/{name}"][i] for i in row_ids
                 ]
                 out[name] = pad_token_values(values, mask, column=name, row_ids=row_ids + row_ids)
         return out
 
-    def pair_loss(split, rows, row_ids, normalizer):
-        """The loss and metrics of one micro-batch of pairs (policy forward with grad)."""
-        prompts, tensors = collate(rows)
+    def __call__(self, split, rows, row_ids, normalizer):
+        cfg, w = self.cfg, self.cfg.token_weights
+        prompts, tensors = self.collate(rows)
         mask = tensors[3]
-        logprobs, _ = response_logprobs(policy.model, *tensors)
-        values = token_values(split, row_ids, tensors, prompts)
+        logprobs, _ = response_logprobs(self.policy.model, *tensors)
+        values = self.token_values(split, row_ids, tensors, prompts)
         p = len(row_ids)
         c, r = slice(0, p), slice(p, 2 * p)
         ref = values.get("ref_logprobs")
@@ -148,7 +218,7 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
         chosen = sequence_logratios(logprobs[c], ref[c] if ref is not None else None, mask[c], weights[0])
         rejected = sequence_logratios(logprobs[r], ref[r] if ref is not None else None, mask[r], weights[1])
         lengths = mask.sum(-1)
-        out = loss_fn(
+        out = self.loss_fn(
             chosen, rejected, chosen_lengths=lengths[c], rejected_lengths=lengths[r], normalizer=normalizer
         )
         if cfg.treg.alpha:
@@ -169,98 +239,30 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
         out.metrics["logprobs/rejected"] = sums[r].mean()
         return out
 
-    sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    start_step = 0
-    if checkpoint:
-        state = load_checkpoint(checkpoint, policy)
-        sampler.load_state_dict(state["sampler"])
-        start_step = state["step"]
-    loggers = build_loggers(
-        cfg.logger if env.is_main else None,
-        run_dir,
-        "dpo",
-        dataclasses.asdict(cfg),
-        cfg.train.steps,
-        start_step,
-    )
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        results = {}
-        if eval_rows is None:
-            return results
-        rows = eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
-        shard = len(rows) // env.world_size  # equal shares: every rank runs the same forwards
-        correct = torch.zeros((), device=policy.device)
-        for start in range(env.rank * shard, (env.rank + 1) * shard, cfg.eval.batch_size):
-            ids = list(range(start, min(start + cfg.eval.batch_size, (env.rank + 1) * shard)))
-            correct += pair_loss("eval", rows.select(ids), ids, 1.0).metrics["rewards/accuracy"] * len(ids)
-        results["eval/reward_accuracy"] = float(policy.all_reduce_sum(correct)) / max(
-            shard * env.world_size, 1
-        )
-        if accuracy_fn is not None:
-            prompts = rows.to_pandas().drop_duplicates(d.prompt_column)
-            task = rows.select(prompts.index.tolist())
-            results["eval/accuracy"] = heldout_accuracy(policy, tokenizer, task, accuracy_fn, d, cfg.eval)
+@torch.no_grad()
+def _evaluate(cfg: DPOConfig, pairs: PairLoss, eval_rows, accuracy_fn) -> dict[str, float]:
+    """Held-out implicit-reward pair accuracy, and greedy task accuracy with `eval.accuracy_reward`."""
+    results: dict[str, float] = {}
+    if eval_rows is None:
         return results
-
-    def save(step: int) -> str:
-        return save_checkpoint(
-            run_dir, step, policy, tokenizer, {"sampler": sampler.state_dict()}, cfg.checkpoint.keep_last
+    policy = pairs.policy
+    rows = eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
+    shard = len(rows) // policy.world_size  # equal shares: every rank runs the same forwards
+    correct = torch.zeros((), device=policy.device)
+    for start in range(policy.rank * shard, (policy.rank + 1) * shard, cfg.eval.batch_size):
+        ids = list(range(start, min(start + cfg.eval.batch_size, (policy.rank + 1) * shard)))
+        correct += pairs("eval", rows.select(ids), ids, 1.0).metrics["rewards/accuracy"] * len(ids)
+    results["eval/reward_accuracy"] = float(policy.all_reduce_sum(correct)) / max(
+        shard * policy.world_size, 1
+    )
+    if accuracy_fn is not None:
+        prompts = rows.to_pandas().drop_duplicates(cfg.data.prompt_column)
+        task = rows.select(prompts.index.tolist())
+        results["eval/accuracy"] = heldout_accuracy(
+            policy, pairs.tokenizer, task, accuracy_fn, cfg.data, cfg.eval
         )
-
-    result: dict[str, float | str] = {}
-    if start_step == 0:
-        before = evaluate()
-        result.update({f"{k}_before": v for k, v in before.items()})
-        if before:
-            loggers.log(before, 0)
-    last_checkpoint, step, metrics = checkpoint or "", start_step, {}
-    try:
-        for step in range(start_step + 1, cfg.train.steps + 1):
-            started = time.perf_counter()
-            # 1 batch: this rank's share of the step's pairs; one normalizer for the whole step
-            indices = rank_slice(sampler.next_indices(cfg.train.batch_size), env.rank, env.world_size)
-            normalizer = policy.all_reduce_sum(torch.tensor(float(len(indices)), device=policy.device))
-            accumulator = MetricAccumulator()
-            step_loss = torch.zeros((), device=policy.device)
-            # 2-3 one forward per micro-batch for chosen and rejected, frozen token values, the loss
-            for start in range(0, len(indices), plan.micro_batch_size):
-                ids = indices[start : start + plan.micro_batch_size]
-                out = pair_loss("train", train_rows.select(ids), ids, normalizer)
-                policy.backward(out.loss)
-                step_loss += out.loss.detach()
-                accumulator.add(out.metrics, weight=len(ids))
-            # 4 optimizer step, log, evaluate, checkpoint
-            metrics = {
-                "loss": float(policy.all_reduce_sum(step_loss)),
-                **accumulator.compute(),
-                **policy.step(),
-            }
-            metrics["time/step"] = time.perf_counter() - started
-            metrics = mean_over_ranks(metrics, policy)
-            if cfg.eval.every and step % cfg.eval.every == 0:
-                metrics.update(evaluate())
-            if step % cfg.logger.log_every == 0 or any(k.startswith("eval/") for k in metrics):
-                loggers.log(metrics, step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_checkpoint = save(step)
-        if cfg.checkpoint.save_final and not last_checkpoint.endswith(f"step-{step:06d}"):
-            last_checkpoint = save(step)
-        final = {k: v for k, v in metrics.items() if k.startswith("eval/")} or evaluate()
-        if final:
-            result.update(final)
-            loggers.log(final, step)
-    finally:
-        loggers.close()
-    if env.is_main:
-        plot_metrics(
-            run_dir,
-            ["loss", "rewards/margin", "rewards/accuracy", "eval/reward_accuracy", "eval/accuracy"],
-            "dpo_curves.png",
-            f"DPO family ({cfg.loss.type}, token weights: {w.method})",
-        )
-    return {**metrics, **result, "step": step, "checkpoint": last_checkpoint, "run_dir": run_dir}
+    return results
 
 
 def _validate(cfg: DPOConfig, needs_reference: bool) -> None:
@@ -326,7 +328,7 @@ def _build_scorer(cfg: DPOConfig, tokenizer, policy, needs_reference: bool) -> P
     return scorer
 
 
-def _precompute(cfg: DPOConfig, split, rows, scorer: PairTokenScorer, collate, policy, run_dir) -> dict:
+def _precompute(cfg: DPOConfig, split, rows, pairs: PairLoss, run_dir: str) -> dict:
     """The frozen models' token values of every pair of `rows`, from the disk cache or computed now."""
     key = token_cache_key(
         split=split,
@@ -334,15 +336,15 @@ def _precompute(cfg: DPOConfig, split, rows, scorer: PairTokenScorer, collate, p
         fingerprint=getattr(rows, "_fingerprint", None),
         data=dataclasses.asdict(cfg.data),
         model=dataclasses.asdict(cfg.model),
-        columns=scorer.columns,
+        columns=pairs.scorer.columns,
         token_weights=dataclasses.asdict(cfg.token_weights),
         treg=dataclasses.asdict(cfg.treg) if cfg.treg.alpha else None,
     )
     directory = os.path.join(cfg.reference.cache_dir or os.path.join(run_dir, "token_cache"), key)
 
     def compute(indices: list[int]) -> dict[str, list[torch.Tensor]]:
-        prompts, tensors = collate(rows.select(indices))
-        values = scorer(prompts, *tensors)
+        prompts, tensors = pairs.collate(rows.select(indices))
+        values = pairs.scorer(prompts, *tensors)
         mask, p = tensors[3], len(indices)
         out = {}
         for name, tensor in values.items():
@@ -357,7 +359,7 @@ def _precompute(cfg: DPOConfig, split, rows, scorer: PairTokenScorer, collate, p
         len(rows),
         compute,
         directory=directory,
-        engine=policy,
+        engine=pairs.policy,
         batch_size=cfg.reference.batch_size,
         progress=progress,
     )
@@ -365,7 +367,7 @@ def _precompute(cfg: DPOConfig, split, rows, scorer: PairTokenScorer, collate, p
 
 @hydra.main(config_path="../configs", config_name="dpo", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    cfg: DPOConfig = OmegaConf.to_object(dict_cfg)
+    cfg: DPOConfig = recipe_config(DPOConfig, dict_cfg)
     result = train(cfg)
     if launcher_env().is_main:
         print(f"DPO finished at step {result['step']}; checkpoint: {result['checkpoint']}")
@@ -378,4 +380,4 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
-    main()
+    run_entry_point(main)

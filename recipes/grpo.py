@@ -25,16 +25,13 @@ import time
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rlhf import advantages as adv
-from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
-from rlhf.data.load import load_task_data
+from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
-from rlhf.distributed import build_engine, launcher_env
-from rlhf.eval.accuracy import heldout_accuracy
-from rlhf.loggers import build_loggers
+from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.losses.kl import get_kl_estimator
 from rlhf.losses.policy import policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
@@ -44,15 +41,16 @@ from rlhf.models.load import load_policy, load_reference, load_tokenizer
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.rollout.records import sample_rows
+from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
+    HeldoutAccuracy,
     build_rewards,
     drop_launcher_arguments,
     log_rollout_sample,
     mean_over_ranks,
-    open_run,
     rank_slice,
 )
-from rlhf.scoring import score_completions
+from rlhf.scoring import score_completions, score_metrics
 from rlhf.shaping import kl_penalized_scores
 
 
@@ -65,8 +63,9 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     reduction = get_reduction(cfg.loss.aggregation)
     kl_estimator = get_kl_estimator(cfg.loss.kl_estimator)
     train_rows, eval_rows = load_task_data(cfg.data)
-    run_dir, checkpoint = open_run(cfg, env)
+    run = Run.open("grpo", cfg, env)
     tokenizer = load_tokenizer(cfg.model)
+    warn_unknown_tokens(tokenizer, train_rows, [cfg.data.prompt_column])
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
@@ -78,43 +77,18 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     reference = None
     if cfg.loss.kl_coef != 0.0:  # the initial policy (adapters off under LoRA), also when resuming
         reference = load_reference(cfg.model, tokenizer, engine, seed=cfg.seed)
-    sampling = SamplingParams(
-        cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p
-    )
-    warp = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    sampling = SamplingParams.from_config(cfg.rollout)
+    warp = sampling.warp()
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    start_step, elapsed = 0, 0.0
-    if checkpoint:
-        state = load_checkpoint(checkpoint, engine)
+    state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict()})
+    if state:
         sampler.load_state_dict(state["sampler"])
-        start_step, elapsed = state["step"], state.get("elapsed_s", 0.0)
-    loggers = build_loggers(
-        cfg.logger if env.is_main else None,
-        run_dir,
-        "grpo",
-        dataclasses.asdict(cfg),
-        cfg.train.steps,
-        start_step,
-    )
     d, g = cfg.data, cfg.rollout.group_size
-    updates_per_rollout = cfg.train.num_minibatches * cfg.train.epochs
-    accuracy_fn = next((r.fn for r in rewards if r.name == cfg.reward.accuracy_reward), None)
-    can_evaluate = accuracy_fn is not None and eval_rows is not None
-
-    def evaluate() -> float:
-        return heldout_accuracy(engine, tokenizer, eval_rows, accuracy_fn, d, cfg.eval, cfg.eval.num_samples)
-
-    def save(step: int) -> str:
-        state = {"sampler": sampler.state_dict(), "elapsed_s": elapsed}
-        return save_checkpoint(run_dir, step, engine, tokenizer, state, cfg.checkpoint.keep_last)
-
-    result: dict[str, float | str] = {}
-    if can_evaluate and start_step == 0:
-        result["eval/accuracy_before"] = evaluate()
-        loggers.log({"eval/accuracy": result["eval/accuracy_before"]}, 0)
-    last_checkpoint, step, metrics = checkpoint or "", start_step, {}
-    try:
-        for step in range(start_step + 1, cfg.train.steps + 1):
+    heldout = HeldoutAccuracy(engine, tokenizer, eval_rows, rewards, cfg)
+    metrics: dict[str, float] = {}
+    with run:
+        result = heldout.before(run)
+        for step in run.steps():
             started = time.perf_counter()
             # 1 rollout: G samples for each of this rank's prompts (parameters gathered once)
             rows = train_rows.select(
@@ -138,103 +112,89 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             )
             scores, valid = scores.to(engine.device), valid.to(engine.device)
             metrics.update(reward_metrics)
-            metrics["reward/mean"] = float(scores[valid].mean()) if valid.any() else 0.0
-            metrics["reward/std"] = float(scores[valid].std()) if valid.sum() > 1 else 0.0
+            metrics.update(score_metrics(scores, valid, per_reward, cfg.reward.accuracy_reward))
             raw_scores = torch.where(valid, scores, torch.nan)
-            if cfg.reward.accuracy_reward in per_reward:
-                metrics["accuracy"] = float((per_reward[cfg.reward.accuracy_reward] >= 1.0).float().mean())
 
             # 3 logprob passes (no grad): old policy when it will drift, reference when KL is on
             passes_started = time.perf_counter()
-            with torch.no_grad():
-                if updates_per_rollout > 1:
-                    batch.old_logprobs = _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
-                if reference is not None:
-                    batch.ref_logprobs = _batched_logprobs(reference, batch, plan.micro_batch_size, warp)
-                if reference is not None and cfg.loss.kl_placement == "reward":
-                    behaviour = (
-                        batch.old_logprobs
-                        if batch.old_logprobs is not None
-                        else _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
-                    )
-                    scores, kl_metrics = kl_penalized_scores(
-                        scores,
-                        behaviour,
-                        batch.ref_logprobs,
-                        batch.response_mask,
-                        kl_coef=cfg.loss.kl_coef,
-                        estimator=kl_estimator,
-                        log_ratio_clamp=cfg.loss.kl_log_ratio_clamp,
-                    )
-                    metrics.update({f"reward_{k}": float(v) for k, v in kl_metrics.items()})
+            scores = _logprob_passes(cfg, engine, reference, batch, scores, plan, kl_estimator, metrics)
             metrics["time/logprob_passes"] = time.perf_counter() - passes_started
 
             # 4 advantages: group-relative baseline; groups with no signal can be masked out
-            if cfg.advantage.estimator == "rloo":
-                batch.advantages = adv.rloo(scores, valid, group_size=g)
-            else:
-                batch.advantages = adv.group_relative(
-                    scores,
-                    valid,
-                    group_size=g,
-                    scale_by_std=cfg.advantage.scale_by_std,
-                    eps=cfg.advantage.eps,
-                )
-            keep = valid.clone()
-            if cfg.advantage.drop_zero_variance_groups:
-                flat = adv.zero_variance_groups(scores, valid, group_size=g)
-                metrics["groups/zero_variance_fraction"] = float(flat.float().mean())
-                keep &= ~flat
             rollout_mask = batch.response_mask  # the sample log shows dropped groups' tokens too
-            batch.response_mask = batch.response_mask & keep.unsqueeze(-1)
+            _advantages(cfg, batch, scores, valid, metrics)
 
             # 5 update: minibatches x epochs optimizer steps, micro-batches accumulate
             update_started = time.perf_counter()
-            metrics.update(
-                _update(
-                    engine,
-                    batch,
-                    plan,
-                    cfg,
-                    reduction,
-                    kl_estimator if cfg.loss.kl_placement == "loss" else None,
-                    warp,
-                )
-            )
+            loss_kl = kl_estimator if cfg.loss.kl_placement == "loss" else None
+            metrics.update(_update(engine, batch, plan, cfg, reduction, loss_kl, warp))
             metrics["time/update"] = time.perf_counter() - update_started
 
-            # 6 log, evaluate, checkpoint
-            step_time = time.perf_counter() - started
-            metrics["time/step"] = step_time
-            metrics["tokens_per_s"] = rollout_tokens * env.world_size / step_time
+            # 6 log, evaluate (checkpoints, time limit and preemption: between steps, in run.steps)
+            metrics["time/step"] = time.perf_counter() - started
+            metrics["tokens_per_s"] = rollout_tokens * env.world_size / metrics["time/step"]
             metrics = mean_over_ranks(metrics, engine)
-            elapsed += metrics["time/step"]
-            if can_evaluate and cfg.eval.every and step % cfg.eval.every == 0:
-                metrics["eval/accuracy"] = evaluate()
+            heldout.during(step, metrics)
             if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
-                loggers.log(metrics, step)
+                run.log(metrics, step)
                 sampled = dataclasses.replace(batch, response_mask=rollout_mask)
-                _log_sample(loggers, cfg, sampled, tokenizer, step, raw_scores, engine, warp)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_checkpoint = save(step)
-            if cfg.train.time_limit_s is not None and elapsed >= cfg.train.time_limit_s:
-                loggers.message(f"time limit {cfg.train.time_limit_s:g}s reached after step {step}")
-                break
-        if cfg.checkpoint.save_final and not last_checkpoint.endswith(f"step-{step:06d}"):
-            last_checkpoint = save(step)
-        if can_evaluate:
-            result["eval/accuracy"] = metrics["eval/accuracy"] if "eval/accuracy" in metrics else evaluate()
-            loggers.log({"eval/accuracy": result["eval/accuracy"]}, step)
-    finally:
-        loggers.close()
+                _log_sample(run.loggers, cfg, sampled, tokenizer, step, raw_scores, engine, warp)
+        run.finish()
+        result.update(heldout.after(run, metrics))
     if env.is_main:
         plot_metrics(
-            run_dir,
+            run.dir,
             ["reward/mean", "accuracy", "eval/accuracy", "kl/mean", "response/length_mean"],
             "grpo_curves.png",
             "GRPO",
         )
-    return {**metrics, **result, "step": step, "checkpoint": last_checkpoint, "run_dir": run_dir}
+    return run.result(metrics, result)
+
+
+@torch.no_grad()
+def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, scores, plan, kl_estimator, metrics: dict):
+    """Old logprobs when the rollout is trained on more than once, reference logprobs when KL is on;
+    with the KL in the reward, returns the KL-penalised scores (else the scores unchanged)."""
+    warp = SamplingParams.from_config(cfg.rollout).warp()
+    if cfg.train.num_minibatches * cfg.train.epochs > 1:
+        batch.old_logprobs = _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
+    if reference is None:
+        return scores
+    batch.ref_logprobs = _batched_logprobs(reference, batch, plan.micro_batch_size, warp)
+    if cfg.loss.kl_placement != "reward":
+        return scores
+    behaviour = batch.old_logprobs
+    if behaviour is None:
+        behaviour = _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
+    scores, kl_metrics = kl_penalized_scores(
+        scores,
+        behaviour,
+        batch.ref_logprobs,
+        batch.response_mask,
+        kl_coef=cfg.loss.kl_coef,
+        estimator=kl_estimator,
+        log_ratio_clamp=cfg.loss.kl_log_ratio_clamp,
+    )
+    metrics.update({f"reward_{k}": float(v) for k, v in kl_metrics.items()})
+    return scores
+
+
+def _advantages(cfg: GRPOConfig, batch, scores, valid, metrics: dict) -> None:
+    """Group-relative (or RLOO) advantages into the batch; rows no reward scored, and with
+    `advantage.drop_zero_variance_groups` groups whose scores are all equal, leave the loss mask."""
+    g = cfg.rollout.group_size
+    if cfg.advantage.estimator == "rloo":
+        batch.advantages = adv.rloo(scores, valid, group_size=g)
+    else:
+        batch.advantages = adv.group_relative(
+            scores, valid, group_size=g, scale_by_std=cfg.advantage.scale_by_std, eps=cfg.advantage.eps
+        )
+    keep = valid.clone()
+    if cfg.advantage.drop_zero_variance_groups:
+        flat = adv.zero_variance_groups(scores, valid, group_size=g)
+        metrics["groups/zero_variance_fraction"] = float(flat.float().mean())
+        keep &= ~flat
+    batch.response_mask = batch.response_mask & keep.unsqueeze(-1)
 
 
 def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, engine, warp: dict) -> None:
@@ -349,7 +309,7 @@ def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp:
 
 @hydra.main(config_path="../configs", config_name="grpo", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    cfg: GRPOConfig = OmegaConf.to_object(dict_cfg)
+    cfg: GRPOConfig = recipe_config(GRPOConfig, dict_cfg)
     result = train(cfg)
     if launcher_env().is_main:
         print(f"GRPO finished at step {result['step']}; checkpoint: {result['checkpoint']}")
@@ -363,4 +323,4 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
-    main()
+    run_entry_point(main)

@@ -21,20 +21,18 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rlhf.advantages import gae, macro_gae
-from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, register_configs
-from rlhf.data.load import load_task_data
+from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
-from rlhf.distributed import build_engine, launcher_env
-from rlhf.eval.accuracy import heldout_accuracy
+from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.intrinsic import Curiosity, CuriosityModel
-from rlhf.loggers import build_loggers
 from rlhf.losses.kl import k1
 from rlhf.losses.policy import policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
@@ -46,23 +44,35 @@ from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
+from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
+    HeldoutAccuracy,
     build_rewards,
     drop_launcher_arguments,
     log_rollout_sample,
     mean_over_ranks,
-    open_run,
     rank_slice,
 )
 from rlhf.scoring import score_completions
 from rlhf.segments import macro_ratio_logprobs, make_segmenter, num_segments
 from rlhf.shaping import (
-    AdaptiveKLController,
     DPOTokenReward,
-    FixedKLController,
     RunningMoments,
     compose_token_rewards,
+    make_kl_controller,
 )
+
+
+@dataclasses.dataclass
+class PPOModels:
+    """Everything PPO runs besides the policy: critic, reference, reward model, token sources."""
+
+    critic: Any
+    reference: Any
+    reward_model: Any
+    dense_sources: list
+    curiosity: Curiosity | None
+    segmenter: Any
 
 
 def train(cfg: PPOConfig) -> dict[str, float | str]:
@@ -73,8 +83,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     rewards = build_rewards(cfg.reward)
     reduction = get_reduction(cfg.loss.aggregation)
     train_rows, eval_rows = load_task_data(cfg.data)
-    run_dir, checkpoint = open_run(cfg, env)
+    run = Run.open("ppo", cfg, env)
     tokenizer = load_tokenizer(cfg.model)
+    warn_unknown_tokens(tokenizer, train_rows, [cfg.data.prompt_column])
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
@@ -83,6 +94,106 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         optimizer_steps,
         plan.micro_batch_size,
     )
+    models = _build_models(cfg, policy, tokenizer, plan, optimizer_steps)
+    kl_controller = make_kl_controller(
+        cfg.loss.kl_controller, cfg.loss.kl_coef, cfg.loss.kl_target, cfg.loss.kl_horizon
+    )
+    score_moments = RunningMoments()
+    sampling = SamplingParams.from_config(cfg.rollout)
+    sampler = EpochSampler(len(train_rows), seed=cfg.seed)
+    stateful = {"sampler": sampler, "kl_controller": kl_controller, "score_moments": score_moments}
+    if models.curiosity:
+        stateful["curiosity"] = models.curiosity
+    state = run.attach(
+        policy, tokenizer, lambda: {k: v.state_dict() for k, v in stateful.items()}, {"critic": models.critic}
+    )
+    for name, holder in stateful.items():
+        if state:
+            holder.load_state_dict(state[name])
+    d, g = cfg.data, cfg.rollout.group_size
+    heldout = HeldoutAccuracy(policy, tokenizer, eval_rows, rewards, cfg)
+    metrics: dict[str, float] = {}
+    with run:
+        result = heldout.before(run)
+        for step in run.steps():
+            started = time.perf_counter()
+            # 1 rollout: this rank's prompts, G samples each (ZeRO-3 parameters gathered once)
+            rows = train_rows.select(
+                rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
+            )
+            batch, metrics = rollout_rows(
+                policy,
+                tokenizer,
+                rows,
+                prompt_column=d.prompt_column,
+                group_size=g,
+                sampling=sampling,
+                apply_chat_template=d.apply_chat_template,
+                record_topk=cfg.curiosity.top_k if models.curiosity else None,
+            )
+            metrics["time/generate"] = time.perf_counter() - started
+            metrics.pop("rollout/tokens")
+
+            # 2 score: reward functions and/or the reward model, normalised; unscored rows not trained
+            passes_started = time.perf_counter()
+            raw_scores, valid = _score(cfg, rewards, models.reward_model, batch, plan, policy, metrics)
+            scores = raw_scores
+            if cfg.shaping.normalize:
+                score_moments.update(engine_gather_scores(raw_scores[valid], policy))
+                scores = score_moments.normalize(raw_scores)
+            batch.response_mask = batch.response_mask & valid.unsqueeze(-1)
+
+            # 3 logprob and value passes (no grad): old policy, reference, critic, dense token sources
+            old_values, dense = _passes(cfg, policy, models, batch, plan.micro_batch_size, metrics)
+            metrics["time/logprob_passes"] = time.perf_counter() - passes_started
+
+            # 4 token rewards (KL on every token, score on the last, dense sources) and GAE advantages
+            token_rewards, kl = _token_rewards(cfg, batch, scores, dense, kl_controller.value, metrics)
+            returns, segment_ids = _advantages(
+                cfg, models.segmenter, batch, token_rewards, old_values, policy, step, metrics
+            )
+
+            # 5 update: policy and critic, minibatches x epochs, micro-batches accumulate
+            update_started = time.perf_counter()
+            metrics.update(
+                _update(policy, models.critic, batch, old_values, returns, plan, cfg, reduction, segment_ids)
+            )
+            if models.curiosity:  # after the rewards were read from it, as the authors order it
+                metrics.update(models.curiosity.update(batch))
+                batch.ref_states = batch.ref_next_states = None
+            metrics["time/update"] = time.perf_counter() - update_started
+
+            # 6 log, adapt the KL coefficient, evaluate (checkpoints and stops: in run.steps)
+            metrics["time/step"] = time.perf_counter() - started
+            metrics = mean_over_ranks(metrics, policy)
+            kl_controller.update(metrics["kl/sequence_mean"], cfg.train.prompts_per_step * g)
+            heldout.during(step, metrics)
+            if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
+                run.log(metrics, step)
+                per_token = {"logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "kl": kl}
+                per_token.update(rewards=token_rewards, values=old_values, advantages=batch.advantages)
+                per_token["segment_ids"] = segment_ids
+                log_rollout_sample(run.loggers, cfg.logger, batch, tokenizer, step, raw_scores, per_token)
+        run.finish()
+        result.update(heldout.after(run, metrics))
+    if policy.is_main:
+        plot_metrics(run.dir, PLOTTED, "ppo_curves.png", "PPO")
+    return run.result(metrics, result)
+
+
+PLOTTED = [
+    "reward/mean",
+    "reward/model_mean",
+    "accuracy",
+    "kl/sequence_mean",
+    "response/length_mean",
+    "value/error",
+    "eval/accuracy",
+]
+
+
+def _build_models(cfg: PPOConfig, policy, tokenizer, plan, optimizer_steps: int) -> PPOModels:
+    """Critic (own engine and optimizer), frozen reference and reward model, token sources, segmenter."""
     critic_cfg = _critic_model_config(cfg)
     critic = build_engine(
         lambda: load_scorer(critic_cfg, tokenizer, seed=cfg.seed, per_token=True),
@@ -100,246 +211,118 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             raise ConfigError(
                 f"reward_model.name_or_path={cfg.reward_model.name_or_path!r} has a vocabulary of {reward_model.config.vocab_size}; the policy tokenizer has {len(tokenizer)} tokens: they must share a tokenizer"
             )
-    dense_sources = _dense_sources(cfg, policy, tokenizer, plan.micro_batch_size, warp_of(cfg))
+    dense_sources = _dense_sources(
+        cfg, policy, tokenizer, plan.micro_batch_size, SamplingParams.from_config(cfg.rollout).warp()
+    )
     curiosity = _curiosity(cfg, policy, reference)
     if curiosity:
         dense_sources.append(curiosity)
-    try:
-        segmenter = make_segmenter(cfg.advantage.macro, tokenizer, seed=cfg.seed)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    if cfg.loss.kl_controller == "adaptive":
-        kl_controller = AdaptiveKLController(cfg.loss.kl_coef, cfg.loss.kl_target, cfg.loss.kl_horizon)
+    segmenter = make_segmenter(cfg.advantage.macro, tokenizer, seed=cfg.seed)
+    return PPOModels(critic, reference, reward_model, dense_sources, curiosity, segmenter)
+
+
+def _score(
+    cfg: PPOConfig, rewards, reward_model, batch, plan, policy, metrics: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [B], valid [B]): reward functions plus the weighted reward model. A row is valid when
+    the reward model or at least one reward function scored it; the others are not trained on."""
+    scores = torch.zeros(batch.batch_size, device=policy.device)
+    valid = torch.ones(batch.batch_size, dtype=torch.bool, device=policy.device)
+    if rewards:
+        function_scores, scored, per_reward, reward_metrics = score_completions(
+            rewards, batch.prompts, batch.completions, batch.columns, on_error=cfg.reward.on_error
+        )
+        scores += function_scores.to(policy.device)
+        valid = scored.to(policy.device) | (reward_model is not None)
+        metrics.update(reward_metrics)
+        if cfg.reward.accuracy_reward in per_reward:
+            metrics["accuracy"] = float((per_reward[cfg.reward.accuracy_reward] >= 1.0).float().mean())
+    if reward_model is not None:
+        with torch.no_grad():
+            rm_scores = _batched(
+                lambda *rows: sequence_scores(reward_model, *rows), batch, plan.micro_batch_size
+            )
+        scores += cfg.reward_model.weight * rm_scores
+        metrics["reward/model_mean"] = float(rm_scores.mean())
+    metrics["reward/mean"] = float(scores[valid].mean()) if valid.any() else 0.0
+    metrics["reward/unscored_fraction"] = float((~valid).float().mean())
+    return scores, valid
+
+
+@torch.no_grad()
+def _passes(cfg: PPOConfig, policy, models: PPOModels, batch, micro_batch_size: int, metrics: dict):
+    """Old and reference logprobs into the batch (with the curiosity states when on); returns the
+    critic's values and the dense token rewards by source name."""
+    warp = SamplingParams.from_config(cfg.rollout).warp()
+    batch.old_logprobs = _batched(
+        lambda *rows: response_logprobs(policy.model, *rows, **warp)[0], batch, micro_batch_size
+    )
+    if models.curiosity:  # the reference pass also yields the curiosity module's states
+        parts = [
+            response_logprobs_and_states(models.reference, *_tensors(batch, rows), **warp)
+            for rows in torch.arange(batch.batch_size).split(micro_batch_size)
+        ]
+        batch.ref_logprobs, batch.ref_states, batch.ref_next_states = (
+            torch.cat(part) for part in zip(*parts, strict=True)
+        )
     else:
-        kl_controller = FixedKLController(cfg.loss.kl_coef)
-    score_moments = RunningMoments()
-    sampling = SamplingParams(
-        cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p
-    )
-    warp = warp_of(cfg)
-    sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    start_step = 0
-    if checkpoint:
-        state = load_checkpoint(checkpoint, policy, {"critic": critic})
-        sampler.load_state_dict(state["sampler"])
-        kl_controller.load_state_dict(state["kl_controller"])
-        score_moments.load_state_dict(state["score_moments"])
-        if curiosity:
-            curiosity.load_state_dict(state["curiosity"])
-        start_step = state["step"]
-    loggers = build_loggers(
-        cfg.logger if env.is_main else None,
-        run_dir,
-        "ppo",
-        dataclasses.asdict(cfg),
-        cfg.train.steps,
-        start_step,
-    )
-    d, g = cfg.data, cfg.rollout.group_size
-    accuracy_fn = next((r.fn for r in rewards if r.name == cfg.reward.accuracy_reward), None)
-    can_evaluate = accuracy_fn is not None and eval_rows is not None
-
-    def evaluate() -> float:
-        return heldout_accuracy(policy, tokenizer, eval_rows, accuracy_fn, d, cfg.eval, cfg.eval.num_samples)
-
-    def save(step: int) -> str:
-        state = {
-            "sampler": sampler.state_dict(),
-            "kl_controller": kl_controller.state_dict(),
-            "score_moments": score_moments.state_dict(),
-            **({"curiosity": curiosity.state_dict()} if curiosity else {}),
-        }
-        return save_checkpoint(
-            run_dir, step, policy, tokenizer, state, cfg.checkpoint.keep_last, {"critic": critic}
+        batch.ref_logprobs = _batched(
+            lambda *rows: response_logprobs(models.reference, *rows, **warp)[0], batch, micro_batch_size
         )
+    old_values = _batched(lambda *rows: token_values(models.critic.model, *rows), batch, micro_batch_size)
+    dense = {}
+    for source in models.dense_sources:  # RTO's DPO token reward, CD-RLHF's curiosity
+        dense[source.name], source_metrics = source(batch)
+        metrics.update(source_metrics)
+    return old_values, dense
 
-    result: dict[str, float | str] = {}
-    if can_evaluate and start_step == 0:
-        result["eval/accuracy_before"] = evaluate()
-        loggers.log({"eval/accuracy": result["eval/accuracy_before"]}, 0)
-    last_checkpoint, step, metrics = checkpoint or "", start_step, {}
-    try:
-        for step in range(start_step + 1, cfg.train.steps + 1):
-            started = time.perf_counter()
-            # 1 rollout: this rank's prompts, G samples each (ZeRO-3 parameters gathered once)
-            rows = train_rows.select(
-                rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
-            )
-            batch, metrics = rollout_rows(
-                policy,
-                tokenizer,
-                rows,
-                prompt_column=d.prompt_column,
-                group_size=g,
-                sampling=sampling,
-                apply_chat_template=d.apply_chat_template,
-                record_topk=cfg.curiosity.top_k if curiosity else None,
-            )
-            metrics["time/generate"] = time.perf_counter() - started
-            metrics.pop("rollout/tokens")
-            mask = batch.response_mask
 
-            # 2 score: reward functions and/or the reward model, then normalise and clip
-            passes_started = time.perf_counter()
-            scores = torch.zeros(batch.batch_size, device=policy.device)
-            if rewards:
-                function_scores, _, per_reward, reward_metrics = score_completions(
-                    rewards, batch.prompts, batch.completions, batch.columns, on_error=cfg.reward.on_error
-                )
-                scores += function_scores.to(policy.device)
-                metrics.update(reward_metrics)
-                if cfg.reward.accuracy_reward in per_reward:
-                    metrics["accuracy"] = float(
-                        (per_reward[cfg.reward.accuracy_reward] >= 1.0).float().mean()
-                    )
-            with torch.no_grad():
-                if reward_model is not None:
-                    rm_scores = _batched(
-                        lambda *rows: sequence_scores(reward_model, *rows),
-                        batch,
-                        plan.micro_batch_size,
-                    )
-                    scores += cfg.reward_model.weight * rm_scores
-                    metrics["reward/model_mean"] = float(rm_scores.mean())
-                metrics["reward/mean"] = float(scores.mean())
-                raw_scores = scores
-                if cfg.shaping.normalize:
-                    score_moments.update(engine_gather_scores(scores, policy))
-                    scores = score_moments.normalize(scores)
+def _token_rewards(cfg: PPOConfig, batch, scores, dense: dict, kl_coef: float, metrics: dict):
+    """(token rewards [B, T], k1 KL [B, T]): -kl_coef * KL on every token, the clipped score on each
+    row's last token, the dense sources; with the KL metrics."""
+    mask = batch.response_mask
+    kl = k1(batch.old_logprobs, batch.ref_logprobs)
+    token_rewards, shaping_metrics = compose_token_rewards(
+        scores, mask, kl=kl, kl_coef=kl_coef, dense=dense, score_clip=cfg.shaping.score_clip
+    )
+    metrics.update({k: float(v) for k, v in shaping_metrics.items()})
+    metrics["kl/sequence_mean"] = float(masked_sum(kl, mask, dim=-1).mean())
+    metrics["kl/mean"] = float(masked_mean(kl, mask))
+    metrics["kl/coef"] = kl_coef
+    return token_rewards, kl
 
-                # 3 logprob and value passes (no grad): old policy, reference, critic
-                batch.old_logprobs = _batched(
-                    lambda *rows: response_logprobs(policy.model, *rows, **warp)[0],
-                    batch,
-                    plan.micro_batch_size,
-                )
-                if curiosity:  # the reference pass also yields the curiosity module's states
-                    parts = [
-                        response_logprobs_and_states(reference, *_tensors(batch, rows), **warp)
-                        for rows in torch.arange(batch.batch_size).split(plan.micro_batch_size)
-                    ]
-                    batch.ref_logprobs, batch.ref_states, batch.ref_next_states = (
-                        torch.cat(part) for part in zip(*parts, strict=True)
-                    )
-                else:
-                    batch.ref_logprobs = _batched(
-                        lambda *rows: response_logprobs(reference, *rows, **warp)[0],
-                        batch,
-                        plan.micro_batch_size,
-                    )
-                old_values = _batched(
-                    lambda *rows: token_values(critic.model, *rows),
-                    batch,
-                    plan.micro_batch_size,
-                )
 
-                dense = {}
-                for source in dense_sources:  # RTO's DPO token reward, CD-RLHF's curiosity
-                    dense[source.name], source_metrics = source(batch)
-                    metrics.update(source_metrics)
-            metrics["time/logprob_passes"] = time.perf_counter() - passes_started
-
-            # 4 token rewards (KL on every token, score on the last, dense sources) and GAE advantages
-            kl = k1(batch.old_logprobs, batch.ref_logprobs)
-            token_rewards, shaping_metrics = compose_token_rewards(
-                scores,
-                mask,
-                kl=kl,
-                kl_coef=kl_controller.value,
-                dense=dense,
-                score_clip=cfg.shaping.score_clip,
-            )
-            segment_ids = None
-            if segmenter is None:
-                advantages, returns = gae(
-                    token_rewards, old_values, mask, gamma=cfg.advantage.gamma, lam=cfg.advantage.lam
-                )
-            else:  # MA-RLHF: GAE over macro actions, each token takes its segment's values
-                segment_ids = segmenter(batch, step * policy.world_size + policy.rank)
-                advantages, returns = macro_gae(
-                    token_rewards,
-                    old_values,
-                    segment_ids,
-                    gamma=cfg.advantage.gamma,
-                    lam=cfg.advantage.lam,
-                    aggregation=cfg.advantage.macro.aggregation,
-                    reward_aggregation=cfg.advantage.macro.reward_aggregation,
-                )
-                segments = num_segments(segment_ids).float()
-                metrics["macro/segments_mean"] = float(segments.mean())
-                metrics["macro/segment_length_mean"] = float(mask.sum(1).float().sum() / segments.sum())
-            if cfg.advantage.whiten:
-                advantages = masked_whiten(
-                    advantages, mask, all_reduce_sum=policy.all_reduce_sum if policy.world_size > 1 else None
-                )
-            batch.advantages = advantages
-            sequence_kl = masked_sum(kl, mask, dim=-1)
-            metrics.update({k: float(v) for k, v in shaping_metrics.items()})
-            metrics["kl/sequence_mean"] = float(sequence_kl.mean())
-            metrics["kl/mean"] = float(masked_mean(kl, mask))
-            metrics["kl/coef"] = kl_controller.value
-            metrics["value/returns_mean"] = float(masked_mean(returns, mask))
-
-            # 5 update: policy and critic, minibatches x epochs, micro-batches accumulate
-            update_started = time.perf_counter()
-            metrics.update(
-                _update(policy, critic, batch, old_values, returns, plan, cfg, reduction, warp, segment_ids)
-            )
-            if curiosity:  # after the rewards were read from it, as the authors order it
-                metrics.update(curiosity.update(batch))
-                batch.ref_states = batch.ref_next_states = None
-            metrics["time/update"] = time.perf_counter() - update_started
-
-            # 6 log, adapt the KL coefficient, evaluate, checkpoint
-            metrics["time/step"] = time.perf_counter() - started
-            metrics = mean_over_ranks(metrics, policy)
-            kl_controller.update(metrics["kl/sequence_mean"], cfg.train.prompts_per_step * g)
-            if can_evaluate and cfg.eval.every and step % cfg.eval.every == 0:
-                metrics["eval/accuracy"] = evaluate()
-            if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
-                loggers.log(metrics, step)
-                log_rollout_sample(
-                    loggers,
-                    cfg.logger,
-                    batch,
-                    tokenizer,
-                    step,
-                    raw_scores,
-                    {
-                        "logprobs": batch.old_logprobs,
-                        "ref_logprobs": batch.ref_logprobs,
-                        "kl": kl,
-                        "rewards": token_rewards,
-                        "values": old_values,
-                        "advantages": batch.advantages,
-                        "segment_ids": segment_ids,
-                    },
-                )
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_checkpoint = save(step)
-        if cfg.checkpoint.save_final and not last_checkpoint.endswith(f"step-{step:06d}"):
-            last_checkpoint = save(step)
-        if can_evaluate:
-            result["eval/accuracy"] = metrics["eval/accuracy"] if "eval/accuracy" in metrics else evaluate()
-            loggers.log({"eval/accuracy": result["eval/accuracy"]}, step)
-    finally:
-        loggers.close()
-    if policy.is_main:
-        plot_metrics(
-            run_dir,
-            [
-                "reward/mean",
-                "reward/model_mean",
-                "accuracy",
-                "kl/sequence_mean",
-                "response/length_mean",
-                "value/error",
-                "eval/accuracy",
-            ],
-            "ppo_curves.png",
-            "PPO",
+def _advantages(
+    cfg: PPOConfig, segmenter, batch, token_rewards, old_values, policy, step: int, metrics: dict
+):
+    """GAE over tokens, or over macro actions (MA-RLHF), whitened over all ranks into
+    batch.advantages; returns (returns, segment ids or None)."""
+    mask = batch.response_mask
+    segment_ids = None
+    if segmenter is None:
+        advantages, returns = gae(
+            token_rewards, old_values, mask, gamma=cfg.advantage.gamma, lam=cfg.advantage.lam
         )
-    return {**metrics, **result, "step": step, "checkpoint": last_checkpoint, "run_dir": run_dir}
+    else:  # each token takes its segment's values
+        segment_ids = segmenter(batch, step * policy.world_size + policy.rank)
+        advantages, returns = macro_gae(
+            token_rewards,
+            old_values,
+            segment_ids,
+            gamma=cfg.advantage.gamma,
+            lam=cfg.advantage.lam,
+            aggregation=cfg.advantage.macro.aggregation,
+            reward_aggregation=cfg.advantage.macro.reward_aggregation,
+        )
+        segments = num_segments(segment_ids).float()
+        metrics["macro/segments_mean"] = float(segments.mean())
+        metrics["macro/segment_length_mean"] = float(mask.sum(1).float().sum() / segments.sum().clamp(min=1))
+    if cfg.advantage.whiten:
+        reduce = policy.all_reduce_sum if policy.world_size > 1 else None
+        advantages = masked_whiten(advantages, mask, all_reduce_sum=reduce)
+    batch.advantages = advantages
+    metrics["value/returns_mean"] = float(masked_mean(returns, mask))
+    return returns, segment_ids
 
 
 def _critic_model_config(cfg: PPOConfig) -> ModelConfig:
@@ -347,11 +330,6 @@ def _critic_model_config(cfg: PPOConfig) -> ModelConfig:
         return dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False))
     path = cfg.reward_model.name_or_path if cfg.critic.init == "reward_model" else cfg.critic.name_or_path
     return cfg.model.pretrained_like(path)
-
-
-def warp_of(cfg: PPOConfig) -> dict:
-    """The sampling warp, applied identically in every logprob pass."""
-    return {"temperature": cfg.rollout.temperature, "top_k": cfg.rollout.top_k, "top_p": cfg.rollout.top_p}
 
 
 def _curiosity(cfg: PPOConfig, policy, reference) -> Curiosity | None:
@@ -433,11 +411,12 @@ def _batched(compute, batch, micro_batch_size: int) -> torch.Tensor:
 
 
 def _update(
-    policy, critic, batch, old_values, returns, plan, cfg: PPOConfig, reduction, warp: dict, segment_ids=None
+    policy, critic, batch, old_values, returns, plan, cfg: PPOConfig, reduction, segment_ids=None
 ) -> dict[str, float]:
     """Clipped policy and value steps; each normalizer counts its whole minibatch on all ranks.
     With macro segments and `advantage.macro.ratio=macro`, the ratio clipped is the segment's product."""
     macro_ratio = segment_ids is not None and cfg.advantage.macro.ratio == "macro"
+    warp = SamplingParams.from_config(cfg.rollout).warp()
     accumulator = MetricAccumulator()
     stats: dict[str, float] = {}
     losses: list[float] = []
@@ -503,7 +482,7 @@ def _update(
 
 @hydra.main(config_path="../configs", config_name="ppo", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    cfg: PPOConfig = OmegaConf.to_object(dict_cfg)
+    cfg: PPOConfig = recipe_config(PPOConfig, dict_cfg)
     result = train(cfg)
     if launcher_env().is_main:
         print(f"PPO finished at step {result['step']}; checkpoint: {result['checkpoint']}")
@@ -513,4 +492,4 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
-    main()
+    run_entry_point(main)

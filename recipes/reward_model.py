@@ -12,32 +12,25 @@ Launch:  python -m recipes.reward_model [overrides...]
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.config import RewardModelConfig, plan_sft_batches, register_configs
 from rlhf.data.collate import collate_pairs
-from rlhf.data.load import load_task_data
+from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
-from rlhf.distributed import build_engine, launcher_env
-from rlhf.loggers import build_loggers
+from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.losses.preference import bradley_terry_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import sequence_scores
 from rlhf.models.load import load_scorer, load_tokenizer
 from rlhf.plots import plot_metrics
-from rlhf.runtime import (
-    drop_launcher_arguments,
-    mean_over_ranks,
-    open_run,
-    rank_slice,
-)
+from rlhf.run import Run, recipe_config
+from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
 
 
 def train(cfg: RewardModelConfig) -> dict[str, float | str]:
@@ -46,8 +39,11 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
     env = launcher_env()
     plan = plan_sft_batches(cfg, env.world_size)
     train_rows, eval_rows = load_task_data(cfg.data, needs_pairs=True)
-    run_dir, checkpoint = open_run(cfg, env)
+    run = Run.open("reward_model", cfg, env)
     tokenizer = load_tokenizer(cfg.model)
+    warn_unknown_tokens(
+        tokenizer, train_rows, [cfg.data.prompt_column, cfg.data.chosen_column, cfg.data.rejected_column]
+    )
     engine = build_engine(
         lambda: load_scorer(cfg.model, tokenizer, seed=cfg.seed),
         cfg.optim,
@@ -56,19 +52,9 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
         plan.micro_batch_size,
     )
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    start_step = 0
-    if checkpoint:
-        state = load_checkpoint(checkpoint, engine)
+    state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict()})
+    if state:
         sampler.load_state_dict(state["sampler"])
-        start_step = state["step"]
-    loggers = build_loggers(
-        cfg.logger if env.is_main else None,
-        run_dir,
-        "reward_model",
-        dataclasses.asdict(cfg),
-        cfg.train.steps,
-        start_step,
-    )
     d = cfg.data
 
     def pair_scores(rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,17 +81,12 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
             correct += (chosen > rejected).sum()
         return float(engine.all_reduce_sum(correct)) / len(rows)
 
-    def save(step: int) -> str:
-        return save_checkpoint(
-            run_dir, step, engine, tokenizer, {"sampler": sampler.state_dict()}, cfg.checkpoint.keep_last
-        )
-
-    last_checkpoint, step, metrics = checkpoint or "", start_step, {}
+    metrics: dict[str, float] = {}
     evaluation = (
         eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows)))) if eval_rows is not None else None
     )
-    try:
-        for step in range(start_step + 1, cfg.train.steps + 1):
+    with run:
+        for step in run.steps():
             started = time.perf_counter()
             # 1 batch: this rank's share of the step's pairs
             rows = train_rows.select(
@@ -129,32 +110,27 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
                 engine.backward(out.loss)
                 step_loss += out.loss.detach() * engine.world_size
                 accumulator.add(out.metrics, weight=len(micro))
-            # 3 optimizer step, log, evaluate, checkpoint
+            # 3 optimizer step, log, evaluate (checkpoints and stops: in run.steps)
             metrics = {"loss": float(step_loss), **accumulator.compute(), **engine.step()}
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, engine)
             if evaluation is not None and cfg.eval.every and step % cfg.eval.every == 0:
                 metrics["eval/pair_accuracy"] = pair_accuracy(evaluation)
-            loggers.log(metrics, step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_checkpoint = save(step)
-        if cfg.checkpoint.save_final and not last_checkpoint.endswith(f"step-{step:06d}"):
-            last_checkpoint = save(step)
+            run.log(metrics, step)
+        run.finish()
         if evaluation is not None:
             metrics["eval/pair_accuracy"] = pair_accuracy(evaluation)
-            loggers.log({"eval/pair_accuracy": metrics["eval/pair_accuracy"]}, step)
-    finally:
-        loggers.close()
+            run.log({"eval/pair_accuracy": metrics["eval/pair_accuracy"]}, run.step)
     if env.is_main:
         plot_metrics(
-            run_dir, ["loss", "rm/accuracy", "eval/pair_accuracy"], "reward_model_curves.png", "Reward model"
+            run.dir, ["loss", "rm/accuracy", "eval/pair_accuracy"], "reward_model_curves.png", "Reward model"
         )
-    return {**metrics, "step": step, "checkpoint": last_checkpoint, "run_dir": run_dir}
+    return run.result(metrics)
 
 
 @hydra.main(config_path="../configs", config_name="reward_model", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    cfg: RewardModelConfig = OmegaConf.to_object(dict_cfg)
+    cfg: RewardModelConfig = recipe_config(RewardModelConfig, dict_cfg)
     result = train(cfg)
     if launcher_env().is_main:
         print(f"reward model finished at step {result['step']}; checkpoint: {result['checkpoint']}")
@@ -166,4 +142,4 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
-    main()
+    run_entry_point(main)

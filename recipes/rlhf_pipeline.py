@@ -225,6 +225,17 @@ def run_pipeline(
                     *overrides["ppo"],
                 )
             )
+    stages = {"sft": sft_result, "rm": rm_result, **results}
+    return _report(
+        stages, sft_model, sft_cfg.data, pair_stats["pairs"], time.perf_counter() - started, run_dir
+    )
+
+
+def _report(
+    stages: dict[str, dict], sft_model: str, data_cfg, pairs: int, seconds: float, run_dir: str
+) -> dict:
+    """Plots, the held-out gold of every model on one test, and the printed summary."""
+    results = {k: v for k, v in stages.items() if k not in ("sft", "rm")}
     summary: dict[str, float | str] = {}
     for name in ("ppo", "rto"):
         if name in results:
@@ -237,14 +248,14 @@ def run_pipeline(
     if "ppo" in results:
         summary.update(summarize(results["ppo"]["run_dir"]))
     # The same held-out test for every model: greedy answers to the task's held-out problems.
-    summary["heldout/sft"] = heldout_gold(sft_model, sft_cfg.data)
+    summary["heldout/sft"] = heldout_gold(sft_model, data_cfg)
     for name, result in results.items():
-        summary[f"heldout/{name}"] = heldout_gold(export_dir(result["checkpoint"]), sft_cfg.data)
+        summary[f"heldout/{name}"] = heldout_gold(export_dir(result["checkpoint"]), data_cfg)
     summary.update(
-        sft_accuracy=sft_result.get("eval/accuracy", float("nan")),
-        rm_pair_accuracy=rm_result.get("eval/pair_accuracy", float("nan")),
-        pairs=pair_stats["pairs"],
-        seconds=time.perf_counter() - started,
+        sft_accuracy=stages["sft"].get("eval/accuracy", float("nan")),
+        rm_pair_accuracy=stages["rm"].get("eval/pair_accuracy", float("nan")),
+        pairs=pairs,
+        seconds=seconds,
         run_dir=run_dir,
     )
     if "ppo" in results:

@@ -13,36 +13,29 @@ Launch:  python -m recipes.sft [overrides...]
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import sys
 import time
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rewards import REWARD_FUNCTIONS
-from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.config import SFTConfig, plan_sft_batches, register_configs
 from rlhf.data.collate import collate_sft
-from rlhf.data.load import load_task_data
+from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
-from rlhf.distributed import build_engine, launcher_env
+from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.eval.accuracy import heldout_accuracy
-from rlhf.loggers import build_loggers
 from rlhf.losses.reduce import get_reduction
 from rlhf.losses.sft import nll_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer
 from rlhf.plots import plot_metrics
-from rlhf.runtime import (
-    drop_launcher_arguments,
-    mean_over_ranks,
-    open_run,
-    rank_slice,
-)
+from rlhf.run import Run, recipe_config
+from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
 from rlhf.scoring import resolve_reward
 
 
@@ -52,8 +45,9 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     env = launcher_env()
     plan = plan_sft_batches(cfg, env.world_size)
     train_rows, eval_rows = load_task_data(cfg.data, needs_completion=True)
-    run_dir, checkpoint = open_run(cfg, env)
+    run = Run.open("sft", cfg, env)
     tokenizer = load_tokenizer(cfg.model)
+    warn_unknown_tokens(tokenizer, train_rows, [cfg.data.prompt_column, cfg.data.completion_column])
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
         cfg.optim,
@@ -67,32 +61,17 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     check_rows = train_rows.select(
         random.Random(cfg.seed).sample(range(len(train_rows)), min(cfg.train.check_size, len(train_rows)))
     )
-    start_step = 0
-    if checkpoint:
-        state = load_checkpoint(checkpoint, engine)
+    state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict()})
+    if state:
         sampler.load_state_dict(state["sampler"])
-        start_step = state["step"]
-    loggers = build_loggers(
-        cfg.logger if env.is_main else None,
-        run_dir,
-        "sft",
-        dataclasses.asdict(cfg),
-        cfg.train.steps,
-        start_step,
-    )
     d = cfg.data
 
     def accuracy_on(rows) -> float:
         return heldout_accuracy(engine, tokenizer, rows, accuracy_fn, d, cfg.eval)
 
-    def save(step: int) -> str:
-        return save_checkpoint(
-            run_dir, step, engine, tokenizer, {"sampler": sampler.state_dict()}, cfg.checkpoint.keep_last
-        )
-
-    last_checkpoint, step, metrics = checkpoint or "", start_step, {}
-    try:
-        for step in range(start_step + 1, cfg.train.steps + 1):
+    metrics: dict[str, float] = {}
+    with run:
+        for step in run.steps():
             started = time.perf_counter()
             # 1 batch: this rank's share of the next rows of the seeded, resumable sampler
             rows = train_rows.select(
@@ -121,7 +100,7 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
                 float((prompt_mask.sum() + target_mask.sum()).item()) / metrics["time/step"]
             )
             metrics = mean_over_ranks(metrics, engine)
-            # 4 check accuracy, log, checkpoint
+            # 4 check accuracy, log (checkpoints and stops: in run.steps)
             stop = False
             if accuracy_fn is not None and cfg.train.check_every and step % cfg.train.check_every == 0:
                 metrics["check/accuracy"] = accuracy_on(check_rows)
@@ -129,31 +108,26 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
                     cfg.train.stop_at_accuracy is not None
                     and metrics["check/accuracy"] >= cfg.train.stop_at_accuracy
                 )
-            loggers.log(metrics, step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_checkpoint = save(step)
+            run.log(metrics, step)
             if stop:
-                loggers.message(
+                run.message(
                     f"check accuracy {metrics['check/accuracy']:.3f} reached {cfg.train.stop_at_accuracy} at step {step}"
                 )
                 break
-        if cfg.checkpoint.save_final and not last_checkpoint.endswith(f"step-{step:06d}"):
-            last_checkpoint = save(step)
+        run.finish()
         if accuracy_fn is not None and eval_rows is not None:
             metrics["eval/accuracy"] = accuracy_on(
                 eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
             )
-            loggers.log({"eval/accuracy": metrics["eval/accuracy"]}, step)
-    finally:
-        loggers.close()
+            run.log({"eval/accuracy": metrics["eval/accuracy"]}, run.step)
     if env.is_main:
-        plot_metrics(run_dir, ["loss", "check/accuracy"], "sft_curves.png", "SFT")
-    return {**metrics, "step": step, "checkpoint": last_checkpoint, "run_dir": run_dir}
+        plot_metrics(run.dir, ["loss", "check/accuracy"], "sft_curves.png", "SFT")
+    return run.result(metrics)
 
 
 @hydra.main(config_path="../configs", config_name="sft", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    cfg: SFTConfig = OmegaConf.to_object(dict_cfg)
+    cfg: SFTConfig = recipe_config(SFTConfig, dict_cfg)
     result = train(cfg)
     if launcher_env().is_main:
         print(f"SFT finished at step {result['step']}; checkpoint: {result['checkpoint']}")
@@ -165,4 +139,4 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
-    main()
+    run_entry_point(main)

@@ -1,4 +1,5 @@
-"""Advantage estimators: group-relative baselines for GRPO-style training (GAE lands with PPO).
+"""Advantage estimators: group-relative baselines for GRPO-style training, and GAE over tokens or
+macro-action segments for PPO.
 
 GRPO (arXiv 2402.03300): A_i = (r_i - mean_g r) / (std_g r + eps), std unbiased as in TRL.
 Dr.GRPO (arXiv 2503.20783): A_i = r_i - mean_g r (no std scaling).

@@ -1,21 +1,30 @@
-"""Checkpoints: full training state plus a Hugging Face export, written atomically.
+"""Checkpoints: full training state plus a Hugging Face export, complete only when a manifest says so.
 
 Layout: <run_dir>/checkpoints/step-000050/
     hf/                 save_pretrained export (model + tokenizer), loads with from_pretrained;
                         with LoRA the merged model, and adapter/ beside it holds the adapter
     engine/             optimizer and scheduler (DeepSpeed: its ZeRO shards, one set per rank)
     rng-rank{r}.pt      RNG states of every rank
-    state.pt            step counters, sampler position, controllers (written last)
+    state.pt            step counters, sampler position, controllers
+    manifest.json       every other file with its size and SHA-256, the step and the world size;
+                        written last: a directory without it is not a checkpoint
 Every rank calls `save_checkpoint`. It writes into a staging directory that is renamed into place
-only when complete, so a crash during a save leaves the previous checkpoint loadable and no
-half-written one ever has a final name. ZeRO checkpoints resume at the same world size.
+only when complete. A write that fails on any rank (a full disk, say) removes the staging directory
+on every rank and raises `CheckpointError` naming the directory, so the previous checkpoint stays the
+newest loadable one. `find_resumable` skips an incomplete or corrupt newest checkpoint of a run with a
+warning; a corrupt checkpoint named explicitly is an error naming the file. ZeRO checkpoints resume at
+the same world size.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import random
 import shutil
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,6 +36,12 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
 EXPORT_DIR = "hf"
 ENGINE_DIR = "engine"
+MANIFEST_FILE = "manifest.json"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the directory or file."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,25 +63,128 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints of a run, oldest first."""
+def checkpoint_step(checkpoint_dir: str) -> int:
+    return int(os.path.basename(os.path.normpath(checkpoint_dir)).split("-")[1])
+
+
+def _step_dirs(run_dir: str) -> list[str]:
+    """Every step-NNNNNN directory of a run, complete or not, oldest first."""
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     if not os.path.isdir(root):
         return []
     names = sorted(n for n in os.listdir(root) if n.startswith("step-") and "." not in n)
-    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, STATE_FILE))]
+    return [os.path.join(root, n) for n in names]
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory from a checkpoint path or a run directory (its latest checkpoint)."""
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return path
-    found = list_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(
-            f"resume={path!r}: no complete checkpoint there (looked for {CHECKPOINT_DIR}/step-*/{STATE_FILE})"
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoints of a run whose manifest was written, oldest first (contents not verified)."""
+    return [d for d in _step_dirs(run_dir) if os.path.isfile(os.path.join(d, MANIFEST_FILE))]
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_under(directory: str) -> list[str]:
+    found = []
+    for root, _, names in os.walk(directory):
+        found += [os.path.relpath(os.path.join(root, n), directory) for n in names]
+    return sorted(found)
+
+
+def write_manifest(directory: str, step: int, world_size: int) -> None:
+    files = {
+        name: {
+            "bytes": os.path.getsize(os.path.join(directory, name)),
+            "sha256": _sha256(os.path.join(directory, name)),
+        }
+        for name in _files_under(directory)
+        if name != MANIFEST_FILE
+    }
+    manifest = {"step": step, "world_size": world_size, "files": files}
+    with open(os.path.join(directory, MANIFEST_FILE), "w") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_manifest(checkpoint_dir: str) -> dict[str, Any]:
+    path = os.path.join(checkpoint_dir, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{checkpoint_dir} is incomplete: it has no {MANIFEST_FILE} (the save did not finish)"
         )
-    return found[-1]
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+
+
+def verify_checkpoint(checkpoint_dir: str) -> dict[str, Any]:
+    """The manifest, once every file it lists is present with its size and checksum; else
+    CheckpointError naming the first bad file."""
+    manifest = read_manifest(checkpoint_dir)
+    for name, expected in manifest["files"].items():
+        path = os.path.join(checkpoint_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing from checkpoint {checkpoint_dir}")
+        size = os.path.getsize(path)
+        if size != expected["bytes"]:
+            raise CheckpointError(
+                f"{path} is {size} bytes; the manifest says {expected['bytes']} (truncated or replaced)"
+            )
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} does not match its checksum in {MANIFEST_FILE} (corrupt)")
+    return manifest
+
+
+def find_resumable(path: str, warn=warnings.warn) -> tuple[str, dict[str, Any]]:
+    """(checkpoint directory, its manifest) for `resume=path`: the checkpoint itself when `path` is
+    one (an error if it is incomplete or corrupt), else the run's newest intact checkpoint, skipping
+    newer broken ones with a warning that names them."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"resume={path!r}: no such run directory or checkpoint")
+    if os.path.basename(os.path.normpath(path)).startswith("step-"):
+        return path, verify_checkpoint(path)
+    candidates = _step_dirs(path)
+    for candidate in reversed(candidates):
+        try:
+            return candidate, verify_checkpoint(candidate)
+        except CheckpointError as problem:
+            warn(f"skipping checkpoint {candidate}: {problem}")
+    raise CheckpointError(
+        f"resume={path!r}: no intact checkpoint there (looked in {os.path.join(path, CHECKPOINT_DIR)}, "
+        f"found {len(candidates)} step directories)"
+    )
+
+
+def run_dir_of(checkpoint_dir: str) -> str:
+    """The run directory that owns a checkpoint directory."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
+
+
+def _write_rank_files(staging, step, engine, tokenizer, training_state, weights, extra) -> None:
+    engine.save_state(os.path.join(staging, ENGINE_DIR))
+    for name, (extra_engine, extra_weights) in extra.items():
+        extra_engine.save_state(os.path.join(staging, f"{name}_{ENGINE_DIR}"))
+        if engine.is_main:
+            export_pretrained(
+                extra_engine.module, extra_weights, os.path.join(staging, f"{name}_{EXPORT_DIR}")
+            )
+    torch.save(rng_state(), os.path.join(staging, f"rng-rank{engine.rank}.pt"))
+    if engine.is_main:
+        export = os.path.join(staging, EXPORT_DIR)
+        export_pretrained(engine.module, weights, export)
+        tokenizer.save_pretrained(export)
+        torch.save(
+            {**training_state, "step": step, "world_size": engine.world_size},
+            os.path.join(staging, STATE_FILE),
+        )
 
 
 def save_checkpoint(
@@ -81,31 +199,35 @@ def save_checkpoint(
     """Write checkpoint `step` (collective: every rank calls it) and prune beyond `keep_last`.
 
     `extra_engines` (a PPO critic...) are saved beside the policy as <name>_engine/ and <name>_hf/.
+    Pruning removes only older checkpoints of this run's own history (steps before `step`).
     """
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     final = os.path.join(root, checkpoint_name(step))
     staging = f"{final}.tmp"
+    # full weights first: gathering them is collective under ZeRO-3, so no rank may skip it on an error
+    weights = engine.full_state_dict()
+    extra = {name: (e, e.full_state_dict()) for name, e in (extra_engines or {}).items()}
+    failure: OSError | None = None
     if engine.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     engine.barrier()
-    engine.save_state(os.path.join(staging, ENGINE_DIR))
-    weights = engine.full_state_dict()  # collective under ZeRO-3
-    for name, extra in (extra_engines or {}).items():
-        extra.save_state(os.path.join(staging, f"{name}_{ENGINE_DIR}"))
-        extra_weights = extra.full_state_dict()
+    try:
+        _write_rank_files(staging, step, engine, tokenizer, training_state, weights, extra)
+    except OSError as exc:
+        failure = exc
+    failed_ranks = engine.all_reduce_sum(torch.tensor(float(failure is not None), device=engine.device))
+    if float(failed_ranks) == 0 and engine.is_main:
+        try:
+            write_manifest(staging, step, engine.world_size)
+        except OSError as exc:
+            failure = exc
+    failed_ranks = engine.all_reduce_sum(torch.tensor(float(failure is not None), device=engine.device))
+    if float(failed_ranks):
+        engine.barrier()
         if engine.is_main:
-            export_pretrained(extra.module, extra_weights, os.path.join(staging, f"{name}_{EXPORT_DIR}"))
-    torch.save(rng_state(), os.path.join(staging, f"rng-rank{engine.rank}.pt"))
-    if engine.is_main:
-        export = os.path.join(staging, EXPORT_DIR)
-        export_pretrained(engine.module, weights, export)
-        tokenizer.save_pretrained(export)
-        torch.save(
-            {**training_state, "step": step, "world_size": engine.world_size},
-            os.path.join(staging, STATE_FILE),
-        )
-    engine.barrier()
+            shutil.rmtree(staging, ignore_errors=True)
+        raise _save_error(final, failure, int(failed_ranks))
     if engine.is_main:
         if os.path.exists(final):  # re-saving a step after a resume: swap the whole directory
             retired = f"{final}.old"
@@ -116,28 +238,50 @@ def save_checkpoint(
         else:
             os.replace(staging, final)
         if keep_last:
-            for old in list_checkpoints(run_dir)[:-keep_last]:
+            older = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) < step]
+            for old in older[: max(0, len(older) - (keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     engine.barrier()
     return final
+
+
+def _save_error(final: str, failure: OSError | None, failed_ranks: int) -> CheckpointError:
+    where = os.path.dirname(final)
+    if failure is None:  # this rank wrote its part; another did not
+        return CheckpointError(f"saving {final} failed on {failed_ranks} other rank(s); nothing was kept")
+    if failure.errno in DISK_FULL:
+        free = shutil.disk_usage(where).free if os.path.isdir(where) else 0
+        return CheckpointError(
+            f"the disk is full: saving {final} failed ({failure.strerror}; {free / 2**20:.0f} MiB free in {where}). "
+            "The partial checkpoint was removed; the previous checkpoint is intact. Free space or set "
+            "checkpoint.keep_last lower, then resume."
+        )
+    return CheckpointError(f"saving {final} failed: {failure!r}; the partial checkpoint was removed")
 
 
 def load_checkpoint(
     checkpoint_dir: str, engine: Any, extra_engines: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Restore the engines and this rank's RNG; returns the saved training state."""
-    state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    state = _load(os.path.join(checkpoint_dir, STATE_FILE))
     saved_world = state.get("world_size", 1)
     if saved_world != engine.world_size:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {checkpoint_dir} was written by {saved_world} processes; resume it with {saved_world}, "
             f"not {engine.world_size} (its hf/ export loads at any size)"
         )
     engine.load_state(os.path.join(checkpoint_dir, ENGINE_DIR))
     for name, extra in (extra_engines or {}).items():
         extra.load_state(os.path.join(checkpoint_dir, f"{name}_{ENGINE_DIR}"))
-    set_rng_state(torch.load(os.path.join(checkpoint_dir, f"rng-rank{engine.rank}.pt"), weights_only=False))
+    set_rng_state(_load(os.path.join(checkpoint_dir, f"rng-rank{engine.rank}.pt")))
     return state
+
+
+def _load(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{path} could not be read ({exc}); the checkpoint is corrupt") from exc
 
 
 def export_dir(checkpoint_dir: str) -> str:

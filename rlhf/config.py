@@ -9,7 +9,35 @@ Derived numbers (rollouts per step, accumulation steps) are computed into a `Bat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def check_choice(name: str, value: object, allowed) -> None:
+    """Mode strings are checked when the config is composed, with the allowed values in the message."""
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {sorted(allowed, key=str)}")
+
+
+def check_range(
+    name: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+) -> None:
+    """`value` within [low, high] (or (low, high] with `low_open`); None passes (an optional field)."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        bounds = (
+            f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        )
+        raise ConfigError(f"{name}={value} is out of range: it must be in {bounds}")
 
 
 @dataclass
@@ -23,6 +51,17 @@ class TinyModelConfig:
     max_position_embeddings: int = 512
     tie_word_embeddings: bool = True
     alphabet: str = "0123456789+-*=,. "
+
+    def __post_init__(self) -> None:
+        check_choice("model.tiny.arch", self.arch, ("llama", "qwen2"))
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            check_range(f"model.tiny.{name}", getattr(self, name), 1)
 
 
 @dataclass
@@ -53,6 +92,10 @@ class ModelConfig:
     # Prefix Grouper: rows that repeat a prompt (GRPO/PPO groups, DPO chosen/rejected) are packed so
     # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa, eager or flash_attention_2.
     shared_prefix: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("model.source", self.source, ("tiny", "pretrained"))
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
     def pretrained_like(self, name_or_path: str, dtype: str | None = None) -> ModelConfig:
         """Config for another checkpoint (reward model, critic, frozen guide) that runs like this one."""
@@ -105,6 +148,9 @@ class RewardConfig:
     # The reward whose value 1.0 means "correct"; logged as `accuracy`. None: no accuracy metric.
     accuracy_reward: str | None = "exact_match"
 
+    def __post_init__(self) -> None:
+        check_choice("reward.on_error", self.on_error, ("raise", "skip"))
+
 
 @dataclass
 class LossConfig:
@@ -117,6 +163,19 @@ class LossConfig:
     kl_placement: str = "loss"  # "loss" or "reward"
     kl_log_ratio_clamp: float | None = 20.0
 
+    def __post_init__(self) -> None:
+        from rlhf.losses.kl import KL_ESTIMATORS
+        from rlhf.losses.reduce import REDUCTIONS
+
+        check_choice("loss.aggregation", self.aggregation, REDUCTIONS)
+        check_choice("loss.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("loss.kl_placement", self.kl_placement, ("loss", "reward"))
+        check_range("loss.clip_low", self.clip_low, 0)
+        check_range("loss.clip_high", self.clip_high, 0)
+        check_range("loss.dual_clip", self.dual_clip, 1, low_open=True)
+        check_range("loss.kl_coef", self.kl_coef, 0)
+        check_range("loss.kl_log_ratio_clamp", self.kl_log_ratio_clamp, 0, low_open=True)
+
 
 @dataclass
 class AdvantageConfig:
@@ -124,6 +183,10 @@ class AdvantageConfig:
     scale_by_std: bool = True
     eps: float = 1e-4
     drop_zero_variance_groups: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("advantage.estimator", self.estimator, ("group_relative", "rloo"))
+        check_range("advantage.eps", self.eps, 0)
 
 
 @dataclass
@@ -133,6 +196,13 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("rollout.group_size", self.group_size, 1)
+        check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
+        check_range("rollout.temperature", self.temperature, 0, low_open=True)
+        check_range("rollout.top_p", self.top_p, 0, 1, low_open=True)
+        check_range("rollout.top_k", self.top_k, 0)
 
 
 @dataclass
@@ -144,6 +214,17 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     scheduler: str = "constant_with_warmup"  # any transformers.get_scheduler name
     warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        from transformers.trainer_utils import SchedulerType
+
+        check_range("optim.lr", self.lr, 0)
+        check_range("optim.weight_decay", self.weight_decay, 0)
+        check_range("optim.max_grad_norm", self.max_grad_norm, 0, low_open=True)
+        check_range("optim.warmup_steps", self.warmup_steps, 0)
+        check_choice("optim.scheduler", self.scheduler, [t.value for t in SchedulerType])
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
 
 
 @dataclass
@@ -157,7 +238,17 @@ class DistributedConfig:
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
     # A DeepSpeed JSON file merged over the generated config (its keys win), for anything not above.
     deepspeed_config: str | None = None
-    timeout_s: float = 1800
+    # Seconds a collective may wait for the other ranks before the job fails: a hung or dead rank
+    # ends the job within this time instead of holding every GPU. Raise it when one rank does long
+    # work alone between collectives (a very large checkpoint export).
+    timeout_s: float = 600
+
+    def __post_init__(self) -> None:
+        check_choice("distributed.backend", self.backend, ("single", "deepspeed"))
+        check_choice("distributed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        check_range("distributed.timeout_s", self.timeout_s, 0, low_open=True)
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"distributed.device={self.device!r} is not auto, cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -172,12 +263,21 @@ class LoggerConfig:
     # Rollout rows saved per logged step to <run_dir>/rollouts.jsonl and the wandb table (0: none)
     rollout_samples: int = 4
 
+    def __post_init__(self) -> None:
+        check_choice("logger.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        check_range("logger.log_every", self.log_every, 1)
+        check_range("logger.rollout_samples", self.rollout_samples, 0)
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 50  # optimizer steps between checkpoints; 0 saves only at the end
     keep_last: int = 2
     save_final: bool = True
+
+    def __post_init__(self) -> None:
+        check_range("checkpoint.every", self.every, 0)
+        check_range("checkpoint.keep_last", self.keep_last, 0)
 
 
 @dataclass
@@ -186,6 +286,12 @@ class EvalConfig:
     num_samples: int = 1000
     batch_size: int = 250
     max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        check_range("eval.every", self.every, 0)
+        check_range("eval.num_samples", self.num_samples, 0)
+        check_range("eval.batch_size", self.batch_size, 1)
+        check_range("eval.max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass
@@ -196,6 +302,10 @@ class GRPOTrainConfig:
     micro_batch_size: int = 64  # rollouts per forward/backward
     epochs: int = 1  # passes over each rollout
     time_limit_s: float | None = None  # stop after this many seconds of training
+
+    def __post_init__(self) -> None:
+        check_range("train.steps", self.steps, 0)
+        check_range("train.time_limit_s", self.time_limit_s, 0, low_open=True)
 
 
 @dataclass
@@ -273,6 +383,10 @@ class CriticConfig:
     value_clip: float | None = 0.2
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
 
+    def __post_init__(self) -> None:
+        check_choice("critic.init", self.init, ("reward_model", "policy", "path"))
+        check_range("critic.value_clip", self.value_clip, 0, low_open=True)
+
 
 @dataclass
 class PPOLossConfig:
@@ -285,6 +399,15 @@ class PPOLossConfig:
     kl_controller: str = "fixed"  # "fixed" or "adaptive"
     kl_target: float = 6.0  # adaptive: target summed KL per sequence
     kl_horizon: float = 10000.0
+
+    def __post_init__(self) -> None:
+        from rlhf.losses.reduce import REDUCTIONS
+
+        check_choice("loss.aggregation", self.aggregation, REDUCTIONS)
+        check_choice("loss.kl_controller", self.kl_controller, ("fixed", "adaptive"))
+        check_range("loss.kl_coef", self.kl_coef, 0)
+        check_range("loss.entropy_coef", self.entropy_coef, 0)
+        check_range("loss.dual_clip", self.dual_clip, 1, low_open=True)
 
 
 @dataclass
@@ -302,6 +425,16 @@ class MacroConfig:
     )
     reward_aggregation: str | None = None  # rewards only; None = aggregation ("sum" is the paper's)
     ratio: str = "token"  # token: per-token clipping (authors' code) | macro: one product ratio per segment
+
+    def __post_init__(self) -> None:
+        from rlhf.segments import AGGREGATIONS, SEGMENTERS
+
+        check_choice("advantage.macro.segmenter", self.segmenter, ("none", *SEGMENTERS))
+        check_choice("advantage.macro.aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("advantage.macro.reward_aggregation", self.reward_aggregation, (None, *AGGREGATIONS))
+        check_choice("advantage.macro.ratio", self.ratio, ("token", "macro"))
+        check_choice("advantage.macro.parse_style", self.parse_style, ("prose", "code"))
+        check_range("advantage.macro.n", self.n, 1)
 
 
 @dataclass
@@ -328,6 +461,9 @@ class RTOConfig:
     # "policy": the PPO reference (the authors' code); "dpo_reference": rto.dpo_reference_model
     reference: str = "policy"
     dpo_reference_model: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("rto.reference", self.reference, ("policy", "dpo_reference"))
 
 
 @dataclass
@@ -363,6 +499,12 @@ class DPOLossConfig:
     label_smoothing: float = 0.0  # sigmoid/simpo: conservative smoothing; robust: the label-noise rate
     simpo_gamma: float = 0.5  # SimPO target margin (reference-free)
 
+    def __post_init__(self) -> None:
+        from rlhf.losses.preference import PREFERENCE_LOSSES
+
+        check_choice("loss.type", self.type, PREFERENCE_LOSSES)
+        check_range("loss.beta", self.beta, 0, low_open=True)
+
 
 @dataclass
 class ReferenceConfig:
@@ -384,6 +526,9 @@ class TokenWeightConfig:
     negative_model: str | None = None  # cDPO: model fine-tuned on incorrect samples
     contrast_beta: float = 1.0  # cDPO: s_t = softmax((1 + b) z_pos - b z_neg)[y_t]
     weight_chosen: bool = False  # cDPO: chosen tokens weighted by s_t too (default only rejected)
+
+    def __post_init__(self) -> None:
+        check_choice("token_weights.method", self.method, ("none", "tgdpo", "cdpo"))
 
 
 @dataclass
@@ -417,10 +562,6 @@ class DPOConfig(RunConfig):
     treg: TRegConfig = field(default_factory=TRegConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -537,10 +678,3 @@ def register_configs() -> None:
     store.store(name="reward_model_schema", node=RewardModelConfig)
     store.store(name="ppo_schema", node=PPOConfig)
     store.store(name="dpo_schema", node=DPOConfig)
-
-
-def to_container(cfg: Any) -> dict:
-    """A plain dict of a dataclass config (for logging and saving)."""
-    import dataclasses
-
-    return dataclasses.asdict(cfg)

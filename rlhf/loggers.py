@@ -196,38 +196,58 @@ def build_loggers(
     return Loggers(sinks, console)
 
 
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """Rows of a run's metrics.jsonl; a resumed run's rows for replayed steps replace the old ones."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    rows: dict[int, dict[str, Any]] = {}
-    order: list[int] = []
+def _jsonl_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a jsonl log. A half-written last line (a crash or a full disk mid-write) is
+    skipped; a bad line elsewhere is an error naming the file and the line."""
     with open(path) as handle:
-        for line in handle:
+        lines = handle.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as exc:
+            if number >= len(lines) - 1:  # the last line, possibly with no newline yet
+                continue
+            raise ValueError(f"{path} line {number} is not valid JSON: {exc}") from exc
+    return rows
+
+
+def rewind_jsonl(path: str, last_step: int | None = None) -> int:
+    """Rewrite a jsonl log without a half-written last line and, with `last_step`, without rows of
+    later steps (what a resumed run will write again). Returns how many rows were removed."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as handle:
+        lines = [line for line in handle.read().split("\n") if line.strip()]
+    kept = []
+    for line in lines:
+        try:
             row = json.loads(line)
-            step = row["step"]
-            if step in rows:
-                rows[step].update(row)
-            else:
-                rows[step] = row
-                order.append(step)
-    return [rows[s] for s in sorted(order)]
+        except ValueError:
+            continue
+        if last_step is None or row.get("step", 0) <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        staging = f"{path}.tmp"
+        with open(staging, "w") as handle:
+            handle.write("".join(line + "\n" for line in kept))
+        os.replace(staging, path)
+    return len(lines) - len(kept)
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """Rows of a run's metrics.jsonl, one per step (rows of one step merged)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for row in _jsonl_rows(os.path.join(run_dir, "metrics.jsonl")):
+        rows.setdefault(row["step"], {}).update(row)
+    return [rows[s] for s in sorted(rows)]
 
 
 def read_rollouts(run_dir: str) -> list[dict[str, Any]]:
-    """Records of a run's rollouts.jsonl (empty when it saved none); a resumed run's records for
-    replayed steps replace the old ones."""
+    """Records of a run's rollouts.jsonl (empty when it saved none), in step order."""
     path = os.path.join(run_dir, ROLLOUTS_FILE)
     if not os.path.exists(path):
         return []
-    by_step: dict[int, list[dict[str, Any]]] = {}
-    seen_at: dict[int, int] = {}
-    with open(path) as handle:
-        for number, line in enumerate(handle):
-            record = json.loads(line)
-            step = record["step"]
-            # a step written again after a resume starts a new block: keep only the newest block
-            if step in by_step and number != seen_at[step] + 1:
-                by_step[step] = []
-            by_step.setdefault(step, []).append(record)
-            seen_at[step] = number
-    return [r for step in sorted(by_step) for r in by_step[step]]
+    return sorted(_jsonl_rows(path), key=lambda record: record["step"])

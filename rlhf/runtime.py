@@ -1,56 +1,16 @@
-"""Run set-up shared by the recipes: seeding, the run directory, resume lookup, reward functions.
-
-A run directory holds config.yaml (the resolved config), metrics.jsonl, rollouts.jsonl (a sample of
-each logged step's rollout), checkpoints/, plots and the offline wandb run. `resume=<dir>` continues the run that owns that checkpoint, in its own directory.
-"""
+"""Helpers the recipes share inside a step: reward functions, rank shares of a batch, metrics
+averaged over ranks, rollout samples for the logs, and the launcher's argv. The run lifecycle
+(directory, resume, checkpoints, signals) is rlhf/run.py."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import random
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 
-from rlhf.checkpoint import CHECKPOINT_DIR, export_dir, resolve_checkpoint
-from rlhf.config import LoggerConfig, ModelConfig, RewardConfig
+from rlhf.config import LoggerConfig, RewardConfig
 from rlhf.rollout.records import rollout_records, sample_rows
 from rlhf.scoring import WeightedReward, resolve_reward
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def prepare_run_dir(run_dir: str, config: Any) -> str:
-    """Create the run directory and write its resolved config.yaml."""
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
-        yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
-    return run_dir
-
-
-def resume_target(resume: str | None) -> tuple[str | None, str | None]:
-    """(checkpoint directory, its run directory) for `resume`, or (None, None)."""
-    if not resume:
-        return None, None
-    checkpoint = resolve_checkpoint(resume)
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-    if os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) != CHECKPOINT_DIR:
-        run_dir = os.path.dirname(os.path.abspath(checkpoint))
-    return checkpoint, run_dir
-
-
-def model_config_from_checkpoint(model_cfg: ModelConfig, checkpoint: str) -> ModelConfig:
-    """The same model settings, loading weights and tokenizer from a checkpoint's HF export."""
-    return dataclasses.replace(
-        model_cfg, source="pretrained", name_or_path=export_dir(checkpoint), tokenizer_name_or_path=None
-    )
 
 
 def build_rewards(cfg: RewardConfig) -> list[WeightedReward]:
@@ -94,18 +54,6 @@ def drop_launcher_arguments(argv: list[str]) -> list[str]:
     return kept
 
 
-def open_run(cfg: Any, env: Any) -> tuple[str, str | None]:
-    """(run directory, checkpoint to resume or None) for a recipe: finds the checkpoint `cfg.resume`
-    names (its run continues in its own directory), writes config.yaml on rank 0, and seeds every
-    rank differently so ranks sample different completions."""
-    checkpoint, resumed_run_dir = resume_target(cfg.resume)
-    run_dir = resumed_run_dir or cfg.run_dir
-    if env.is_main:
-        prepare_run_dir(run_dir, cfg)
-    seed_everything(cfg.seed + env.rank)
-    return run_dir, checkpoint
-
-
 def log_rollout_sample(
     loggers: Any,
     cfg: LoggerConfig,
@@ -132,3 +80,37 @@ def log_rollout_sample(
         distributions["advantage"] = advantages.float().cpu().tolist()
     records = rollout_records(batch, tokenizer, rows, step, scores, per_token)
     loggers.log_rollouts(records, step, distributions)
+
+
+class HeldoutAccuracy:
+    """Greedy accuracy of an RL run's policy on the held-out split: before training (a new run),
+    every `eval.every` steps, and at the end; logged as eval/accuracy. Off when no reward function
+    is the configured accuracy reward or the data has no eval split."""
+
+    def __init__(self, engine: Any, tokenizer: Any, eval_rows: Any, rewards: list[WeightedReward], cfg: Any):
+        from rlhf.eval.accuracy import heldout_accuracy
+
+        accuracy_fn = next((r.fn for r in rewards if r.name == cfg.reward.accuracy_reward), None)
+        self.enabled = accuracy_fn is not None and eval_rows is not None
+        self.every = cfg.eval.every
+        self._evaluate = lambda: heldout_accuracy(
+            engine, tokenizer, eval_rows, accuracy_fn, cfg.data, cfg.eval, cfg.eval.num_samples
+        )
+
+    def before(self, run: Any) -> dict[str, float]:
+        if not self.enabled or run.start_step != 0:
+            return {}
+        accuracy = self._evaluate()
+        run.log({"eval/accuracy": accuracy}, 0)
+        return {"eval/accuracy_before": accuracy}
+
+    def during(self, step: int, metrics: dict[str, float]) -> None:
+        if self.enabled and self.every and step % self.every == 0:
+            metrics["eval/accuracy"] = self._evaluate()
+
+    def after(self, run: Any, metrics: dict[str, float]) -> dict[str, float]:
+        if not self.enabled:
+            return {}
+        accuracy = metrics["eval/accuracy"] if "eval/accuracy" in metrics else self._evaluate()
+        run.log({"eval/accuracy": accuracy}, run.step)
+        return {"eval/accuracy": accuracy}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,13 @@ def _call_reward(
     for index, value in enumerate(values):
         if value is None:
             continue
+        if torch.is_tensor(value) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, numbers.Real):
+            raise RewardError(
+                f"reward function {reward.name!r} returned {value!r} ({type(value).__name__}) for row {index}; "
+                "a reward must be a number, or None for a row it cannot score"
+            )
         number = float(value)
         if math.isnan(number) or math.isinf(number):
             if on_error == "skip":
@@ -124,3 +132,21 @@ def score_completions(
         metrics[f"reward/{reward.name}/mean"] = float(tensor[present].mean()) if present.any() else 0.0
         metrics[f"reward/{reward.name}/std"] = float(tensor[present].std()) if present.sum() > 1 else 0.0
     return total, scored, per_reward, metrics
+
+
+def score_metrics(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    per_reward: dict[str, torch.Tensor],
+    accuracy_reward: str | None,
+) -> dict[str, float]:
+    """reward/mean and reward/std over the scored rows, the unscored fraction, and `accuracy` (the
+    fraction of rows where `accuracy_reward` is 1) when that reward ran."""
+    metrics = {
+        "reward/mean": float(scores[valid].mean()) if valid.any() else 0.0,
+        "reward/std": float(scores[valid].std()) if valid.sum() > 1 else 0.0,
+        "reward/unscored_fraction": float((~valid).float().mean()),
+    }
+    if accuracy_reward in per_reward:
+        metrics["accuracy"] = float((per_reward[accuracy_reward] >= 1.0).float().mean())
+    return metrics

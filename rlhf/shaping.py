@@ -175,6 +175,15 @@ class AdaptiveKLController:
         self.value = state["value"]
 
 
+def make_kl_controller(kind: str, coef: float, target: float, horizon: float):
+    """`fixed` keeps kl_coef; `adaptive` steers it towards a target KL (Ziegler et al., arXiv 1909.08593)."""
+    if kind == "adaptive":
+        return AdaptiveKLController(coef, target, horizon)
+    if kind == "fixed":
+        return FixedKLController(coef)
+    raise ValueError(f"loss.kl_controller={kind!r} is not one of ['adaptive', 'fixed']")
+
+
 class RunningMoments:
     """Running mean and std of scores (Chan et al. parallel update), for reward normalisation."""
 

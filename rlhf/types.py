@@ -40,8 +40,6 @@ class RolloutBatch:
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list[Any]] = field(default_factory=dict)
-    scores: torch.Tensor | None = None  # [B] float, sequence reward
-    score_valid: torch.Tensor | None = None  # [B] bool, False where no reward could be given
     old_logprobs: torch.Tensor | None = None  # [B, T]
     ref_logprobs: torch.Tensor | None = None  # [B, T]
     advantages: torch.Tensor | None = None  # [B] or [B, T]

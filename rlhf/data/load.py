@@ -7,7 +7,9 @@ empty prompt is an error naming the column, the row and the source.
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 
 from datasets import Dataset, DatasetDict, load_dataset
 
@@ -16,12 +18,36 @@ from rlhf.data.arithmetic import make_addition_task
 from rlhf.data.preferences import make_addition_preferences
 from rlhf.data.sums import make_sum_task
 
-SYNTHETIC_TASKS = {"arithmetic", "arithmetic_preferences"}
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 class DataError(ValueError):
     """A dataset that cannot be used; the message names the source, the column and the row."""
+
+
+def _check_file(path: str) -> None:
+    """An empty file, or a jsonl line that is not a JSON object, is an error naming the file and the
+    line (the datasets library would report neither)."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data file {path} is empty")
+    if not path.endswith(".jsonl"):
+        return
+    rows = 0
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path} line {number} is not valid JSON: {exc.args[0]}") from exc
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path} line {number} is a JSON {type(row).__name__}, not an object of columns"
+                )
+            rows += 1
+    if rows == 0:
+        raise DataError(f"data file {path} has no rows")
 
 
 def _load_local(path: str) -> DatasetDict:
@@ -34,6 +60,8 @@ def _load_local(path: str) -> DatasetDict:
                 by_split[stem] = os.path.join(path, name)
         if not by_split:
             raise DataError(f"data.source={path!r}: no {sorted(FILE_FORMATS)} files in this directory")
+        for file in by_split.values():
+            _check_file(file)
         formats = {FILE_FORMATS[os.path.splitext(f)[1]] for f in by_split.values()}
         if len(formats) > 1:
             raise DataError(f"data.source={path!r}: mixed file formats {sorted(formats)}; use one")
@@ -41,6 +69,7 @@ def _load_local(path: str) -> DatasetDict:
     ext = os.path.splitext(path)[1]
     if ext not in FILE_FORMATS:
         raise DataError(f"data.source={path!r}: unknown file type {ext!r}; use one of {sorted(FILE_FORMATS)}")
+    _check_file(path)
     return load_dataset(FILE_FORMATS[ext], data_files={"train": path})
 
 
@@ -93,11 +122,57 @@ def load_task_data(
         )
     columns = list(dict.fromkeys(columns))
     train = splits[cfg.train_split]
+    if len(train) == 0:
+        raise DataError(f"data.source={cfg.source!r} split {cfg.train_split!r} has no rows")
     validate_rows(train, columns, cfg.prompt_column, f"data.source={cfg.source!r} split {cfg.train_split!r}")
+    if needs_pairs:
+        train = drop_tied_pairs(train, cfg, f"data.source={cfg.source!r} split {cfg.train_split!r}")
     evaluation = None
     if cfg.eval_split and cfg.eval_split in splits:
         evaluation = splits[cfg.eval_split]
-        validate_rows(
-            evaluation, columns, cfg.prompt_column, f"data.source={cfg.source!r} split {cfg.eval_split!r}"
-        )
+        where = f"data.source={cfg.source!r} split {cfg.eval_split!r}"
+        validate_rows(evaluation, columns, cfg.prompt_column, where)
+        if needs_pairs:
+            evaluation = drop_tied_pairs(evaluation, cfg, where)
     return train, evaluation
+
+
+def drop_tied_pairs(dataset: Dataset, cfg: DataConfig, where: str) -> Dataset:
+    """Preference pairs whose chosen equals rejected teach nothing (and make a DPO margin of 0 look
+    like data): dropped with a printed count; an error when no pair is left."""
+    chosen, rejected = dataset[cfg.chosen_column], dataset[cfg.rejected_column]
+    tied = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if c == r]
+    if not tied:
+        return dataset
+    if len(tied) == len(dataset):
+        raise DataError(f"{where}: every pair has {cfg.chosen_column!r} equal to {cfg.rejected_column!r}")
+    print(
+        f"[data] {where}: dropped {len(tied)} of {len(dataset)} pairs whose {cfg.chosen_column!r} equals "
+        f"{cfg.rejected_column!r} (rows {tied[:5]}{' ...' if len(tied) > 5 else ''})",
+        flush=True,
+    )
+    tied_rows = set(tied)
+    return dataset.select([i for i in range(len(dataset)) if i not in tied_rows])
+
+
+def warn_unknown_tokens(tokenizer, dataset: Dataset, columns: list[str | None], sample: int = 1000) -> int:
+    """Warn when the tokenizer maps text of the first `sample` rows to its unknown token (characters
+    the model cannot see), with a count and an example; returns the number of such rows."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return 0
+    rows = dataset.select(range(min(sample, len(dataset))))
+    hits, example = 0, None
+    for column in (c for c in columns if c and c in rows.column_names):
+        for index, text in enumerate(rows[column]):
+            if isinstance(text, str) and unk in tokenizer(text, add_special_tokens=False)["input_ids"]:
+                hits += 1
+                example = example or (column, index, text)
+    if hits:
+        column, index, text = example
+        warnings.warn(
+            f"{hits} texts in the first {len(rows)} rows contain characters the tokenizer maps to "
+            f"{tokenizer.unk_token!r}; e.g. row {index} column {column!r}: {text[:80]!r}",
+            stacklevel=2,
+        )
+    return hits

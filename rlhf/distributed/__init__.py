@@ -6,6 +6,14 @@ step-wide normalizer (see rlhf.losses.reduce).
 """
 
 from rlhf.distributed.engine import SingleProcessEngine, TrainEngine, build_engine, resolve_device
-from rlhf.distributed.env import DistEnv, launcher_env
+from rlhf.distributed.env import DistEnv, launcher_env, run_entry_point
 
-__all__ = ["DistEnv", "SingleProcessEngine", "TrainEngine", "build_engine", "launcher_env", "resolve_device"]
+__all__ = [
+    "DistEnv",
+    "SingleProcessEngine",
+    "TrainEngine",
+    "build_engine",
+    "launcher_env",
+    "resolve_device",
+    "run_entry_point",
+]

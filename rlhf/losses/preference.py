@@ -178,6 +178,9 @@ def simpo_loss(
 PairLoss = Callable[..., LossOutput]
 
 
+PREFERENCE_LOSSES = ("hinge", "ipo", "robust", "sigmoid", "simpo")
+
+
 def preference_loss(
     name: str, *, beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 0.5
 ) -> tuple[PairLoss, bool]:

@@ -7,6 +7,8 @@ or a local directory such as the `hf` export inside one of our checkpoints.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -23,6 +25,50 @@ from rlhf.models.shared_prefix import shared_prefix_attention
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config fields that name a model or tokenizer to load (a hub id or a local directory).
+MODEL_PATH_FIELDS = (
+    "model.name_or_path",
+    "model.tokenizer_name_or_path",
+    "reward_model.name_or_path",
+    "critic.name_or_path",
+    "rto.dpo_model",
+    "rto.dpo_reference_model",
+    "token_weights.guide_model",
+    "token_weights.positive_model",
+    "token_weights.negative_model",
+    "treg.model",
+)
+
+
+def looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name" or "name")."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith("/")
+
+
+def check_model_paths(cfg: object) -> None:
+    """Every configured model path that is a local path exists (checked before any model loads):
+    a missing directory is an error that says so, not the hub's "repo id must be..." message."""
+    for field in MODEL_PATH_FIELDS:
+        value: object = cfg
+        for part in field.split("."):
+            value = getattr(value, part, None)
+        if field.startswith("model.") and getattr(cfg, "model", None) and cfg.model.source != "pretrained":
+            continue
+        if isinstance(value, str) and looks_local(value) and not os.path.isdir(os.path.expanduser(value)):
+            raise ConfigError(f"{field}={value!r}: no such directory")
+
+
+def _from_pretrained(loader, field: str, path: str, **kwargs):
+    """`loader.from_pretrained(path)` with an error naming the field when nothing loads from there."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        where = (
+            "the directory has no loadable files"
+            if os.path.isdir(path)
+            else "not a local directory, and not on the hub or in its cache"
+        )
+        raise ConfigError(f"{field}={path!r}: {where} ({exc})") from exc
 
 
 def _attention(cfg: ModelConfig) -> str:
@@ -46,7 +92,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             raise ConfigError(
                 "model.source=pretrained needs model.name_or_path (a hub id or a local directory)"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        field = "model.tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "model.name_or_path"
+        tokenizer = _from_pretrained(AutoTokenizer, field, path, trust_remote_code=cfg.trust_remote_code)
         where = f"the tokenizer at {path!r}"
     else:
         raise ConfigError(f"model.source={cfg.source!r} is not one of ['tiny', 'pretrained']")
@@ -78,7 +125,9 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         )
         model = build_tiny_causal_lm(spec, tokenizer, seed=seed, attn_implementation=_attention(cfg))
         return model.to(_dtype(cfg))
-    model = AutoModelForCausalLM.from_pretrained(
+    model = _from_pretrained(
+        AutoModelForCausalLM,
+        "model.name_or_path",
         cfg.name_or_path,
         dtype=_dtype(cfg),
         attn_implementation=_attention(cfg),
@@ -124,7 +173,9 @@ def load_scorer(
         # the tiny model is whole and deepspeed.initialize partitions it like the policy.
         setattr(model, model.base_model_prefix, lm.base_model)
         return _without_dropout(model).to(_dtype(cfg))
-    model = auto.from_pretrained(
+    model = _from_pretrained(
+        auto,
+        "model.name_or_path",
         cfg.name_or_path,
         num_labels=1,
         dtype=_dtype(cfg),

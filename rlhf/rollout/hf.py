@@ -27,6 +27,15 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
 
+    @classmethod
+    def from_config(cls, rollout: Any) -> SamplingParams:
+        """From a RolloutConfig (rollout.max_new_tokens, temperature, top_k, top_p)."""
+        return cls(rollout.max_new_tokens, rollout.temperature, rollout.top_k, rollout.top_p)
+
+    def warp(self) -> dict[str, float]:
+        """The logits warp of sampling, for every logprob pass to apply identically."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
     def generation_config(
         self, tokenizer: PreTrainedTokenizerBase, do_sample: bool = True
     ) -> GenerationConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -45,37 +46,55 @@ def test_every_preset_belongs_to_a_recipe():
     ) | set(_presets("rm_")) | set(_presets("dpo_"))
 
 
-@pytest.mark.parametrize("preset", _presets("rm_"))
-def test_reward_model_presets_compose_and_plan(preset):
-    from rlhf.config import RewardModelConfig
-
-    cfg = _compose("reward_model", [f"+experiment={preset}", "data.source=pairs/"])
-    assert isinstance(cfg, RewardModelConfig)
-    plan_sft_batches(cfg)
-
-
-@pytest.mark.parametrize("preset", _presets("ppo_"))
-def test_ppo_presets_compose_and_plan(preset):
-    from rlhf.config import PPOConfig, plan_ppo_batches
-
-    rto = ["rto.dpo_model=some/dpo"] if preset == "ppo_rto" else []
-    cfg = _compose("ppo", [f"+experiment={preset}", "reward_model.name_or_path=some/rm", *rto])
-    assert isinstance(cfg, PPOConfig)
-    plan_ppo_batches(cfg)
+RECIPE_OF_PREFIX = {"grpo_": "grpo", "sft_": "sft", "ppo_": "ppo", "rm_": "reward_model", "dpo_": "dpo"}
+# Fields a preset leaves to the user (model paths); set so that the config plans.
+REQUIRED = {
+    "ppo": ["reward_model.name_or_path=some/rm"],
+    "reward_model": ["data.source=pairs/"],
+    "ppo_rto": ["rto.dpo_model=some/dpo"],
+    "dpo_tgdpo": ["token_weights.guide_model=some/dpo"],
+    "dpo_cdpo": ["token_weights.positive_model=some/pos", "token_weights.negative_model=some/neg"],
+    "dpo_pipeline": ["data.source=pairs/"],
+}
 
 
-@pytest.mark.parametrize("preset", _presets("dpo_"))
-def test_dpo_presets_compose_and_plan(preset):
-    from rlhf.config import DPOConfig
+def _plan(recipe: str, cfg) -> None:
+    from rlhf import config
 
-    required = {
-        "dpo_tgdpo": ["token_weights.guide_model=some/dpo"],
-        "dpo_cdpo": ["token_weights.positive_model=some/pos", "token_weights.negative_model=some/neg"],
-        "dpo_pipeline": ["data.source=pairs/"],
+    planner = {"grpo": config.plan_grpo_batches, "ppo": config.plan_ppo_batches}.get(recipe, plan_sft_batches)
+    planner(cfg)
+
+
+def _preset_values(preset: str) -> dict:
+    """The preset file's own settings (its `defaults` list aside), flattened to dotted keys."""
+    from rlhf.run import flatten
+
+    with open(os.path.join(CONFIG_DIR, "experiment", f"{preset}.yaml")) as handle:
+        values = yaml.safe_load(handle) or {}
+    values.pop("defaults", None)
+    return flatten(values) if values else {}
+
+
+@pytest.mark.parametrize("preset", _presets(""))
+def test_each_preset_sets_what_it_says_and_plans(preset):
+    """A preset composes into its recipe's schema, every value it writes is in the composed config,
+    and the config differs from the recipe's default (a preset that sets nothing fails)."""
+    import dataclasses
+
+    from rlhf.run import flatten
+
+    recipe = next(r for prefix, r in RECIPE_OF_PREFIX.items() if preset.startswith(prefix))
+    base = _compose(recipe, REQUIRED.get(recipe, []))
+    cfg = _compose(recipe, [f"+experiment={preset}", *REQUIRED.get(recipe, []), *REQUIRED.get(preset, [])])
+    composed = flatten(dataclasses.asdict(cfg))
+    for key, value in _preset_values(preset).items():
+        if value != "???":  # a field the preset requires the user to set
+            assert composed[key] == value, (preset, key)
+    changed = {
+        k for k, v in composed.items() if flatten(dataclasses.asdict(base)).get(k) != v and k != "run_dir"
     }
-    cfg = _compose("dpo", [f"+experiment={preset}", *required.get(preset, [])])
-    assert isinstance(cfg, DPOConfig)
-    plan_sft_batches(cfg)
+    assert changed, f"{preset} changes nothing"
+    _plan(recipe, cfg)
 
 
 def test_dpo_config_composes():
@@ -92,20 +111,6 @@ def test_ppo_config_composes_with_a_reward_model():
     cfg = _compose("ppo", ["reward_model.name_or_path=some/rm", "loss.kl_controller=adaptive"])
     assert cfg.critic.init == "reward_model" and cfg.rollout.group_size == 1
     plan_ppo_batches(cfg)
-
-
-@pytest.mark.parametrize("preset", _presets("grpo_"))
-def test_grpo_presets_compose_and_plan(preset):
-    cfg = _compose("grpo", [f"+experiment={preset}"])
-    assert isinstance(cfg, GRPOConfig)
-    plan_grpo_batches(cfg)
-
-
-@pytest.mark.parametrize("preset", _presets("sft_"))
-def test_sft_presets_compose_and_plan(preset):
-    cfg = _compose("sft", [f"+experiment={preset}"])
-    assert isinstance(cfg, SFTConfig)
-    plan_sft_batches(cfg)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import torch
 
 from recipes.grpo import _update
 from rlhf.config import DistributedConfig, GRPOConfig, OptimConfig, plan_grpo_batches
-from rlhf.distributed import build_engine, launcher_env
+from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.losses.kl import k3
 from rlhf.losses.reduce import get_reduction
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
@@ -86,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -3,6 +3,7 @@ variants reduce to DPO where the spec says so, resume is exact, bad configs name
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -86,8 +87,10 @@ def test_precomputed_reference_matches_on_the_fly_and_is_reused(make_config, tmp
 @pytest.mark.parametrize(
     "variant",
     [
-        ["token_weights.method=tgdpo", "token_weights.alpha=0.0"],  # alpha 0: DPO
-        ["treg.alpha=0.0"],  # T-REG off: DPO
+        ["token_weights.method=tgdpo", "token_weights.alpha=0.0"],  # alpha 0: weights 1, DPO
+        # T-REG on, with one template for "better" and "worse": every token reward is 0, so the
+        # regulariser (computed, weighted, added) is 0 and the run is DPO's
+        ["treg.alpha=0.5", "treg.better_template='1{prompt}'", "treg.worse_template='1{prompt}'"],
     ],
 )
 def test_token_variants_reduce_to_dpo(make_config, tmp_path, variant):
@@ -96,10 +99,18 @@ def test_token_variants_reduce_to_dpo(make_config, tmp_path, variant):
     extra = [f"token_weights.guide_model={guide}"] if "tgdpo" in variant[0] else []
     result = dpo.train(make_config("dpo", *FAST, *variant, *extra, run_dir=str(tmp_path / "v")))
     assert losses(result) == pytest.approx(losses(base), rel=1e-6)
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    metric = "tgdpo/floor_rate" if "tgdpo" in variant[0] else "treg/weight"
+    assert all(metric in r for r in rows), "the variant's code ran"
+    if "treg" in variant[0]:
+        assert all(r["treg/regularizer"] == 0.0 and 0 < r["treg/weight"] < 1 for r in rows)
 
 
 def test_token_variants_train(make_config, tmp_path, pairs):
     base = dpo.train(make_config("dpo", pairs, *FAST, "optim.lr=3e-3", run_dir=str(tmp_path / "base")))
+    plain = dpo.train(
+        make_config("dpo", pairs, *FAST, "reference.precompute=true", run_dir=str(tmp_path / "plain"))
+    )
     guide = export_dir(base["checkpoint"])
     for name, variant in {
         "tgdpo": [
@@ -123,22 +134,41 @@ def test_token_variants_train(make_config, tmp_path, pairs):
         )
         rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
         assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows), name
-        metric = {
-            "tgdpo": "tgdpo/floor_rate",
-            "cdpo": "cdpo/rejected_weight_mean",
-            "treg": "treg/weight",
-        }.get(name)
-        if metric:
-            assert metric in rows[-1], name
-    # cDPO with identical positive and negative models: s_t = softmax(z)[y_t] < 1, so weights differ from 1
-    assert 0 < rows[-1]["loss"]
+        # same data, seed and steps: runs are bit-for-bit repeatable, so any difference is the variant's
+        assert losses(result)[4] != losses(plain)[4], f"{name} trained like plain DPO"
+        if name == "tgdpo":
+            assert all(0 <= r["tgdpo/floor_rate"] <= 1 for r in rows)
+        if name == "cdpo":
+            # identical positive and negative models: s_t = softmax(z)[y_t] is strictly inside (0, 1),
+            # so every rejected weight 1 - s_t is too (never the plain-DPO weight 1)
+            assert all(0 < r["cdpo/rejected_weight_mean"] < 1 for r in rows)
+        if name == "treg":
+            assert all(r["treg/regularizer"] != 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "loss_type,first_loss",
+    [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2), ("hinge", 1.0), ("robust", math.log(2))],
+)
+def test_each_dpo_loss_trains_through_the_recipe(make_config, tmp_path, loss_type, first_loss):
+    """At step 1 the policy is the reference, every log-ratio is 0, and each loss has a known value
+    (beta 0.1): sigmoid and robust log 2, IPO (1 / 2 beta)^2, hinge 1. Then the policy moves."""
+    overrides = ["loss.label_smoothing=0.2"] if loss_type == "robust" else []
+    result = dpo.train(
+        make_config(
+            "dpo", *FAST, f"loss.type={loss_type}", "loss.beta=0.1", *overrides, run_dir=str(tmp_path)
+        )
+    )
+    trained = losses(result)
+    assert trained[1] == pytest.approx(first_loss, rel=1e-5)
+    assert trained[4] != pytest.approx(first_loss, rel=1e-6)  # the policy left the reference
 
 
 def test_dpo_resumes_exactly(make_config, tmp_path):
     full = dpo.train(make_config("dpo", *FAST, "checkpoint.every=2", run_dir=str(tmp_path / "a")))
     dpo.train(make_config("dpo", *FAST, "train.steps=2", "checkpoint.every=2", run_dir=str(tmp_path / "b")))
     resumed = dpo.train(make_config("dpo", *FAST, "checkpoint.every=2", f"resume={tmp_path / 'b'}"))
-    assert losses(resumed)[4] == pytest.approx(losses(full)[4], rel=1e-6)
+    assert losses(resumed)[3] == losses(full)[3] and losses(resumed)[4] == losses(full)[4]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import grpo
-from rlhf.checkpoint import export_dir, list_checkpoints
+from rlhf.checkpoint import CheckpointError, export_dir, list_checkpoints
 from rlhf.loggers import read_metrics
 from rlhf.models.load import load_causal_lm, load_tokenizer
 
@@ -67,25 +67,21 @@ def test_grpo_runs_changes_parameters_and_exports(make_config):
 
 
 def test_resume_continues_exactly(make_config, tmp_path):
-    """Stopping after step 2 and resuming gives the same step-3 and step-4 metrics as one run."""
+    """Stopping after step 2 and resuming with only `resume=<dir> train.steps=4` (the run's saved
+    config supplies the rest) gives exactly the step-3 and step-4 metrics of one run."""
     common = [*FAST, "checkpoint.every=2", "eval.every=0", "train.num_minibatches=2", "train.epochs=2"]
     straight = grpo.train(make_config("grpo", *common, "train.steps=4", run_dir=str(tmp_path / "straight")))
     grpo.train(make_config("grpo", *common, "train.steps=2", run_dir=str(tmp_path / "split")))
-    resumed = grpo.train(
-        make_config(
-            "grpo",
-            *common,
-            "train.steps=4",
-            f"resume={tmp_path / 'split'}",
-            run_dir=str(tmp_path / "ignored"),
-        )
-    )
+    cfg = make_config("grpo", "train.steps=4", f"resume={tmp_path / 'split'}")
+    assert cfg.train.num_minibatches == 2 and cfg.rollout.group_size == 4  # from the saved config
+    resumed = grpo.train(cfg)
     assert resumed["run_dir"] == str(tmp_path / "split")
     first = {r["step"]: r for r in read_metrics(straight["run_dir"]) if "loss" in r}
     second = {r["step"]: r for r in read_metrics(resumed["run_dir"]) if "loss" in r}
+    assert sorted(second) == [1, 2, 3, 4]
     for step in (3, 4):
         for key in ("loss", "reward/mean", "ratio/mean", "optim/grad_norm"):
-            assert first[step][key] == pytest.approx(second[step][key], rel=1e-4, abs=1e-6), (step, key)
+            assert first[step][key] == second[step][key], (step, key)
 
 
 def test_failing_reward_keeps_the_last_checkpoint(make_config, tmp_path):
@@ -119,21 +115,39 @@ def test_failing_reward_keeps_the_last_checkpoint(make_config, tmp_path):
     assert not [n for n in os.listdir(os.path.dirname(checkpoints[-1])) if ".tmp" in n]
 
 
-def test_kl_in_reward_and_dr_grpo_presets_run(make_config):
-    for preset in ("grpo_kl_reward", "grpo_dr_grpo"):
-        result = grpo.train(
-            make_config(
-                "grpo",
-                f"+experiment={preset}",
-                *FAST,
-                "train.steps=1",
-                "checkpoint.save_final=false",
-                "eval.num_samples=4",
-            )
+def digit_sum(prompts, completions, **_):
+    """A reward with spread on a random policy's samples, so advantages are not all zero."""
+    return [float(sum(int(c) for c in text if c.isdigit())) for text in completions]
+
+
+VARIED_REWARD = [
+    "reward.functions=[{name: 'tests.recipes.test_grpo_smoke:digit_sum', weight: 1.0}]",
+    "reward.accuracy_reward=null",
+]
+
+
+def test_kl_in_reward_and_dr_grpo_presets_run(make_config, tmp_path):
+    """The KL-in-reward preset puts the KL into the scores, not the loss; Dr.GRPO's preset trains
+    with its aggregation and without std scaling (its loss differs from GRPO's on the same start)."""
+    runs = {}
+    for preset in ("grpo_kl_reward", "grpo_dr_grpo", None):
+        cfg = make_config(
+            "grpo",
+            *([f"+experiment={preset}"] if preset else []),
+            *FAST,
+            *VARIED_REWARD,
+            "train.steps=1",
+            "checkpoint.save_final=false",
+            run_dir=str(tmp_path / str(preset)),
         )
-        assert torch.isfinite(torch.tensor(result["loss"]))
-        with open(os.path.join(result["run_dir"], "metrics.jsonl")) as handle:
-            assert any("loss" in json.loads(line) for line in handle)
+        runs[preset] = (cfg, grpo.train(cfg))
+    kl_cfg, kl_run = runs["grpo_kl_reward"]
+    assert kl_cfg.loss.kl_placement == "reward" and kl_run["reward_kl/sequence_mean"] >= 0
+    assert "kl/mean" not in kl_run  # nothing of the KL in the loss
+    dr_cfg, dr_run = runs["grpo_dr_grpo"]
+    assert dr_cfg.loss.aggregation == "sequence_mean_token_sum_norm" and not dr_cfg.advantage.scale_by_std
+    assert torch.isfinite(torch.tensor(dr_run["loss"]))
+    assert dr_run["optim/grad_norm"] != pytest.approx(runs[None][1]["optim/grad_norm"], rel=1e-3)
 
 
 def test_wandb_offline_by_default(make_config, monkeypatch):
@@ -180,7 +194,16 @@ def test_gradient_accumulation_split_gives_the_same_update(make_config, tmp_path
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_crash_during_a_save_leaves_the_previous_checkpoint(make_config, monkeypatch):
+@pytest.mark.parametrize(
+    "failure,message",
+    [
+        (OSError("disk vanished mid-save"), "failed: OSError\\('disk vanished mid-save'\\)"),
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk is full: saving .*step-000004 failed"),
+    ],
+)
+def test_a_failed_save_leaves_the_previous_checkpoint(make_config, monkeypatch, failure, message):
+    """A write that fails mid-save (a full disk) is an error naming the checkpoint; the partial
+    directory is removed and the run resumes from the previous checkpoint."""
     from rlhf.distributed.engine import SingleProcessEngine
 
     cfg = make_config("grpo", *FAST, "train.steps=4", "checkpoint.every=2", "eval.num_samples=4")
@@ -191,23 +214,14 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint(make_config, monkeyp
         calls["n"] += 1
         original(self, directory)
         if calls["n"] == 2:
-            raise OSError("disk vanished mid-save")
+            raise failure
 
     monkeypatch.setattr(SingleProcessEngine, "save_state", crash_on_second_save)
-    with pytest.raises(OSError, match="mid-save"):
+    with pytest.raises(CheckpointError, match=message):
         grpo.train(cfg)
     monkeypatch.setattr(SingleProcessEngine, "save_state", original)
-    assert [os.path.basename(c) for c in list_checkpoints(cfg.run_dir)] == ["step-000002"]
-    resumed = grpo.train(
-        make_config(
-            "grpo",
-            *FAST,
-            "train.steps=4",
-            "checkpoint.every=2",
-            "eval.num_samples=4",
-            f"resume={cfg.run_dir}",
-        )
-    )
+    assert sorted(os.listdir(os.path.join(cfg.run_dir, "checkpoints"))) == ["step-000002"]
+    resumed = grpo.train(make_config("grpo", f"resume={cfg.run_dir}"))
     assert resumed["step"] == 4 and resumed["checkpoint"].endswith("step-000004")
 
 
@@ -222,3 +236,47 @@ def test_shared_prefix_forward_gives_the_same_run(make_config, tmp_path):
     for step in plain:
         for key in ("loss", "kl/mean", "reward/mean", "entropy"):
             assert shared[step][key] == pytest.approx(plain[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_rloo_advantages_through_the_recipe(make_config, tmp_path):
+    """Every row of the rollout is saved: each advantage is its score minus the mean of the other
+    samples of its prompt (RLOO), so groups are the rollout's blocks of G rows."""
+    from rlhf.loggers import read_rollouts
+
+    cfg = make_config(
+        "grpo", *FAST, *VARIED_REWARD, "advantage.estimator=rloo", "train.steps=1", "logger.rollout_samples=8"
+    )
+    grpo.train(cfg)
+    records = read_rollouts(cfg.run_dir)
+    assert len(records) == 8
+    by_prompt: dict[str, list[dict]] = {}
+    for record in records:
+        by_prompt.setdefault(record["prompt"], []).append(record)
+    for group in by_prompt.values():
+        assert len(group) == 4
+        for record in group:
+            others = [r["score"] for r in group if r is not record]
+            assert record["advantage"] == pytest.approx(record["score"] - sum(others) / 3, abs=1e-5)
+
+
+def constant_reward(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
+def test_zero_variance_groups_are_dropped_through_the_recipe(make_config):
+    """A constant reward: every group has zero variance, so every row leaves the loss mask and the
+    update is skipped on all ranks (the policy is exactly the initial one)."""
+    cfg = make_config(
+        "grpo",
+        *FAST,
+        "reward.functions=[{name: 'tests.recipes.test_grpo_smoke:constant_reward', weight: 1.0}]",
+        "reward.accuracy_reward=null",
+        "advantage.drop_zero_variance_groups=true",
+        "train.steps=2",
+        "optim.lr=0.1",
+    )
+    initial = load_causal_lm(cfg.model, load_tokenizer(cfg.model), seed=cfg.seed).state_dict()
+    result = grpo.train(cfg)
+    assert result["groups/zero_variance_fraction"] == 1.0 and result["update/skipped_steps"] == 1.0
+    exported = AutoModelForCausalLM.from_pretrained(export_dir(result["checkpoint"])).state_dict()
+    assert all(torch.equal(exported[name], initial[name]) for name in exported)

@@ -12,7 +12,7 @@ import torch
 
 from recipes import grpo, ppo
 from rlhf.inspect import load_run, token_heatmap
-from rlhf.loggers import WandbLogger, read_rollouts, wandb_name
+from rlhf.loggers import WandbLogger, read_rollouts, rewind_jsonl, wandb_name
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 GRPO_FAST = [
@@ -119,21 +119,19 @@ def test_grpo_samples_have_logprobs_even_without_an_old_policy_pass(make_config)
         assert isinstance(record["advantage"], float)
 
 
-def test_rollouts_of_replayed_steps_replace_the_old_ones(tmp_path):
-    """After a resume the steps since the checkpoint are written again; only the newest copy counts."""
-    lines = [
-        {"step": 1, "completion": "a"},
-        {"step": 2, "completion": "old"},
-        {"step": 2, "completion": "old2"},
-    ]
-    lines += [{"step": 2, "completion": "new"}, {"step": 3, "completion": "c"}]
-    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
-    with open(tmp_path / "rollouts.jsonl", "a") as handle:
-        handle.write(json.dumps({"step": 1, "completion": "b"}) + "\n")
-        for r in lines[3:]:
-            handle.write(json.dumps(r) + "\n")
-    assert [r["completion"] for r in read_rollouts(str(tmp_path))] == ["b", "new", "c"]
+def test_logs_rewind_to_a_step_and_a_half_written_last_line_is_tolerated(tmp_path):
+    """What a resume does to the logs: rows after the checkpoint's step go, a half-written last line
+    (a crash mid-write) goes; the readers skip such a line, and a bad line elsewhere names its number."""
+    rows = [{"step": 1, "completion": "a"}, {"step": 2, "completion": "b"}, {"step": 3, "completion": "c"}]
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "compl')
+    assert [r["completion"] for r in read_rollouts(str(tmp_path))] == ["a", "b", "c"]
+    assert rewind_jsonl(str(path), last_step=2) == 2
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])
     assert read_rollouts(str(tmp_path / "missing")) == []
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="rollouts.jsonl line 2 is not valid JSON"):
+        read_rollouts(str(tmp_path))
 
 
 def test_token_heatmap_colours_and_errors():

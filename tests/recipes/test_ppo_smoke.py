@@ -86,12 +86,12 @@ def test_ppo_with_reward_functions_resumes_exactly(make_config, tmp_path):
     ]
     straight = ppo.train(make_config("ppo", *common, "train.steps=4", run_dir=str(tmp_path / "a")))
     ppo.train(make_config("ppo", *common, "train.steps=2", run_dir=str(tmp_path / "b")))
-    resumed = ppo.train(make_config("ppo", *common, "train.steps=4", f"resume={tmp_path / 'b'}"))
+    resumed = ppo.train(make_config("ppo", "train.steps=4", f"resume={tmp_path / 'b'}"))
     first = {r["step"]: r for r in read_metrics(straight["run_dir"]) if "loss" in r}
     second = {r["step"]: r for r in read_metrics(resumed["run_dir"]) if "loss" in r}
     for step in (3, 4):
-        for key in ("loss", "loss/value", "kl/sequence_mean", "value/mean"):
-            assert first[step][key] == pytest.approx(second[step][key], rel=1e-4, abs=1e-6), (step, key)
+        for key in ("loss", "loss/value", "kl/sequence_mean", "value/mean", "kl/coef"):
+            assert first[step][key] == second[step][key], (step, key)
 
 
 def test_ppo_needs_a_score(make_config):
@@ -116,15 +116,16 @@ def test_ppo_with_rto_token_reward(make_config, reward_model_dir, tmp_path):
                 f"rto.dpo_model={dpo_dir}",
                 f"rto.reference={reference}",
                 f"rto.dpo_reference_model={dpo_dir}",
+                "rto.clip=0.001",  # 0.05 * |log ratio| above 0.001 happens on most tokens of two random models
                 "train.steps=2",
                 run_dir=str(tmp_path / reference),
             )
         )
         rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
-        if reference == "policy":  # a different model: non-zero log-ratios, at most 0.05 per token
-            assert all(0 <= r["rto/clip_fraction"] <= 1 for r in rows)
+        if reference == "policy":  # a different model: non-zero log-ratios, clipped to 0.001 per token
+            assert all(r["rto/clip_fraction"] > 0 for r in rows)
             assert all(r["reward/rto_sum"] != 0 for r in rows)
-            assert all(abs(r["reward/rto_token_mean"]) <= 0.05 for r in rows)
+            assert all(abs(r["reward/rto_token_mean"]) <= 0.001 for r in rows)
         else:  # its own reference is the same model: the reward is exactly 0
             assert all(r["reward/rto_sum"] == 0 for r in rows)
 
@@ -180,13 +181,18 @@ def test_macro_actions_of_one_token_are_token_level_ppo(make_config, tmp_path):
         ["advantage.macro.segmenter=randomized", "advantage.macro.aggregation=last"],
     ],
 )
-def test_macro_action_ppo_runs(make_config, macro):
-    result = ppo.train(
-        make_config("ppo", *FAST, "+experiment=ppo_arithmetic_rewards", "train.steps=2", *macro)
-    )
+def test_macro_action_ppo_runs(make_config, macro, tmp_path):
+    """Each segmenter makes segments longer than a token on some rows, and GAE over them gives other
+    value targets than token-level PPO from the same start."""
+    common = [*FAST, "+experiment=ppo_arithmetic_rewards", "train.steps=2"]
+    token = ppo.train(make_config("ppo", *common, run_dir=str(tmp_path / "token")))
+    result = ppo.train(make_config("ppo", *common, *macro, run_dir=str(tmp_path / "macro")))
     rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    token_rows = [r for r in read_metrics(token["run_dir"]) if "loss" in r]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["loss/value"]])).all() for r in rows)
-    assert all(r["macro/segments_mean"] >= 1 for r in rows)
+    assert all(1 <= r["macro/segments_mean"] <= 4 for r in rows)  # 4-token responses
+    assert rows[0]["macro/segment_length_mean"] > 1
+    assert rows[0]["value/returns_mean"] != pytest.approx(token_rows[0]["value/returns_mean"], rel=1e-6)
 
 
 def test_macro_config_errors_name_the_field(make_config):
@@ -213,4 +219,4 @@ def test_curiosity_ppo_runs_and_resumes_exactly(make_config, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["curiosity/loss"])) for r in first.values())
     for step in (3, 4):
         for key in ("loss", "curiosity/loss", "curiosity/error_mean"):
-            assert first[step][key] == pytest.approx(second[step][key], rel=1e-4, abs=1e-6), (step, key)
+            assert first[step][key] == second[step][key], (step, key)

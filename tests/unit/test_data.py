@@ -116,3 +116,50 @@ def test_digit_match_partial_credit():
         2 / 3,
         3 / 4,
     ]
+
+
+def test_an_empty_data_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match=f"data file {path} is empty"):
+        load_task_data(DataConfig(source=str(path), eval_split=None))
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="has no rows"):
+        load_task_data(DataConfig(source=str(path), eval_split=None))
+
+
+def test_a_malformed_jsonl_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n')
+    with pytest.raises(DataError, match=f"{path} line 2 is not valid JSON"):
+        load_task_data(DataConfig(source=str(path), eval_split=None))
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n["1+1=", "2"]\n')
+    with pytest.raises(DataError, match="line 2 is a JSON list, not an object"):
+        load_task_data(DataConfig(source=str(path), eval_split=None))
+
+
+def test_pairs_whose_chosen_equals_rejected_are_dropped_and_counted(tmp_path, capsys):
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": "a", "chosen": "x", "rejected": "y"},
+        {"prompt": "b", "chosen": "same", "rejected": "same"},
+        {"prompt": "c", "chosen": "z", "rejected": "w"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, _ = load_task_data(DataConfig(source=str(path), eval_split=None), needs_pairs=True)
+    assert train["prompt"] == ["a", "c"]
+    assert "dropped 1 of 3 pairs whose 'chosen' equals 'rejected' (rows [1])" in capsys.readouterr().out
+    path.write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match="every pair has 'chosen' equal to 'rejected'"):
+        load_task_data(DataConfig(source=str(path), eval_split=None), needs_pairs=True)
+
+
+def test_characters_the_tokenizer_cannot_see_are_a_warning_with_an_example():
+    from datasets import Dataset
+
+    from rlhf.data.load import warn_unknown_tokens
+    from rlhf.models.tiny import build_char_tokenizer
+
+    rows = Dataset.from_dict({"prompt": ["12+3=", "x+1=", "4+4=", "ÿ"]})
+    with pytest.warns(UserWarning, match=r"2 texts in the first 4 rows .* row 1 column 'prompt': 'x\+1='"):
+        assert warn_unknown_tokens(build_char_tokenizer(), rows, ["prompt"]) == 2

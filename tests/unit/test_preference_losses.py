@@ -199,3 +199,12 @@ def test_treg_alpha_zero_is_dpo_and_regulariser_hand_computed():
     )
     weight = 1 / (1 + math.exp(-0.5 * (3.0 - 1.0)))
     assert out.loss.item() == pytest.approx(base.loss.item() + 0.25 * weight * 0.6, rel=1e-6)
+
+
+def test_every_listed_preference_loss_resolves_and_others_are_refused():
+    from rlhf.losses.preference import PREFERENCE_LOSSES, preference_loss
+
+    for name in PREFERENCE_LOSSES:
+        preference_loss(name, beta=0.1)
+    with pytest.raises(ValueError, match="simpo"):
+        preference_loss("dpo", beta=0.1)

@@ -92,3 +92,24 @@ def test_scores_are_float_tensors():
         [WeightedReward("exact_match", exact_match, 1.0)], ["p"], ["1"], {"answer": ["1"]}
     )
     assert scores.dtype == torch.float32 and valid.dtype == torch.bool
+
+
+@pytest.mark.parametrize("value", ["1.0", [1.0], object()])
+def test_a_reward_that_returns_a_non_number_is_an_error_naming_it(value):
+    def sloppy(prompts, completions, **_):
+        return [1.0, value]
+
+    with pytest.raises(
+        RewardError, match=r"reward function 'sloppy' returned .* for row 1; a reward must be a number"
+    ):
+        score_completions([WeightedReward("sloppy", sloppy, 1.0)], ["p", "q"], ["a", "b"], {})
+
+
+def test_numpy_and_tensor_scalars_are_numbers():
+    import numpy as np
+
+    def typed(prompts, completions, **_):
+        return [np.float32(0.5), torch.tensor(2.0)]
+
+    scores, valid, _, _ = score_completions([WeightedReward("typed", typed, 1.0)], ["p", "q"], ["a", "b"], {})
+    assert scores.tolist() == [0.5, 2.0] and valid.all()

@@ -54,24 +54,45 @@ MIXED = grouped_batch([0, 2, 0, 1, 2, 0], [5, 1, 9], [7, 3, 0, 4, 1, 5])
 CASES = [(arch, attention) for arch in ("llama", "qwen2") for attention in ("sdpa", "eager")]
 
 
+def weighted_backward(model, batch=MIXED) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Log-probs of `batch`, and every parameter's gradient of a fixed random weighting of them."""
+    mask = batch[3]
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
+    logprobs, _ = response_logprobs(model, *batch)
+    (logprobs * weights * mask).sum().backward()
+    return logprobs, {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same_gradients(shared: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> None:
+    for name, grad in plain.items():
+        # fp32 sums in another order: the prefix's gradient is one sum instead of G copies
+        torch.testing.assert_close(shared[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def generate_groups_of_three(model, prompt_ids, prompt_mask):
+    """Greedy rollout of 3 samples per prompt, 4 tokens, with the logits of every step."""
+    from transformers import GenerationConfig
+
+    from rlhf.rollout.hf import generate_groups
+
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=4, pad_token_id=TOKENIZER.pad_token_id, eos_token_id=-1
+    )
+    return generate_groups(
+        model, prompt_ids, prompt_mask, 3, config, output_logits=True, return_dict_in_generate=True
+    )
+
+
 @pytest.mark.parametrize("arch,attention", CASES)
 def test_logits_and_every_gradient_equal_the_repeated_layout(arch, attention):
     plain = load_causal_lm(model_config(arch, attention, False), TOKENIZER, seed=3)
     shared = load_causal_lm(model_config(arch, attention, True), TOKENIZER, seed=3)
     assert uses_shared_prefix(shared) and not uses_shared_prefix(plain)
-    _, _, response_ids, mask = MIXED
-    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
-    results = []
-    for model in (plain, shared):
-        logits = response_logits(model, *MIXED)
-        logprobs, _ = response_logprobs(model, *MIXED)
-        (logprobs * weights * mask).sum().backward()
-        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
-    (plain_logits, plain_grads), (shared_logits, shared_grads) = results
+    mask = MIXED[3]
+    plain_logits, shared_logits = (response_logits(model, *MIXED) for model in (plain, shared))
+    # fp32: the packed layout adds the same attention terms in another order (a few ulps apart)
     torch.testing.assert_close(shared_logits[mask], plain_logits[mask], rtol=1e-5, atol=1e-5)
-    for name, grad in plain_grads.items():
-        # fp32 sums in another order: the prefix's gradient is one sum instead of G copies
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(weighted_backward(shared)[1], weighted_backward(plain)[1])
 
 
 def reference_flash_varlen(
@@ -145,37 +166,22 @@ def test_flash_attention_path_equals_the_repeated_layout(arch, reference_flash_k
     plain = load_causal_lm(model_config(arch, "sdpa", False), TOKENIZER, seed=3)
     shared = load_causal_lm(model_config(arch, "flash_attention_2", True), TOKENIZER, seed=3)
     assert uses_shared_prefix(shared)
-    _, _, _, mask = MIXED
-    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
-    results = []
-    for model in (plain, shared):
-        logprobs, _ = response_logprobs(model, *MIXED)
-        (logprobs * weights * mask).sum().backward()
-        results.append((logprobs, {n: p.grad for n, p in model.named_parameters()}))
-    (plain_logprobs, plain_grads), (shared_logprobs, shared_grads) = results
+    mask = MIXED[3]
+    (plain_logprobs, plain_grads), (shared_logprobs, shared_grads) = map(weighted_backward, (plain, shared))
+    # fp32: per-sequence attention against SDPA over the padded rows, same terms in another order
     torch.testing.assert_close(shared_logprobs[mask], plain_logprobs[mask], rtol=1e-5, atol=1e-5)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(shared_grads, plain_grads)
     # outside a packed forward it is transformers' FlashAttention-2 path (padding unpadded), and the
     # rollout's prefill-once generation runs on it unchanged
-    from transformers import GenerationConfig
-
-    from rlhf.rollout.hf import generate_groups
-
     prompt_ids, prompt_mask, _, _ = grouped_batch([0, 1], [3, 6], [0, 0])
     kwargs = dict(attention_mask=prompt_mask.long(), max_new_tokens=5, do_sample=False)
     assert torch.equal(shared.generate(prompt_ids, **kwargs), plain.generate(prompt_ids, **kwargs))
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=4, pad_token_id=TOKENIZER.pad_token_id, eos_token_id=-1
+    plain_out, shared_out = (
+        generate_groups_of_three(m.eval(), prompt_ids, prompt_mask) for m in (plain, shared)
     )
-    outputs = [
-        generate_groups(
-            model.eval(), prompt_ids, prompt_mask, 3, config, output_logits=True, return_dict_in_generate=True
-        )
-        for model in (plain, shared)
-    ]
-    torch.testing.assert_close(outputs[1].logits[0], outputs[0].logits[0], rtol=1e-5, atol=1e-5)
-    assert torch.equal(outputs[1].sequences, outputs[0].sequences)
+    # fp32, unpadded per-sequence attention against padded SDPA: the same sums in another order
+    torch.testing.assert_close(shared_out.logits[0], plain_out.logits[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(shared_out.sequences, plain_out.sequences)
 
 
 def test_flash_attention_without_a_kernel_is_a_clear_error(monkeypatch):
@@ -302,26 +308,14 @@ def test_grpo_loss_and_one_optimizer_step_equal():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_rollout_prefills_each_prompt_once_with_the_same_first_step_logits(arch):
-    from transformers import GenerationConfig
-
-    from rlhf.rollout.hf import generate_groups
-
     prompt_ids, prompt_mask, _, _ = grouped_batch([0, 1, 2], [4, 9, 1], [0, 0, 0], seed=3)
     plain = load_causal_lm(model_config(arch, "sdpa", False), TOKENIZER, seed=8).eval()
     shared = load_causal_lm(model_config(arch, "sdpa", True), TOKENIZER, seed=8).eval()
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=4, pad_token_id=TOKENIZER.pad_token_id, eos_token_id=-1
-    )
     calls = []
     hook = shared.model.register_forward_pre_hook(
         lambda _m, _a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
     )
-    outputs = [
-        generate_groups(
-            model, prompt_ids, prompt_mask, 3, config, output_logits=True, return_dict_in_generate=True
-        )
-        for model in (plain, shared)
-    ]
+    outputs = [generate_groups_of_three(model, prompt_ids, prompt_mask) for model in (plain, shared)]
     hook.remove()
     assert calls[0] == (3, prompt_ids.shape[1] - 1)  # one prefill row per prompt, not per sample
     assert all(shape[1] == 1 for shape in calls[1:])  # then one token at a time for 9 rows
