@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/grpo_step.py
 	$(BIN)/python benchmarks/dpo_step.py
 	$(BIN)/python benchmarks/demo_accuracy.py
+	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/zero_memory.py
 	$(BIN)/python benchmarks/rlhf_pipeline.py
 

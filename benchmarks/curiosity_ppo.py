@@ -82,7 +82,6 @@ def _ppo(job: tuple[int, str, list[str], str, str, int, int], threads: int) -> t
             "+experiment=ppo_sums",
             "model=pretrained",
             f"model.name_or_path={sft_model}",
-            "model.dtype=float32",
             f"seed={seed}",
             "logger=quiet",
             f"run_dir={run_dir}",

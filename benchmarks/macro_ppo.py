@@ -76,7 +76,6 @@ def _run_variant(job: tuple[int, str, str, str], threads: int) -> tuple[int, str
                     "+experiment=ppo_pipeline",
                     "model=pretrained",
                     f"model.name_or_path={sft_model}",
-                    "model.dtype=float32",
                     f"reward_model.name_or_path={rm_model}",
                     f"seed={seed}",
                     "logger=quiet",

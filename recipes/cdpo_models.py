@@ -163,7 +163,6 @@ def build_cdpo_models(
                     overrides=[
                         "model=pretrained",
                         f"model.name_or_path={policy_dir}",
-                        "model.dtype=float32",
                         "data=jsonl",
                         f"data.source={out_dir}/{name}_data",
                         "data.eval_split=null",
@@ -200,7 +199,6 @@ def dpo_overrides(policy_dir: str, built: dict) -> list[str]:
         "+experiment=dpo_cdpo",
         "model=pretrained",
         f"model.name_or_path={policy_dir}",
-        "model.dtype=float32",
         f"data.source={built['pairs']}",
         "data.completion_column=null",
         f"token_weights.positive_model={built['positive_model']}",

@@ -57,7 +57,6 @@ def run_demo(args: list[str], run_dir: str | None = None) -> dict[str, float | s
                     "+experiment=grpo_arithmetic_demo",
                     "model=pretrained",
                     f"model.name_or_path={start}",
-                    "model.dtype=float32",
                     f"run_dir={run_dir}/grpo",
                     *grpo_args,
                 ],

@@ -82,18 +82,13 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
         cfg.distributed,
         cfg.train.steps,
         plan.micro_batch_size,
+        cfg.train.precision,
     )
     pairs = PairLoss(cfg, tokenizer, policy, loss_fn, _build_scorer(cfg, tokenizer, policy, needs_reference))
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     state = run.attach(policy, tokenizer, lambda: {"sampler": sampler.state_dict()})
     if state:
         sampler.load_state_dict(state["sampler"])
-    # Frozen models' token values: precomputed once (then the models are dropped) or per micro-batch.
-    if cfg.reference.precompute and pairs.scorer.columns:
-        for split, rows in (("train", train_rows), ("eval", eval_rows)):
-            if rows is not None:
-                pairs.caches[split] = _precompute(cfg, split, rows, pairs, run.dir)
-        pairs.scorer = PairTokenScorer()  # the frozen models are no longer needed
 
     def evaluate() -> dict[str, float]:
         return _evaluate(cfg, pairs, eval_rows, accuracy_fn)
@@ -101,6 +96,12 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
     result: dict[str, float | str] = {}
     metrics: dict[str, float] = {}
     with run:
+        # Frozen models' token values: precomputed once (then the models are dropped) or per micro-batch.
+        if cfg.reference.precompute and pairs.scorer.columns:
+            for split, rows in (("train", train_rows), ("eval", eval_rows)):
+                if rows is not None:
+                    pairs.caches[split] = _precompute(cfg, split, rows, pairs, run.dir)
+            pairs.scorer = PairTokenScorer()  # the frozen models are no longer needed
         if run.start_step == 0:
             before = evaluate()
             result.update({f"{k}_before": v for k, v in before.items()})
@@ -129,7 +130,8 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, policy)
             if cfg.eval.every and step % cfg.eval.every == 0:
-                metrics.update(evaluate())
+                with run.untimed():
+                    metrics.update(evaluate())
             if step % cfg.logger.log_every == 0 or any(k.startswith("eval/") for k in metrics):
                 run.log(metrics, step)
         run.finish()

@@ -73,6 +73,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         cfg.distributed,
         optimizer_steps,
         plan.micro_batch_size,
+        cfg.train.precision,
     )
     reference = None
     if cfg.loss.kl_coef != 0.0:  # the initial policy (adapters off under LoRA), also when resuming
@@ -134,7 +135,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             metrics["time/step"] = time.perf_counter() - started
             metrics["tokens_per_s"] = rollout_tokens * env.world_size / metrics["time/step"]
             metrics = mean_over_ranks(metrics, engine)
-            heldout.during(step, metrics)
+            heldout.during(run, step, metrics)
             if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
                 run.log(metrics, step)
                 sampled = dataclasses.replace(batch, response_mask=rollout_mask)

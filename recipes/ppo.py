@@ -93,6 +93,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         cfg.distributed,
         optimizer_steps,
         plan.micro_batch_size,
+        cfg.train.precision,
     )
     models = _build_models(cfg, policy, tokenizer, plan, optimizer_steps)
     kl_controller = make_kl_controller(
@@ -167,7 +168,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, policy)
             kl_controller.update(metrics["kl/sequence_mean"], cfg.train.prompts_per_step * g)
-            heldout.during(step, metrics)
+            heldout.during(run, step, metrics)
             if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
                 run.log(metrics, step)
                 per_token = {"logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "kl": kl}
@@ -201,6 +202,7 @@ def _build_models(cfg: PPOConfig, policy, tokenizer, plan, optimizer_steps: int)
         cfg.distributed,
         optimizer_steps,
         plan.micro_batch_size,
+        cfg.train.precision,
     )
     reference = load_reference(cfg.model, tokenizer, policy, seed=cfg.seed)
     reward_model = None

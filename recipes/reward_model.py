@@ -50,6 +50,7 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
         cfg.distributed,
         cfg.train.steps,
         plan.micro_batch_size,
+        cfg.train.precision,
     )
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict()})

@@ -158,7 +158,7 @@ def run_pipeline(
         # The reward model starts from a stronger backbone than the policy (as in practice, where the
         # reward model is at least as capable): the SFT model trained on until 90% check accuracy. From
         # the 35%-accuracy policy itself, Bradley-Terry training stayed near chance (see RESULTS.md).
-        pretrained = ["model=pretrained", f"model.name_or_path={sft_model}", "model.dtype=float32"]
+        pretrained = ["model=pretrained", f"model.name_or_path={sft_model}"]
         backbone_cfg = config(
             "sft",
             "+experiment=sft_arithmetic_demo",
@@ -176,7 +176,6 @@ def run_pipeline(
             "+experiment=rm_pipeline",
             "model=pretrained",
             f"model.name_or_path={backbone}",
-            "model.dtype=float32",
             f"data.source={run_dir}/pairs",
             f"run_dir={run_dir}/rm",
             *overrides["rm"],

@@ -54,6 +54,7 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
         cfg.distributed,
         cfg.train.steps,
         plan.micro_batch_size,
+        cfg.train.precision,
     )
     reduction = get_reduction("token_mean")
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
@@ -103,7 +104,8 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
             # 4 check accuracy, log (checkpoints and stops: in run.steps)
             stop = False
             if accuracy_fn is not None and cfg.train.check_every and step % cfg.train.check_every == 0:
-                metrics["check/accuracy"] = accuracy_on(check_rows)
+                with run.untimed():
+                    metrics["check/accuracy"] = accuracy_on(check_rows)
                 stop = (
                     cfg.train.stop_at_accuracy is not None
                     and metrics["check/accuracy"] >= cfg.train.stop_at_accuracy

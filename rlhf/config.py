@@ -92,6 +92,10 @@ class ModelConfig:
     # Prefix Grouper: rows that repeat a prompt (GRPO/PPO groups, DPO chosen/rejected) are packed so
     # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa, eager or flash_attention_2.
     shared_prefix: bool = False
+    # Activation checkpointing for the trained models (policy, critic, reward model): each decoder
+    # layer's activations are recomputed in the backward instead of kept; same gradients, less
+    # memory, about a third more compute.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, ("tiny", "pretrained"))
@@ -106,6 +110,7 @@ class ModelConfig:
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
             shared_prefix=self.shared_prefix,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
 
 
@@ -294,22 +299,36 @@ class EvalConfig:
         check_range("eval.max_new_tokens", self.max_new_tokens, 1)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
-class GRPOTrainConfig:
+class TrainLoopConfig:
+    """Fields of every recipe's `train` group."""
+
+    steps: int = 100
+    time_limit_s: float | None = None  # stop (with a checkpoint) after this many seconds of training
+    # fp32: float32 everywhere. bf16: mixed precision, bf16 compute with float32 master weights and
+    # optimizer state (rlhf/models/precision.py); logprobs, KL, advantages and losses stay float32.
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_range("train.steps", self.steps, 0)
+        check_range("train.time_limit_s", self.time_limit_s, 0, low_open=True)
+        check_choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class GRPOTrainConfig(TrainLoopConfig):
     steps: int = 100
     prompts_per_step: int = 8
     num_minibatches: int = 1  # optimizer steps per rollout per epoch
     micro_batch_size: int = 64  # rollouts per forward/backward
     epochs: int = 1  # passes over each rollout
-    time_limit_s: float | None = None  # stop after this many seconds of training
-
-    def __post_init__(self) -> None:
-        check_range("train.steps", self.steps, 0)
-        check_range("train.time_limit_s", self.time_limit_s, 0, low_open=True)
 
 
 @dataclass
-class SFTTrainConfig:
+class SFTTrainConfig(TrainLoopConfig):
     steps: int = 1000
     batch_size: int = 64
     micro_batch_size: int = 64
@@ -320,7 +339,7 @@ class SFTTrainConfig:
 
 
 @dataclass
-class RewardModelTrainConfig:
+class RewardModelTrainConfig(TrainLoopConfig):
     steps: int = 300
     batch_size: int = 32  # pairs per optimizer step
     micro_batch_size: int = 32
@@ -541,7 +560,7 @@ class TRegConfig:
 
 
 @dataclass
-class DPOTrainConfig:
+class DPOTrainConfig(TrainLoopConfig):
     steps: int = 300
     batch_size: int = 32  # pairs per optimizer step
     micro_batch_size: int = 32

@@ -33,6 +33,7 @@ Only rank 0 writes files other than its checkpoint shards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -274,7 +275,8 @@ class Run:
         self.start_step = manifest["step"] if manifest else 0
         self.step = self.start_step
         self.last_checkpoint = checkpoint or ""
-        self.elapsed = 0.0
+        self.elapsed = 0.0  # seconds of training (evaluation excluded), carried over a resume
+        self._untimed_s = 0.0
         self.loggers: Any = None
         self._engine: Any = None
         self._save_state: Callable[[], dict[str, Any]] = dict
@@ -286,8 +288,7 @@ class Run:
     # -- before any model loads ------------------------------------------------------------------
     @classmethod
     def open(cls, recipe: str, cfg: Any, env: Any) -> Run:
-        """Check the run directory or the resume target (writes nothing), seed this rank, and catch
-        preemption signals from here on."""
+        """Check the run directory or the resume target (writes nothing) and seed this rank."""
         check_model_paths(cfg)
         checkpoint = manifest = None
         if cfg.resume:
@@ -309,7 +310,6 @@ class Run:
                 )
         run = cls(recipe, cfg, env, checkpoint, manifest)
         seed_everything(cfg.seed + env.rank)  # ranks sample different completions
-        run._catch_signals()
         return run
 
     # -- once the engines exist ------------------------------------------------------------------
@@ -399,10 +399,10 @@ class Run:
         """Steps start_step+1 .. train.steps. Between steps: a periodic checkpoint, then a stop for
         the time limit (exit 0) or a preemption signal (checkpoint, exit PREEMPTED_EXIT_CODE)."""
         for step in range(self.start_step + 1, self.cfg.train.steps + 1):
-            started = time.perf_counter()
+            started, self._untimed_s = time.perf_counter(), 0.0
             self.step = step
             yield step
-            self.elapsed += time.perf_counter() - started
+            self.elapsed += time.perf_counter() - started - self._untimed_s
             every = self.cfg.checkpoint.every
             if every and step % every == 0:
                 self.save()
@@ -432,6 +432,15 @@ class Run:
         )
         flags = self._engine.all_reduce_sum(flags)
         return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
+        """Work inside this block (held-out evaluation) does not count toward train.time_limit_s."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._untimed_s += time.perf_counter() - started
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.loggers.log(metrics, step)
@@ -493,6 +502,9 @@ class Run:
         self._previous_handlers = {}
 
     def __enter__(self) -> Run:
+        """Preemption signals are caught inside the `with` block, where a checkpoint can be saved;
+        leaving it restores the previous handlers (and closes the loggers), however it is left."""
+        self._catch_signals()
         return self
 
     def __exit__(self, *exc_info) -> None:

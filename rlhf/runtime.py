@@ -104,9 +104,10 @@ class HeldoutAccuracy:
         run.log({"eval/accuracy": accuracy}, 0)
         return {"eval/accuracy_before": accuracy}
 
-    def during(self, step: int, metrics: dict[str, float]) -> None:
+    def during(self, run: Any, step: int, metrics: dict[str, float]) -> None:
         if self.enabled and self.every and step % self.every == 0:
-            metrics["eval/accuracy"] = self._evaluate()
+            with run.untimed():  # evaluation does not count toward train.time_limit_s
+                metrics["eval/accuracy"] = self._evaluate()
 
     def after(self, run: Any, metrics: dict[str, float]) -> dict[str, float]:
         if not self.enabled:

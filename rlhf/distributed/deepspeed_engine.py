@@ -25,12 +25,13 @@ import torch
 from rlhf.config import ConfigError, DistributedConfig, OptimConfig
 from rlhf.distributed.engine import ModelSource, build_optimizer, build_scheduler, materialize, resolve_device
 from rlhf.distributed.env import DistEnv, all_reduce_sum, barrier, init_process_group
+from rlhf.models.precision import warn_pure_low_precision
 
 CHECKPOINT_TAG = "zero"
 
 
 def deepspeed_config(
-    dist_cfg: DistributedConfig, optim: OptimConfig, micro_batch_size: int
+    dist_cfg: DistributedConfig, optim: OptimConfig, micro_batch_size: int, precision: str = "fp32"
 ) -> dict[str, Any]:
     """The DeepSpeed JSON our config implies, with a user file merged over it."""
     if dist_cfg.offload_params and dist_cfg.zero_stage != 3:
@@ -52,6 +53,8 @@ def deepspeed_config(
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # bf16 weights and compute, float32 master weights and optimizer state in the ZeRO optimizer
+        "bf16": {"enabled": precision == "bf16"},
     }
     # DeepSpeed clips at 1.0 unless told otherwise; 0 turns clipping off like max_grad_norm=null
     config["gradient_clipping"] = optim.max_grad_norm if optim.max_grad_norm is not None else 0.0
@@ -81,17 +84,20 @@ class DeepSpeedEngine:
         total_steps: int,
         micro_batch_size: int,
         env: DistEnv,
+        precision: str = "fp32",
     ):
         init_process_group(dist_cfg.timeout_s, always=True)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world_size = env.rank, env.world_size
         self.device = resolve_device(dist_cfg.device, env.local_rank)
         self.dist_cfg = dist_cfg
-        self.config = deepspeed_config(dist_cfg, optim, micro_batch_size)
+        self.config = deepspeed_config(dist_cfg, optim, micro_batch_size, precision)
+        self.bf16 = precision == "bf16"
         self.stage = self.config["zero_optimization"]["stage"]
         with self.construction_context():
             model = materialize(model)
         model = model.to(self.device)
+        warn_pure_low_precision(model)
         optimizer = build_optimizer(model, optim)
         scheduler = build_scheduler(optimizer, optim, total_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -150,6 +156,8 @@ class DeepSpeedEngine:
         with self.construction_context():
             model = materialize(model)
         model = model.eval().requires_grad_(False)
+        if self.bf16:  # the same numbers as the bf16 policy (the reference's KL is 0 at the start)
+            model = model.to(torch.bfloat16)
         if self.stage != 3:
             return model.to(self.device)
         zero: dict[str, Any] = {"stage": 3}
@@ -158,6 +166,7 @@ class DeepSpeedEngine:
         config = {
             "train_micro_batch_size_per_gpu": self.config["train_micro_batch_size_per_gpu"],
             "zero_optimization": zero,
+            "bf16": {"enabled": self.bf16},
         }
         engine, *_ = deepspeed.initialize(model=model.to(self.device), config=config)
         return engine.module

@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from rlhf.config import ConfigError, DistributedConfig, OptimConfig
 from rlhf.distributed.env import DistEnv, launcher_env
+from rlhf.models.precision import autocast_forward, innermost_model, warn_pure_low_precision
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -83,9 +84,18 @@ class SingleProcessEngine:
     world_size = 1
     rank = 0
 
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        device: torch.device,
+        precision: str = "fp32",
+    ):
         self.device = device
-        self.model = self.module = model.to(device)
+        self.precision = precision
+        warn_pure_low_precision(model)
+        self.model = self.module = self._in_precision(model.to(device))
         self.optim_cfg = optim
         self.optimizer = build_optimizer(self.model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
@@ -119,7 +129,14 @@ class SingleProcessEngine:
         return contextlib.nullcontext()
 
     def prepare_frozen(self, model: ModelSource) -> torch.nn.Module:
-        return materialize(model).to(self.device).eval().requires_grad_(False)
+        return self._in_precision(materialize(model).to(self.device).eval().requires_grad_(False))
+
+    def _in_precision(self, model: torch.nn.Module) -> torch.nn.Module:
+        """bf16: the model's forward (training passes and generation alike) under autocast; its
+        weights, and so the optimizer's, stay float32."""
+        if self.precision == "bf16":
+            autocast_forward(innermost_model(model), self.device)
+        return model
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -153,11 +170,14 @@ def build_engine(
     dist_cfg: DistributedConfig,
     total_steps: int,
     micro_batch_size: int = 1,
+    precision: str = "fp32",
 ) -> TrainEngine:
     """The engine `distributed.backend` names, on the launcher's processes.
 
     `model` is a module or a function that builds one; pass a function so that under ZeRO-3 the
-    parameters are partitioned while the model is built instead of after.
+    parameters are partitioned while the model is built instead of after. `precision` is
+    train.precision: "bf16" trains in mixed precision (autocast in one process, DeepSpeed's bf16
+    mode under ZeRO), with float32 master weights either way.
     """
     env: DistEnv = launcher_env()
     if dist_cfg.backend == "single":
@@ -166,9 +186,10 @@ def build_engine(
                 f"distributed.backend=single but the launcher started {env.world_size} processes; "
                 "use distributed=zero1, zero2 or zero3 (or launch one process)"
             )
-        return SingleProcessEngine(materialize(model), optim, total_steps, resolve_device(dist_cfg.device))
+        device = resolve_device(dist_cfg.device)
+        return SingleProcessEngine(materialize(model), optim, total_steps, device, precision)
     if dist_cfg.backend == "deepspeed":
         from rlhf.distributed.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, optim, dist_cfg, total_steps, micro_batch_size, env)
+        return DeepSpeedEngine(model, optim, dist_cfg, total_steps, micro_batch_size, env, precision)
     raise ConfigError(f"distributed.backend={dist_cfg.backend!r} is not one of ['single', 'deepspeed']")

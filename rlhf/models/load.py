@@ -21,7 +21,7 @@ from transformers import (
 
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.models.lora import AdapterDisabledView, apply_lora
-from rlhf.models.shared_prefix import shared_prefix_attention
+from rlhf.models.shared_prefix import check_family, shared_prefix_attention
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,7 +124,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
             tie_word_embeddings=t.tie_word_embeddings,
         )
         model = build_tiny_causal_lm(spec, tokenizer, seed=seed, attn_implementation=_attention(cfg))
-        return model.to(_dtype(cfg))
+        return _checked_family(model.to(_dtype(cfg)), cfg)
     model = _from_pretrained(
         AutoModelForCausalLM,
         "model.name_or_path",
@@ -135,13 +135,39 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return _without_dropout(model)
+    return _checked_family(_without_dropout(model), cfg)
+
+
+def _checked_family(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    """With `model.shared_prefix`, only families the equivalence tests cover (a clear error, not
+    silently wrong numbers)."""
+    if cfg.shared_prefix:
+        try:
+            check_family(model)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    return model
 
 
 def load_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> torch.nn.Module:
     """The trainable policy: the causal LM, with LoRA adapters when `model.lora.enabled`."""
-    model = load_causal_lm(cfg, tokenizer, seed)
+    model = _checkpointed(load_causal_lm(cfg, tokenizer, seed), cfg)
     return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+
+
+def _checkpointed(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    """With `model.gradient_checkpointing`: activation checkpointing on every decoder layer
+    (non-reentrant, which LoRA, the shared-prefix attention and ZeRO-3 need), and the model in
+    training mode, the only mode where transformers checkpoints (dropout is off in every model we
+    load, so the mode changes nothing else; generation switches to eval itself)."""
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()
+    return model
 
 
 def load_reference(
@@ -172,7 +198,7 @@ def load_scorer(
         # construction context `from_config` builds a partitioned backbone that cannot be copied into;
         # the tiny model is whole and deepspeed.initialize partitions it like the policy.
         setattr(model, model.base_model_prefix, lm.base_model)
-        return _without_dropout(model).to(_dtype(cfg))
+        return _checkpointed(_without_dropout(model).to(_dtype(cfg)), cfg)
     model = _from_pretrained(
         auto,
         "model.name_or_path",
@@ -184,7 +210,7 @@ def load_scorer(
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return _without_dropout(model)
+    return _checkpointed(_checked_family(_without_dropout(model), cfg), cfg)
 
 
 def _without_dropout(model: PreTrainedModel) -> PreTrainedModel:

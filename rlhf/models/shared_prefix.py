@@ -13,6 +13,12 @@ prefix (keys: itself) and every suffix (keys: its group's prefix, then itself); 
 aligns a causal mask to the bottom right when a sequence has more keys than queries, which is
 exactly "the whole prefix plus my own past".
 
+Sliding-window layers (Mistral, Phi3, the sliding layers of Qwen2 and Qwen3, which pass the window
+to the attention function) keep their window with SDPA and eager: a query at position q sees keys at
+positions k with q - k < window, the rule of transformers' own masks, applied to both masks from the
+packed positions. Families are refused unless tested here (SUPPORTED_FAMILIES); so are logit
+soft-capping (Gemma2/3) and a window on the FlashAttention-2 path, which have no test.
+
 The attention function is registered with transformers' attention interface under
 `rlhf_shared_prefix_<base>` (`rlhf_shared_prefix_fa2` for FlashAttention-2); a model loaded with
 that implementation behaves exactly like `<base>` unless a forward passes `shared_prefix_layout=`
@@ -37,6 +43,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 PREFIX = "rlhf_shared_prefix_"
 FLASH = "flash_attention_2"
 SUPPORTED_BASES = ("sdpa", "eager", FLASH)
+# Model families whose attention the equivalence tests cover (tests/unit/test_shared_prefix*.py).
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
 # transformers treats any implementation named "*flash*" as a flash kernel to import, so ours is "fa2"
 REGISTERED_NAMES = {"sdpa": PREFIX + "sdpa", "eager": PREFIX + "eager", FLASH: PREFIX + "fa2"}
 
@@ -231,12 +239,18 @@ def grouped_attention(
     value: torch.Tensor,
     layout: SharedPrefixLayout,
     additive_mask: bool,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Attention over a packed batch, [B, H, L, D] in and [B, L, H, D] out (transformers' layout).
 
     `attend` is the base attention function; it gets boolean masks, or additive float masks when
-    `additive_mask` (eager adds the mask to the scores)."""
+    `additive_mask` (eager adds the mask to the scores). With `sliding_window`, a key more than
+    `sliding_window - 1` positions before its query is masked too."""
+    prefix_allowed, suffix_allowed = layout.prefix_mask, layout.suffix_mask
+    if sliding_window:
+        prefix_window, suffix_window = window_masks(layout, sliding_window)
+        prefix_allowed, suffix_allowed = prefix_allowed & prefix_window, suffix_allowed & suffix_window
 
     def mask(allowed: torch.Tensor) -> torch.Tensor:
         if not additive_mask:
@@ -250,7 +264,7 @@ def grouped_attention(
         query[:, :, :width],
         key[:, :, :width],
         value[:, :, :width],
-        mask(layout.prefix_mask),
+        mask(prefix_allowed),
         **kwargs,
     )  # [B, P, H, D]
     # Suffix rows: their own tokens as queries; the group's prefix (one copy per member, whose
@@ -265,13 +279,27 @@ def grouped_attention(
         suffix_rows(query),
         torch.cat([key[:, :, :width][layout.group_of_row], suffix_rows(key)], dim=2),
         torch.cat([value[:, :, :width][layout.group_of_row], suffix_rows(value)], dim=2),
-        mask(layout.suffix_mask),
+        mask(suffix_allowed),
         **kwargs,
     )  # [N, S, H, D]
     batch, heads, length, _ = query.shape
     out = prefix_out.new_zeros(batch, length, *prefix_out.shape[2:])
     out = out.index_put(layout.prefix_put, prefix_out[layout.prefix_put])
     return out.index_put(layout.suffix_put, suffix_out[layout.suffix_take])
+
+
+def window_masks(layout: SharedPrefixLayout, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([1, 1, P, P], [N, 1, S, P + S]) True where query position - key position < window. Prefix
+    tokens sit at positions 0..p-1 in columns 0..p-1; suffix token t of a row at p + t."""
+    width = layout.prefix_width
+    steps = layout.suffix_index.shape[1]
+    device = layout.prefix_len.device
+    prefix_pos = torch.arange(width, device=device)
+    prefix_window = (prefix_pos[:, None] - prefix_pos[None, :] < window)[None, None]
+    query_pos = layout.prefix_len[layout.group_of_row][:, None] + torch.arange(steps, device=device)  # [N, S]
+    key_pos = torch.cat([prefix_pos.expand(len(query_pos), width), query_pos], dim=1)  # [N, P + S]
+    suffix_window = (query_pos[:, :, None] - key_pos[:, None, :] < window)[:, None]
+    return prefix_window, suffix_window
 
 
 def varlen_attention(
@@ -362,12 +390,22 @@ def _make_attention(base: str) -> AttentionFn:
         attend = _base_attention(base, module)
         if layout is None:
             return attend(module, query, key, value, attention_mask, **kwargs)
-        if getattr(module, "sliding_window", None):
-            raise ValueError("shared-prefix forward does not support sliding-window attention layers")
+        # Mistral and Phi3 pass the window as an argument; Qwen2/3 also set it on their sliding layers
+        window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
+        if kwargs.get("softcap") is not None:
+            raise ValueError("shared-prefix forward does not support attention logit soft-capping (Gemma2/3)")
         kwargs.pop("is_causal", None)  # the masks carry the causal structure
         if base == FLASH:
+            if window:
+                raise ValueError(
+                    "shared-prefix forward with flash_attention_2 does not support sliding-window layers; "
+                    "use attn_implementation=sdpa"
+                )
             return varlen_attention(module, query, key, value, layout, **kwargs), None
-        return grouped_attention(attend, module, query, key, value, layout, base == "eager", **kwargs), None
+        out = grouped_attention(
+            attend, module, query, key, value, layout, base == "eager", sliding_window=window, **kwargs
+        )
+        return out, None
 
     return attention
 
@@ -406,6 +444,17 @@ def model_config(model: torch.nn.Module):
         model = getattr(model, "module", None) or getattr(model, "peft_model", None)
         seen += 1
     return None
+
+
+def check_family(model: torch.nn.Module) -> None:
+    """Refuse a model family whose attention the shared-prefix tests do not cover."""
+    config = model_config(model)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"model.shared_prefix supports the model families {list(SUPPORTED_FAMILIES)} (tested equal to the "
+            f"repeated layout), not {family!r}; set model.shared_prefix=false for this model"
+        )
 
 
 def uses_shared_prefix(model: torch.nn.Module) -> bool:

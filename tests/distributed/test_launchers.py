@@ -30,7 +30,8 @@ def _trained_rows(run_dir) -> list[dict]:
 
 def test_grpo_under_deepspeed_launcher_zero3_with_reference(tmp_path):
     """A local pretrained directory: from_pretrained partitions policy and reference as they load;
-    both run the shared-prefix forward (prefill once per group, packed logprob passes)."""
+    both run the shared-prefix forward (prefill once per group, packed logprob passes), in bf16
+    mixed precision with activation checkpointing."""
     from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
     tokenizer = build_char_tokenizer()
@@ -53,8 +54,9 @@ def test_grpo_under_deepspeed_launcher_zero3_with_reference(tmp_path):
         "distributed=zero3",
         "model=pretrained",
         f"model.name_or_path={tmp_path / 'start'}",
-        "model.dtype=float32",
         "model.shared_prefix=true",
+        "model.gradient_checkpointing=true",
+        "train.precision=bf16",
         "loss.kl_coef=0.05",
         "train.steps=2",
         "train.num_minibatches=2",
@@ -70,6 +72,7 @@ def test_grpo_under_deepspeed_launcher_zero3_with_reference(tmp_path):
         os.path.join(list_checkpoints(str(tmp_path / "run"))[-1], "hf")
     )
     assert exported.model.embed_tokens.weight.shape[1] == 32
+    assert abs(rows[0]["kl/mean"]) < 1e-3  # the reference runs in bf16 like the policy
     # DeepSpeed's CPU all-reduce segments (one per rank) are unlinked at exit, not left in RAM
     if os.path.isdir("/dev/shm"):
         assert not [name for name in os.listdir("/dev/shm") if name.endswith((f"_{port}_0", f"_{port}_1"))]

@@ -280,3 +280,19 @@ def test_zero_variance_groups_are_dropped_through_the_recipe(make_config):
     assert result["groups/zero_variance_fraction"] == 1.0 and result["update/skipped_steps"] == 1.0
     exported = AutoModelForCausalLM.from_pretrained(export_dir(result["checkpoint"])).state_dict()
     assert all(torch.equal(exported[name], initial[name]) for name in exported)
+
+
+def test_bf16_mixed_precision_trains_float32_weights(make_config, tmp_path):
+    """train.precision=bf16: the same run in bf16 compute (its numbers differ from fp32 by bf16
+    rounding, so autocast is on), with float32 weights that every update moved."""
+    common = [*FAST, *VARIED_REWARD, "train.steps=2", "loss.kl_coef=0.05", "optim.lr=1e-3"]
+    fp32 = grpo.train(make_config("grpo", *common, run_dir=str(tmp_path / "fp32")))
+    cfg = make_config("grpo", *common, "train.precision=bf16", run_dir=str(tmp_path / "bf16"))
+    initial = load_causal_lm(cfg.model, load_tokenizer(cfg.model), seed=cfg.seed).state_dict()
+    bf16 = grpo.train(cfg)
+    first = [next(r for r in read_metrics(run["run_dir"]) if r["step"] == 1) for run in (fp32, bf16)]
+    assert first[1]["optim/grad_norm"] != first[0]["optim/grad_norm"]  # computed in bf16
+    assert first[1]["optim/grad_norm"] > 0
+    exported = AutoModelForCausalLM.from_pretrained(export_dir(bf16["checkpoint"])).state_dict()
+    assert all(tensor.dtype == torch.float32 for tensor in exported.values())
+    assert all(not torch.equal(exported[name], initial[name]) for name in exported)
