@@ -90,7 +90,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Prefix Grouper: rows that repeat a prompt (GRPO/PPO groups, DPO chosen/rejected) are packed so
-    # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa, eager or flash_attention_2.
+    # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa, eager or
+    # flash_attention_2, and a Llama, Qwen2, Qwen3, Mistral or Phi3 model (others are refused).
     shared_prefix: bool = False
     # Activation checkpointing for the trained models (policy, critic, reward model): each decoder
     # layer's activations are recomputed in the backward instead of kept; same gradients, less
@@ -100,6 +101,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, ("tiny", "pretrained"))
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.source == "tiny" and (self.name_or_path or self.tokenizer_name_or_path):
+            # the tiny random-init model would train in its place, silently
+            raise ConfigError(
+                f"model.name_or_path={self.name_or_path!r} is set but model.source=tiny (the built-in "
+                "random-init model): add model=pretrained to load it"
+            )
 
     def pretrained_like(self, name_or_path: str, dtype: str | None = None) -> ModelConfig:
         """Config for another checkpoint (reward model, critic, frozen guide) that runs like this one."""

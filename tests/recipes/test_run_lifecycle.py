@@ -317,3 +317,13 @@ def test_training_state_fields_survive_a_round_trip(make_config, four_steps):
     """The config written to the run directory composes back into the same dataclass."""
     cfg = make_config("grpo", f"resume={four_steps.run_dir}")
     assert dataclasses.replace(cfg, resume=None) == dataclasses.replace(four_steps, resume=None)
+
+
+def test_a_model_path_with_the_tiny_model_selected_is_an_error(make_config):
+    """`model.name_or_path=<dir>` without `model=pretrained` used to train the toy model instead."""
+    with pytest.raises(ConfigError, match="model.source=tiny .*: add model=pretrained"):
+        make_config("grpo", "model.name_or_path=runs/sft/x/hf")
+    assert (
+        make_config("grpo", "model=pretrained", "model.name_or_path=runs/sft/x/hf").model.source
+        == "pretrained"
+    )
