@@ -133,6 +133,38 @@ def varlen_sequences(layout: SharedPrefixLayout) -> VarlenSequences:
     )
 
 
+def _suffix_offsets(group_of_row, suffix_len, prefix_len, num_groups: int) -> torch.Tensor:
+    """[N] packed column where each row's suffix starts: after its prefix and the suffixes of the
+    earlier rows of its group."""
+    num_rows, device = len(group_of_row), group_of_row.device
+    rows = torch.arange(num_rows, device=device)
+    order = torch.argsort(group_of_row * num_rows + rows)
+    sorted_len = suffix_len[order]
+    before = sorted_len.cumsum(0) - sorted_len
+    group_first_sorted = torch.zeros(num_groups, dtype=torch.long, device=device).scatter_reduce(
+        0, group_of_row[order], rows, "amin", include_self=False
+    )
+    within = before - before[group_first_sorted[group_of_row[order]]]
+    offset = torch.empty_like(suffix_len)
+    offset[order] = prefix_len[group_of_row[order]] + within
+    return offset
+
+
+def _attention_masks(prefix_len, prefix_width: int, group_of_row, suffix_valid):
+    """([B, 1, P, P] causal within each prefix, [N, 1, S, P + S] the group's prefix then the row's
+    own causal past)."""
+    device = prefix_len.device
+    prefix_cols = torch.arange(prefix_width, device=device)
+    prefix_key_valid = prefix_cols < prefix_len[:, None]  # [B, P]
+    causal_prefix = prefix_cols[None, :] <= prefix_cols[:, None]  # [P, P] key <= query
+    prefix_mask = (causal_prefix[None] & prefix_key_valid[:, None, :])[:, None]
+    steps = torch.arange(suffix_valid.shape[1], device=device)
+    causal_suffix = steps[None, :] <= steps[:, None]  # [S, S]
+    suffix_keys = causal_suffix[None] & suffix_valid[:, None, :]  # [N, S, S]
+    group_prefix = prefix_key_valid[group_of_row][:, None, :].expand(-1, suffix_valid.shape[1], -1)
+    return prefix_mask, torch.cat([group_prefix, suffix_keys], dim=2)[:, None]
+
+
 def build_layout(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -164,16 +196,7 @@ def build_layout(
         raise ValueError("shared-prefix forward: every prompt needs at least one token")
     prefix_width = int(prefix_len.max())
 
-    # Each row's suffix starts after its prefix and the suffixes of the earlier rows of its group.
-    order = torch.argsort(group_of_row * num_rows + rows)
-    sorted_len = suffix_len[order]
-    before = sorted_len.cumsum(0) - sorted_len
-    group_first_sorted = torch.zeros(num_groups, dtype=torch.long, device=device).scatter_reduce(
-        0, group_of_row[order], torch.arange(num_rows, device=device), "amin", include_self=False
-    )
-    within = before - before[group_first_sorted[group_of_row[order]]]
-    offset = torch.empty_like(suffix_len)
-    offset[order] = prefix_len[group_of_row[order]] + within
+    offset = _suffix_offsets(group_of_row, suffix_len, prefix_len, num_groups)
     group_len = prefix_len.scatter_add(0, group_of_row, suffix_len)
     width = int(group_len.max())
 
@@ -193,14 +216,7 @@ def build_layout(
     input_ids[put_rows, put_cols] = response_ids[take_rows, take_steps]
     position_ids[put_rows, put_cols] = prefix_len[put_rows] + take_steps
 
-    prefix_cols_all = torch.arange(prefix_width, device=device)
-    prefix_key_valid = prefix_cols_all < prefix_len[:, None]  # [B, P]
-    causal_prefix = prefix_cols_all[None, :] <= prefix_cols_all[:, None]  # [P, P] key <= query
-    prefix_mask = (causal_prefix[None] & prefix_key_valid[:, None, :])[:, None]
-    causal_suffix = steps[None, :] <= steps[:, None]  # [S, S]
-    suffix_keys = causal_suffix[None] & suffix_valid[:, None, :]  # [N, S, S]
-    group_prefix = prefix_key_valid[group_of_row][:, None, :].expand(-1, suffix_width, -1)
-    suffix_mask = torch.cat([group_prefix, suffix_keys], dim=2)[:, None]
+    prefix_mask, suffix_mask = _attention_masks(prefix_len, prefix_width, group_of_row, suffix_valid)
 
     response_steps = torch.arange(num_response, device=device)
     predict_index = torch.where(
