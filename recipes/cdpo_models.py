@@ -32,9 +32,10 @@ from recipes import dpo, sft
 from rewards import REWARD_FUNCTIONS
 from rlhf.checkpoint import export_dir
 from rlhf.config import DataConfig, ModelConfig, register_configs
+from rlhf.data.chat import prepare_prompts
 from rlhf.data.load import load_task_data
 from rlhf.models.load import load_causal_lm, load_tokenizer
-from rlhf.rollout.hf import SamplingParams, generate_rollouts
+from rlhf.rollout.hf import SamplingParams, generate_rollouts, prompt_inputs
 from rlhf.scoring import resolve_reward
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -67,20 +68,19 @@ def sample_and_verify(
     verify = resolve_reward(reward, REWARD_FUNCTIONS)
     train_rows, _ = load_task_data(data_cfg)
     rows = train_rows.shuffle(seed=seed).select(range(min(num_prompts, len(train_rows))))
+    rows = prepare_prompts(rows, tokenizer, data_cfg, "cDPO sampling prompts", response_budget=max_new_tokens)
     torch.manual_seed(seed)
     out = []
     for start in range(0, len(rows), 100):
         chunk = rows[start : start + 100]
-        columns = {k: v for k, v in chunk.items() if k != data_cfg.prompt_column}
         batch = generate_rollouts(
             model,
             tokenizer,
-            chunk[data_cfg.prompt_column],
-            columns,
+            **prompt_inputs(chunk, data_cfg.prompt_column),
             group_size=samples,
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
         )
-        scores = verify(batch.prompts, batch.completions, **batch.columns)
+        scores = verify(batch.prompts, batch.reward_completions(), **batch.columns)
         for index, (prompt, completion, score) in enumerate(zip(batch.prompts, batch.completions, scores)):
             extra = {k: v[index] for k, v in batch.columns.items()}
             out.append({"prompt": prompt, "completion": completion, "correct": score == 1.0, **extra})
@@ -98,17 +98,22 @@ def build_pairs(samples: list[dict], seed: int) -> list[dict]:
     """One (correct, incorrect) pair per prompt that has both; the answer column is kept."""
     rng = random.Random(seed)
     by_prompt: dict[str, dict[str, list[dict]]] = {}
-    for row in samples:
-        by_prompt.setdefault(row["prompt"], {"good": [], "bad": []})[
+    for row in samples:  # keyed by the prompt's JSON: a conversational prompt is a list of messages
+        by_prompt.setdefault(json.dumps(row["prompt"]), {"good": [], "bad": []})[
             "good" if row["correct"] else "bad"
         ].append(row)
     pairs = []
-    for prompt, split in by_prompt.items():
+    for split in by_prompt.values():
         if split["good"] and split["bad"]:
             good, bad = rng.choice(split["good"]), rng.choice(split["bad"])
             extra = {k: v for k, v in good.items() if k not in ("prompt", "completion", "correct")}
             pairs.append(
-                {"prompt": prompt, "chosen": good["completion"], "rejected": bad["completion"], **extra}
+                {
+                    "prompt": good["prompt"],
+                    "chosen": good["completion"],
+                    "rejected": bad["completion"],
+                    **extra,
+                }
             )
     return pairs
 
@@ -165,6 +170,11 @@ def build_cdpo_models(
                         f"model.name_or_path={policy_dir}",
                         "data=jsonl",
                         f"data.source={out_dir}/{name}_data",
+                        "data.completion_column=answer",
+                        # the tiny model's SFT settings (the sft.yaml defaults are TRL's, for real models)
+                        "optim.lr=3e-3",
+                        "optim.weight_decay=0.1",
+                        "optim.warmup_steps=100",
                         "data.eval_split=null",
                         f"train.steps={steps}",
                         f"train.batch_size={batch_size}",

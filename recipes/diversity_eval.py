@@ -17,10 +17,11 @@ import torch
 
 from rewards import REWARD_FUNCTIONS
 from rlhf.config import DataConfig, ModelConfig
+from rlhf.data.chat import prepare_prompts
 from rlhf.data.load import load_splits
 from rlhf.eval.diversity import diversity_metrics, load_minilm
 from rlhf.models.load import load_causal_lm, load_tokenizer
-from rlhf.rollout.hf import SamplingParams, generate_rollouts
+from rlhf.rollout.hf import SamplingParams, generate_rollouts, prompt_inputs
 from rlhf.scoring import resolve_reward
 
 
@@ -42,11 +43,10 @@ def evaluate_diversity(
     groups, rewards = [], []
     for start in range(0, len(rows), batch_prompts):
         chunk = rows.select(range(start, min(start + batch_prompts, len(rows))))
-        columns = {k: list(chunk[k]) for k in chunk.column_names if k != prompt_column}
         batch = generate_rollouts(
-            model, tokenizer, list(chunk[prompt_column]), columns, group_size=samples, sampling=sampling
+            model, tokenizer, **prompt_inputs(chunk, prompt_column), group_size=samples, sampling=sampling
         )
-        scores = reward_fn(batch.prompts, batch.completions, **batch.columns)
+        scores = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
         rewards += [s for s in scores if s is not None]
         groups += [batch.completions[i : i + samples] for i in range(0, len(batch.completions), samples)]
     return {"reward": sum(rewards) / max(len(rewards), 1), **diversity_metrics(groups, encoder)}
@@ -68,10 +68,17 @@ def main() -> None:
     model_cfg = ModelConfig(source="pretrained", name_or_path=args.model_dir)
     tokenizer = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, tokenizer).eval()
-    rows = load_splits(DataConfig(source=args.data))[args.split]
+    data_cfg = DataConfig(source=args.data)
+    rows = load_splits(data_cfg)[args.split]
     order = list(range(len(rows)))
     random.Random(args.seed).shuffle(order)
-    rows = rows.select(order[: args.prompts])
+    rows = prepare_prompts(
+        rows.select(order[: args.prompts]),
+        tokenizer,
+        data_cfg,
+        f"{args.data} {args.split}",
+        response_budget=args.max_new_tokens,
+    )
     torch.manual_seed(args.seed)
     result = evaluate_diversity(
         model,

@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf.config import ConfigError, DPOConfig, ModelConfig, plan_sft_batches, register_configs
+from rlhf.data.chat import CONVERSATIONAL, PROMPT_TEXT, prepare_splits, rewritten_prompt_ids
 from rlhf.data.collate import collate_pairs
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
@@ -47,10 +48,10 @@ from rlhf.losses.preference import (
 )
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
-from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_tokenizer
+from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_tokenizer, model_context
 from rlhf.models.token_scorers import PairTokenScorer
 from rlhf.plots import plot_metrics
-from rlhf.rollout.hf import encode_prompts
+from rlhf.rollout.hf import pad_prompts
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
 from rlhf.scoring import resolve_reward
@@ -71,20 +72,27 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
     _validate(cfg, needs_reference)
     accuracy_fn = _accuracy_reward(cfg.eval.accuracy_reward)
     train_rows, eval_rows = load_task_data(cfg.data, needs_pairs=True)
-    run = Run.open("dpo", cfg, env)
+    total_steps = cfg.train.total_steps(len(train_rows))
+    run = Run.open("dpo", cfg, env, total_steps)
     tokenizer = load_tokenizer(cfg.model)
+    train_rows, eval_rows = prepare_splits(
+        "pairs", train_rows, eval_rows, tokenizer, cfg.data, context=model_context(cfg.model)
+    )
     warn_unknown_tokens(
-        tokenizer, train_rows, [cfg.data.prompt_column, cfg.data.chosen_column, cfg.data.rejected_column]
+        tokenizer, train_rows, [PROMPT_TEXT, cfg.data.chosen_column, cfg.data.rejected_column]
     )
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
         cfg.optim,
         cfg.distributed,
-        cfg.train.steps,
+        total_steps,
         plan.micro_batch_size,
         cfg.train.precision,
     )
-    pairs = PairLoss(cfg, tokenizer, policy, loss_fn, _build_scorer(cfg, tokenizer, policy, needs_reference))
+    templated = cfg.data.apply_chat_template or bool(train_rows[0][CONVERSATIONAL])
+    pairs = PairLoss(
+        cfg, tokenizer, policy, loss_fn, _build_scorer(cfg, tokenizer, policy, needs_reference, templated)
+    )
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     state = run.attach(policy, tokenizer, lambda: {"sampler": sampler.state_dict()})
     if state:
@@ -164,17 +172,9 @@ class PairLoss:
         self.caches: dict[str, dict[str, list[torch.Tensor]]] = {}
 
     def collate(self, rows):
-        d = self.cfg.data
-        prompts = [str(p) for p in rows[d.prompt_column]]
-        tensors = collate_pairs(
-            self.tokenizer,
-            prompts,
-            [str(c) for c in rows[d.chosen_column]],
-            [str(r) for r in rows[d.rejected_column]],
-            self.policy.device,
-            d.apply_chat_template,
-        )
-        return prompts + prompts, tensors
+        """The rows' raw prompts (twice: chosen rows, then rejected rows) and the pair tensors."""
+        prompts = list(rows[self.cfg.data.prompt_column])
+        return prompts + prompts, collate_pairs(rows, self.tokenizer.pad_token_id, self.policy.device)
 
     def token_values(self, split, row_ids, tensors, prompts) -> dict[str, torch.Tensor]:
         if split not in self.caches:
@@ -259,8 +259,8 @@ def _evaluate(cfg: DPOConfig, pairs: PairLoss, eval_rows, accuracy_fn) -> dict[s
         shard * policy.world_size, 1
     )
     if accuracy_fn is not None:
-        prompts = rows.to_pandas().drop_duplicates(cfg.data.prompt_column)
-        task = rows.select(prompts.index.tolist())
+        first_of_prompt = {text: i for i, text in reversed(list(enumerate(rows[PROMPT_TEXT])))}
+        task = rows.select(sorted(first_of_prompt.values()))
         results["eval/accuracy"] = heldout_accuracy(
             policy, pairs.tokenizer, task, accuracy_fn, cfg.data, cfg.eval
         )
@@ -309,7 +309,9 @@ def _frozen(policy, path: str, tokenizer, like: ModelConfig) -> torch.nn.Module:
     return model
 
 
-def _build_scorer(cfg: DPOConfig, tokenizer, policy, needs_reference: bool) -> PairTokenScorer:
+def _build_scorer(
+    cfg: DPOConfig, tokenizer, policy, needs_reference: bool, templated: bool
+) -> PairTokenScorer:
     w = cfg.token_weights
     reference = load_reference(cfg.model, tokenizer, policy, seed=cfg.seed) if needs_reference else None
     scorer = PairTokenScorer(reference=reference)
@@ -324,8 +326,13 @@ def _build_scorer(cfg: DPOConfig, tokenizer, policy, needs_reference: bool) -> P
             _frozen(policy, cfg.treg.model, tokenizer, cfg.model) if cfg.treg.model else reference
         )
         scorer.better_template, scorer.worse_template = cfg.treg.better_template, cfg.treg.worse_template
-        scorer.encode_prompts = lambda prompts: encode_prompts(
-            tokenizer, prompts, cfg.data.apply_chat_template, policy.device
+        scorer.rewrite_prompts = lambda prompts, template: pad_prompts(
+            [
+                rewritten_prompt_ids(tokenizer, p, lambda text: template.format(prompt=text), templated)
+                for p in prompts
+            ],
+            tokenizer.pad_token_id,
+            policy.device,
         )
     return scorer
 

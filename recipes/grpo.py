@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from rlhf import advantages as adv
 from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
+from rlhf.data.chat import PROMPT_TEXT, prepare_splits
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
@@ -37,7 +38,7 @@ from rlhf.losses.policy import policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
-from rlhf.models.load import load_policy, load_reference, load_tokenizer
+from rlhf.models.load import load_policy, load_reference, load_tokenizer, model_context
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.rollout.records import sample_rows
@@ -65,7 +66,16 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     train_rows, eval_rows = load_task_data(cfg.data)
     run = Run.open("grpo", cfg, env)
     tokenizer = load_tokenizer(cfg.model)
-    warn_unknown_tokens(tokenizer, train_rows, [cfg.data.prompt_column])
+    train_rows, eval_rows = prepare_splits(
+        "prompts",
+        train_rows,
+        eval_rows,
+        tokenizer,
+        cfg.data,
+        response_budget=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
+        context=model_context(cfg.model),
+    )
+    warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT])
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
@@ -102,14 +112,17 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
                 prompt_column=d.prompt_column,
                 group_size=g,
                 sampling=sampling,
-                apply_chat_template=d.apply_chat_template,
             )
             metrics["time/generate"] = time.perf_counter() - started
             rollout_tokens = metrics.pop("rollout/tokens")
 
             # 2 score: weighted reward functions; rows no reward could score are excluded
             scores, valid, per_reward, reward_metrics = score_completions(
-                rewards, batch.prompts, batch.completions, batch.columns, on_error=cfg.reward.on_error
+                rewards,
+                batch.prompts,
+                batch.reward_completions(),
+                batch.columns,
+                on_error=cfg.reward.on_error,
             )
             scores, valid = scores.to(engine.device), valid.to(engine.device)
             metrics.update(reward_metrics)
@@ -217,6 +230,10 @@ def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, e
         "ref_logprobs": batch.ref_logprobs,
         "kl": kl,
         "advantage": batch.advantages,
+        # the same per-token field as PPO's, so one heatmap call works on both recipes' rollouts
+        "advantages": None
+        if batch.advantages is None
+        else batch.advantages.reshape(-1, 1).expand_as(logprobs),
     }
     log_rollout_sample(loggers, cfg.logger, batch, tokenizer, step, scores, per_token)
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from rlhf.advantages import gae, macro_gae
 from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, register_configs
+from rlhf.data.chat import PROMPT_TEXT, prepare_splits
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
@@ -39,7 +40,14 @@ from rlhf.losses.reduce import get_reduction
 from rlhf.losses.value import clipped_value_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs, response_logprobs_and_states, sequence_scores, token_values
-from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_scorer, load_tokenizer
+from rlhf.models.load import (
+    load_causal_lm,
+    load_policy,
+    load_reference,
+    load_scorer,
+    load_tokenizer,
+    model_context,
+)
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
@@ -85,7 +93,16 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     train_rows, eval_rows = load_task_data(cfg.data)
     run = Run.open("ppo", cfg, env)
     tokenizer = load_tokenizer(cfg.model)
-    warn_unknown_tokens(tokenizer, train_rows, [cfg.data.prompt_column])
+    train_rows, eval_rows = prepare_splits(
+        "prompts",
+        train_rows,
+        eval_rows,
+        tokenizer,
+        cfg.data,
+        response_budget=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
+        context=model_context(cfg.model),
+    )
+    warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT])
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
@@ -129,7 +146,6 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 prompt_column=d.prompt_column,
                 group_size=g,
                 sampling=sampling,
-                apply_chat_template=d.apply_chat_template,
                 record_topk=cfg.curiosity.top_k if models.curiosity else None,
             )
             metrics["time/generate"] = time.perf_counter() - started
@@ -232,7 +248,7 @@ def _score(
     valid = torch.ones(batch.batch_size, dtype=torch.bool, device=policy.device)
     if rewards:
         function_scores, scored, per_reward, reward_metrics = score_completions(
-            rewards, batch.prompts, batch.completions, batch.columns, on_error=cfg.reward.on_error
+            rewards, batch.prompts, batch.reward_completions(), batch.columns, on_error=cfg.reward.on_error
         )
         scores += function_scores.to(policy.device)
         valid = scored.to(policy.device) | (reward_model is not None)

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf.config import RewardModelConfig, plan_sft_batches, register_configs
+from rlhf.data.chat import PROMPT_TEXT, prepare_splits
 from rlhf.data.collate import collate_pairs
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
@@ -27,7 +28,7 @@ from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.losses.preference import bradley_terry_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import sequence_scores
-from rlhf.models.load import load_scorer, load_tokenizer
+from rlhf.models.load import load_scorer, load_tokenizer, model_context
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
@@ -39,16 +40,20 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
     env = launcher_env()
     plan = plan_sft_batches(cfg, env.world_size)
     train_rows, eval_rows = load_task_data(cfg.data, needs_pairs=True)
-    run = Run.open("reward_model", cfg, env)
+    total_steps = cfg.train.total_steps(len(train_rows))
+    run = Run.open("reward_model", cfg, env, total_steps)
     tokenizer = load_tokenizer(cfg.model)
+    train_rows, eval_rows = prepare_splits(
+        "pairs", train_rows, eval_rows, tokenizer, cfg.data, context=model_context(cfg.model)
+    )
     warn_unknown_tokens(
-        tokenizer, train_rows, [cfg.data.prompt_column, cfg.data.chosen_column, cfg.data.rejected_column]
+        tokenizer, train_rows, [PROMPT_TEXT, cfg.data.chosen_column, cfg.data.rejected_column]
     )
     engine = build_engine(
         lambda: load_scorer(cfg.model, tokenizer, seed=cfg.seed),
         cfg.optim,
         cfg.distributed,
-        cfg.train.steps,
+        total_steps,
         plan.micro_batch_size,
         cfg.train.precision,
     )
@@ -59,17 +64,9 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
     d = cfg.data
 
     def pair_scores(rows) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = list(rows[d.prompt_column])
-        tensors = collate_pairs(
-            tokenizer,
-            prompts,
-            [str(c) for c in rows[d.chosen_column]],
-            [str(r) for r in rows[d.rejected_column]],
-            engine.device,
-            d.apply_chat_template,
-        )
+        tensors = collate_pairs(rows, tokenizer.pad_token_id, engine.device)
         scores = sequence_scores(engine.model, *tensors)
-        return scores[: len(prompts)], scores[len(prompts) :]
+        return scores[: len(rows)], scores[len(rows) :]
 
     @torch.no_grad()
     def pair_accuracy(rows) -> float:

@@ -1,10 +1,12 @@
 """Supervised fine-tuning (SFT): the warm start before RL.
 
-Maximises the likelihood of the dataset's completion column given the prompt, with the loss on
-completion tokens only (prompt tokens are context, never targets). Optionally stops as soon as
-greedy accuracy on a check set drawn from the training rows reaches `train.stop_at_accuracy`,
-because a tiny model learns arithmetic in a sharp phase transition and a fixed step count would
-give an unpredictable starting accuracy for RL.
+Maximises the likelihood of the completion given the prompt: prompt/completion rows (strings or
+message lists) or `messages` conversations (learned from the last assistant turn), as TRL's
+SFTTrainer takes them. The loss covers completion tokens only unless `train.completion_only_loss`
+is false. `eval/loss` is measured on the eval split. With `accuracy_reward` set (and the columns it
+needs), greedy accuracy is checked on training rows, and training can stop as soon as it reaches
+`train.stop_at_accuracy` (a tiny model learns arithmetic in a sharp phase transition, so a fixed
+step count would give an unpredictable starting accuracy for RL).
 
 Launch:  python -m recipes.sft [overrides...]
          torchrun --nproc_per_node 2 -m recipes.sft distributed=zero2
@@ -22,7 +24,8 @@ import torch
 from omegaconf import DictConfig
 
 from rewards import REWARD_FUNCTIONS
-from rlhf.config import SFTConfig, plan_sft_batches, register_configs
+from rlhf.config import ConfigError, SFTConfig, plan_sft_batches, register_configs
+from rlhf.data.chat import PROMPT_TEXT, prepare_splits
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
@@ -32,11 +35,11 @@ from rlhf.losses.reduce import get_reduction
 from rlhf.losses.sft import nll_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
-from rlhf.models.load import load_policy, load_tokenizer
+from rlhf.models.load import load_policy, load_tokenizer, model_context
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
-from rlhf.scoring import resolve_reward
+from rlhf.scoring import check_reward_columns, resolve_reward
 
 
 def train(cfg: SFTConfig) -> dict[str, float | str]:
@@ -45,20 +48,24 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     env = launcher_env()
     plan = plan_sft_batches(cfg, env.world_size)
     train_rows, eval_rows = load_task_data(cfg.data, needs_completion=True)
-    run = Run.open("sft", cfg, env)
+    accuracy_fn = _accuracy_reward(cfg, train_rows)
+    total_steps = cfg.train.total_steps(len(train_rows))
+    run = Run.open("sft", cfg, env, total_steps)
     tokenizer = load_tokenizer(cfg.model)
-    warn_unknown_tokens(tokenizer, train_rows, [cfg.data.prompt_column, cfg.data.completion_column])
+    train_rows, eval_rows = prepare_splits(
+        "sft", train_rows, eval_rows, tokenizer, cfg.data, context=model_context(cfg.model)
+    )
+    warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT, cfg.data.completion_column])
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
         cfg.optim,
         cfg.distributed,
-        cfg.train.steps,
+        total_steps,
         plan.micro_batch_size,
         cfg.train.precision,
     )
     reduction = get_reduction("token_mean")
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    accuracy_fn = resolve_reward(cfg.accuracy_reward, REWARD_FUNCTIONS) if cfg.accuracy_reward else None
     check_rows = train_rows.select(
         random.Random(cfg.seed).sample(range(len(train_rows)), min(cfg.train.check_size, len(train_rows)))
     )
@@ -70,6 +77,13 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     def accuracy_on(rows) -> float:
         return heldout_accuracy(engine, tokenizer, rows, accuracy_fn, d, cfg.eval)
 
+    def collate(rows):
+        """[left-padded prompt; right-padded target] of prepared rows."""
+        return collate_sft(rows, tokenizer.pad_token_id, engine.device, cfg.train.completion_only_loss)
+
+    def eval_loss() -> float:
+        return _eval_loss(engine, eval_rows, collate, cfg)
+
     metrics: dict[str, float] = {}
     with run:
         for step in run.steps():
@@ -78,16 +92,13 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
             rows = train_rows.select(
                 rank_slice(sampler.next_indices(cfg.train.batch_size), env.rank, env.world_size)
             )
-            prompts, targets = list(rows[d.prompt_column]), [str(t) for t in rows[d.completion_column]]
-            # 2 tokenize: [left-padded prompt; right-padded target + EOS]
-            prompt_ids, prompt_mask, target_ids, target_mask = collate_sft(
-                tokenizer, prompts, targets, engine.device, d.apply_chat_template
-            )
+            # 2 collate the prepared token ids: [left-padded prompt; right-padded target]
+            prompt_ids, prompt_mask, target_ids, target_mask = collate(rows)
             normalizer = engine.all_reduce_sum(reduction.count(target_mask).float())
             # 3 forward/backward per micro-batch, one optimizer step
             accumulator = MetricAccumulator()
             step_loss = torch.zeros((), device=engine.device)
-            for micro in torch.arange(len(prompts)).split(plan.micro_batch_size):
+            for micro in torch.arange(len(rows)).split(plan.micro_batch_size):
                 logprobs, _ = response_logprobs(
                     engine.model, prompt_ids[micro], prompt_mask[micro], target_ids[micro], target_mask[micro]
                 )
@@ -101,7 +112,10 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
                 float((prompt_mask.sum() + target_mask.sum()).item()) / metrics["time/step"]
             )
             metrics = mean_over_ranks(metrics, engine)
-            # 4 check accuracy, log (checkpoints and stops: in run.steps)
+            # 4 evaluate, check accuracy, log (checkpoints and stops: in run.steps)
+            if eval_rows is not None and cfg.eval.every and step % cfg.eval.every == 0:
+                with run.untimed():
+                    metrics["eval/loss"] = eval_loss()
             stop = False
             if accuracy_fn is not None and cfg.train.check_every and step % cfg.train.check_every == 0:
                 with run.untimed():
@@ -117,14 +131,50 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
                 )
                 break
         run.finish()
-        if accuracy_fn is not None and eval_rows is not None:
-            metrics["eval/accuracy"] = accuracy_on(
-                eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
-            )
-            run.log({"eval/accuracy": metrics["eval/accuracy"]}, run.step)
+        if eval_rows is not None:
+            final = {"eval/loss": eval_loss()}
+            if accuracy_fn is not None:
+                final["eval/accuracy"] = accuracy_on(
+                    eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
+                )
+            metrics.update(final)
+            run.log(final, run.step)
     if env.is_main:
-        plot_metrics(run.dir, ["loss", "check/accuracy"], "sft_curves.png", "SFT")
+        plot_metrics(run.dir, ["loss", "eval/loss", "check/accuracy"], "sft_curves.png", "SFT")
     return run.result(metrics)
+
+
+def _accuracy_reward(cfg: SFTConfig, rows):
+    """The accuracy check's reward, checked against the data's columns before anything loads."""
+    if cfg.accuracy_reward is None:
+        if cfg.train.stop_at_accuracy is not None:
+            raise ConfigError(
+                "train.stop_at_accuracy needs accuracy_reward (a 0/1 reward function, e.g. exact_match)"
+            )
+        return None
+    fn = resolve_reward(cfg.accuracy_reward, REWARD_FUNCTIONS)
+    check_reward_columns(
+        cfg.accuracy_reward, fn, rows.column_names, f"data.source={cfg.data.source!r} (accuracy_reward)"
+    )
+    return fn
+
+
+@torch.no_grad()
+def _eval_loss(engine, rows, collate, cfg: SFTConfig) -> float:
+    """Token-mean NLL over the first eval.num_samples eval rows, sharded over ranks (every rank the
+    same number of forwards, so ZeRO-3 gathers stay in step)."""
+    rows = rows.select(range(min(cfg.eval.num_samples, len(rows))))
+    shard = -(-len(rows) // engine.world_size)
+    total = torch.zeros(2, device=engine.device)
+    for offset in range(0, shard, cfg.eval.batch_size):
+        start = engine.rank * shard + offset
+        ids = list(range(start, min(start + cfg.eval.batch_size, (engine.rank + 1) * shard, len(rows))))
+        prompt_ids, prompt_mask, target_ids, target_mask = collate(rows.select(ids or [0]))
+        logprobs, _ = response_logprobs(engine.model, prompt_ids, prompt_mask, target_ids, target_mask)
+        if ids:
+            total += torch.stack([-(logprobs * target_mask).sum(), target_mask.sum().float()])
+    total = engine.all_reduce_sum(total)
+    return float(total[0] / total[1].clamp(min=1))
 
 
 @hydra.main(config_path="../configs", config_name="sft", version_base=None)

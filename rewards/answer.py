@@ -7,9 +7,19 @@ from typing import Any
 
 _DIGITS = re.compile(r"\d+")
 
+Completion = str | list[dict[str, Any]]
+
+
+def completion_text(completion: Completion) -> str:
+    """The text of a completion as TRL passes it: a string, or (conversational prompts) a list of
+    messages whose contents are joined."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(message.get("content") or "") for message in completion)
+
 
 def exact_match(
-    prompts: list[str], completions: list[str], answer: list[Any], **_: Any
+    prompts: list[str], completions: list[Completion], answer: list[Any], **_: Any
 ) -> list[float | None]:
     """1.0 when the completion (surrounding white space ignored) equals the `answer` column, else 0.0.
 
@@ -17,16 +27,16 @@ def exact_match(
     """
     return [
         None if ref is None else float(text.strip() == str(ref).strip())
-        for text, ref in zip(completions, answer)
+        for text, ref in zip(map(completion_text, completions), answer)
     ]
 
 
 def answer_format(
-    prompts: list[str], completions: list[str], answer: list[Any] | None = None, **_: Any
+    prompts: list[str], completions: list[Completion], answer: list[Any] | None = None, **_: Any
 ) -> list[float | None]:
     """1.0 when the completion is a plain number (digits only), and as long as the reference when given."""
     scores: list[float | None] = []
-    for index, text in enumerate(completions):
+    for index, text in enumerate(map(completion_text, completions)):
         text = text.strip()
         ok = bool(_DIGITS.fullmatch(text))
         if ok and answer is not None and answer[index] is not None:
@@ -36,13 +46,13 @@ def answer_format(
 
 
 def digit_match(
-    prompts: list[str], completions: list[str], answer: list[Any], **_: Any
+    prompts: list[str], completions: list[Completion], answer: list[Any], **_: Any
 ) -> list[float | None]:
     """Fraction of the reference answer's characters matched position by position (extra or missing
     characters count as wrong): partial credit, used as the hidden gold score of the synthetic
     RLHF pipeline."""
     scores: list[float | None] = []
-    for text, ref in zip(completions, answer):
+    for text, ref in zip(map(completion_text, completions), answer):
         if ref is None:
             scores.append(None)
             continue
@@ -56,11 +66,11 @@ _SUM = re.compile(r"\d+(?: *\+ *\d+)+")
 
 
 def sum_to_target(
-    prompts: list[str], completions: list[str], target: list[Any], **_: Any
+    prompts: list[str], completions: list[Completion], target: list[Any], **_: Any
 ) -> list[float | None]:
     """1.0 when the completion is two or more positive numbers joined by "+" adding up to `target`."""
     scores: list[float | None] = []
-    for text, goal in zip(completions, target):
+    for text, goal in zip(map(completion_text, completions), target):
         text = text.strip()
         if goal is None:
             scores.append(None)

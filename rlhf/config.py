@@ -8,6 +8,7 @@ Derived numbers (rollouts per step, accumulation steps) are computed into a `Bat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -135,7 +136,20 @@ class DataConfig:
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     margin_column: str | None = None  # optional per-pair margin for the Bradley-Terry loss
+    # Conversational rows (message lists, TRL's formats) are always rendered with the chat template;
+    # true also wraps plain-string prompts as one user turn (and completions as the assistant's).
     apply_chat_template: bool = False
+    chat_template: str | None = None  # a Jinja file or string replacing the tokenizer's template
+    messages_column: str = "messages"  # SFT: a whole conversation, learned from its last assistant turn
+    # Length policy, in tokens, checked before training: prompts over max_prompt_length, and
+    # prompt + completion over max_length (SFT, DPO, reward models), are truncated (prompts from the
+    # left, completions from the right) or dropped ("truncate" | "drop"); null: no limit.
+    max_prompt_length: int | None = 512
+    max_length: int | None = 1024
+    overlong: str = "truncate"
+    # Tokens a response to this data needs: rollout.max_new_tokens and eval.max_new_tokens default
+    # to it (chat-sized; the synthetic presets set their own).
+    response_budget: int = 256
     # synthetic task options
     num_digits: int = 2
     eval_size: int = 1000
@@ -143,6 +157,13 @@ class DataConfig:
     reverse_digits: bool = True
     sum_max_target: int = 30  # "sums": targets 4..this, written with up to sum_max_parts one-digit parts
     sum_max_parts: int = 4
+
+    def __post_init__(self) -> None:
+        check_choice("data.overlong", self.overlong, ("truncate", "drop"))
+        for name in ("max_prompt_length", "max_length"):
+            if getattr(self, name) is not None:
+                check_range(f"data.{name}", getattr(self, name), 1)
+        check_range("data.response_budget", self.response_budget, 1)
 
 
 @dataclass
@@ -208,9 +229,16 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely (after top-p)
+    # Generation ends at EOS or at the first of these strings (kept in the completion and trained on,
+    # as EOS is). Stopping does not change any token's distribution, so logprob passes ignore it.
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_range("rollout.group_size", self.group_size, 1)
+        check_range("rollout.min_p", self.min_p, 0, 1)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError(f"rollout.stop={self.stop!r}: each stop string must be non-empty text")
         check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
         check_range("rollout.temperature", self.temperature, 0, low_open=True)
         check_range("rollout.top_p", self.top_p, 0, 1, low_open=True)
@@ -326,6 +354,29 @@ class TrainLoopConfig:
 
 
 @dataclass
+class RowsTrainConfig(TrainLoopConfig):
+    """Recipes that step through dataset rows (SFT, reward model, DPO): the length of training in
+    optimizer steps, or in passes over the training rows (`epochs`, which then sets `steps`)."""
+
+    batch_size: int = 64
+    micro_batch_size: int = 64
+    epochs: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("train.epochs", self.epochs, 0, low_open=True)
+
+    def total_steps(self, num_rows: int) -> int:
+        """Optimizer steps of the run: ceil(epochs * rows / batch_size) when `epochs` is set (printed),
+        else `steps`."""
+        if self.epochs is None:
+            return self.steps
+        steps = max(1, math.ceil(self.epochs * num_rows / self.batch_size))
+        print(f"[train] train.epochs={self.epochs:g} over {num_rows} rows: {steps} steps", flush=True)
+        return steps
+
+
+@dataclass
 class GRPOTrainConfig(TrainLoopConfig):
     steps: int = 100
     prompts_per_step: int = 8
@@ -335,7 +386,7 @@ class GRPOTrainConfig(TrainLoopConfig):
 
 
 @dataclass
-class SFTTrainConfig(TrainLoopConfig):
+class SFTTrainConfig(RowsTrainConfig):
     steps: int = 1000
     batch_size: int = 64
     micro_batch_size: int = 64
@@ -343,10 +394,12 @@ class SFTTrainConfig(TrainLoopConfig):
     stop_at_accuracy: float | None = None
     check_every: int = 20
     check_size: int = 200
+    # TRL's completion_only_loss: the loss on completion tokens only; false trains on every token.
+    completion_only_loss: bool = True
 
 
 @dataclass
-class RewardModelTrainConfig(TrainLoopConfig):
+class RewardModelTrainConfig(RowsTrainConfig):
     steps: int = 300
     batch_size: int = 32  # pairs per optimizer step
     micro_batch_size: int = 32
@@ -382,8 +435,9 @@ class GRPOConfig(RunConfig):
 @dataclass
 class SFTConfig(RunConfig):
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
-    # A 0/1 reward from rewards.REWARD_FUNCTIONS scoring greedy completions for the accuracy checks.
-    accuracy_reward: str | None = "exact_match"
+    # A 0/1 reward from rewards.REWARD_FUNCTIONS scoring greedy completions for the accuracy checks
+    # (it needs its columns, e.g. exact_match needs `answer`); None: no accuracy check.
+    accuracy_reward: str | None = None
 
 
 @dataclass
@@ -567,7 +621,7 @@ class TRegConfig:
 
 
 @dataclass
-class DPOTrainConfig(TrainLoopConfig):
+class DPOTrainConfig(RowsTrainConfig):
     steps: int = 300
     batch_size: int = 32  # pairs per optimizer step
     micro_batch_size: int = 32

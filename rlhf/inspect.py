@@ -28,10 +28,11 @@ import yaml
 
 from rlhf.checkpoint import STATE_FILE, export_dir, list_checkpoints
 from rlhf.config import LoraConfig, ModelConfig, TinyModelConfig
+from rlhf.data.chat import encode_prompt
 from rlhf.loggers import read_metrics, read_rollouts
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_tokenizer
-from rlhf.rollout.hf import SamplingParams, encode_prompts, generate_rollouts
+from rlhf.rollout.hf import SamplingParams, generate_rollouts, pad_prompts
 
 # Per-token quantities drawn as categories (one colour per id), not on a colour scale.
 CATEGORICAL = {"segment_ids"}
@@ -188,11 +189,20 @@ class Run:
             self._reference = self._reference.to(self.device).eval()
         return self._reference
 
+    def _encode(self, prompts: list[Any]) -> tuple[list[list[int]], list[str]]:
+        """Token ids and fed text of prompts (strings or message lists) as the run's recipe feeds them:
+        with the checkpoint's chat template for messages, or for strings when the run set
+        data.apply_chat_template."""
+        encoded = [encode_prompt(self.tokenizer, p, self._chat(), row) for row, p in enumerate(prompts)]
+        return [ids for ids, _ in encoded], [text for _, text in encoded]
+
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], max_new_tokens: int = 16, temperature: float = 0.0, num_samples: int = 1
+        self, prompts: list[Any], max_new_tokens: int = 16, temperature: float = 0.0, num_samples: int = 1
     ) -> list[str]:
-        """Completions from the policy: greedy at temperature 0, else sampled; `num_samples` per prompt."""
+        """Completions from the policy: greedy at temperature 0, else sampled; `num_samples` per prompt.
+        Prompts are strings or message lists, as in the run's data."""
+        ids, texts = self._encode(list(prompts))
         batch = generate_rollouts(
             self.policy,
             self.tokenizer,
@@ -200,16 +210,18 @@ class Run:
             {},
             group_size=num_samples,
             sampling=SamplingParams(max_new_tokens, temperature if temperature > 0 else 1.0),
-            apply_chat_template=self._chat(),
+            prompt_token_ids=ids,
+            prompt_texts=texts,
             do_sample=temperature > 0,
         )
         return batch.completions
 
     @torch.no_grad()
-    def compare_logprobs(self, prompt: str, completion: str, temperature: float = 1.0) -> pd.DataFrame:
+    def compare_logprobs(self, prompt: Any, completion: str, temperature: float = 1.0) -> pd.DataFrame:
         """Per completion token: policy and reference logprobs and their difference (the k1 KL term)."""
         tokenizer = self.tokenizer
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [prompt], self._chat(), torch.device(self.device))
+        ids, _ = self._encode([prompt])
+        prompt_ids, prompt_mask = pad_prompts(ids, tokenizer.pad_token_id, torch.device(self.device))
         ids = tokenizer(completion, add_special_tokens=False, return_tensors="pt")["input_ids"].to(
             self.device
         )
@@ -226,18 +238,30 @@ class Run:
         frame["log_ratio"] = frame["policy_logprob"] - frame["reference_logprob"]
         return frame
 
-    def heatmap(self, record: Any, quantity: str = "advantages") -> TokenHeatmap:
-        """A rollout record (a row of `rollouts`, or of `compare_logprobs` as a frame) as a heatmap."""
+    def heatmap(self, record: Any, quantity: str = "advantages", path: str | None = None) -> TokenHeatmap:
+        """A rollout record (a row of `rollouts`, or of `compare_logprobs` as a frame) as a heatmap;
+        also written to `path` (an HTML file) when given. GRPO and PPO records share the per-token
+        names (logprobs, ref_logprobs, kl, advantages; PPO adds rewards, values, segment_ids)."""
         if isinstance(record, pd.DataFrame):
-            return token_heatmap(list(record["token"]), list(record[quantity]), title=quantity)
-        values = record[quantity]
-        if not isinstance(values, list):
-            available = [k for k, v in dict(record).items() if isinstance(v, list) and k != "tokens"]
-            raise KeyError(f"{quantity!r} is not a per-token quantity of this record; it has {available}")
-        score = record.get("score")
-        shown = "none" if score is None or score != score else f"{score:.4g}"
-        title = f"step {record['step']} | {record['prompt']!r} -> score {shown} | {quantity}"
-        return token_heatmap(list(record["tokens"]), values, title=title, categorical=quantity in CATEGORICAL)
+            if quantity not in record.columns:
+                available = [c for c in record.columns if c != "token"]
+                raise KeyError(f"{quantity!r} is not a column of this frame; it has {available}")
+            heatmap = token_heatmap(list(record["token"]), list(record[quantity]), title=quantity)
+        else:
+            fields_ = dict(record)
+            values = fields_.get(quantity)
+            if not isinstance(values, list):
+                available = [k for k, v in fields_.items() if isinstance(v, list) and k != "tokens"]
+                raise KeyError(f"{quantity!r} is not a per-token quantity of this record; it has {available}")
+            score = fields_.get("score")
+            shown = "none" if score is None or score != score else f"{score:.4g}"
+            title = f"step {fields_['step']} | {fields_['prompt']!r} -> score {shown} | {quantity}"
+            heatmap = token_heatmap(
+                list(fields_["tokens"]), values, title=title, categorical=quantity in CATEGORICAL
+            )
+        if path is not None:
+            heatmap.save(path)
+        return heatmap
 
     def _launch_relative(self, path: str | None) -> str | None:
         """A relative path in config.yaml is relative to where the run was launched: recover that

@@ -51,7 +51,9 @@ class ConsoleLogger:
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 # Columns of the wandb rollout table; the per-token lists stay in rollouts.jsonl.
-TABLE_COLUMNS = ("step", "prompt", "completion", "score", "length", "advantage")
+# `prompt` is the text the model was fed (chat template applied), `raw_prompt` the data's (as JSON
+# for a message list); they are the same for plain-text data.
+TABLE_COLUMNS = ("step", "prompt", "raw_prompt", "completion", "score", "length", "advantage")
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -116,7 +118,9 @@ class WandbLogger:
             advantage = record.get("advantage")
             if advantage is None and record.get("advantages"):
                 advantage = sum(record["advantages"]) / len(record["advantages"])
-            table.add_data(*[advantage if c == "advantage" else record.get(c) for c in TABLE_COLUMNS])
+            raw = record.get("raw_prompt", record.get("prompt"))
+            cells = {"advantage": advantage, "raw_prompt": raw if isinstance(raw, str) else json.dumps(raw)}
+            table.add_data(*[cells[c] if c in cells else record.get(c) for c in TABLE_COLUMNS])
         logged = {"rollouts/samples": table}
         for name, values in distributions.items():
             values = [float(v) for v in values if math.isfinite(float(v))]

@@ -65,9 +65,10 @@ def masked_whiten(
 
 
 def warp_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
 ) -> torch.Tensor:
-    """The sampling distribution's logits: divide by temperature, then keep the top-k, then top-p.
+    """The sampling distribution's logits: divide by temperature, then keep the top-k, then top-p,
+    then the tokens at least min_p times as likely as the most likely one.
 
     Same order and tie rules as `transformers` generation (temperature, top-k, top-p with at least
     one token kept), so a logprob pass scores tokens under exactly the distribution they were sampled
@@ -86,6 +87,11 @@ def warp_logits(
         remove_sorted = cumulative <= (1 - top_p)
         remove_sorted[..., -1:] = False  # always keep the most likely token
         remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)  # always keep the most likely
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
 

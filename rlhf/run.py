@@ -268,8 +268,11 @@ def check_resumable(recipe: str, saved: dict[str, Any], info: dict[str, Any], cf
 class Run:
     """Owns the run directory, resume, loggers, checkpoints, time limit and signals of one run."""
 
-    def __init__(self, recipe: str, cfg: Any, env: Any, checkpoint: str | None, manifest: dict | None):
+    def __init__(
+        self, recipe: str, cfg: Any, env: Any, checkpoint: str | None, manifest: dict | None, total_steps: int
+    ):
         self.recipe, self.cfg, self.env = recipe, cfg, env
+        self.total_steps = total_steps
         self.dir = run_dir_of(checkpoint) if checkpoint else cfg.run_dir
         self.checkpoint = checkpoint  # the checkpoint this start resumes, or None
         self.start_step = manifest["step"] if manifest else 0
@@ -287,8 +290,9 @@ class Run:
 
     # -- before any model loads ------------------------------------------------------------------
     @classmethod
-    def open(cls, recipe: str, cfg: Any, env: Any) -> Run:
-        """Check the run directory or the resume target (writes nothing) and seed this rank."""
+    def open(cls, recipe: str, cfg: Any, env: Any, total_steps: int | None = None) -> Run:
+        """Check the run directory or the resume target (writes nothing) and seed this rank.
+        `total_steps`: the length of training when derived (from train.epochs), else train.steps."""
         check_model_paths(cfg)
         checkpoint = manifest = None
         if cfg.resume:
@@ -308,7 +312,9 @@ class Run:
                     f"run_dir={cfg.run_dir!r} already holds a run ({', '.join(present)}). To continue it: "
                     f"resume={cfg.run_dir}. To start fresh: pass another run_dir, or delete that directory."
                 )
-        run = cls(recipe, cfg, env, checkpoint, manifest)
+        run = cls(
+            recipe, cfg, env, checkpoint, manifest, cfg.train.steps if total_steps is None else total_steps
+        )
         seed_everything(cfg.seed + env.rank)  # ranks sample different completions
         return run
 
@@ -337,7 +343,7 @@ class Run:
             self.dir,
             self.recipe,
             dataclasses.asdict(self.cfg),
-            self.cfg.train.steps,
+            self.total_steps,
             self.start_step,
         )
         if self.checkpoint:
@@ -396,9 +402,9 @@ class Run:
 
     # -- the loop ----------------------------------------------------------------------------------
     def steps(self) -> Iterator[int]:
-        """Steps start_step+1 .. train.steps. Between steps: a periodic checkpoint, then a stop for
+        """Steps start_step+1 .. total_steps (train.steps unless derived). Between steps: a periodic checkpoint, then a stop for
         the time limit (exit 0) or a preemption signal (checkpoint, exit PREEMPTED_EXIT_CODE)."""
-        for step in range(self.start_step + 1, self.cfg.train.steps + 1):
+        for step in range(self.start_step + 1, self.total_steps + 1):
             started, self._untimed_s = time.perf_counter(), 0.0
             self.step = step
             yield step

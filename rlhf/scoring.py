@@ -10,6 +10,7 @@ metric `reward/<name>/errors` and its affected rows treated as None (on_error="s
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -43,6 +44,26 @@ def resolve_reward(name: str, registry: dict[str, Callable]) -> RewardFn:
         except (ImportError, AttributeError) as exc:
             raise RewardError(f"reward function {name!r} could not be imported: {exc}") from exc
     raise RewardError(f"reward function {name!r} is not one of {sorted(registry)} and not 'module:function'")
+
+
+def check_reward_columns(name: str, fn: RewardFn, columns: list[str], where: str) -> None:
+    """A reward whose keyword parameters (other than prompts and completions) name columns the data
+    lacks would fail at its first call, possibly after hours; this says so before training."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return
+    missing = [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and p.name not in columns
+    ]
+    if missing:
+        raise RewardError(
+            f"reward function {name!r} needs column(s) {missing}, which {where} lacks (it has {sorted(columns)})"
+        )
 
 
 def _row_failure(fn: RewardFn, prompts, completions, columns) -> tuple[int, BaseException] | None:

@@ -37,9 +37,11 @@ class RolloutBatch:
     response_mask: torch.Tensor
     group_ids: torch.Tensor
     truncated: torch.Tensor
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[Any] = field(default_factory=list)  # as the data has them: strings or message lists
     completions: list[str] = field(default_factory=list)
     columns: dict[str, list[Any]] = field(default_factory=dict)
+    prompt_texts: list[str] = field(default_factory=list)  # what the model was fed (chat template applied)
+    conversational: bool = False  # prompts are message lists: rewards get completions as messages
     old_logprobs: torch.Tensor | None = None  # [B, T]
     ref_logprobs: torch.Tensor | None = None  # [B, T]
     advantages: torch.Tensor | None = None  # [B] or [B, T]
@@ -50,6 +52,13 @@ class RolloutBatch:
     @property
     def batch_size(self) -> int:
         return self.response_ids.shape[0]
+
+    def reward_completions(self) -> list[Any]:
+        """Completions as reward functions receive them, the way TRL's GRPOTrainer passes them:
+        strings, or for conversational prompts one assistant message per completion."""
+        if not self.conversational:
+            return self.completions
+        return [[{"role": "assistant", "content": text}] for text in self.completions]
 
     def select(self, index: torch.Tensor | Sequence[int]) -> RolloutBatch:
         """Rows `index` of every per-row field (tensors and python lists alike)."""

@@ -1,53 +1,49 @@
-"""Collators: prompt and completion text to the [left-padded prompt; right-padded target] layout."""
+"""Collators: prepared token ids (rlhf.data.chat) to the [left-padded prompt; right-padded target]
+layout every forward of the framework takes."""
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from rlhf.rollout.hf import encode_prompts
+from rlhf.data.chat import CHOSEN_IDS, COMPLETION_IDS, PROMPT_IDS, REJECTED_IDS
+from rlhf.rollout.hf import pad_prompts
 
 
-def encode_targets(
-    tokenizer: PreTrainedTokenizerBase, completions: list[str], device: torch.device
+def pad_targets(
+    token_ids: list[list[int]], pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded completion ids with EOS appended, and the bool target mask."""
-    rows = [
-        tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        for text in completions
-    ]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for index, row in enumerate(rows):
-        ids[index, : len(row)] = torch.tensor(row)
+    """Right-padded target ids and their bool mask."""
+    width = max((len(row) for row in token_ids), default=0)
+    ids = torch.full((len(token_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.bool)
+    for index, row in enumerate(token_ids):
+        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[index, : len(row)] = True
     return ids.to(device), mask.to(device)
 
 
 def collate_sft(
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    completions: list[str],
-    device: torch.device,
-    apply_chat_template: bool = False,
+    rows, pad_token_id: int, device: torch.device, completion_only: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt_ids, prompt_mask, target_ids, target_mask) for an SFT micro-batch."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, apply_chat_template, device)
-    target_ids, target_mask = encode_targets(tokenizer, completions, device)
+    """(prompt_ids, prompt_mask, target_ids, target_mask) for an SFT micro-batch. With
+    `completion_only=False` every token but the first is a target (the loss covers the prompt too)."""
+    prompts, completions = list(rows[PROMPT_IDS]), list(rows[COMPLETION_IDS])
+    if not completion_only:
+        whole = [p + c for p, c in zip(prompts, completions)]
+        prompts, completions = [w[:1] for w in whole], [w[1:] for w in whole]
+    prompt_ids, prompt_mask = pad_prompts(prompts, pad_token_id, device)
+    target_ids, target_mask = pad_targets(completions, pad_token_id, device)
     return prompt_ids, prompt_mask, target_ids, target_mask
 
 
 def collate_pairs(
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    chosen: list[str],
-    rejected: list[str],
-    device: torch.device,
-    apply_chat_template: bool = False,
+    rows, pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chosen rows then rejected rows in one batch, so a pair goes through one forward:
     (prompt_ids, prompt_mask, completion_ids, completion_mask), each [2P, ...]."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts + prompts, apply_chat_template, device)
-    completion_ids, completion_mask = encode_targets(tokenizer, chosen + rejected, device)
+    prompts = list(rows[PROMPT_IDS])
+    prompt_ids, prompt_mask = pad_prompts(prompts + prompts, pad_token_id, device)
+    completion_ids, completion_mask = pad_targets(
+        list(rows[CHOSEN_IDS]) + list(rows[REJECTED_IDS]), pad_token_id, device
+    )
     return prompt_ids, prompt_mask, completion_ids, completion_mask

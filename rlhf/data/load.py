@@ -33,6 +33,7 @@ def _check_file(path: str) -> None:
     if not path.endswith(".jsonl"):
         return
     rows = 0
+    kinds: dict[str, dict[str, int]] = {}
     with open(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -45,6 +46,22 @@ def _check_file(path: str) -> None:
                 raise DataError(
                     f"{path} line {number} is a JSON {type(row).__name__}, not an object of columns"
                 )
+            for column, value in row.items():  # arrow cannot hold both; its own error names neither
+                kind = (
+                    "message lists"
+                    if isinstance(value, list)
+                    else "strings"
+                    if isinstance(value, str)
+                    else None
+                )
+                if kind:
+                    kinds.setdefault(column, {}).setdefault(kind, number)
+                    if len(kinds[column]) > 1:
+                        lines = kinds[column]
+                        raise DataError(
+                            f"{path}: column {column!r} mixes message lists (line {lines['message lists']}) and "
+                            f"strings (line {lines['strings']}); use one format per column"
+                        )
             rows += 1
     if rows == 0:
         raise DataError(f"data file {path} has no rows")
@@ -86,16 +103,21 @@ def load_splits(cfg: DataConfig) -> DatasetDict:
     return load_dataset(cfg.source)
 
 
-def validate_rows(dataset: Dataset, columns: list[str], prompt_column: str, where: str) -> None:
-    """Every named column exists; every prompt is a non-empty string. Errors name the row."""
+def validate_rows(dataset: Dataset, columns: list[str], prompt_column: str | None, where: str) -> None:
+    """Every named column exists; every prompt is a non-empty string or message list (the messages
+    themselves are checked by rlhf.data.chat). Errors name the row."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise DataError(
             f"{where}: missing column(s) {missing}; the dataset has {dataset.column_names} "
-            f"(set data.prompt_column / data.completion_column / data.required_columns)"
+            f"(set data.prompt_column / data.completion_column / data.messages_column / data.required_columns)"
         )
-    for index, prompt in enumerate(dataset[prompt_column]):
-        if not isinstance(prompt, str) or not prompt.strip():
+    for index, prompt in enumerate(dataset[prompt_column] if prompt_column else []):
+        if (
+            not isinstance(prompt, (str, list))
+            or not prompt
+            or (isinstance(prompt, str) and not prompt.strip())
+        ):
             raise DataError(f"{where}: row {index} has an empty or non-text {prompt_column!r}: {prompt!r}")
     for column in columns:
         for index, value in enumerate(dataset[column]):
@@ -111,27 +133,41 @@ def load_task_data(
     splits = load_splits(cfg)
     if cfg.train_split not in splits:
         raise DataError(f"data.source={cfg.source!r} has no split {cfg.train_split!r}; it has {list(splits)}")
-    columns = [cfg.prompt_column, *cfg.required_columns]
-    if needs_completion:
-        if not cfg.completion_column:
-            raise DataError("SFT needs data.completion_column (the target text column)")
-        columns.append(cfg.completion_column)
-    if needs_pairs:
-        columns += [cfg.chosen_column, cfg.rejected_column] + (
-            [cfg.margin_column] if cfg.margin_column else []
-        )
-    columns = list(dict.fromkeys(columns))
     train = splits[cfg.train_split]
     if len(train) == 0:
         raise DataError(f"data.source={cfg.source!r} split {cfg.train_split!r} has no rows")
-    validate_rows(train, columns, cfg.prompt_column, f"data.source={cfg.source!r} split {cfg.train_split!r}")
+    prompt_column: str | None = cfg.prompt_column
+    columns = list(cfg.required_columns)
+    if (
+        needs_completion
+        and cfg.messages_column in train.column_names
+        and cfg.prompt_column not in train.column_names
+    ):
+        columns.append(cfg.messages_column)  # a whole conversation per row (TRL's language-modeling format)
+        prompt_column = None
+    elif needs_completion:
+        if not cfg.completion_column:
+            raise DataError("SFT needs data.completion_column (the target text column) or a messages column")
+        columns += [cfg.prompt_column, cfg.completion_column]
+    elif needs_pairs:
+        columns += [cfg.chosen_column, cfg.rejected_column] + (
+            [cfg.margin_column] if cfg.margin_column else []
+        )
+        if cfg.prompt_column not in train.column_names:
+            prompt_column = None  # the implicit prompt: shared by chosen and rejected (rlhf.data.chat)
+        else:
+            columns.append(cfg.prompt_column)
+    else:
+        columns.append(cfg.prompt_column)
+    columns = list(dict.fromkeys(columns))
+    validate_rows(train, columns, prompt_column, f"data.source={cfg.source!r} split {cfg.train_split!r}")
     if needs_pairs:
         train = drop_tied_pairs(train, cfg, f"data.source={cfg.source!r} split {cfg.train_split!r}")
     evaluation = None
     if cfg.eval_split and cfg.eval_split in splits:
         evaluation = splits[cfg.eval_split]
         where = f"data.source={cfg.source!r} split {cfg.eval_split!r}"
-        validate_rows(evaluation, columns, cfg.prompt_column, where)
+        validate_rows(evaluation, columns, prompt_column, where)
         if needs_pairs:
             evaluation = drop_tied_pairs(evaluation, cfg, where)
     return train, evaluation

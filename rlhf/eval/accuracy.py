@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.rollout.hf import SamplingParams, generate_rollouts
+from rlhf.rollout.hf import SamplingParams, generate_rollouts, prompt_inputs
 from rlhf.types import RewardFn
 
 
@@ -23,7 +23,6 @@ def greedy_accuracy(
     prompt_column: str = "prompt",
     batch_size: int = 250,
     max_new_tokens: int = 8,
-    apply_chat_template: bool = False,
 ) -> float:
     """Fraction of rows whose greedy completion gets reward 1.0, over the whole dataset.
 
@@ -43,18 +42,15 @@ def greedy_accuracy(
             )
             if not rows or not rows[prompt_column]:
                 continue
-            columns = {k: v for k, v in rows.items() if k != prompt_column}
             batch = generate_rollouts(
                 engine.module,
                 tokenizer,
-                rows[prompt_column],
-                columns,
+                **prompt_inputs(rows, prompt_column),
                 group_size=1,
                 sampling=sampling,
-                apply_chat_template=apply_chat_template,
                 do_sample=False,
             )
-            scores = reward_fn(batch.prompts, batch.completions, **batch.columns)
+            scores = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
             correct += sum(1 for s in scores if s is not None and s >= 1.0)
     total = engine.all_reduce_sum(torch.tensor(float(correct), device=engine.device))
     return float(total) / max(len(dataset), 1)
@@ -80,5 +76,4 @@ def heldout_accuracy(
         prompt_column=data_cfg.prompt_column,
         batch_size=eval_cfg.batch_size,
         max_new_tokens=eval_cfg.max_new_tokens,
-        apply_chat_template=data_cfg.apply_chat_template,
     )

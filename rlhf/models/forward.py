@@ -31,6 +31,7 @@ def response_logprobs(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -39,7 +40,7 @@ def response_logprobs(
     Values at masked response positions are finite but meaningless; mask them downstream.
     """
     logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     # Tokens outside the kept support (possible only at masked positions) would give -inf.
     safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
     logprobs = logprobs_from_logits(logits, safe_ids)
@@ -72,13 +73,14 @@ def response_logprobs_and_states(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log pi(response_t) [B, T], states [B, T, h], next states [B, T, h]) from one forward: the
     last hidden state (the LM head's input) where token t is predicted, and where it is read."""
     logits, (states, next_states) = _response_forward(
         model, prompt_ids, prompt_mask, response_ids, response_mask, with_states=True
     )
-    logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
     return logprobs_from_logits(logits, safe_ids), states, next_states
 

@@ -11,6 +11,7 @@ import os
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -19,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf.checkpoint import CHECKPOINT_DIR, export_dir, list_checkpoints
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.models.lora import AdapterDisabledView, apply_lora
 from rlhf.models.shared_prefix import check_family, shared_prefix_attention
@@ -58,8 +60,19 @@ def check_model_paths(cfg: object) -> None:
             raise ConfigError(f"{field}={value!r}: no such directory")
 
 
+def run_export(path: str) -> str:
+    """A run directory (one with checkpoints/ and no model files of its own) stands for its newest
+    checkpoint's Hugging Face export, so `model.name_or_path=runs/my-sft` picks up what that run
+    trained; any other path is returned as it is."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    checkpoints = list_checkpoints(path) if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) else []
+    return export_dir(checkpoints[-1]) if checkpoints else path
+
+
 def _from_pretrained(loader, field: str, path: str, **kwargs):
     """`loader.from_pretrained(path)` with an error naming the field when nothing loads from there."""
+    path = run_export(path)
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -69,6 +82,18 @@ def _from_pretrained(loader, field: str, path: str, **kwargs):
             else "not a local directory, and not on the hub or in its cache"
         )
         raise ConfigError(f"{field}={path!r}: {where} ({exc})") from exc
+
+
+def model_context(cfg: ModelConfig) -> int | None:
+    """The model's context length (max_position_embeddings) from its config alone, before any
+    weights load; None when the config does not say."""
+    if cfg.source == "tiny":
+        return cfg.tiny.max_position_embeddings
+    config = _from_pretrained(
+        AutoConfig, "model.name_or_path", cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+    )
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
 
 
 def _attention(cfg: ModelConfig) -> str:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rlhf.losses.preference import contrastive_prompt_token_rewards, contrastive_token_scores
 from rlhf.models.forward import response_logits, response_logprobs
 
-PromptEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+PromptRewriter = Callable[[list[Any], str], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -33,7 +34,8 @@ class PairTokenScorer:
     treg_model: torch.nn.Module | None = None
     better_template: str = "{prompt}"
     worse_template: str = "{prompt}"
-    encode_prompts: PromptEncoder | None = None
+    # (raw prompts, template) -> left-padded (ids, mask) of each prompt rewritten by the template
+    rewrite_prompts: PromptRewriter | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -57,7 +59,7 @@ class PairTokenScorer:
         completion_ids: torch.Tensor,
         completion_mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Values for rows [chosen; rejected]; `prompts` are the 2P prompt texts of those rows."""
+        """Values for rows [chosen; rejected]; `prompts` are the 2P raw prompts of those rows."""
         tensors = (prompt_ids, prompt_mask, completion_ids, completion_mask)
         out: dict[str, torch.Tensor] = {}
         if self.reference is not None:
@@ -72,8 +74,8 @@ class PairTokenScorer:
                 beta=self.contrast_beta,
             )
         if self.treg_model is not None:
-            better = self.encode_prompts([self.better_template.format(prompt=p) for p in prompts])
-            worse = self.encode_prompts([self.worse_template.format(prompt=p) for p in prompts])
+            better = self.rewrite_prompts(prompts, self.better_template)
+            worse = self.rewrite_prompts(prompts, self.worse_template)
             out["treg_rewards"] = contrastive_prompt_token_rewards(
                 response_logprobs(self.treg_model, *better, completion_ids, completion_mask)[0],
                 response_logprobs(self.treg_model, *worse, completion_ids, completion_mask)[0],

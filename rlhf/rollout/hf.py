@@ -13,8 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
+from rlhf.data.chat import CONVERSATIONAL, PROMPT_IDS, PROMPT_TEXT, reward_columns
 from rlhf.intrinsic import TopKRecorder
 from rlhf.models.shared_prefix import uses_shared_prefix
 from rlhf.types import RolloutBatch
@@ -26,15 +34,30 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, rollout: Any) -> SamplingParams:
-        """From a RolloutConfig (rollout.max_new_tokens, temperature, top_k, top_p)."""
-        return cls(rollout.max_new_tokens, rollout.temperature, rollout.top_k, rollout.top_p)
+        """From a RolloutConfig (rollout.max_new_tokens, temperature, top_k, top_p, min_p, stop)."""
+        return cls(
+            rollout.max_new_tokens,
+            rollout.temperature,
+            rollout.top_k,
+            rollout.top_p,
+            rollout.min_p,
+            tuple(rollout.stop),
+        )
 
     def warp(self) -> dict[str, float]:
-        """The logits warp of sampling, for every logprob pass to apply identically."""
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        """The logits warp of sampling, for every logprob pass to apply identically (stop strings
+        end a sequence but change no token's distribution, so they are not part of it)."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+        }
 
     def generation_config(
         self, tokenizer: PreTrainedTokenizerBase, do_sample: bool = True
@@ -45,64 +68,135 @@ class SamplingParams:
             temperature=self.temperature if do_sample else None,
             top_k=self.top_k if do_sample else None,
             top_p=self.top_p if do_sample else None,
+            min_p=self.min_p if do_sample and self.min_p > 0 else None,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
         )
 
 
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], apply_chat_template: bool, device: torch.device
+def pad_prompts(
+    token_ids: list[list[int]], pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and bool mask."""
-    if apply_chat_template:
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-        encoded = tokenizer(
-            texts, padding=True, add_special_tokens=False, return_tensors="pt", padding_side="left"
-        )
-    else:
-        encoded = tokenizer(prompts, padding=True, return_tensors="pt", padding_side="left")
+    """Left-padded prompt ids and bool mask from per-row token ids (rlhf.data.chat prepares them)."""
+    width = max((len(row) for row in token_ids), default=0)
+    ids = torch.full((len(token_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.bool)
+    for index, row in enumerate(token_ids):
+        if row:
+            ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[index, width - len(row) :] = True
+    return ids.to(device), mask.to(device)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and bool mask of plain-text prompts (the tokenizer's own special tokens)."""
+    encoded = tokenizer(prompts, padding=True, return_tensors="pt", padding_side="left")
     return encoded["input_ids"].to(device), encoded["attention_mask"].bool().to(device)
 
 
+def prompt_inputs(rows: Any, prompt_column: str) -> dict[str, Any]:
+    """`generate_rollouts`' prompt arguments from dataset rows (a Dataset or a dict of columns):
+    the raw prompts and reward columns, and for rows prepared by rlhf.data.chat the token ids and
+    text the model is fed."""
+    names = rows.column_names if hasattr(rows, "column_names") else list(rows)
+    inputs: dict[str, Any] = {
+        "prompts": list(rows[prompt_column]),
+        "columns": reward_columns(rows, prompt_column),
+    }
+    if PROMPT_IDS in names:
+        inputs["prompt_token_ids"] = list(rows[PROMPT_IDS])
+        inputs["prompt_texts"] = list(rows[PROMPT_TEXT])
+        inputs["conversational"] = (
+            bool(rows[CONVERSATIONAL][0]) if CONVERSATIONAL in names and len(rows[CONVERSATIONAL]) else False
+        )
+    return inputs
+
+
 def response_mask_from_ids(
-    response_ids: torch.Tensor, eos_token_id: int
+    response_ids: torch.Tensor, eos_token_id: int, ends: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask up to and including the first EOS, truncated flag per row)."""
-    is_eos = response_ids == eos_token_id
-    eos_seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
-    mask = ~eos_seen_before
-    truncated = ~is_eos.any(-1)
+    """(mask up to and including the first EOS, truncated flag per row). `ends` [B, T] bool marks
+    other tokens that end a response (the last token of a stop string)."""
+    is_end = response_ids == eos_token_id
+    if ends is not None:
+        is_end = is_end | ends
+    end_seen_before = (is_end.cumsum(-1) - is_end.long()) > 0
+    mask = ~end_seen_before
+    truncated = ~is_end.any(-1)
     return mask, truncated
+
+
+class StopStrings(StoppingCriteria):
+    """Ends a row once its response's text contains a stop string. It decodes the response's last
+    few tokens with the tokenizer itself (transformers' own stop-string matcher needs a vocabulary
+    it can map to bytes, which not every tokenizer has)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...], prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
+        self.window = max(len(s) for s in stop) + 1  # tokens: each covers at least one character
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        tails = input_ids[:, max(self.prompt_length, input_ids.shape[1] - self.window) :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts], device=input_ids.device)
+
+
+def stop_string_ends(
+    response_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]
+) -> torch.Tensor | None:
+    """[B, T] bool: the token at which the response's text first contains a stop string."""
+    if not stop:
+        return None
+    ends = torch.zeros_like(response_ids, dtype=torch.bool)
+    longest = max(len(s) for s in stop)
+    for row, ids in enumerate(response_ids.tolist()):
+        text = ""
+        for position, token in enumerate(ids):
+            if token == tokenizer.eos_token_id:
+                break
+            text += tokenizer.decode([token])
+            if any(s in text[-(longest + 32) :] for s in stop):
+                ends[row, position] = True
+                break
+    return ends
 
 
 @torch.no_grad()
 def generate_rollouts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[Any],
     columns: dict[str, list[Any]],
     *,
     group_size: int,
     sampling: SamplingParams,
-    apply_chat_template: bool = False,
+    prompt_token_ids: list[list[int]] | None = None,
+    prompt_texts: list[str] | None = None,
+    conversational: bool = False,
     do_sample: bool = True,
     record_topk: int | None = None,
 ) -> RolloutBatch:
-    """Sample `group_size` completions for each prompt; rows of one prompt are contiguous. With
-    `record_topk`, `outside_topk` marks the sampled tokens outside the k most likely ones of the
-    distribution they were drawn from (recorded during generation, no extra pass)."""
+    """Sample `group_size` completions for each prompt; rows of one prompt are contiguous. The
+    prompts are fed as `prompt_token_ids` (prepared by rlhf.data.chat) or, without them, as plain
+    text. With `record_topk`, `outside_topk` marks the sampled tokens outside the k most likely ones
+    of the distribution they were drawn from (recorded during generation, no extra pass)."""
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, apply_chat_template, device)
+    if prompt_token_ids is None:
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+        prompt_texts = list(prompts)
+    else:
+        prompt_ids, prompt_mask = pad_prompts(prompt_token_ids, tokenizer.pad_token_id, device)
     was_training = model.training
     model.eval()
     recorder = TopKRecorder(record_topk) if record_topk else None
-    extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder else {}
+    extra: dict[str, Any] = {"logits_processor": LogitsProcessorList([recorder])} if recorder else {}
+    if sampling.stop:
+        extra["stopping_criteria"] = StoppingCriteriaList(
+            [StopStrings(tokenizer, sampling.stop, prompt_ids.shape[1])]
+        )
     try:
         output = generate_groups(
             model,
@@ -117,7 +211,9 @@ def generate_rollouts(
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     response_ids = output[:, prompt_ids.shape[1] :]
-    response_mask, truncated = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    response_mask, truncated = response_mask_from_ids(
+        response_ids, tokenizer.eos_token_id, stop_string_ends(response_ids, tokenizer, sampling.stop)
+    )
     response_ids = torch.where(
         response_mask, response_ids, torch.full_like(response_ids, tokenizer.pad_token_id)
     )
@@ -126,6 +222,7 @@ def generate_rollouts(
         skip_special_tokens=True,
     )
     repeated_prompts = [p for p in prompts for _ in range(group_size)]
+    repeated_texts = [t for t in (prompt_texts or []) for _ in range(group_size)]
     repeated_columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
     group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
     return RolloutBatch(
@@ -139,6 +236,8 @@ def generate_rollouts(
         prompts=repeated_prompts,
         completions=completions,
         columns=repeated_columns,
+        prompt_texts=repeated_texts,
+        conversational=conversational,
     )
 
 
@@ -184,22 +283,18 @@ def rollout_rows(
     prompt_column: str,
     group_size: int,
     sampling: SamplingParams,
-    apply_chat_template: bool = False,
     record_topk: int | None = None,
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """Step 1 of an RL loop: `group_size` samples for each dataset row, every other column handed on
     to the rewards, with the policy's ZeRO-3 parameters gathered once for the whole generation.
     Returns the batch and its length statistics."""
-    columns = {k: list(rows[k]) for k in rows.column_names if k != prompt_column}
     with engine.gathered_parameters():
         batch = generate_rollouts(
             engine.module,
             tokenizer,
-            list(rows[prompt_column]),
-            columns,
+            **prompt_inputs(rows, prompt_column),
             group_size=group_size,
             sampling=sampling,
-            apply_chat_template=apply_chat_template,
             record_topk=record_topk,
         )
     lengths = batch.response_mask.sum(-1).float()

@@ -1,6 +1,7 @@
 """A rollout's rows as plain records for the run directory (rollouts.jsonl) and the wandb table.
 
-Each record holds the prompt, the completion, its score and, token by token over the valid response
+Each record holds the prompt as the model was fed it (`prompt`, chat template applied) and as the
+data has it (`raw_prompt`, when they differ), the completion, its score and, token by token over the valid response
 tokens, the decoded tokens and whichever per-token quantities the recipe computed (logprobs,
 ref_logprobs, kl, rewards, values, advantages, segment_ids). A per-sequence advantage (GRPO) is stored
 as `advantage`. Records are what `rlhf.inspect` reads back and draws as token heatmaps.
@@ -40,14 +41,18 @@ def rollout_records(
     for row in rows:
         mask = batch.response_mask[row].bool()
         ids = batch.response_ids[row][mask].tolist()
+        fed = batch.prompt_texts[row] if batch.prompt_texts else None
+        raw = batch.prompts[row] if batch.prompts else ""
         record: dict[str, Any] = {
             "step": step,
-            "prompt": batch.prompts[row] if batch.prompts else "",
+            "prompt": fed if fed is not None else raw,
             "completion": batch.completions[row] if batch.completions else tokenizer.decode(ids),
             "score": None if scores is None else float(scores[row]),
             "length": len(ids),
             "tokens": [tokenizer.decode([i]) for i in ids],
         }
+        if fed is not None and fed != raw:
+            record["raw_prompt"] = raw
         for name, values in per_token.items():
             value = values[row].detach().cpu()
             value = value.float() if value.is_floating_point() else value.long()

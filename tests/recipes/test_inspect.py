@@ -171,15 +171,34 @@ def test_wandb_gets_sections_a_rollout_table_and_histograms():
     assert logger.run.logged[0] == (3, {"train/loss": 1.0, "reward/mean": 0.5})
     assert wandb_name("kl/mean") == "kl/mean"
     records = [
-        {"step": 3, "prompt": "p", "completion": "c", "score": 1.0, "length": 2, "advantages": [1.0, 3.0]}
+        {"step": 3, "prompt": "p", "completion": "c", "score": 1.0, "length": 2, "advantages": [1.0, 3.0]},
+        {
+            "step": 3,
+            "prompt": "<u>p",
+            "raw_prompt": [{"role": "user", "content": "p"}],
+            "completion": "c",
+            "score": 0.0,
+            "length": 1,
+            "advantage": -1.0,
+        },
     ]
     logger.log_rollouts(
         records, 3, {"reward": [1.0, 0.0], "advantage": [1.0, math.nan], "response_length": []}
     )
     step, data = logger.run.logged[1]
     table = data["rollouts/samples"]
-    assert step == 3 and table.columns == ["step", "prompt", "completion", "score", "length", "advantage"]
-    assert table.data == [[3, "p", "c", 1.0, 2, 2.0]]  # per-token advantages shown as their mean
+    assert step == 3 and table.columns == [
+        "step",
+        "prompt",
+        "raw_prompt",
+        "completion",
+        "score",
+        "length",
+        "advantage",
+    ]
+    assert table.data[0] == [3, "p", "p", "c", 1.0, 2, 2.0]  # per-token advantages shown as their mean
+    # a chat prompt: the text fed to the model, and the data's message list beside it
+    assert table.data[1] == [3, "<u>p", '[{"role": "user", "content": "p"}]', "c", 0.0, 1, -1.0]
     assert isinstance(data["hist/reward"], wandb.Histogram) and "hist/advantage" in data
     assert "hist/response_length" not in data  # nothing finite to draw
 
@@ -198,7 +217,7 @@ def test_offline_wandb_run_holds_the_rollout_table(make_config, monkeypatch):
     assert len(tables) == 1
     with open(tables[0]) as handle:
         table = json.load(handle)
-    assert table["columns"][:3] == ["step", "prompt", "completion"] and len(table["data"]) == 3
+    assert table["columns"][:4] == ["step", "prompt", "raw_prompt", "completion"] and len(table["data"]) == 3
 
 
 def test_walkthrough_notebook_runs_on_a_fresh_run(make_config, monkeypatch):

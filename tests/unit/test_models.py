@@ -8,7 +8,13 @@ from rlhf.config import ConfigError, ModelConfig, TinyModelConfig
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_tokenizer
 from rlhf.models.tiny import build_char_tokenizer
-from rlhf.rollout.hf import SamplingParams, encode_prompts, generate_rollouts, response_mask_from_ids
+from rlhf.rollout.hf import (
+    SamplingParams,
+    encode_prompts,
+    generate_rollouts,
+    response_mask_from_ids,
+    stop_string_ends,
+)
 
 
 def test_char_tokenizer_round_trip_and_specials(tokenizer, tmp_path):
@@ -75,16 +81,19 @@ def test_response_mask_until_first_eos():
 
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen2"])
 @pytest.mark.parametrize(
-    "warp", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)]
+    "warp",
+    [
+        dict(temperature=1.0, top_k=0, top_p=1.0),
+        dict(temperature=0.7, top_k=5, top_p=0.9),
+        dict(temperature=1.3, top_k=0, top_p=0.95, min_p=0.3),
+    ],
 )
 def test_logprob_pass_matches_sampling_distribution(model_name, warp, request, tokenizer):
     """Per-token logprobs of the training forward equal those of the processed generation scores."""
     model = request.getfixturevalue(model_name)
     torch.manual_seed(0)
     sampling = SamplingParams(max_new_tokens=6, **warp)
-    prompt_ids, prompt_mask = encode_prompts(
-        tokenizer, ["39+20=", "1+2=", "123+4="], False, torch.device("cpu")
-    )
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, ["39+20=", "1+2=", "123+4="], torch.device("cpu"))
     output = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask.long(),
@@ -144,3 +153,24 @@ def test_reward_is_read_at_the_last_valid_token_even_when_it_is_the_pad_id(token
     ).last_hidden_state
     per_token = model.score(hidden).squeeze(-1)
     torch.testing.assert_close(scores, torch.stack([per_token[0, 5], per_token[1, 3]]))
+
+
+def test_stop_strings_end_the_response_where_the_string_completes(tiny_llama, tokenizer):
+    torch.manual_seed(0)
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.5, stop=("5", "+"))
+    batch = generate_rollouts(tiny_llama, tokenizer, ["1+1=", "22+3="], {}, group_size=8, sampling=sampling)
+    stopped = 0
+    for row, completion in enumerate(batch.completions):
+        cut = [i for i, ch in enumerate(completion) if ch in "5+"]
+        if cut:  # the completion ends with its first stop string, and the mask ends there too
+            stopped += 1
+            assert cut == [len(completion) - 1], completion
+            assert not batch.truncated[row]
+            kept = batch.response_ids[row][batch.response_mask[row]]
+            assert tokenizer.decode(kept[-1:]) in ("5", "+")  # the mask ends at the stop string
+    assert stopped > 0  # the random model emits "5" or "+" in some of 16 samples of up to 12 tokens
+    ids = torch.tensor([tokenizer("12+5", add_special_tokens=False)["input_ids"]])
+    ends = stop_string_ends(ids, tokenizer, ("+5",))
+    mask, truncated = response_mask_from_ids(ids, tokenizer.eos_token_id, ends)
+    assert mask.tolist() == [[True, True, True, True]] and not truncated[0]
+    assert stop_string_ends(ids, tokenizer, ()) is None

@@ -72,6 +72,24 @@ def test_warp_logits_matches_transformers_processors():
     assert torch.allclose(ours[kept], theirs[kept])
 
 
+def test_min_p_matches_transformers_after_the_other_warps():
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(1)
+    logits = torch.randn(6, 50) * 3
+    ours = warp_logits(logits, temperature=1.3, top_p=0.95, min_p=0.1)
+    theirs = MinPLogitsWarper(0.1)(
+        None, TopPLogitsWarper(0.95)(None, TemperatureLogitsWarper(1.3)(None, logits.clone()))
+    )
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs)) and torch.isinf(ours).any()
+    kept = torch.isfinite(ours)
+    assert torch.allclose(ours[kept], theirs[kept])
+
+
 def test_warp_logits_top_k_keeps_exactly_k():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
     out = warp_logits(logits, top_k=2)
