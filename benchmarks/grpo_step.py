@@ -13,7 +13,14 @@ the first step of each run dropped; medians and ranges are reported.
 With --shared-prefix, ours also runs with `model.shared_prefix=true` (each prompt encoded once per
 group in generation's prefill and in every training forward), interleaved with the others.
 
+With --engine vllm, the sides are TRL (its default transformers generation), ours with the
+transformers engine, ours with the colocated vLLM engine (rollout.engine=vllm, weights synced every
+step), and ours with vLLM and the shared-prefix forward, on a tiny model whose head_dim (32) vLLM's
+CPU attention accepts; `--groups` adds group sizes. The generation share of each step and the
+weight-sync time are reported.
+
 Usage: python benchmarks/grpo_step.py [--repeats 3] [--steps 6] [--shared-prefix] [--no-record]
+       python benchmarks/grpo_step.py --engine vllm --prompt-lengths 64 256 512 --groups 8 16
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import append_results, median_range, step_timer  # noqa: E402
 
 GROUP, PROMPTS, NEW_TOKENS = 8, 2, 32
+HEADS = 4  # --engine vllm: 2 (head_dim 32)
 
 
 def digit_fraction(prompts, completions, **_):
@@ -47,11 +55,17 @@ def build_model(seed: int = 0):
     from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
     tokenizer = build_char_tokenizer()
-    return build_tiny_causal_lm(TinyModelSpec(max_position_embeddings=512), tokenizer, seed=seed), tokenizer
+    spec = TinyModelSpec(max_position_embeddings=1024, num_heads=HEADS)
+    return build_tiny_causal_lm(spec, tokenizer, seed=seed), tokenizer
 
 
 def run_ours(
-    prompt_length: int, steps: int, workdir: str, shared_prefix: bool = False
+    prompt_length: int,
+    steps: int,
+    workdir: str,
+    shared_prefix: bool = False,
+    engine: str = "hf",
+    group: int = GROUP,
 ) -> dict[str, list[float]]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -80,12 +94,15 @@ def run_ours(
                     "data.completion_column=null",
                     "reward.functions=[{name: digit_fraction, weight: 1.0}]",
                     "reward.accuracy_reward=null",
-                    "model.tiny.max_position_embeddings=512",
+                    "model.tiny.max_position_embeddings=1024",
+                    f"model.tiny.num_heads={HEADS}",
+                    "data.max_prompt_length=null",
+                    f"rollout.engine={engine}",
                     f"train.steps={steps}",
                     f"train.prompts_per_step={PROMPTS}",
-                    f"rollout.group_size={GROUP}",
+                    f"rollout.group_size={group}",
                     f"rollout.max_new_tokens={NEW_TOKENS}",
-                    f"train.micro_batch_size={PROMPTS * GROUP}",
+                    f"train.micro_batch_size={PROMPTS * group}",
                     "optim.lr=1e-4",
                     "loss.kl_coef=0.0",
                     "checkpoint.every=0",
@@ -98,6 +115,7 @@ def run_ours(
     grpo.train(cfg)
     rows = [r for r in read_metrics(run_dir) if "time/step" in r][1:]
     keys = ["time/step", "time/generate", "time/logprob_passes", "time/update", "response/length_mean"]
+    keys += ["time/weight_sync"] if engine == "vllm" else []
     return {k: [r[k] for r in rows] for k in keys}
 
 
@@ -127,7 +145,9 @@ def patch_trl_logprobs(trainer) -> None:
     trainer._get_per_token_logps_and_entropies = per_token_logps
 
 
-def run_trl(prompt_length: int, steps: int, workdir: str, patched: bool) -> dict[str, list[float]]:
+def run_trl(
+    prompt_length: int, steps: int, workdir: str, patched: bool, group: int = GROUP
+) -> dict[str, list[float]]:
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -137,8 +157,8 @@ def run_trl(prompt_length: int, steps: int, workdir: str, patched: bool) -> dict
 
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(dir=workdir),
-        per_device_train_batch_size=PROMPTS * GROUP,  # counts completions, not prompts
-        num_generations=GROUP,
+        per_device_train_batch_size=PROMPTS * group,  # counts completions, not prompts
+        num_generations=group,
         max_completion_length=NEW_TOKENS,
         gradient_accumulation_steps=1,
         beta=0.0,
@@ -181,6 +201,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--groups", type=int, nargs="+", default=[GROUP])
     parser.add_argument(
         "--shared-prefix", action="store_true", help="also run ours with model.shared_prefix=true"
     )
@@ -188,6 +210,9 @@ def main() -> None:
     torch.set_num_threads(2)
     os.environ.setdefault("WANDB_MODE", "disabled")
     workdir = tempfile.mkdtemp(prefix="grpo_step_")
+    if args.engine == "vllm":
+        engine_comparison(args, workdir)
+        return
     sides = {
         "ours": lambda n: run_ours(n, args.steps, workdir),
         "trl": lambda n: run_trl(n, args.steps, workdir, False),
@@ -248,6 +273,71 @@ def main() -> None:
             "GRPO step time against TRL GRPOTrainer",
             "python benchmarks/grpo_step.py" + (" --shared-prefix" if args.shared_prefix else ""),
             f"{settings}\n\n{table}",
+        )
+
+
+def engine_comparison(args, workdir: str) -> None:
+    """TRL, ours (transformers generate), ours (vLLM), ours (vLLM + shared prefix), interleaved."""
+    global HEADS
+    HEADS = 2  # head_dim 32 for every side, the smallest vLLM's CPU attention takes
+    sides = {
+        "trl": lambda n, g: run_trl(n, args.steps, workdir, False, g),
+        "ours_hf": lambda n, g: run_ours(n, args.steps, workdir, group=g),
+        "ours_vllm": lambda n, g: run_ours(n, args.steps, workdir, engine="vllm", group=g),
+        "ours_vllm_shared": lambda n, g: run_ours(n, args.steps, workdir, True, engine="vllm", group=g),
+    }
+    results: dict[tuple[int, int], dict[str, dict[str, list[float]]]] = {}
+    for length in args.prompt_lengths:
+        for group in args.groups:
+            results[length, group] = {name: {} for name in sides}
+            for repeat in range(args.repeats):
+                for name, run in sides.items():
+                    out = run(length, group)
+                    for key, values in out.items():
+                        results[length, group][name].setdefault(key, []).extend(values)
+                    print(
+                        f"prompt {length} G={group} repeat {repeat} {name}: "
+                        f"median step {statistics.median(out['time/step']):.3f}s",
+                        flush=True,
+                    )
+    lines = [
+        "| prompt tokens | G | TRL s/step | ours HF s/step (gen share) | ours vLLM s/step (gen share, sync s) "
+        "| ours vLLM + shared prefix s/step (gen share) | TRL / ours HF | TRL / ours vLLM | TRL / ours vLLM + shared |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def share(side: dict[str, list[float]]) -> str:
+        return f"{statistics.median(side['time/generate']) / statistics.median(side['time/step']):.0%}"
+
+    for (length, group), out in results.items():
+        trl = statistics.median(out["trl"]["time/step"])
+        hf, v, vs = out["ours_hf"], out["ours_vllm"], out["ours_vllm_shared"]
+        lines.append(
+            f"| {length} | {group} | {median_range(out['trl']['time/step'])} "
+            f"| {median_range(hf['time/step'])} ({share(hf)}) "
+            f"| {median_range(v['time/step'])} ({share(v)}, {statistics.median(v['time/weight_sync']):.3f}) "
+            f"| {median_range(vs['time/step'])} ({share(vs)}) "
+            f"| {trl / statistics.median(hf['time/step']):.2f}x | {trl / statistics.median(v['time/step']):.2f}x "
+            f"| {trl / statistics.median(vs['time/step']):.2f}x |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_record:
+        settings = (
+            f"Tiny Llama (hidden 64, 4 layers, 2 heads: head_dim 32), {PROMPTS} prompts x G, up to {NEW_TOKENS} new "
+            f"tokens, shaped reward, no KL, fp32, 2 threads; {args.repeats} interleaved repeats x {args.steps} steps "
+            "(first dropped); medians (min-max). Gen share: generation's part of the step; sync: the weight "
+            "sync into the engine before each rollout. TRL generates with transformers (its default); a ratio "
+            "above 1 means this project is faster."
+        )
+        command = (
+            "python benchmarks/grpo_step.py --engine vllm --prompt-lengths "
+            + " ".join(map(str, args.prompt_lengths))
+            + " --groups "
+            + " ".join(map(str, args.groups))
+        )
+        append_results(
+            "GRPO step time with the vLLM engine against TRL GRPOTrainer", command, f"{settings}\n\n{table}"
         )
 
 

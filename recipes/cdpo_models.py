@@ -36,6 +36,7 @@ from rlhf.data.chat import prepare_prompts
 from rlhf.data.load import load_task_data
 from rlhf.models.load import load_causal_lm, load_tokenizer
 from rlhf.rollout.hf import SamplingParams, generate_rollouts, prompt_inputs
+from rlhf.rollout.vllm import engine_for_model
 from rlhf.scoring import resolve_reward
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -60,8 +61,10 @@ def sample_and_verify(
     reward: str,
     max_new_tokens: int,
     seed: int,
+    engine: str = "hf",
 ) -> list[dict]:
-    """`samples` completions for each of `num_prompts` training prompts, each with its 0/1 verdict."""
+    """`samples` completions for each of `num_prompts` training prompts, each with its 0/1 verdict;
+    sampled with transformers generate or (engine="vllm") a vLLM engine."""
     model_cfg = ModelConfig(source="pretrained", name_or_path=policy_dir)
     tokenizer = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, tokenizer).eval()
@@ -70,6 +73,7 @@ def sample_and_verify(
     rows = train_rows.shuffle(seed=seed).select(range(min(num_prompts, len(train_rows))))
     rows = prepare_prompts(rows, tokenizer, data_cfg, "cDPO sampling prompts", response_budget=max_new_tokens)
     torch.manual_seed(seed)
+    vllm = engine_for_model(model, tokenizer, max_new_tokens, seed) if engine == "vllm" else None
     out = []
     for start in range(0, len(rows), 100):
         chunk = rows[start : start + 100]
@@ -79,11 +83,15 @@ def sample_and_verify(
             **prompt_inputs(chunk, data_cfg.prompt_column),
             group_size=samples,
             sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
+            vllm=vllm,
+            seed=seed * 1_000_003 + start,
         )
         scores = verify(batch.prompts, batch.reward_completions(), **batch.columns)
         for index, (prompt, completion, score) in enumerate(zip(batch.prompts, batch.completions, scores)):
             extra = {k: v[index] for k, v in batch.columns.items()}
             out.append({"prompt": prompt, "completion": completion, "correct": score == 1.0, **extra})
+    if vllm is not None:
+        vllm.shutdown()
     return out
 
 
@@ -130,6 +138,7 @@ def build_cdpo_models(
     batch_size: int = 64,
     seed: int = 0,
     sft_overrides: tuple[str, ...] = (),
+    engine: str = "hf",
 ) -> dict[str, str | int]:
     """Sample, verify, train the positive and negative LoRA models; returns their export paths,
     the pairs directory and the counts."""
@@ -145,6 +154,7 @@ def build_cdpo_models(
             reward=reward,
             max_new_tokens=max_new_tokens,
             seed=seed,
+            engine=engine,
         )
         correct = [{"prompt": r["prompt"], "answer": r["completion"]} for r in rows if r["correct"]]
         incorrect = [{"prompt": r["prompt"], "answer": r["completion"]} for r in rows if not r["correct"]]
@@ -224,7 +234,7 @@ def main(args: list[str]) -> None:
         "prompts": "2000",
         "reward": "exact_match",
     }
-    options.update(run_dpo="false", seed="0")
+    options.update(run_dpo="false", seed="0", engine="hf")
     passed = [a for a in args if "=" in a and not a.startswith(("sft.", "dpo."))]
     for arg in passed:
         key, value = arg.split("=", 1)
@@ -242,6 +252,7 @@ def main(args: list[str]) -> None:
         reward=options["reward"],
         seed=int(options["seed"]),
         sft_overrides=tuple(a[4:] for a in args if a.startswith("sft.")),
+        engine=options["engine"],
     )
     overrides = [*dpo_overrides(options["policy"], built), *[a[4:] for a in args if a.startswith("dpo.")]]
     print(

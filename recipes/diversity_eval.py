@@ -4,6 +4,7 @@ of P prompts, score them with a reward function, and report Diversity, EAD, Self
 
 Usage: python -m recipes.diversity_eval MODEL_DIR [--data sums] [--split eval] [--reward sum_to_target]
        [--samples 10] [--prompts 500] [--temperature 1.0] [--max-new-tokens 16] [--sentbert] [--seed 1234]
+       [--engine vllm]
 The defaults follow the authors' protocol (10 samples at T = 1.0, prompts shuffled with seed 1234).
 """
 
@@ -22,6 +23,7 @@ from rlhf.data.load import load_splits
 from rlhf.eval.diversity import diversity_metrics, load_minilm
 from rlhf.models.load import load_causal_lm, load_tokenizer
 from rlhf.rollout.hf import SamplingParams, generate_rollouts, prompt_inputs
+from rlhf.rollout.vllm import engine_for_model
 from rlhf.scoring import resolve_reward
 
 
@@ -37,14 +39,23 @@ def evaluate_diversity(
     encoder=None,
     prompt_column: str = "prompt",
     batch_prompts: int = 32,
+    vllm=None,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Mean reward and the diversity metrics of `samples` completions for every row of `rows`."""
+    """Mean reward and the diversity metrics of `samples` completions for every row of `rows`;
+    sampled by `vllm` (an rlhf.rollout.vllm engine holding the model's weights) when given."""
     sampling = sampling or SamplingParams(max_new_tokens=16)
     groups, rewards = [], []
     for start in range(0, len(rows), batch_prompts):
         chunk = rows.select(range(start, min(start + batch_prompts, len(rows))))
         batch = generate_rollouts(
-            model, tokenizer, **prompt_inputs(chunk, prompt_column), group_size=samples, sampling=sampling
+            model,
+            tokenizer,
+            **prompt_inputs(chunk, prompt_column),
+            group_size=samples,
+            sampling=sampling,
+            vllm=vllm,
+            seed=seed * 1_000_003 + start,
         )
         scores = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
         rewards += [s for s in scores if s is not None]
@@ -64,6 +75,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--sentbert", action="store_true")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     args = parser.parse_args()
     model_cfg = ModelConfig(source="pretrained", name_or_path=args.model_dir)
     tokenizer = load_tokenizer(model_cfg)
@@ -88,6 +100,10 @@ def main() -> None:
         samples=args.samples,
         sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
         encoder=load_minilm() if args.sentbert else None,
+        vllm=engine_for_model(model, tokenizer, args.max_new_tokens, args.seed)
+        if args.engine == "vllm"
+        else None,
+        seed=args.seed,
     )
     print(json.dumps(result, indent=2))
 

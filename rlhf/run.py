@@ -273,6 +273,7 @@ class Run:
     ):
         self.recipe, self.cfg, self.env = recipe, cfg, env
         self.total_steps = total_steps
+        self._closers: list[Callable[[], None]] = []
         self.dir = run_dir_of(checkpoint) if checkpoint else cfg.run_dir
         self.checkpoint = checkpoint  # the checkpoint this start resumes, or None
         self.start_step = manifest["step"] if manifest else 0
@@ -499,7 +500,14 @@ class Run:
             except (ValueError, AttributeError):  # not the main thread, or no such signal here
                 continue
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the run's with-block is left (a rollout engine's shutdown, which must
+        come before the process group goes)."""
+        self._closers.append(callback)
+
     def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
         if self.loggers is not None:
             self.loggers.close()
             self.loggers = None

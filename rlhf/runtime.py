@@ -87,31 +87,48 @@ class HeldoutAccuracy:
     every `eval.every` steps, and at the end; logged as eval/accuracy. Off when no reward function
     is the configured accuracy reward or the data has no eval split."""
 
-    def __init__(self, engine: Any, tokenizer: Any, eval_rows: Any, rewards: list[WeightedReward], cfg: Any):
+    def __init__(
+        self,
+        engine: Any,
+        tokenizer: Any,
+        eval_rows: Any,
+        rewards: list[WeightedReward],
+        cfg: Any,
+        vllm: Any = None,
+    ):
         from rlhf.eval.accuracy import heldout_accuracy
 
         accuracy_fn = next((r.fn for r in rewards if r.name == cfg.reward.accuracy_reward), None)
         self.enabled = accuracy_fn is not None and eval_rows is not None
         self.every = cfg.eval.every
-        self._evaluate = lambda: heldout_accuracy(
-            engine, tokenizer, eval_rows, accuracy_fn, cfg.data, cfg.eval, cfg.eval.num_samples
+        # `version`: updates so far, so a vLLM engine syncs once per set of weights
+        self._evaluate = lambda version: heldout_accuracy(
+            engine,
+            tokenizer,
+            eval_rows,
+            accuracy_fn,
+            cfg.data,
+            cfg.eval,
+            cfg.eval.num_samples,
+            vllm=vllm,
+            weights_version=version,
         )
 
     def before(self, run: Any) -> dict[str, float]:
         if not self.enabled or run.start_step != 0:
             return {}
-        accuracy = self._evaluate()
+        accuracy = self._evaluate(0)
         run.log({"eval/accuracy": accuracy}, 0)
         return {"eval/accuracy_before": accuracy}
 
     def during(self, run: Any, step: int, metrics: dict[str, float]) -> None:
         if self.enabled and self.every and step % self.every == 0:
             with run.untimed():  # evaluation does not count toward train.time_limit_s
-                metrics["eval/accuracy"] = self._evaluate()
+                metrics["eval/accuracy"] = self._evaluate(step)
 
     def after(self, run: Any, metrics: dict[str, float]) -> dict[str, float]:
         if not self.enabled:
             return {}
-        accuracy = metrics["eval/accuracy"] if "eval/accuracy" in metrics else self._evaluate()
+        accuracy = metrics["eval/accuracy"] if "eval/accuracy" in metrics else self._evaluate(run.step)
         run.log({"eval/accuracy": accuracy}, run.step)
         return {"eval/accuracy": accuracy}

@@ -43,6 +43,8 @@ class RolloutBatch:
     prompt_texts: list[str] = field(default_factory=list)  # what the model was fed (chat template applied)
     conversational: bool = False  # prompts are message lists: rewards get completions as messages
     old_logprobs: torch.Tensor | None = None  # [B, T]
+    rollout_logprobs: torch.Tensor | None = None  # [B, T] the rollout engine's (vLLM), when it returns them
+    rollout_weights: torch.Tensor | None = None  # [B, T] or [B, 1] importance weights for the engine mismatch
     ref_logprobs: torch.Tensor | None = None  # [B, T]
     advantages: torch.Tensor | None = None  # [B] or [B, T]
     outside_topk: torch.Tensor | None = None  # [B, T] bool: sampled token not in the top-k (CD-RLHF)

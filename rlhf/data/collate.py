@@ -6,20 +6,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.data.chat import CHOSEN_IDS, COMPLETION_IDS, PROMPT_IDS, REJECTED_IDS
-from rlhf.rollout.hf import pad_prompts
-
-
-def pad_targets(
-    token_ids: list[list[int]], pad_token_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded target ids and their bool mask."""
-    width = max((len(row) for row in token_ids), default=0)
-    ids = torch.full((len(token_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.bool)
-    for index, row in enumerate(token_ids):
-        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[index, : len(row)] = True
-    return ids.to(device), mask.to(device)
+from rlhf.rollout.hf import pad_prompts, pad_targets
 
 
 def collate_sft(

@@ -81,11 +81,14 @@ def policy_gradient_loss(
     kl_estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     kl_log_ratio_clamp: float | None = None,
     token_budget: int | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Clipped surrogate plus optional KL-in-loss, reduced with `reduction` / `normalizer`.
 
     This is GRPO's objective (and PPO's actor loss with per-token advantages). `token_budget` is the
     constant denominator of `sequence_mean_token_sum_norm` (Dr.GRPO: the max response length).
+    `rollout_weights` ([B, T] or [B, 1], no gradient) multiply the surrogate before the KL term: the
+    importance-sampling correction for a rollout engine's mismatch (rlhf/losses/rollout_correction.py).
     """
     per_token, metrics = clipped_surrogate(
         logprobs,
@@ -96,6 +99,8 @@ def policy_gradient_loss(
         clip_high=clip_high,
         dual_clip=dual_clip,
     )
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights.detach()
     metrics["loss/policy_token_mean"] = masked_mean(per_token, response_mask).detach()
     if kl_coef != 0.0:
         if ref_logprobs is None or kl_estimator is None:

@@ -8,6 +8,8 @@ or a local directory such as the `hf` export inside one of our checkpoints.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from transformers import (
@@ -84,16 +86,27 @@ def _from_pretrained(loader, field: str, path: str, **kwargs):
         raise ConfigError(f"{field}={path!r}: {where} ({exc})") from exc
 
 
-def model_context(cfg: ModelConfig) -> int | None:
-    """The model's context length (max_position_embeddings) from its config alone, before any
-    weights load; None when the config does not say."""
+def model_shape(cfg: ModelConfig) -> Any:
+    """The model's transformers config (its text part for multimodal ones), read without loading
+    any weights; for the tiny model, its shape fields."""
     if cfg.source == "tiny":
-        return cfg.tiny.max_position_embeddings
+        t = cfg.tiny
+        return SimpleNamespace(
+            hidden_size=t.hidden_size,
+            num_attention_heads=t.num_heads,
+            head_dim=None,
+            max_position_embeddings=t.max_position_embeddings,
+        )
     config = _from_pretrained(
         AutoConfig, "model.name_or_path", cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
     )
-    config = getattr(config, "text_config", None) or config
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(config, "text_config", None) or config
+
+
+def model_context(cfg: ModelConfig) -> int | None:
+    """The model's context length (max_position_embeddings) from its config alone, before any
+    weights load; None when the config does not say."""
+    return getattr(model_shape(cfg), "max_position_embeddings", None)
 
 
 def _attention(cfg: ModelConfig) -> str:

