@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/demo_accuracy.py
 	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/zero_memory.py
+	$(BIN)/python benchmarks/logprob_memory.py
 	$(BIN)/python benchmarks/rlhf_pipeline.py
 
 clean:

@@ -98,9 +98,15 @@ class ModelConfig:
     # layer's activations are recomputed in the backward instead of kept; same gradients, less
     # memory, about a third more compute.
     gradient_checkpointing: bool = False
+    # Memory-lean logprobs: > 0 applies the LM head, log-softmax, gather and entropy this many
+    # response tokens at a time, each chunk recomputed in the backward, so [rows, tokens, vocab]
+    # logits never exist at once (at 152k vocabulary, 2.5 GB per 4k-token row in fp32). Same
+    # values and gradients; the head runs twice per chunk with gradient. 0: the plain computation.
+    logprob_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, ("tiny", "pretrained"))
+        check_range("model.logprob_chunk_tokens", self.logprob_chunk_tokens, 0)
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.source == "tiny" and (self.name_or_path or self.tokenizer_name_or_path):
             # the tiny random-init model would train in its place, silently
@@ -119,6 +125,7 @@ class ModelConfig:
             trust_remote_code=self.trust_remote_code,
             shared_prefix=self.shared_prefix,
             gradient_checkpointing=self.gradient_checkpointing,
+            logprob_chunk_tokens=self.logprob_chunk_tokens,
         )
 
 

@@ -104,8 +104,11 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim, float32; -inf logits contribute 0."""
+    """Entropy of softmax(logits) over the last dim, float32; -inf logits (tokens a sampling warp
+    removed) contribute 0 to the value and to the gradient: their -inf logprob is replaced before
+    the product, since 0 * -inf would put NaN into the backward even where the value is masked."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     probs = logprobs.exp()
-    terms = torch.where(probs > 0, probs * logprobs, torch.zeros((), device=logits.device))
+    kept = probs > 0
+    terms = probs * torch.where(kept, logprobs, torch.zeros((), device=logits.device))
     return -terms.sum(-1)

@@ -7,6 +7,11 @@ log-softmax, so log pi(a_t) is the probability of the distribution the token was
 
 A model loaded with `model.shared_prefix=true` packs rows that repeat a prompt into one sequence
 per prompt (rlhf.models.shared_prefix); every function here returns the same values either way.
+
+A model loaded with `model.logprob_chunk_tokens=n` gets its logprobs (and entropy) n response tokens
+at a time: the forward stops at the LM head's input, and each chunk's head, warp, log-softmax and
+gather run under activation checkpointing, so only one chunk's [rows, n, vocab] logits exist at a
+time, in the forward and in the backward.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from rlhf.models.shared_prefix import SharedPrefixLayout, build_layout, uses_shared_prefix
@@ -39,6 +45,22 @@ def response_logprobs(
 
     Values at masked response positions are finite but meaningless; mask them downstream.
     """
+    warp = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    chunk = getattr(_head_owner(model), "logprob_chunk_tokens", 0)
+    if chunk:
+        with _head_as_identity(model):  # the "logits" are the head's inputs
+            hidden = _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
+        head = _head_owner(model).get_output_embeddings()
+        return chunked_logprobs(
+            head,
+            hidden,
+            response_ids,
+            response_mask,
+            chunk,
+            warp,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
     logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     # Tokens outside the kept support (possible only at masked positions) would give -inf.
@@ -115,6 +137,65 @@ def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mas
     return logits, (hidden[0][:, :-1], hidden[0][:, 1:])
 
 
+def chunked_logprobs(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk: int,
+    warp: dict[str, float],
+    *,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`response_logprobs` from the LM head's inputs `hidden` [B, T, h], `chunk` tokens at a time.
+    With gradient, each chunk is checkpointed: its logits are recomputed in the backward instead of
+    kept, so no more than one chunk's logits ever exist."""
+    grad = torch.is_grad_enabled()
+
+    def piece(
+        states: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = warp_logits(head(states), **warp)
+        logprobs = logprobs_from_logits(logits, torch.where(mask, ids, logits.argmax(-1)))
+        if not with_entropy:
+            return logprobs, logprobs.new_zeros(())
+        with torch.set_grad_enabled(entropy_grad and grad):
+            return logprobs, entropy_from_logits(logits)
+
+    parts = []
+    for start in range(0, response_ids.shape[1], chunk):
+        window = slice(start, start + chunk)
+        args = (hidden[:, window], response_ids[:, window], response_mask[:, window])
+        parts.append(checkpoint(piece, *args, use_reentrant=False) if grad else piece(*args))
+    logprobs = torch.cat([p[0] for p in parts], dim=1)
+    entropy = torch.cat([p[1] for p in parts], dim=1) if with_entropy else None
+    return logprobs, entropy
+
+
+def _head_owner(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model under a DeepSpeed engine or an adapter-disabled view."""
+    owner = model
+    while not hasattr(owner, "get_output_embeddings"):  # DeepSpeed engine, adapter-disabled view
+        owner = getattr(owner, "module", None) or owner.peft_model
+    return owner
+
+
+@contextlib.contextmanager
+def _head_as_identity(model: torch.nn.Module) -> Iterator[None]:
+    """The LM head passes its input through for the length of the block (its hooks still run)."""
+    head = _head_owner(model).get_output_embeddings()
+    previous = head.__dict__.get("forward")  # an instance-level forward someone else installed
+    head.forward = lambda states: states
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward  # back to the class's forward
+        else:
+            head.forward = previous
+
+
 @contextlib.contextmanager
 def _head_inputs(model: torch.nn.Module, active: bool) -> Iterator[list[torch.Tensor]]:
     """Captures the LM head's input (the last hidden states, after the final norm) when `active`."""
@@ -122,10 +203,7 @@ def _head_inputs(model: torch.nn.Module, active: bool) -> Iterator[list[torch.Te
     if not active:
         yield captured
         return
-    owner = model
-    while not hasattr(owner, "get_output_embeddings"):  # DeepSpeed engine, adapter-disabled view
-        owner = getattr(owner, "module", None) or owner.peft_model
-    head = owner.get_output_embeddings()
+    head = _head_owner(model).get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
     try:
         yield captured

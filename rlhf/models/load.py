@@ -86,6 +86,10 @@ def _from_pretrained(loader, field: str, path: str, **kwargs):
         raise ConfigError(f"{field}={path!r}: {where} ({exc})") from exc
 
 
+# Families whose forward returns lm_head(hidden) unchanged (no logit scaling or soft-capping).
+CHUNKABLE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
+
+
 def model_shape(cfg: ModelConfig) -> Any:
     """The model's transformers config (its text part for multimodal ones), read without loading
     any weights; for the tiny model, its shape fields."""
@@ -178,12 +182,21 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
 
 def _checked_family(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     """With `model.shared_prefix`, only families the equivalence tests cover (a clear error, not
-    silently wrong numbers)."""
+    silently wrong numbers); with `model.logprob_chunk_tokens`, only heads that are a plain linear
+    map (the chunked pass applies the head itself), and the chunk size noted on the model."""
     if cfg.shared_prefix:
         try:
             check_family(model)
         except ValueError as error:
             raise ConfigError(str(error)) from error
+    if cfg.logprob_chunk_tokens:
+        family = getattr(model.config, "model_type", None)
+        if family not in CHUNKABLE_FAMILIES or getattr(model.config, "final_logit_softcapping", None):
+            raise ConfigError(
+                f"model.logprob_chunk_tokens: the {family!r} family is not supported (tested: "
+                f"{', '.join(CHUNKABLE_FAMILIES)}, whose logits are the LM head's output as it is)"
+            )
+        model.logprob_chunk_tokens = cfg.logprob_chunk_tokens
     return model
 
 

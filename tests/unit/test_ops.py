@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rlhf.ops import (
@@ -94,3 +95,14 @@ def test_warp_logits_top_k_keeps_exactly_k():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
     out = warp_logits(logits, top_k=2)
     assert torch.isfinite(out).tolist() == [[False, True, False, True]]
+
+
+def test_entropy_gradient_is_finite_where_a_warp_removed_tokens():
+    """0 * -inf in the product would put NaN into the backward (it did, with the entropy bonus and top-k)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]], requires_grad=True)
+    warped = warp_logits(logits, top_k=2)
+    entropy = entropy_from_logits(warped)
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    p = torch.softmax(torch.tensor([2.0, 1.0]), -1)
+    assert entropy.item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)

@@ -1,0 +1,92 @@
+"""Memory-lean logprobs (model.logprob_chunk_tokens): values, entropy and gradients equal to the
+plain computation, with sampling warps, LoRA and the shared-prefix forward; unsupported heads refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.config import ConfigError, LoraConfig, ModelConfig, TinyModelConfig
+from rlhf.models.forward import response_logprobs
+from rlhf.models.load import load_causal_lm, load_policy, load_tokenizer
+from rlhf.rollout.hf import SamplingParams, generate_rollouts
+
+
+def _model(arch: str, chunk: int, shared_prefix: bool = False, lora: bool = False):
+    cfg = ModelConfig(
+        source="tiny",
+        tiny=TinyModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        logprob_chunk_tokens=chunk,
+        shared_prefix=shared_prefix,
+        lora=LoraConfig(enabled=lora, r=4),
+    )
+    tokenizer = load_tokenizer(cfg)
+    return load_policy(cfg, tokenizer, seed=3), tokenizer
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize(
+    "warp", [{}, {"temperature": 0.7, "top_k": 5, "top_p": 0.9}, {"temperature": 1.3, "min_p": 0.2}]
+)
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_chunked_equals_plain(arch, chunk, warp, shared_prefix):
+    plain, tokenizer = _model(arch, 0, shared_prefix)
+    chunked, _ = _model(arch, chunk, shared_prefix)
+    torch.manual_seed(0)
+    batch = generate_rollouts(
+        plain,
+        tokenizer,
+        ["12+34=", "5+6=", "99+1="],
+        {},
+        group_size=3,
+        sampling=SamplingParams(max_new_tokens=7),
+    )
+    tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    mask = batch.response_mask
+    results = []
+    for model in (plain, chunked):
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, *tensors, with_entropy=True, entropy_grad=True, **warp)
+        loss = -(torch.where(mask, logprobs, 0.0).sum() + 0.1 * torch.where(mask, entropy, 0.0).sum())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((logprobs.detach(), entropy.detach(), grads))
+    (lp0, en0, g0), (lp1, en1, g1) = results
+    torch.testing.assert_close(lp1[mask], lp0[mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(en1[mask], en0[mask], rtol=0, atol=1e-5)
+    for name in g0:
+        assert torch.isfinite(g1[name]).all(), name
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # the no-grad pass (old and reference logprobs) takes the same path
+        again, none = response_logprobs(chunked, *tensors, **warp)
+    torch.testing.assert_close(again[mask], lp0[mask], rtol=0, atol=1e-5)
+    assert none is None
+
+
+def test_chunked_with_lora_and_the_head_restored_after():
+    plain, tokenizer = _model("llama", 0, lora=True)
+    chunked, _ = _model("llama", 2, lora=True)
+    chunked.load_state_dict(plain.state_dict())
+    batch = generate_rollouts(
+        plain, tokenizer, ["1+2="], {}, group_size=2, sampling=SamplingParams(max_new_tokens=5)
+    )
+    tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    with torch.no_grad():
+        ours, _ = response_logprobs(chunked, *tensors)
+        theirs, _ = response_logprobs(plain, *tensors)
+        logits = chunked(input_ids=batch.prompt_ids).logits
+    torch.testing.assert_close(ours[batch.response_mask], theirs[batch.response_mask], rtol=0, atol=1e-5)
+    assert logits.shape[-1] == len(tokenizer)  # the LM head is a head again once the pass is over
+
+
+def test_a_head_that_is_not_plain_is_refused():
+    cfg = ModelConfig(source="tiny", logprob_chunk_tokens=4)
+    tokenizer = load_tokenizer(cfg)
+    model = load_causal_lm(cfg, tokenizer)
+    assert model.logprob_chunk_tokens == 4
+    from rlhf.models import load as load_module
+
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ConfigError, match="model.logprob_chunk_tokens: the 'llama' family is not supported"):
+        load_module._checked_family(model, cfg)
