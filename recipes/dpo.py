@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf.config import ConfigError, DPOConfig, ModelConfig, plan_sft_batches, register_configs
-from rlhf.data.chat import CONVERSATIONAL, PROMPT_TEXT, prepare_splits, rewritten_prompt_ids
+from rlhf.data.chat import PROMPT_TEXT, is_templated, prepare_splits, rewritten_prompt_ids
 from rlhf.data.collate import collate_pairs
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
@@ -89,7 +89,7 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
         plan.micro_batch_size,
         cfg.train.precision,
     )
-    templated = cfg.data.apply_chat_template or bool(train_rows[0][CONVERSATIONAL])
+    templated = is_templated(train_rows, cfg.data)
     pairs = PairLoss(
         cfg, tokenizer, policy, loss_fn, _build_scorer(cfg, tokenizer, policy, needs_reference, templated)
     )

@@ -29,8 +29,7 @@ from omegaconf import DictConfig
 
 from rlhf import advantages as adv
 from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
-from rlhf.data.chat import PROMPT_IDS, PROMPT_TEXT, prepare_splits
-from rlhf.data.load import load_task_data, warn_unknown_tokens
+from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.losses.kl import get_kl_estimator
@@ -38,11 +37,11 @@ from rlhf.losses.policy import policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
-from rlhf.models.load import load_policy, load_reference, load_tokenizer, model_context, model_shape
+from rlhf.models.load import load_policy, load_reference
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.rollout.records import sample_rows
-from rlhf.rollout.vllm import apply_rollout_correction, check_engine, rollout_correction, start_engine
+from rlhf.rollout.vllm import apply_rollout_correction, rollout_correction, start_engine
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
     HeldoutAccuracy,
@@ -51,6 +50,7 @@ from rlhf.runtime import (
     log_rollout_sample,
     mean_over_ranks,
     rank_slice,
+    rl_prompts,
 )
 from rlhf.scoring import score_completions, score_metrics
 from rlhf.shaping import kl_penalized_scores
@@ -66,18 +66,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     kl_estimator = get_kl_estimator(cfg.loss.kl_estimator)
     train_rows, eval_rows = load_task_data(cfg.data)
     run = Run.open("grpo", cfg, env)
-    tokenizer = load_tokenizer(cfg.model)
-    train_rows, eval_rows = prepare_splits(
-        "prompts",
-        train_rows,
-        eval_rows,
-        tokenizer,
-        cfg.data,
-        response_budget=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
-        context=model_context(cfg.model),
-    )
-    warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT])
-    check_engine(cfg, model_shape(cfg.model), train_rows[PROMPT_IDS])
+    tokenizer, train_rows, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
@@ -268,7 +257,6 @@ def _batched_logprobs(model, batch, micro_batch_size: int, warp: dict) -> torch.
 def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp: dict) -> dict[str, float]:
     """Optimizer steps over the rollout; each normalizer counts its whole minibatch on all ranks."""
     accumulator = MetricAccumulator()
-    maxima: dict[str, float] = {}
     step_stats: dict[str, float] = {}
     losses: list[float] = []
     skipped = 0
@@ -297,11 +285,7 @@ def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp:
                     weights, found = rollout_correction(
                         cfg.rollout.vllm, logprobs.detach(), mb.rollout_logprobs, mb.response_mask
                     )
-                    for name, value in found.items():  # maxima over the rollout, means weighted by tokens
-                        if name.endswith("_max"):
-                            maxima[name] = max(maxima.get(name, float("-inf")), float(value))
-                        else:
-                            accumulator.add({name: value}, weight=float(mb.response_mask.sum()))
+                    accumulator.add(found, weight=float(mb.response_mask.sum()))
                 out = policy_gradient_loss(
                     logprobs,
                     mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach(),
@@ -328,7 +312,7 @@ def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp:
                 )
             step_stats = engine.step()
             losses.append(float(engine.all_reduce_sum(step_loss)))
-    metrics = {**accumulator.compute(), **maxima, **step_stats, "update/skipped_steps": float(skipped)}
+    metrics = {**accumulator.compute(), **step_stats, "update/skipped_steps": float(skipped)}
     # every rank reports the same keys, so they can be averaged over ranks
     for key in (
         "clip/low_fraction",

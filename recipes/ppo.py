@@ -29,8 +29,7 @@ from omegaconf import DictConfig
 
 from rlhf.advantages import gae, macro_gae
 from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, register_configs
-from rlhf.data.chat import PROMPT_IDS, PROMPT_TEXT, prepare_splits
-from rlhf.data.load import load_task_data, warn_unknown_tokens
+from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.intrinsic import Curiosity, CuriosityModel
@@ -45,15 +44,12 @@ from rlhf.models.load import (
     load_policy,
     load_reference,
     load_scorer,
-    load_tokenizer,
-    model_context,
-    model_shape,
 )
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
-from rlhf.rollout.vllm import apply_rollout_correction, check_engine, start_engine
+from rlhf.rollout.vllm import apply_rollout_correction, start_engine
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
     HeldoutAccuracy,
@@ -62,6 +58,7 @@ from rlhf.runtime import (
     log_rollout_sample,
     mean_over_ranks,
     rank_slice,
+    rl_prompts,
 )
 from rlhf.scoring import score_completions
 from rlhf.segments import macro_ratio_logprobs, make_segmenter, num_segments
@@ -94,18 +91,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     reduction = get_reduction(cfg.loss.aggregation)
     train_rows, eval_rows = load_task_data(cfg.data)
     run = Run.open("ppo", cfg, env)
-    tokenizer = load_tokenizer(cfg.model)
-    train_rows, eval_rows = prepare_splits(
-        "prompts",
-        train_rows,
-        eval_rows,
-        tokenizer,
-        cfg.data,
-        response_budget=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
-        context=model_context(cfg.model),
-    )
-    warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT])
-    check_engine(cfg, model_shape(cfg.model), train_rows[PROMPT_IDS])
+    tokenizer, train_rows, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),

@@ -1,5 +1,5 @@
-"""Helpers the recipes share inside a step: reward functions, rank shares of a batch, metrics
-averaged over ranks, rollout samples for the logs, and the launcher's argv. The run lifecycle
+"""Helpers the recipes share: the RL recipes' tokenizer and prompts, reward functions, rank shares
+of a batch, metrics averaged over ranks, rollout samples for the logs, and the launcher's argv. The run lifecycle
 (directory, resume, checkpoints, signals) is rlhf/run.py."""
 
 from __future__ import annotations
@@ -11,6 +11,32 @@ import torch
 from rlhf.config import LoggerConfig, RewardConfig
 from rlhf.rollout.records import rollout_records, sample_rows
 from rlhf.scoring import WeightedReward, resolve_reward
+
+
+def rl_prompts(cfg: Any, train_rows: Any, eval_rows: Any) -> tuple[Any, Any, Any]:
+    """(tokenizer, train rows, eval rows) for GRPO and PPO: the prompts rendered and tokenized
+    (rlhf.data.chat) to fit the model's context with the longer of the rollout and eval budgets,
+    unknown characters warned about, and the rollout engine's settings checked; the model's config
+    is read once and no weights load."""
+    from rlhf.data.chat import PROMPT_IDS, PROMPT_TEXT, prepare_splits
+    from rlhf.data.load import warn_unknown_tokens
+    from rlhf.models.load import load_tokenizer, model_shape
+    from rlhf.rollout.vllm import check_engine
+
+    tokenizer = load_tokenizer(cfg.model)
+    shape = model_shape(cfg.model)
+    train_rows, eval_rows = prepare_splits(
+        "prompts",
+        train_rows,
+        eval_rows,
+        tokenizer,
+        cfg.data,
+        response_budget=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
+        context=getattr(shape, "max_position_embeddings", None),
+    )
+    warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT])
+    check_engine(cfg, shape, train_rows[PROMPT_IDS])
+    return tokenizer, train_rows, eval_rows
 
 
 def build_rewards(cfg: RewardConfig) -> list[WeightedReward]:

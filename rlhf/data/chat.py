@@ -42,6 +42,12 @@ CONVERSATIONAL = "_conversational"
 Messages = list[dict[str, Any]]
 
 
+def is_templated(rows: Dataset, cfg: DataConfig) -> bool:
+    """Whether prepared `rows` were rendered with the chat template (conversational data, or plain
+    strings under data.apply_chat_template)."""
+    return cfg.apply_chat_template or bool(len(rows) and rows[0][CONVERSATIONAL])
+
+
 def is_reserved(column: str) -> bool:
     """Columns this module adds; never handed to reward functions."""
     return column.startswith("_")

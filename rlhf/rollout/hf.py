@@ -1,10 +1,11 @@
-"""Rollout with `transformers` generate: G samples per prompt, collated into a RolloutBatch.
+"""Rollout: G samples per prompt, collated into a RolloutBatch, with `transformers` generate or a
+colocated vLLM engine (rlhf/rollout/vllm.py).
 
-Sampling uses an explicit GenerationConfig (temperature, top-k, top-p and nothing else), so a
-model's own generation defaults (repetition penalty, min-p...) never change the distribution the
-logprob passes score. The response mask covers tokens up to and including the first EOS; rows
-with no EOS within `max_new_tokens` are flagged `truncated`. A shared-prefix model prefills each
-prompt once per group (see `generate_groups`).
+Sampling uses an explicit GenerationConfig (temperature, top-k, top-p, min-p and nothing else), so
+a model's own generation defaults (repetition penalty...) never change the distribution the logprob
+passes score. The response mask covers tokens up to and including the first EOS or the token that
+completes a stop string; rows with neither within `max_new_tokens` are flagged `truncated`. A
+shared-prefix model prefills each prompt once per group (see `generate_groups`).
 """
 
 from __future__ import annotations
@@ -88,14 +89,6 @@ def pad_prompts(
             ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
             mask[index, width - len(row) :] = True
     return ids.to(device), mask.to(device)
-
-
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and bool mask of plain-text prompts (the tokenizer's own special tokens)."""
-    encoded = tokenizer(prompts, padding=True, return_tensors="pt", padding_side="left")
-    return encoded["input_ids"].to(device), encoded["attention_mask"].bool().to(device)
 
 
 def prompt_inputs(rows: Any, prompt_column: str) -> dict[str, Any]:
@@ -189,62 +182,86 @@ def generate_rollouts(
     `vllm` (a synced rlhf.rollout.vllm.VllmRollout) the engine samples instead of `model`, with
     per-prompt seeds derived from `seed`, and its logprobs come back as `rollout_logprobs`."""
     device = next(model.parameters()).device
-    if prompt_token_ids is None:
+    if prompt_token_ids is None:  # plain text, with the tokenizer's own special tokens
         prompt_token_ids = [tokenizer(p)["input_ids"] for p in prompts]
         prompt_texts = list(prompts)
     prompt_ids, prompt_mask = pad_prompts(prompt_token_ids, tokenizer.pad_token_id, device)
-    rollout_logprobs = outside_topk = None
+    rollout_logprobs = None
     if vllm is not None:
-        tokens, logprobs, outside = vllm.generate(
-            prompt_token_ids,
-            group_size,
-            sampling,
-            seeds=[seed * 100_003 + i for i in range(len(prompt_token_ids))],
-            do_sample=do_sample,
-            record_topk=record_topk,
+        seeds = [seed * 100_003 + i for i in range(len(prompt_token_ids))]
+        response_ids, rollout_logprobs, outside_topk = _vllm_generate(
+            vllm, tokenizer, prompt_token_ids, group_size, sampling, seeds, do_sample, record_topk, device
         )
-        response_ids = pad_targets(tokens, tokenizer.pad_token_id, device)[0]
-        rollout_logprobs = pad_values(logprobs, response_ids.shape[1], device)
-        outside_topk = pad_values(outside, response_ids.shape[1], device).bool() if record_topk else None
     else:
         response_ids, outside_topk = _hf_generate(
             model, tokenizer, prompt_ids, prompt_mask, group_size, sampling, do_sample, record_topk
         )
-    return _collate(
-        tokenizer,
-        prompts,
-        prompt_texts,
-        prompt_ids,
-        prompt_mask,
-        response_ids,
-        columns,
-        group_size,
-        sampling,
-        conversational,
-        rollout_logprobs,
-        outside_topk,
+    # the same collation whichever engine sampled: masks end at EOS or a stop string, rows with
+    # neither are `truncated`, pads after the end
+    response_mask, truncated = response_mask_from_ids(
+        response_ids, tokenizer.eos_token_id, stop_string_ends(response_ids, tokenizer, sampling.stop)
+    )
+    response_ids = torch.where(
+        response_mask, response_ids, torch.full_like(response_ids, tokenizer.pad_token_id)
+    )
+    completions = tokenizer.batch_decode(
+        torch.where(response_ids == tokenizer.eos_token_id, tokenizer.pad_token_id, response_ids),
+        skip_special_tokens=True,
+    )
+
+    def repeat(values: list[Any]) -> list[Any]:
+        return [v for v in values for _ in range(group_size)]
+
+    return RolloutBatch(
+        outside_topk=outside_topk & response_mask if outside_topk is not None else None,
+        rollout_logprobs=None
+        if rollout_logprobs is None
+        else torch.where(response_mask, rollout_logprobs, 0.0),
+        prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        group_ids=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
+        truncated=truncated,
+        prompts=repeat(prompts),
+        completions=completions,
+        columns={k: repeat(values) for k, values in columns.items()},
+        prompt_texts=repeat(prompt_texts or []),
+        conversational=conversational,
     )
 
 
-def pad_values(rows: list[list[float]], width: int, device: torch.device) -> torch.Tensor:
-    """[B, width] float32 of per-token values, zero after each row's end."""
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
+def pad_right(
+    rows: list[list[Any]], fill: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B, longest] values of `dtype` and their bool mask."""
+    width = max((len(row) for row in rows), default=0)
+    values = torch.full((len(rows), width), fill, dtype=dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for index, row in enumerate(rows):
-        out[index, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(device)
+        values[index, : len(row)] = torch.tensor(row, dtype=dtype)
+        mask[index, : len(row)] = True
+    return values.to(device), mask.to(device)
 
 
 def pad_targets(
     token_ids: list[list[int]], pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and their bool mask."""
-    width = max((len(row) for row in token_ids), default=0)
-    ids = torch.full((len(token_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.bool)
-    for index, row in enumerate(token_ids):
-        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[index, : len(row)] = True
-    return ids.to(device), mask.to(device)
+    return pad_right(token_ids, pad_token_id, torch.long, device)
+
+
+def _vllm_generate(
+    vllm, tokenizer, prompt_token_ids, group_size, sampling, seeds, do_sample, record_topk, device
+):
+    """(response ids [B, T], the engine's logprobs [B, T], outside_topk or None) from a vLLM engine."""
+    tokens, logprobs, outside = vllm.generate(
+        prompt_token_ids, group_size, sampling, seeds=seeds, do_sample=do_sample, record_topk=record_topk
+    )
+    response_ids = pad_targets(tokens, tokenizer.pad_token_id, device)[0]
+    logprobs = pad_right(logprobs, 0.0, torch.float32, device)[0]
+    outside_topk = pad_right(outside, 0.0, torch.float32, device)[0].bool() if record_topk else None
+    return response_ids, logprobs, outside_topk
 
 
 def _hf_generate(model, tokenizer, prompt_ids, prompt_mask, group_size, sampling, do_sample, record_topk):
@@ -270,58 +287,6 @@ def _hf_generate(model, tokenizer, prompt_ids, prompt_mask, group_size, sampling
         model.train(was_training)
     response_ids = output[:, prompt_ids.shape[1] :]
     return response_ids, recorder.outside(response_ids) if recorder else None
-
-
-def _collate(
-    tokenizer,
-    prompts,
-    prompt_texts,
-    prompt_ids,
-    prompt_mask,
-    response_ids,
-    columns,
-    group_size,
-    sampling,
-    conversational,
-    rollout_logprobs,
-    outside_topk,
-) -> RolloutBatch:
-    """The RolloutBatch of sampled response ids, the same whichever engine sampled them: response
-    masks end at EOS or a stop string, rows with neither are `truncated`, pads after the end."""
-    device = response_ids.device
-    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
-    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-    response_mask, truncated = response_mask_from_ids(
-        response_ids, tokenizer.eos_token_id, stop_string_ends(response_ids, tokenizer, sampling.stop)
-    )
-    response_ids = torch.where(
-        response_mask, response_ids, torch.full_like(response_ids, tokenizer.pad_token_id)
-    )
-    completions = tokenizer.batch_decode(
-        torch.where(response_ids == tokenizer.eos_token_id, tokenizer.pad_token_id, response_ids),
-        skip_special_tokens=True,
-    )
-    repeated_prompts = [p for p in prompts for _ in range(group_size)]
-    repeated_texts = [t for t in (prompt_texts or []) for _ in range(group_size)]
-    repeated_columns = {k: [v for v in values for _ in range(group_size)] for k, values in columns.items()}
-    group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
-    return RolloutBatch(
-        outside_topk=outside_topk & response_mask if outside_topk is not None else None,
-        rollout_logprobs=torch.where(response_mask, rollout_logprobs, 0.0)
-        if rollout_logprobs is not None
-        else None,
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        response_ids=response_ids,
-        response_mask=response_mask,
-        group_ids=group_ids,
-        truncated=truncated,
-        prompts=repeated_prompts,
-        completions=completions,
-        columns=repeated_columns,
-        prompt_texts=repeated_texts,
-        conversational=conversational,
-    )
 
 
 def generate_groups(

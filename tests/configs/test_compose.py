@@ -194,3 +194,12 @@ def test_sft_batch_error():
     cfg = _compose("sft", ["train.batch_size=10", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="train.micro_batch_size=4"):
         plan_sft_batches(cfg)
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
+def test_response_budgets_are_chat_sized_outside_the_arithmetic_presets(recipe):
+    arithmetic = _compose(recipe, [])
+    assert arithmetic.rollout.max_new_tokens == 8 and arithmetic.eval.max_new_tokens == 8
+    chat = _compose(recipe, ["data=jsonl", "data.source=train.jsonl"])
+    assert chat.rollout.max_new_tokens == 256 and chat.eval.max_new_tokens == 256  # TRL's default
+    assert _compose("sft", ["data=jsonl", "data.source=train.jsonl"]).eval.max_new_tokens == 256

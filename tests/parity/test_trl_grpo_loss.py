@@ -42,8 +42,19 @@ class _Accelerator:
         return x
 
 
-def _trl_loss(per_token_logps, inputs, *, loss_type, beta, eps_low, eps_high, max_completion_length):
-    """TRL's loss for `inputs`, with its forward replaced by the given per-token logprobs."""
+def _trl_loss(
+    per_token_logps,
+    inputs,
+    *,
+    loss_type,
+    beta,
+    eps_low,
+    eps_high,
+    max_completion_length,
+    vllm_correction=False,
+):
+    """TRL's loss for `inputs`, with its forward replaced by the given per-token logprobs; with
+    `vllm_correction`, TRL multiplies by `inputs["importance_sampling_ratio"]` as with vLLM."""
     stand_in = SimpleNamespace(
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
@@ -52,8 +63,8 @@ def _trl_loss(per_token_logps, inputs, *, loss_type, beta, eps_low, eps_high, ma
         loss_type=loss_type,
         epsilon_low=eps_low,
         epsilon_high=eps_high,
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
+        use_vllm=vllm_correction,
+        vllm_importance_sampling_correction=vllm_correction,
         model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1,
         max_completion_length=max_completion_length,

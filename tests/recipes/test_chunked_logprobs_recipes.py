@@ -46,4 +46,6 @@ def test_chunked_logprobs_train_like_the_plain_pass(recipe, make_config, tmp_pat
         result = module.train(cfg)
         losses.append([r["loss"] for r in read_metrics(result["run_dir"]) if "loss" in r])
     assert len(losses[0]) == 3
+    # per-token values differ from the plain pass by float32 rounding only (within 5e-7, see
+    # tests/unit/test_chunked_logprobs.py); three optimizer steps carry it into the later losses
     assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)

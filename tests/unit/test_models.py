@@ -10,8 +10,8 @@ from rlhf.models.load import load_causal_lm, load_tokenizer
 from rlhf.models.tiny import build_char_tokenizer
 from rlhf.rollout.hf import (
     SamplingParams,
-    encode_prompts,
     generate_rollouts,
+    pad_prompts,
     response_mask_from_ids,
     stop_string_ends,
 )
@@ -93,7 +93,10 @@ def test_logprob_pass_matches_sampling_distribution(model_name, warp, request, t
     model = request.getfixturevalue(model_name)
     torch.manual_seed(0)
     sampling = SamplingParams(max_new_tokens=6, **warp)
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, ["39+20=", "1+2=", "123+4="], torch.device("cpu"))
+    prompts = ["39+20=", "1+2=", "123+4="]
+    prompt_ids, prompt_mask = pad_prompts(
+        [tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, "cpu"
+    )
     output = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask.long(),
