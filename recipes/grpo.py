@@ -1,16 +1,19 @@
-"""GRPO: group-relative policy optimisation with verifiable rewards (no critic).
+"""GRPO: group-relative policy optimisation with verifiable rewards (no critic), and its family.
 
-Papers: GRPO, DeepSeekMath (arXiv 2402.03300); Dr.GRPO (arXiv 2503.20783); DAPO clip-higher and
-token-mean aggregation (arXiv 2503.14476). Each step samples G completions for each of P prompts,
-scores them with the reward functions, baselines every score against its group, and takes
-`num_minibatches x epochs` clipped policy-gradient steps on the rollout (old logprobs kept).
-Options (all in config): std scaling of advantages (GRPO) or not (Dr.GRPO), RLOO baseline; loss
-aggregation token_mean / sequence_mean_token_mean / sequence_mean_token_sum_norm; asymmetric
-clipping; KL estimators k1/k2/k3 in the loss or in the reward (no reference model is loaded when
-kl_coef is 0); dropping zero-variance groups (their rows stay in the batch with an empty mask, so
-every rank runs the same micro-batches). Temperature, top-k and top-p are applied identically in
-sampling and in every logprob pass.
-Simplification: generation uses `transformers` generate (no vLLM).
+Papers: GRPO, DeepSeekMath (arXiv 2402.03300); Dr.GRPO (arXiv 2503.20783); DAPO (arXiv 2503.14476:
+clip-higher, token-mean aggregation, dynamic sampling, overlong shaping). Each step samples G
+completions for each of P prompts, scores them with the reward functions, computes advantages with
+the registered `advantage.estimator` (group_relative for GRPO / Dr.GRPO, rloo, reinforce_pp,
+reinforce_pp_baseline; rlhf/advantages.py), and takes `num_minibatches x epochs` policy-gradient
+steps on the rollout (old logprobs kept) with the registered `loss.policy_loss` (clipped, gspo,
+gspo_token, luspo, cispo, sapo, vespo, gtpo; rlhf/losses/policy.py). Options (all in config): loss
+aggregation token_mean / sequence_mean_token_mean / sequence_mean_token_sum_norm /
+sequence_mean_token_sum; asymmetric and dual clipping; KL estimators k1/k2/k3 in the loss or in the
+reward (no reference model is loaded when kl_coef is 0); dropping zero-variance groups (their rows
+stay in the batch with an empty mask, so every rank runs the same micro-batches) or replacing them
+by new prompts' groups (dynamic sampling); DAPO's overlong penalty and truncation mask.
+Temperature, top-k, top-p and min-p are applied identically in sampling and in every logprob pass.
+Generation: `transformers` generate, or a colocated vLLM engine (rollout.engine=vllm).
 
 Launch:  python -m recipes.grpo [overrides...]
          torchrun --nproc_per_node 2 -m recipes.grpo distributed=zero2
@@ -38,6 +41,7 @@ from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference
+from rlhf.ops import masked_sum
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.rollout.records import sample_rows
@@ -53,7 +57,8 @@ from rlhf.runtime import (
     rl_prompts,
 )
 from rlhf.scoring import score_completions, score_metrics
-from rlhf.shaping import kl_penalized_scores
+from rlhf.shaping import kl_token_penalty, overlong_penalty
+from rlhf.types import RolloutBatch
 
 
 def train(cfg: GRPOConfig) -> dict[str, float | str]:
@@ -85,7 +90,6 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict()})
     if state:
         sampler.load_state_dict(state["sampler"])
-    d, g = cfg.data, cfg.rollout.group_size
     vllm = start_engine(cfg, engine, tokenizer, env.rank)  # None with rollout.engine=hf
     heldout = HeldoutAccuracy(engine, tokenizer, eval_rows, rewards, cfg, vllm)
     metrics: dict[str, float] = {}
@@ -95,46 +99,24 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         result = heldout.before(run)
         for step in run.steps():
             started = time.perf_counter()
-            # 1 rollout: G samples for each of this rank's prompts (HF: parameters gathered once;
-            #   vLLM: the engine's weights synced to the last update first)
-            rows = train_rows.select(
-                rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
+            # 1-2 rollout and score: G samples for each of this rank's prompts (HF: parameters gathered
+            #   once; vLLM: the engine's weights synced to the last update first), weighted reward
+            #   functions (rows no reward could score are excluded); with dynamic sampling, groups
+            #   without signal are replaced by groups of new prompts
+            batch, scores, valid, metrics = _sample(
+                cfg, env, engine, tokenizer, train_rows, sampler, sampling, vllm, rewards, step
             )
-            batch, metrics = rollout_rows(
-                engine,
-                tokenizer,
-                rows,
-                prompt_column=d.prompt_column,
-                group_size=g,
-                sampling=sampling,
-                vllm=vllm,
-                weights_version=step - 1,
-                seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank,
-            )
-            metrics["time/generate"] = time.perf_counter() - started
-            rollout_tokens = metrics.pop("rollout/tokens")
-
-            # 2 score: weighted reward functions; rows no reward could score are excluded
-            scores, valid, per_reward, reward_metrics = score_completions(
-                rewards,
-                batch.prompts,
-                batch.reward_completions(),
-                batch.columns,
-                on_error=cfg.reward.on_error,
-            )
-            scores, valid = scores.to(engine.device), valid.to(engine.device)
-            metrics.update(reward_metrics)
-            metrics.update(score_metrics(scores, valid, per_reward, cfg.reward.accuracy_reward))
             raw_scores = torch.where(valid, scores, torch.nan)
+            rollout_tokens = metrics.pop("rollout/tokens")
 
             # 3 logprob passes (no grad): old policy when it will drift, reference when KL is on
             passes_started = time.perf_counter()
-            scores = _logprob_passes(cfg, engine, reference, batch, scores, plan, kl_estimator, metrics)
+            token_penalty = _logprob_passes(cfg, engine, reference, batch, plan, kl_estimator, metrics)
             metrics["time/logprob_passes"] = time.perf_counter() - passes_started
 
-            # 4 advantages: group-relative baseline; groups with no signal can be masked out
+            # 4 advantages (advantage.estimator); rows without signal can leave the loss mask
             rollout_mask = batch.response_mask  # the sample log shows dropped groups' tokens too
-            _advantages(cfg, batch, scores, valid, metrics)
+            _advantages(cfg, engine, batch, scores, valid, token_penalty, metrics)
 
             # 5 update: minibatches x epochs optimizer steps, micro-batches accumulate
             update_started = time.perf_counter()
@@ -163,25 +145,107 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     return run.result(metrics, result)
 
 
+def _sample(cfg: GRPOConfig, env, engine, tokenizer, train_rows, sampler, sampling, vllm, rewards, step: int):
+    """Rollout rounds of this rank's share of `prompts_per_step` new prompts, scored (with DAPO's
+    overlong penalty when set). One round, or with `advantage.dynamic_sampling` rounds until every
+    rank holds its share of groups whose scores differ (all ranks run the same rounds), at most
+    `max_sampling_rounds`; groups still missing are filled with flat ones marked invalid. Reward
+    metrics describe the first round (the policy's own accuracy, before any selection)."""
+    g = cfg.rollout.group_size
+    rounds = cfg.advantage.max_sampling_rounds if cfg.advantage.dynamic_sampling else 1
+    parts, metrics = [], {}
+    for round_index in range(rounds):
+        started = time.perf_counter()
+        rows = train_rows.select(
+            rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
+        )
+        batch, rollout_metrics = rollout_rows(
+            engine,
+            tokenizer,
+            rows,
+            prompt_column=cfg.data.prompt_column,
+            group_size=g,
+            sampling=sampling,
+            vllm=vllm,
+            weights_version=step - 1,
+            seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank + round_index * 998_244_353,
+        )
+        elapsed = time.perf_counter() - started
+        scores, valid, per_reward, reward_metrics = score_completions(
+            rewards, batch.prompts, batch.reward_completions(), batch.columns, on_error=cfg.reward.on_error
+        )
+        scores, valid = scores.to(engine.device), valid.to(engine.device)
+        penalty = overlong_penalty(
+            batch.response_mask.sum(-1),
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            buffer=cfg.reward.overlong_buffer,
+            penalty=cfg.reward.overlong_penalty,
+        ).to(engine.device)
+        scores = scores + penalty
+        parts.append((batch, scores, valid))
+        if round_index == 0:
+            metrics = {**rollout_metrics, **reward_metrics, "time/generate": elapsed}
+            metrics.update(score_metrics(scores, valid, per_reward, cfg.reward.accuracy_reward))
+            if cfg.reward.overlong_buffer:
+                metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+        else:
+            metrics["time/generate"] += elapsed
+            metrics["rollout/tokens"] += rollout_metrics["rollout/tokens"]
+        if not cfg.advantage.dynamic_sampling:
+            return batch, scores, valid, metrics
+        have = sum(int((~adv.zero_variance_groups(s, v, group_size=g)).sum()) // g for _, s, v in parts)
+        missing = engine.all_reduce_sum(torch.tensor(float(max(0, len(rows) - have)), device=engine.device))
+        if round_index == 0:
+            metrics["dynamic_sampling/signal_fraction"] = have / max(len(rows), 1)
+        if missing.item() == 0:
+            break
+    metrics["dynamic_sampling/rounds"] = float(len(parts))
+    batch, scores, valid, filled = _groups_with_signal(parts, len(rows), g, tokenizer.pad_token_id)
+    metrics["dynamic_sampling/filled_fraction"] = filled
+    return batch, scores, valid, metrics
+
+
+def _groups_with_signal(parts, groups: int, g: int, pad_token_id: int):
+    """The first `groups` groups with differing scores across the rounds' (batch, scores, valid);
+    missing ones are filled with flat groups whose rows are marked invalid (no loss)."""
+    signal, flat = [], []
+    for batch, scores, valid in parts:
+        flat_rows = adv.zero_variance_groups(scores, valid, group_size=g)
+        for start in range(0, batch.batch_size, g):
+            rows = list(range(start, start + g))
+            (flat if bool(flat_rows[start]) else signal).append(
+                (batch.select(rows), scores[start : start + g], valid[start : start + g])
+            )
+    chosen = signal[:groups]
+    fillers = [(b, s, torch.zeros_like(v)) for b, s, v in flat[: groups - len(chosen)]]
+    chosen += fillers
+    batch = RolloutBatch.concat([b for b, _, _ in chosen], pad_token_id)
+    return (
+        batch,
+        torch.cat([s for _, s, _ in chosen]),
+        torch.cat([v for _, _, v in chosen]),
+        len(fillers) / groups,
+    )
+
+
 @torch.no_grad()
-def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, scores, plan, kl_estimator, metrics: dict):
+def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimator, metrics: dict):
     """Old logprobs when the rollout is trained on more than once (then a vLLM engine's mismatch is
     measured and corrected here; with one update, in the update itself), reference logprobs when KL
-    is on; with the KL in the reward, returns the KL-penalised scores (else the scores unchanged)."""
+    is on; with the KL in the reward, returns each token's penalty kl_coef * KL_t [B, T] (else None)."""
     warp = SamplingParams.from_config(cfg.rollout).warp()
     if cfg.train.num_minibatches * cfg.train.epochs > 1:
         batch.old_logprobs = _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
         apply_rollout_correction(cfg.rollout.vllm, batch, metrics)
     if reference is None:
-        return scores
+        return None
     batch.ref_logprobs = _batched_logprobs(reference, batch, plan.micro_batch_size, warp)
     if cfg.loss.kl_placement != "reward":
-        return scores
+        return None
     behaviour = batch.old_logprobs
     if behaviour is None:
         behaviour = _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
-    scores, kl_metrics = kl_penalized_scores(
-        scores,
+    penalty, kl_metrics = kl_token_penalty(
         behaviour,
         batch.ref_logprobs,
         batch.response_mask,
@@ -190,25 +254,47 @@ def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, scores, plan, kl_
         log_ratio_clamp=cfg.loss.kl_log_ratio_clamp,
     )
     metrics.update({f"reward_{k}": float(v) for k, v in kl_metrics.items()})
-    return scores
+    return penalty
 
 
-def _advantages(cfg: GRPOConfig, batch, scores, valid, metrics: dict) -> None:
-    """Group-relative (or RLOO) advantages into the batch; rows no reward scored, and with
-    `advantage.drop_zero_variance_groups` groups whose scores are all equal, leave the loss mask."""
+def _advantages(cfg: GRPOConfig, engine, batch, scores, valid, token_penalty, metrics: dict) -> None:
+    """Advantages of the registered `advantage.estimator` into the batch (the KL-in-reward penalty
+    per token for REINFORCE++, summed into the score for the others); GTPO's conflict weights; rows
+    no reward scored, and with `advantage.drop_zero_variance_groups` / `loss.mask_truncated` flat
+    groups / truncated responses, leave the loss mask."""
     g = cfg.rollout.group_size
-    if cfg.advantage.estimator == "rloo":
-        batch.advantages = adv.rloo(scores, valid, group_size=g)
-    else:
-        batch.advantages = adv.group_relative(
-            scores, valid, group_size=g, scale_by_std=cfg.advantage.scale_by_std, eps=cfg.advantage.eps
-        )
+    estimator = adv.get_advantage_estimator(cfg.advantage.estimator, "groups")
+    if token_penalty is not None and estimator.name != "reinforce_pp":
+        scores = scores - masked_sum(token_penalty, batch.response_mask, dim=-1)
+    inputs = adv.OutcomeInputs(
+        scores,
+        valid,
+        batch.response_mask,
+        g,
+        token_penalty=token_penalty,
+        all_reduce_sum=engine.all_reduce_sum if engine.world_size > 1 else None,
+    )
+    batch.advantages = estimator.compute(inputs, cfg.advantage)
     keep = valid.clone()
     if cfg.advantage.drop_zero_variance_groups:
         flat = adv.zero_variance_groups(scores, valid, group_size=g)
         metrics["groups/zero_variance_fraction"] = float(flat.float().mean())
         keep &= ~flat
+    if cfg.loss.mask_truncated:
+        metrics["loss/masked_truncated_fraction"] = float(batch.truncated.float().mean())
+        keep &= ~batch.truncated.to(keep.device)
     batch.response_mask = batch.response_mask & keep.unsqueeze(-1)
+    if cfg.loss.policy_loss == "gtpo":
+        weights = cfg.advantage.gtpo
+        batch.token_weights = adv.gtpo_conflict_weights(
+            batch.response_ids,
+            batch.response_mask,
+            batch.advantages,
+            group_size=g,
+            amplify=weights.amplify,
+            runs=weights.runs,
+            divide_by_conflicts=weights.divide_by_conflicts,
+        )
 
 
 def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, engine, warp: dict) -> None:
@@ -225,15 +311,18 @@ def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, e
         logprobs = torch.zeros_like(batch.response_mask, dtype=sampled.dtype)
         logprobs[torch.as_tensor(rows, device=logprobs.device)] = sampled
     kl = None if batch.ref_logprobs is None else logprobs - batch.ref_logprobs
+    advantages = batch.advantages
+    if advantages is not None and advantages.dim() == 1:
+        advantages = advantages.reshape(-1, 1).expand_as(logprobs)
     per_token = {
         "logprobs": logprobs,
         "ref_logprobs": batch.ref_logprobs,
         "kl": kl,
-        "advantage": batch.advantages,
+        # one per row: the first token's (a row's only value for group baselines; REINFORCE++'s
+        # return-to-go from the start)
+        "advantage": None if advantages is None else advantages[:, 0],
         # the same per-token field as PPO's, so one heatmap call works on both recipes' rollouts
-        "advantages": None
-        if batch.advantages is None
-        else batch.advantages.reshape(-1, 1).expand_as(logprobs),
+        "advantages": advantages,
     }
     log_rollout_sample(loggers, cfg.logger, batch, tokenizer, step, scores, per_token)
 
@@ -293,6 +382,10 @@ def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp:
                     mb.response_mask,
                     reduction=reduction,
                     normalizer=normalizer,
+                    policy_loss=cfg.loss.policy_loss,
+                    policy_loss_args=cfg.loss.policy_loss_options(),
+                    token_weights=mb.token_weights,
+                    entropy=entropy.detach(),
                     clip_low=cfg.loss.clip_low,
                     clip_high=cfg.loss.clip_high,
                     dual_clip=cfg.loss.dual_clip,

@@ -4,13 +4,14 @@ Each step samples completions, scores them with a frozen reward model and/or rew
 builds token rewards (k1 KL penalty to the reference on every token, the clipped and optionally
 normalised score on each row's last valid token, plus dense sources: RTO's DPO token reward
 with `rto.dpo_model`, arXiv 2404.18922), runs GAE with the
-critic's values (over tokens, or over macro actions with `advantage.macro.segmenter`: MA-RLHF,
-arXiv 2410.02743), whitens the advantages over all ranks, and takes `num_minibatches x epochs`
-clipped policy and clipped value steps on the rollout. Policy and critic have their own engines
+critic's values (`advantage.estimator=gae`; over tokens, or over macro actions with
+`advantage.macro.segmenter`: MA-RLHF, arXiv 2410.02743), whitens the advantages over all ranks,
+and takes `num_minibatches x epochs` policy steps (the registered `loss.policy_loss`, clipped by
+default; rlhf/losses/policy.py) and clipped value steps on the rollout. Policy and critic have their own engines
 and optimizers. The KL coefficient is fixed or adaptive (proportional control to a target KL).
 Defaults follow DeepSpeed-Chat / the MA-RLHF and CD-RLHF code: gamma 1, lambda 0.95, clip 0.2,
-value clip 0.2, KL 0.05. Simplification: `transformers` generate (no vLLM); the reward model must
-share the policy's tokenizer.
+value clip 0.2, KL 0.05. Generation: `transformers` generate or a colocated vLLM engine
+(rollout.engine=vllm). Simplification: the reward model must share the policy's tokenizer.
 
 Launch:  python -m recipes.ppo reward_model.name_or_path=<rm export> model=pretrained model.name_or_path=<sft export>
          torchrun --nproc_per_node 2 -m recipes.ppo distributed=zero2 ...
@@ -27,7 +28,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rlhf.advantages import gae, macro_gae
+from rlhf.advantages import CriticInputs, get_advantage_estimator
 from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, register_configs
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
@@ -313,22 +314,11 @@ def _advantages(
     """GAE over tokens, or over macro actions (MA-RLHF), whitened over all ranks into
     batch.advantages; returns (returns, segment ids or None)."""
     mask = batch.response_mask
-    segment_ids = None
-    if segmenter is None:
-        advantages, returns = gae(
-            token_rewards, old_values, mask, gamma=cfg.advantage.gamma, lam=cfg.advantage.lam
-        )
-    else:  # each token takes its segment's values
-        segment_ids = segmenter(batch, step * policy.world_size + policy.rank)
-        advantages, returns = macro_gae(
-            token_rewards,
-            old_values,
-            segment_ids,
-            gamma=cfg.advantage.gamma,
-            lam=cfg.advantage.lam,
-            aggregation=cfg.advantage.macro.aggregation,
-            reward_aggregation=cfg.advantage.macro.reward_aggregation,
-        )
+    segment_ids = None if segmenter is None else segmenter(batch, step * policy.world_size + policy.rank)
+    estimator = get_advantage_estimator(cfg.advantage.estimator, "critic")
+    inputs = CriticInputs(token_rewards, old_values, mask, segment_ids)
+    advantages, returns = estimator.compute(inputs, cfg.advantage)  # each token takes its segment's values
+    if segment_ids is not None:
         segments = num_segments(segment_ids).float()
         metrics["macro/segments_mean"] = float(segments.mean())
         metrics["macro/segment_length_mean"] = float(mask.sum(1).float().sum() / segments.sum().clamp(min=1))
@@ -458,6 +448,8 @@ def _update(
                     mask,
                     reduction=reduction,
                     normalizer=normalizer,
+                    policy_loss=cfg.loss.policy_loss,
+                    policy_loss_args=cfg.loss.policy_loss_options(),
                     clip_low=cfg.loss.clip_low,
                     clip_high=cfg.loss.clip_high,
                     dual_clip=cfg.loss.dual_clip,

@@ -1,18 +1,27 @@
-"""Advantage estimators: group-relative baselines for GRPO-style training, and GAE over tokens or
-macro-action segments for PPO.
+"""Advantage estimators and their registry (`advantage.estimator`): outcome baselines for the
+critic-free GRPO recipe, and GAE over tokens or macro-action segments for PPO.
 
 GRPO (arXiv 2402.03300): A_i = (r_i - mean_g r) / (std_g r + eps), std unbiased as in TRL.
 Dr.GRPO (arXiv 2503.20783): A_i = r_i - mean_g r (no std scaling).
 RLOO (arXiv 2402.14740): A_i = r_i - mean of the other valid rewards of the group.
+REINFORCE++ (Hu, arXiv 2501.03262): the return-to-go of the token rewards (the score on the last
+token minus beta * KL_t on each token when the KL is in the reward; gamma = 1), whitened over every
+valid token of the global batch (all ranks). REINFORCE++-baseline: the group mean subtracted from
+each score first, then the same global whitening (no group std: the paper's fix for small groups).
 Rows whose score is invalid (a reward returned None) are left out of their group's statistics and
 get advantage 0. Groups are contiguous blocks of `group_size` rows.
+Also here: GTPO's conflict-token weights (spec section 9), computed once per rollout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from rlhf.ops import masked_mean, masked_var
+from rlhf.ops import masked_mean, masked_var, masked_whiten
 from rlhf.segments import broadcast_to_tokens, segment_mask, segment_reduce
 
 
@@ -118,3 +127,211 @@ def macro_gae(
     macro_values = segment_reduce(values, segment_ids, aggregation)
     advantages, returns = gae(macro_rewards, macro_values, segment_mask(segment_ids), gamma=gamma, lam=lam)
     return broadcast_to_tokens(advantages, segment_ids), broadcast_to_tokens(returns, segment_ids)
+
+
+def reinforce_pp(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    *,
+    token_penalty: torch.Tensor | None = None,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """REINFORCE++ advantages [B, T]: return-to-go of (score at the last token - token_penalty),
+    whitened over all valid tokens (of every rank with `all_reduce_sum`). Invalid rows get 0."""
+    mask = response_mask.bool()
+    if valid is not None:
+        mask = mask & valid.unsqueeze(-1)
+    scores = torch.where(valid, scores.float(), 0.0) if valid is not None else scores.float()
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if token_penalty is not None:
+        rewards = rewards - torch.where(mask, token_penalty.float(), 0.0)
+    last = (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True)) & mask
+    rewards = rewards + torch.where(last, scores.unsqueeze(-1), 0.0)
+    returns = rewards.flip(-1).cumsum(-1).flip(-1)
+    return masked_whiten(torch.where(mask, returns, 0.0), mask, all_reduce_sum=all_reduce_sum)
+
+
+def reinforce_pp_baseline(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    *,
+    group_size: int,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """REINFORCE++-baseline advantages [B, T]: score minus its group's mean, broadcast over the
+    row's tokens and whitened over all valid tokens (of every rank with `all_reduce_sum`)."""
+    centred = group_relative(scores, valid, group_size=group_size, scale_by_std=False)
+    mask = response_mask.bool()
+    if valid is not None:
+        mask = mask & valid.unsqueeze(-1)
+    broadcast = torch.where(mask, centred.unsqueeze(-1), 0.0)
+    return masked_whiten(broadcast, mask, all_reduce_sum=all_reduce_sum)
+
+
+def _conflicts(ids: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B, T] bool: the token at (row, t) also appears at t in a completion of the group whose
+    advantage has the opposite sign (rows with advantage 0 have no conflicts)."""
+    rows, length = ids.shape
+    ids_g = ids.view(-1, group_size, length)
+    mask_g = mask.view(-1, group_size, length)
+    sign_g = sign.view(-1, group_size)
+    same = (ids_g.unsqueeze(2) == ids_g.unsqueeze(1)) & mask_g.unsqueeze(2) & mask_g.unsqueeze(1)
+    opposite = (sign_g.unsqueeze(2) * sign_g.unsqueeze(1)) < 0  # [groups, i, j]
+    return (same & opposite.unsqueeze(-1)).any(2).view(rows, length)
+
+
+def _end_aligned(values: torch.Tensor, lengths: torch.Tensor, fill) -> torch.Tensor:
+    """Each row shifted right so its last valid position lands at the last column."""
+    length = values.shape[1]
+    source = torch.arange(length, device=values.device) - (length - lengths).unsqueeze(-1)
+    gathered = values.gather(1, source.clamp(min=0))
+    return torch.where(source >= 0, gathered, torch.full_like(gathered, fill))
+
+
+def gtpo_conflict_weights(
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    group_size: int,
+    amplify: float = 2.0,
+    runs: str = "edges",
+    divide_by_conflicts: bool = True,
+) -> torch.Tensor:
+    """GTPO lambda [B, T]: conflict tokens (same id at the same position in a positive- and a
+    negative-advantage completion of the group) get `amplify` in positive completions and 0 in
+    negative ones; other tokens 1.
+
+    runs="edges" (authors' code): only the contiguous run of conflicts from the start, and the run
+    from the end on end-aligned rows, count; a positive token in both runs gets amplify**2.
+    runs="all" (the paper): every conflict position counts once. `divide_by_conflicts` (authors'
+    code) divides a row's weights by its number of conflict tokens (min 1).
+    """
+    mask = response_mask.bool()
+    sign = torch.sign(advantages.float())
+    forward = _conflicts(response_ids, mask, sign, group_size)
+    if runs == "all":
+        hits = forward.long()
+        conflict = forward
+    elif runs == "edges":
+        lengths = mask.sum(-1)
+        leading = forward.long().cumprod(-1)
+        aligned = _conflicts(
+            _end_aligned(response_ids, lengths, -1), _end_aligned(mask, lengths, False), sign, group_size
+        )
+        trailing_aligned = aligned.long().flip(-1).cumprod(-1).flip(-1)
+        # back to the original positions: aligned column c holds original position c - (T - length)
+        length = mask.shape[1]
+        source = torch.arange(length, device=mask.device) + (length - lengths).unsqueeze(-1)
+        trailing = torch.where(source < length, trailing_aligned.gather(1, source.clamp(max=length - 1)), 0)
+        trailing = trailing * mask.long()
+        hits = leading + trailing
+        conflict = hits > 0
+    else:
+        raise ValueError(f"gtpo runs must be 'edges' or 'all', got {runs!r}")
+    positive = (sign > 0).unsqueeze(-1)
+    negative = (sign < 0).unsqueeze(-1)
+    weights = torch.ones(mask.shape, dtype=torch.float32, device=mask.device)
+    weights = torch.where(positive & conflict, amplify ** hits.float(), weights)
+    weights = torch.where(negative & conflict, torch.zeros_like(weights), weights)
+    if divide_by_conflicts:
+        weights = weights / conflict.sum(-1, keepdim=True).clamp(min=1).float()
+    return torch.where(mask, weights, torch.zeros_like(weights))
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered estimator. `needs`: "groups" (critic-free; the GRPO recipe) or "critic" (PPO).
+    `compute(inputs, options)` adapts the common inputs (`OutcomeInputs` or `CriticInputs`) and the
+    `advantage` config to the function: advantages [B] or [B, T], or (advantages, returns) with a critic."""
+
+    name: str
+    needs: str
+    compute: Callable[[Any, Any], Any]
+
+
+@dataclass
+class OutcomeInputs:
+    """What the critic-free estimators read: scores [B], valid [B], response_mask [B, T], the group
+    size, the per-token KL penalty beta * KL_t when the KL is in the reward (else None), and a sum
+    over data-parallel ranks (None in one process)."""
+
+    scores: torch.Tensor
+    valid: torch.Tensor
+    response_mask: torch.Tensor
+    group_size: int
+    token_penalty: torch.Tensor | None = None
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class CriticInputs:
+    """What PPO's estimators read: token rewards and the critic's values [B, T], the response mask,
+    and macro-action segment ids [B, T] (MA-RLHF) or None for token-level GAE."""
+
+    rewards: torch.Tensor
+    values: torch.Tensor
+    response_mask: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+
+
+def _gae_or_macro(x: CriticInputs, o) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.segment_ids is None:
+        return gae(x.rewards, x.values, x.response_mask, gamma=o.gamma, lam=o.lam)
+    return macro_gae(
+        x.rewards,
+        x.values,
+        x.segment_ids,
+        gamma=o.gamma,
+        lam=o.lam,
+        aggregation=o.macro.aggregation,
+        reward_aggregation=o.macro.reward_aggregation,
+    )
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    e.name: e
+    for e in (
+        AdvantageEstimator(
+            "group_relative",
+            "groups",
+            lambda x, o: group_relative(
+                x.scores, x.valid, group_size=x.group_size, scale_by_std=o.scale_by_std, eps=o.eps
+            ),
+        ),
+        AdvantageEstimator("rloo", "groups", lambda x, o: rloo(x.scores, x.valid, group_size=x.group_size)),
+        AdvantageEstimator(
+            "reinforce_pp",
+            "groups",
+            lambda x, o: reinforce_pp(
+                x.scores,
+                x.valid,
+                x.response_mask,
+                token_penalty=x.token_penalty,
+                all_reduce_sum=x.all_reduce_sum,
+            ),
+        ),
+        AdvantageEstimator(
+            "reinforce_pp_baseline",
+            "groups",
+            lambda x, o: reinforce_pp_baseline(
+                x.scores, x.valid, x.response_mask, group_size=x.group_size, all_reduce_sum=x.all_reduce_sum
+            ),
+        ),
+        AdvantageEstimator("gae", "critic", lambda x, o: _gae_or_macro(x, o)),
+    )
+}
+
+
+def get_advantage_estimator(name: str, needs: str) -> AdvantageEstimator:
+    """The estimator `name`; an error listing the known ones, or naming the recipe it belongs to."""
+    usable = sorted(n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs == needs)
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage.estimator={name!r} is not one of {usable}")
+    estimator = ADVANTAGE_ESTIMATORS[name]
+    if estimator.needs != needs:
+        where = "a critic (PPO)" if estimator.needs == "critic" else "groups of samples (the GRPO recipe)"
+        raise ValueError(f"advantage.estimator={name!r} needs {where}; this recipe takes {usable}")
+    return estimator

@@ -8,8 +8,9 @@ Derived numbers (rollouts per step, accumulation steps) are computed into a `Bat
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 
 
 class ConfigError(ValueError):
@@ -187,14 +188,65 @@ class RewardConfig:
     on_error: str = "raise"
     # The reward whose value 1.0 means "correct"; logged as `accuracy`. None: no accuracy metric.
     accuracy_reward: str | None = "exact_match"
+    # DAPO's soft overlong punishment: responses longer than max_new_tokens - overlong_buffer lose up
+    # to overlong_penalty linearly, the whole penalty at the budget. 0: off.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("reward.on_error", self.on_error, ("raise", "skip"))
+        check_range("reward.overlong_buffer", self.overlong_buffer, 0)
+        check_range("reward.overlong_penalty", self.overlong_penalty, 0)
+
+
+def _policy_loss_args_schema() -> type:
+    """`loss.args.<policy loss>.<option>`: one group per registered objective with hyperparameters,
+    its fields and defaults read from the objective's signature (adding one touches only its file)."""
+    from rlhf.losses.policy import POLICY_LOSSES
+
+    groups = []
+    for name, loss in POLICY_LOSSES.items():
+        defaults = inspect.signature(loss.per_token).parameters
+        options = [(option, float, field(default=defaults[option].default)) for option in loss.options]
+        if options:
+            group = make_dataclass(f"{name.title().replace('_', '')}Args", options)
+            groups.append((name, group, field(default_factory=group)))
+    return make_dataclass("PolicyLossArgs", groups)
+
+
+PolicyLossArgs = _policy_loss_args_schema()
+
+
+class _PolicyLossChoice:
+    """`loss.policy_loss` and `loss.args` shared by the GRPO and PPO loss configs."""
+
+    def policy_loss_options(self) -> dict[str, float]:
+        """The chosen objective's hyperparameters, as keyword arguments."""
+        group = getattr(self.args, self.policy_loss, None)
+        return {} if group is None else asdict(group)
+
+
+def check_policy_loss(loss, recipe: str) -> None:
+    """`loss.policy_loss` is registered and its aggregation fits."""
+    from rlhf.losses.policy import POLICY_LOSSES
+
+    check_choice("loss.policy_loss", loss.policy_loss, POLICY_LOSSES)
+    needed = POLICY_LOSSES[loss.policy_loss].aggregation
+    if needed is not None and loss.aggregation != needed:
+        raise ConfigError(
+            f"loss.policy_loss={loss.policy_loss} is defined with loss.aggregation={needed}, got {loss.aggregation}"
+        )
+    if loss.policy_loss == "gtpo" and recipe != "grpo":
+        raise ConfigError("loss.policy_loss=gtpo needs groups of samples: use recipes.grpo")
 
 
 @dataclass
-class LossConfig:
+class LossConfig(_PolicyLossChoice):
     aggregation: str = "sequence_mean_token_mean"
+    # the objective, by name (rlhf/losses/policy.py POLICY_LOSSES); its hyperparameters in
+    # loss.args.<name> (e.g. loss.args.sapo.tau_neg); the clip band in clip_low / clip_high / dual_clip
+    policy_loss: str = "clipped"
+    args: PolicyLossArgs = field(default_factory=PolicyLossArgs)
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
@@ -202,6 +254,7 @@ class LossConfig:
     kl_estimator: str = "k3"
     kl_placement: str = "loss"  # "loss" or "reward"
     kl_log_ratio_clamp: float | None = 20.0
+    mask_truncated: bool = False  # DAPO: responses cut at the token budget (no EOS) leave the loss
 
     def __post_init__(self) -> None:
         from rlhf.losses.kl import KL_ESTIMATORS
@@ -215,18 +268,52 @@ class LossConfig:
         check_range("loss.dual_clip", self.dual_clip, 1, low_open=True)
         check_range("loss.kl_coef", self.kl_coef, 0)
         check_range("loss.kl_log_ratio_clamp", self.kl_log_ratio_clamp, 0, low_open=True)
+        check_policy_loss(self, "grpo")
+        if self.policy_loss == "gtpo" and self.kl_coef != 0.0:
+            raise ConfigError(
+                "loss.policy_loss=gtpo has no KL term and no reference model: set loss.kl_coef=0"
+            )
+
+
+@dataclass
+class GTPOWeightsConfig:
+    """GTPO's conflict-token weights (loss.policy_loss=gtpo; rlhf.advantages.gtpo_conflict_weights)."""
+
+    amplify: float = 2.0  # positive completions' conflict tokens
+    runs: str = "edges"  # edges: leading and trailing runs only (authors' code) | all (the paper)
+    divide_by_conflicts: bool = True  # authors' code; false: the paper's formula
+
+    def __post_init__(self) -> None:
+        check_choice("advantage.gtpo.runs", self.runs, ("edges", "all"))
+        check_range("advantage.gtpo.amplify", self.amplify, 0)
+
+
+def check_estimator(name: str, needs: str) -> None:
+    from rlhf.advantages import get_advantage_estimator
+
+    try:
+        get_advantage_estimator(name, needs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclass
 class AdvantageConfig:
-    estimator: str = "group_relative"  # "group_relative" or "rloo"
-    scale_by_std: bool = True
+    # rlhf/advantages.py ADVANTAGE_ESTIMATORS: group_relative | rloo | reinforce_pp | reinforce_pp_baseline
+    estimator: str = "group_relative"
+    scale_by_std: bool = True  # group_relative: GRPO (true) or Dr.GRPO (false)
     eps: float = 1e-4
     drop_zero_variance_groups: bool = False
+    # DAPO dynamic sampling: groups whose scores are all equal are replaced by groups of new prompts,
+    # up to max_sampling_rounds rollouts per step; groups still missing then stay masked out.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    gtpo: GTPOWeightsConfig = field(default_factory=lambda: GTPOWeightsConfig())
 
     def __post_init__(self) -> None:
-        check_choice("advantage.estimator", self.estimator, ("group_relative", "rloo"))
+        check_estimator(self.estimator, "groups")
         check_range("advantage.eps", self.eps, 0)
+        check_range("advantage.max_sampling_rounds", self.max_sampling_rounds, 1)
 
 
 @dataclass
@@ -509,8 +596,10 @@ class CriticConfig:
 
 
 @dataclass
-class PPOLossConfig:
+class PPOLossConfig(_PolicyLossChoice):
     aggregation: str = "token_mean"
+    policy_loss: str = "clipped"  # rlhf/losses/policy.py POLICY_LOSSES (gtpo needs the GRPO recipe)
+    args: PolicyLossArgs = field(default_factory=PolicyLossArgs)
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
@@ -528,6 +617,7 @@ class PPOLossConfig:
         check_range("loss.kl_coef", self.kl_coef, 0)
         check_range("loss.entropy_coef", self.entropy_coef, 0)
         check_range("loss.dual_clip", self.dual_clip, 1, low_open=True)
+        check_policy_loss(self, "ppo")
 
 
 @dataclass
@@ -559,10 +649,14 @@ class MacroConfig:
 
 @dataclass
 class GAEConfig:
+    estimator: str = "gae"  # rlhf/advantages.py ADVANTAGE_ESTIMATORS that read a critic
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True  # advantage whitening over the step's tokens (all ranks)
     macro: MacroConfig = field(default_factory=MacroConfig)
+
+    def __post_init__(self) -> None:
+        check_estimator(self.estimator, "critic")
 
 
 @dataclass
@@ -734,10 +828,22 @@ def plan_rollout_batches(train: GRPOTrainConfig, group_size: int, world_size: in
 
 def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
     """Batch arithmetic plus GRPO's own checks, before any model loads."""
-    if cfg.rollout.group_size < 2 and cfg.advantage.estimator in ("group_relative", "rloo"):
+    grouped = cfg.advantage.estimator != "reinforce_pp" or cfg.loss.policy_loss == "gtpo"
+    if cfg.rollout.group_size < 2 and (grouped or cfg.advantage.dynamic_sampling):
         raise ConfigError(
-            f"rollout.group_size={cfg.rollout.group_size}: group-relative advantages need at least 2 samples per prompt"
+            f"rollout.group_size={cfg.rollout.group_size}: advantage.estimator={cfg.advantage.estimator} "
+            f"with loss.policy_loss={cfg.loss.policy_loss} needs at least 2 samples per prompt"
         )
+    if cfg.reward.overlong_buffer >= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"reward.overlong_buffer={cfg.reward.overlong_buffer} must be shorter than "
+            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+        )
+    if cfg.advantage.dynamic_sampling and cfg.advantage.drop_zero_variance_groups:
+        raise ConfigError(
+            "advantage.dynamic_sampling replaces zero-variance groups; drop_zero_variance_groups masks them: pick one"
+        )
+    check_vespo_correction(cfg)
     plan = plan_rollout_batches(cfg.train, cfg.rollout.group_size, world_size)
     if cfg.loss.kl_placement not in ("loss", "reward"):
         raise ConfigError(f"loss.kl_placement must be 'loss' or 'reward', got {cfg.loss.kl_placement!r}")
@@ -748,9 +854,29 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
     return plan
 
 
+def check_vespo_correction(cfg) -> None:
+    """VESPO folds the rollout engine's token weights into its sequence weight (as TRL does)."""
+    modes = ("token_truncate", "token_mask", "none")
+    if (
+        cfg.loss.policy_loss == "vespo"
+        and cfg.rollout.engine == "vllm"
+        and cfg.rollout.vllm.correction not in modes
+    ):
+        raise ConfigError(
+            f"loss.policy_loss=vespo takes token-level rollout corrections {modes}, got "
+            f"rollout.vllm.correction={cfg.rollout.vllm.correction}"
+        )
+
+
 def plan_ppo_batches(cfg: PPOConfig, world_size: int = 1) -> BatchPlan:
     """Batch arithmetic plus PPO's own checks, before any model loads."""
     plan = plan_rollout_batches(cfg.train, cfg.rollout.group_size, world_size)
+    if cfg.advantage.macro.ratio == "macro" and cfg.loss.policy_loss != "clipped":
+        raise ConfigError(
+            f"advantage.macro.ratio=macro clips each segment's ratio: it needs loss.policy_loss=clipped, "
+            f"got {cfg.loss.policy_loss}"
+        )
+    check_vespo_correction(cfg)
     if not cfg.reward.functions and not cfg.reward_model.name_or_path:
         raise ConfigError("PPO needs a score: set reward_model.name_or_path, reward.functions, or both")
     if cfg.critic.init not in ("reward_model", "policy", "path"):

@@ -122,6 +122,24 @@ class DPOTokenReward:
         return reward, {k: float(v) for k, v in metrics.items()}
 
 
+def kl_token_penalty(
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    kl_coef: float,
+    estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    log_ratio_clamp: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """kl_coef * KL_t [B, T] (0 where masked), the KL-in-reward penalty of each token; no gradient."""
+    with torch.no_grad():
+        per_token, metrics = kl_penalty(
+            old_logprobs, ref_logprobs, response_mask, estimator=estimator, log_ratio_clamp=log_ratio_clamp
+        )
+    metrics["kl/sequence_mean"] = masked_sum(per_token, response_mask, dim=-1).mean()
+    return kl_coef * per_token, metrics
+
+
 def kl_penalized_scores(
     scores: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -133,13 +151,26 @@ def kl_penalized_scores(
     log_ratio_clamp: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scores [B] minus kl_coef times each row's summed KL estimate; no gradient flows."""
-    with torch.no_grad():
-        per_token, metrics = kl_penalty(
-            old_logprobs, ref_logprobs, response_mask, estimator=estimator, log_ratio_clamp=log_ratio_clamp
-        )
-        sequence_kl = masked_sum(per_token, response_mask, dim=-1)
-    metrics["kl/sequence_mean"] = sequence_kl.mean()
-    return scores.float() - kl_coef * sequence_kl, metrics
+    penalty, metrics = kl_token_penalty(
+        old_logprobs,
+        ref_logprobs,
+        response_mask,
+        kl_coef=kl_coef,
+        estimator=estimator,
+        log_ratio_clamp=log_ratio_clamp,
+    )
+    return scores.float() - masked_sum(penalty, response_mask, dim=-1), metrics
+
+
+def overlong_penalty(
+    response_lengths: torch.Tensor, *, max_new_tokens: int, buffer: int, penalty: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), [B], added to the scores:
+    0 up to max_new_tokens - buffer tokens, then falling linearly to -penalty at max_new_tokens."""
+    if buffer <= 0:
+        return torch.zeros_like(response_lengths, dtype=torch.float32)
+    over = (response_lengths.float() - (max_new_tokens - buffer)).clamp(min=0)
+    return -penalty * (over / buffer).clamp(max=1.0)
 
 
 class FixedKLController:

@@ -50,6 +50,7 @@ class RolloutBatch:
     outside_topk: torch.Tensor | None = None  # [B, T] bool: sampled token not in the top-k (CD-RLHF)
     ref_states: torch.Tensor | None = None  # [B, T, h] reference last hidden state predicting token t
     ref_next_states: torch.Tensor | None = None  # [B, T, h] ... at token t itself
+    token_weights: torch.Tensor | None = None  # [B, T] per-token loss weights (GTPO's conflict weights)
 
     @property
     def batch_size(self) -> int:
@@ -78,6 +79,44 @@ class RolloutBatch:
                 picked[f.name] = value
         return replace(self, **picked)
 
+    @classmethod
+    def concat(cls, batches: Sequence[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+        """The rows of several rollouts in order, prompts re-padded on the left and per-token fields
+        on the right to the widest; group ids stay unique."""
+        prompt_width = max(b.prompt_ids.shape[1] for b in batches)
+        token_width = max(b.response_ids.shape[1] for b in batches)
+
+        def padded(name: str, value: torch.Tensor) -> torch.Tensor:
+            fill = pad_token_id if name in ("prompt_ids", "response_ids") else 0
+            if name in _PROMPT_FIELDS:
+                return torch.nn.functional.pad(value, (prompt_width - value.shape[1], 0), value=fill)
+            if name in _TOKEN_FIELDS:
+                pad = [0, 0] * (value.dim() - 2) + [0, token_width - value.shape[1]]
+                return torch.nn.functional.pad(value, pad, value=fill)
+            return value
+
+        joined: dict[str, Any] = {}
+        offset = 0
+        group_ids = []
+        for b in batches:
+            group_ids.append(b.group_ids + offset)
+            offset += int(b.group_ids.max()) + 1 if b.group_ids.numel() else 0
+        for f in fields(cls):
+            parts = [getattr(b, f.name) for b in batches]
+            if f.name == "group_ids":
+                joined[f.name] = torch.cat(group_ids)
+            elif all(isinstance(p, torch.Tensor) for p in parts):
+                joined[f.name] = torch.cat([padded(f.name, p) for p in parts])
+            elif all(isinstance(p, list) for p in parts):
+                joined[f.name] = [item for p in parts for item in p]
+            elif all(isinstance(p, dict) for p in parts):
+                joined[f.name] = {k: [item for p in parts for item in p[k]] for k in parts[0]}
+            elif all(p is None for p in parts) or not isinstance(parts[0], (torch.Tensor, list, dict)):
+                joined[f.name] = parts[0]
+            else:
+                raise ValueError(f"cannot concatenate rollouts: {f.name} is set in some and not in others")
+        return cls(**joined)
+
     def to(self, device: torch.device | str) -> RolloutBatch:
         moved = {
             f.name: getattr(self, f.name).to(device)
@@ -85,6 +124,20 @@ class RolloutBatch:
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
         return replace(self, **moved)
+
+
+_PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
+_TOKEN_FIELDS = (
+    "response_ids",
+    "response_mask",
+    "old_logprobs",
+    "rollout_logprobs",
+    "ref_logprobs",
+    "outside_topk",
+    "ref_states",
+    "ref_next_states",
+    "token_weights",
+)
 
 
 class RewardFn(Protocol):

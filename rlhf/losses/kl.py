@@ -5,7 +5,9 @@ With log-ratio lr = log pi - log pi_ref on tokens sampled from pi:
   k2 = lr^2 / 2                (biased, low variance; its gradient is the KL's gradient on-policy)
   k3 = exp(-lr) + lr - 1       (unbiased, non-negative; GRPO, arXiv 2402.03300)
 All in float32. `log_ratio_clamp` bounds lr before exponentiation (verl clamps k3's input to +-20);
-the fraction of clamped tokens is reported by `kl_penalty`.
+the fraction of clamped tokens is reported by `kl_penalty`, which zeroes masked positions' inputs
+before any estimator runs: an exp of garbage there (a logprob 89 below the reference overflows
+float32) would otherwise give a NaN gradient even though the masked value is dropped.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def kl_penalty(
     log_ratio_clamp: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token KL estimate [B, T] (0 at masked positions) and its metrics."""
-    policy = logprobs.float()
-    ref = ref_logprobs.float()
+    zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
+    policy = torch.where(response_mask, logprobs.float(), zero)
+    ref = torch.where(response_mask, ref_logprobs.float(), zero)
     metrics: dict[str, torch.Tensor] = {}
     if log_ratio_clamp is not None:
         log_ratio = policy - ref

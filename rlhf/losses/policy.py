@@ -1,24 +1,100 @@
-"""Policy-gradient objectives: the clipped surrogate shared by PPO and GRPO.
+"""Policy-gradient objectives shared by PPO and GRPO, and their registry (`loss.policy_loss`).
 
-Clipped surrogate (PPO, arXiv 1707.06347; GRPO, arXiv 2402.03300; clip-higher from DAPO,
-arXiv 2503.14476), per token t of sequence b with ratio r = exp(log pi - log pi_old):
-    l_bt = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)
-optionally with dual clipping (arXiv 1912.09729): for A < 0 the loss is capped at -dual_clip * A.
-A KL term beta * k(log pi, log pi_ref) is added per token when a reference is given (KL in the loss).
-Reduction over tokens and sequences is the caller's choice (`rlhf.losses.reduce`), with a
-normalizer counted over the whole optimizer step.
+Each objective is one per-token function
+    (logprobs, old_logprobs, advantages, response_mask, *, hyperparameters) -> ([B, T] loss, metrics)
+registered by name in `POLICY_LOSSES`; `policy_gradient_loss` picks one, adds the KL term and
+reduces with the caller's reduction (`rlhf.losses.reduce`) and a normalizer counted over the whole
+optimizer step. r = exp(log pi - log pi_old) is the importance ratio; advantages are [B]
+(broadcast over tokens) or [B, T]. Masked positions may hold anything (-inf, 1e4, NaN): every
+function masks the log-ratio before it reaches an exp.
+
+- clipped: PPO (arXiv 1707.06347) / GRPO (arXiv 2402.03300), clip-higher from DAPO (2503.14476):
+      l_t = -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
+  with optional dual clipping (arXiv 1912.09729): for A < 0 the loss is capped at -dual_clip * A.
+- gspo: GSPO (Zheng et al., arXiv 2507.18071, eq. 5-7): the same clip on the sequence ratio
+      s_i = exp(mean_t log(pi / pi_old)), every token of a row sharing s_i (paper clip 3e-4 / 4e-4).
+- gspo_token: GSPO-token (ibid., eq. 13): s_it = sg[s_i] * pi_t / sg[pi_t]; equal to gspo in value
+  and, with one advantage per row, in gradient; per-token advantages weight each token's gradient.
+- luspo: LUSPO (arXiv 2602.05261): GSPO's per-token loss with each row's loss summed over its tokens
+  rather than averaged (aggregation sequence_mean_token_sum), removing GSPO's length bias.
+- cispo: CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4-5): l_t = -sg[clip(r_t, min_weight, max_weight)]
+  A log pi_t, every token kept (the weight, not the token, is clipped). TRL/ScaleRL bound only from
+  above (max_weight, recommended 5.0); min_weight 0 means no lower bound.
+- sapo: SAPO (arXiv 2511.20347): a soft gate instead of the hard clip,
+      l_t = -(4 / tau) sigmoid(tau (r_t - 1)) A,  tau = tau_pos if A > 0 else tau_neg,
+  whose gradient at r = 1 equals the plain policy gradient and decays smoothly off-policy.
+- vespo: VESPO (arXiv 2602.10693): l_t = -sg[phi(w_i)] A log pi_t with the sequence weight
+  w_i = exp(sum_t log r_t) and the normalised Gamma shape phi(w) = exp(lambda + k log w - lambda w)
+  (phi(1) = 1); (k, lambda) per advantage sign. A rollout engine's token importance weights are
+  folded into w (in log space) instead of multiplying the loss, as TRL does.
+- gtpo: GTPO (Simoni et al., arXiv 2508.03772; authors' code, spec section 9): unclipped
+      l_t = -r_t * delta_i * (A_i - entropy_penalty * H_i) * lambda_t
+  with H_i the row's mean token entropy (detached), delta_i = [H_i <= entropy_threshold] (the
+  authors' code: the filter is always on, threshold 0.7 ~ ln 2) and lambda_t the conflict-token
+  weights from `rlhf.advantages.gtpo_conflict_weights`, computed once per rollout. No KL term.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from rlhf.losses.kl import kl_penalty
 from rlhf.losses.reduce import Reduction
-from rlhf.ops import masked_mean
+from rlhf.ops import masked_mean, masked_sum
 from rlhf.types import LossOutput
+
+PerTokenLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _prepared(logprobs, old_logprobs, advantages, response_mask):
+    """Float advantages ([B, 1] or [B, T], 0 where masked) and the log-ratio, 0 where masked, so no
+    garbage at a masked position reaches an exp (or its gradient)."""
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    advantages = advantages.float()
+    if advantages.shape == response_mask.shape:
+        advantages = torch.where(response_mask, advantages, torch.zeros_like(advantages))
+    log_ratio = logprobs.float() - old_logprobs.float()
+    log_ratio = torch.where(response_mask, log_ratio, torch.zeros_like(log_ratio))
+    return advantages, log_ratio
+
+
+def _masked_logprobs(logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(response_mask, logprobs.float(), torch.zeros_like(logprobs, dtype=torch.float32))
+
+
+def _sequence_log_ratio(log_ratio: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1] mean log-ratio over each row's valid tokens (GSPO's length-normalised log s_i)."""
+    lengths = response_mask.sum(-1, keepdim=True).clamp(min=1).to(log_ratio.dtype)
+    return masked_sum(log_ratio, response_mask, dim=-1).unsqueeze(-1) / lengths
+
+
+def _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip):
+    """The clipped surrogate on a given ratio ([B, T] or [B, 1]) and its statistics."""
+    clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    per_token = per_token.expand(response_mask.shape)
+    low = ((ratio < 1 - clip_low) & (advantages < 0)).expand(response_mask.shape)
+    high = ((ratio > 1 + clip_high) & (advantages > 0)).expand(response_mask.shape)
+    metrics = {
+        "clip/low_fraction": masked_mean(low.float(), response_mask).detach(),
+        "clip/high_fraction": masked_mean(high.float(), response_mask).detach(),
+        "clip/fraction": masked_mean((low | high).float(), response_mask).detach(),
+        "ratio/mean": masked_mean(ratio.expand(response_mask.shape), response_mask).detach(),
+    }
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        capped = torch.min(per_token, -dual_clip * advantages)
+        dual_hit = (advantages < 0) & (capped < per_token)
+        per_token = torch.where(advantages < 0, capped, per_token)
+        metrics["clip/dual_fraction"] = masked_mean(dual_hit.float(), response_mask).detach()
+    return torch.where(response_mask, per_token, torch.zeros_like(per_token)), metrics
 
 
 def clipped_surrogate(
@@ -31,38 +107,223 @@ def clipped_surrogate(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token clipped policy loss [B, T] and clip statistics.
+    """PPO/GRPO per-token clipped loss [B, T] and clip statistics."""
+    advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
+    return _clip(torch.exp(log_ratio), advantages, response_mask, clip_low, clip_high, dual_clip)
 
-    advantages: [B] (one per sequence, broadcast over tokens) or [B, T].
-    """
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)
-    advantages = advantages.float()
-    if advantages.shape == response_mask.shape:  # per-token advantages may hold garbage when masked
-        advantages = torch.where(response_mask, advantages, torch.zeros_like(advantages))
-    log_ratio = logprobs.float() - old_logprobs.float()
-    # Masked positions may hold garbage; keep them out of exp so no inf reaches the gradient.
-    log_ratio = torch.where(response_mask, log_ratio, torch.zeros_like(log_ratio))
+
+def gspo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO: the clipped surrogate on the sequence ratio s_i (one per row, shared by its tokens)."""
+    advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
+    ratio = torch.exp(_sequence_log_ratio(log_ratio, response_mask))
+    return _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip)
+
+
+def gspo_token(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO-token: s_it = sg[s_i] * pi_t / sg[pi_t] (value s_i, gradient through token t only)."""
+    advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
+    current = _masked_logprobs(logprobs, response_mask)
+    sequence = _sequence_log_ratio(log_ratio, response_mask).detach()
+    ratio = torch.exp(current - current.detach() + sequence)
+    return _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip)
+
+
+def cispo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    max_weight: float = 5.0,
+    min_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO: -sg[clip(r, min_weight, max_weight)] * A * log pi per token; no token dropped."""
+    if not 0.0 <= min_weight < max_weight:
+        raise ValueError(f"cispo needs 0 <= min_weight < max_weight, got {min_weight} and {max_weight}")
+    advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
     ratio = torch.exp(log_ratio)
-    clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
-    low = (ratio < 1 - clip_low) & (advantages < 0)
-    high = (ratio > 1 + clip_high) & (advantages > 0)
+    weight = ratio.clamp(min=min_weight, max=max_weight).detach()
+    per_token = -weight * advantages * _masked_logprobs(logprobs, response_mask)
+    high = (ratio > max_weight) & (advantages > 0)
+    low = (ratio < min_weight) & (advantages < 0)
     metrics = {
-        "clip/low_fraction": masked_mean(low.float(), response_mask).detach(),
         "clip/high_fraction": masked_mean(high.float(), response_mask).detach(),
-        "clip/fraction": masked_mean((low | high).float(), response_mask).detach(),
+        "clip/low_fraction": masked_mean(low.float(), response_mask).detach(),
+        "clip/fraction": masked_mean((high | low).float(), response_mask).detach(),
         "ratio/mean": masked_mean(ratio, response_mask).detach(),
     }
-    if dual_clip is not None:
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-        capped = torch.min(per_token, -dual_clip * advantages)
-        dual_hit = (advantages < 0) & (capped < per_token)
-        per_token = torch.where(advantages < 0, capped, per_token)
-        metrics["clip/dual_fraction"] = masked_mean(dual_hit.float(), response_mask).detach()
-    per_token = torch.where(response_mask, per_token, torch.zeros_like(per_token))
-    return per_token, metrics
+    return torch.where(response_mask, per_token, torch.zeros_like(per_token)), metrics
+
+
+def sapo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAPO: -(4 / tau) * sigmoid(tau * (r - 1)) * A, tau by the advantage's sign."""
+    if tau_pos <= 0 or tau_neg <= 0:
+        raise ValueError(f"sapo temperatures must be positive, got tau_pos={tau_pos}, tau_neg={tau_neg}")
+    advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
+    ratio = torch.exp(log_ratio)
+    tau = torch.where(advantages > 0, tau_pos, tau_neg)
+    gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau
+    per_token = (-gate * advantages).expand(response_mask.shape)
+    metrics = {
+        "ratio/mean": masked_mean(ratio, response_mask).detach(),
+        # the gate's slope relative to the plain gradient: 1 on-policy, toward 0 far off-policy
+        "sapo/gate_slope_mean": masked_mean(
+            (4 * torch.sigmoid(tau * (ratio - 1)) * torch.sigmoid(-tau * (ratio - 1))).expand(
+                response_mask.shape
+            ),
+            response_mask,
+        ).detach(),
+    }
+    return torch.where(response_mask, per_token, torch.zeros_like(per_token)), metrics
+
+
+def vespo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    k_pos: float = 2.0,
+    lambda_pos: float = 3.0,
+    k_neg: float = 3.0,
+    lambda_neg: float = 2.0,
+    rollout_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VESPO: -sg[phi(w_i)] * A * log pi per token, phi the normalised Gamma weight of the sequence
+    ratio w_i. Log-ratios are clamped to +-20 per token and log w_i to [log 1e-8, 20] (the authors'
+    and TRL's bounds)."""
+    advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
+    log_floor = math.log(1e-8)
+    with torch.no_grad():
+        log_w = masked_sum(log_ratio.clamp(-20.0, 20.0), response_mask, dim=-1).unsqueeze(-1)
+        if rollout_weights is not None:
+            if rollout_weights.shape != response_mask.shape:
+                raise ValueError(
+                    "vespo folds per-token rollout weights into its sequence weight: use a token mode"
+                )
+            log_is = torch.log(rollout_weights.float()).clamp(log_floor, 20.0)
+            log_w = log_w + masked_sum(log_is, response_mask, dim=-1).unsqueeze(-1)
+        log_w = log_w.clamp(log_floor, 20.0)
+        positive = advantages >= 0
+        k = torch.where(positive, k_pos, k_neg)
+        lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    per_token = -phi * advantages * _masked_logprobs(logprobs, response_mask)
+    metrics = {
+        "ratio/mean": masked_mean(torch.exp(log_ratio), response_mask).detach(),
+        "vespo/phi_mean": masked_mean(phi.expand(response_mask.shape), response_mask),
+    }
+    return torch.where(response_mask, per_token, torch.zeros_like(per_token)), metrics
+
+
+def gtpo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    token_weights: torch.Tensor,
+    entropy: torch.Tensor,
+    entropy_threshold: float = 0.7,
+    entropy_penalty: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GTPO: unclipped r * delta_i * (A_i - gamma H_i) * lambda_t, negated (see the module doc)."""
+    advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
+    ratio = torch.exp(log_ratio)
+    mean_entropy = masked_mean(entropy.detach().float(), response_mask, dim=-1).unsqueeze(-1)
+    kept = mean_entropy <= entropy_threshold
+    shifted = torch.where(kept, advantages - entropy_penalty * mean_entropy, torch.zeros_like(advantages))
+    weights = torch.where(response_mask, token_weights.float(), torch.zeros_like(ratio))
+    per_token = -ratio * shifted * weights
+    rows = response_mask.any(-1, keepdim=True)
+    metrics = {
+        "ratio/mean": masked_mean(ratio, response_mask).detach(),
+        "gtpo/entropy_filtered_fraction": masked_mean((~kept).float(), rows).detach(),
+        "gtpo/amplified_fraction": masked_mean((weights > 1).float(), response_mask).detach(),
+        "gtpo/protected_fraction": masked_mean((weights == 0).float(), response_mask).detach(),
+    }
+    return torch.where(response_mask, per_token, torch.zeros_like(per_token)), metrics
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered objective. `aggregation`: the reduction it is defined with, if it needs one."""
+
+    name: str
+    per_token: PerTokenLoss
+    aggregation: str | None = None
+    parameters: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        signature = inspect.signature(self.per_token).parameters.values()
+        names = tuple(p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        object.__setattr__(self, "parameters", names)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The float hyperparameters set through `loss.policy_loss_args` (not tensors or the clip band)."""
+        return tuple(n for n in self.parameters if n not in TENSOR_INPUTS + CLIP_BAND)
+
+
+TENSOR_INPUTS = ("token_weights", "entropy", "rollout_weights")
+CLIP_BAND = ("clip_low", "clip_high", "dual_clip")  # from loss.clip_low / clip_high / dual_clip
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    loss.name: loss
+    for loss in (
+        PolicyLoss("clipped", clipped_surrogate),
+        PolicyLoss("gspo", gspo),
+        PolicyLoss("gspo_token", gspo_token),
+        PolicyLoss("luspo", gspo, aggregation="sequence_mean_token_sum"),
+        PolicyLoss("cispo", cispo),
+        PolicyLoss("sapo", sapo),
+        PolicyLoss("vespo", vespo),
+        PolicyLoss("gtpo", gtpo),
+    )
+}
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"loss.policy_loss={name!r} is not one of {sorted(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
+
+
+def check_policy_loss_args(name: str, args: Mapping[str, float]) -> None:
+    """Config-time check: every key of `loss.policy_loss_args` is a hyperparameter of the loss."""
+    loss = get_policy_loss(name)
+    unknown = sorted(set(args) - set(loss.options))
+    if unknown:
+        known = ", ".join(loss.options) or "none"
+        raise ValueError(
+            f"loss.policy_loss_args {unknown} are not options of {name!r} (its options: {known})"
+        )
 
 
 def policy_gradient_loss(
@@ -73,6 +334,8 @@ def policy_gradient_loss(
     *,
     reduction: Reduction,
     normalizer: float | torch.Tensor,
+    policy_loss: str = "clipped",
+    policy_loss_args: Mapping[str, float] | None = None,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
@@ -82,24 +345,34 @@ def policy_gradient_loss(
     kl_log_ratio_clamp: float | None = None,
     token_budget: int | None = None,
     rollout_weights: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Clipped surrogate plus optional KL-in-loss, reduced with `reduction` / `normalizer`.
+    """The registered objective `policy_loss` plus optional KL-in-loss, reduced with `reduction` /
+    `normalizer`.
 
-    This is GRPO's objective (and PPO's actor loss with per-token advantages). `token_budget` is the
-    constant denominator of `sequence_mean_token_sum_norm` (Dr.GRPO: the max response length).
-    `rollout_weights` ([B, T] or [B, 1], no gradient) multiply the surrogate before the KL term: the
-    importance-sampling correction for a rollout engine's mismatch (rlhf/losses/rollout_correction.py).
+    `token_budget` is the constant denominator of `sequence_mean_token_sum_norm` (Dr.GRPO: the max
+    response length). `rollout_weights` ([B, T] or [B, 1], no gradient) multiply the objective before
+    the KL term: the importance-sampling correction for a rollout engine's mismatch
+    (rlhf/losses/rollout_correction.py); an objective that takes them itself (vespo) gets them.
+    `token_weights` and `entropy` ([B, T]) go to the objectives that read them (gtpo).
     """
-    per_token, metrics = clipped_surrogate(
-        logprobs,
-        old_logprobs,
-        advantages,
-        response_mask,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-    )
-    if rollout_weights is not None:
+    loss = get_policy_loss(policy_loss)
+    given = {
+        "clip_low": clip_low,
+        "clip_high": clip_high,
+        "dual_clip": dual_clip,
+        "token_weights": token_weights,
+        "entropy": entropy,
+        "rollout_weights": rollout_weights,
+    }
+    kwargs = {name: value for name, value in given.items() if name in loss.parameters}
+    for name in ("token_weights", "entropy"):
+        if name in kwargs and kwargs[name] is None:
+            raise ValueError(f"policy loss {policy_loss!r} needs {name}")
+    kwargs.update(policy_loss_args or {})
+    per_token, metrics = loss.per_token(logprobs, old_logprobs, advantages, response_mask, **kwargs)
+    if rollout_weights is not None and "rollout_weights" not in loss.parameters:
         per_token = per_token * rollout_weights.detach()
     metrics["loss/policy_token_mean"] = masked_mean(per_token, response_mask).detach()
     if kl_coef != 0.0:
@@ -111,5 +384,5 @@ def policy_gradient_loss(
         per_token = per_token + kl_coef * per_token_kl
         metrics.update(kl_metrics)
     extra = {"token_budget": token_budget} if reduction.needs_token_budget else {}
-    loss = reduction.reduce(per_token, response_mask, normalizer=normalizer, **extra)
-    return LossOutput(loss=loss, metrics=metrics)
+    reduced = reduction.reduce(per_token, response_mask, normalizer=normalizer, **extra)
+    return LossOutput(loss=reduced, metrics=metrics)

@@ -9,6 +9,7 @@ Modes (names as in verl; TRL's loss types in brackets):
 - token_mean: sum over all valid tokens / tokens in the step [dapo; bnpo on a single micro-batch].
 - sequence_mean_token_mean: each sequence's token mean, summed / sequences in the step [grpo].
 - sequence_mean_token_sum_norm: token sums / a constant token budget / sequences in the step [dr_grpo].
+- sequence_mean_token_sum: each sequence's token sum / sequences in the step [luspo].
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def sequence_mean_token_sum_norm(
     return masked_sum(per_token, mask) / token_budget / normalizer
 
 
+def sequence_mean_token_sum(
+    per_token: torch.Tensor, mask: torch.Tensor, *, normalizer: float | torch.Tensor
+) -> torch.Tensor:
+    return masked_sum(per_token, mask) / normalizer
+
+
 def count_tokens(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum()
 
@@ -69,6 +76,7 @@ REDUCTIONS: dict[str, Reduction] = {
     "sequence_mean_token_sum_norm": Reduction(
         "sequence_mean_token_sum_norm", sequence_mean_token_sum_norm, count_sequences, needs_token_budget=True
     ),
+    "sequence_mean_token_sum": Reduction("sequence_mean_token_sum", sequence_mean_token_sum, count_sequences),
 }
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
@@ -225,3 +226,33 @@ def test_dpo_under_torchrun_zero3_with_precomputed_reference_matches_one_process
         for n in os.listdir(tmp_path / "two" / "token_cache" / e)
     ]
     assert sum(n.startswith("shard-") for n in shards) == 4  # 2 ranks x (train, eval)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        # rounds of dynamic sampling differ per rank's prompts: every rank must run the same rounds
+        ["loss=gspo", "advantage=reinforce_pp_baseline", "advantage.dynamic_sampling=true"],
+        ["+experiment=grpo_gtpo", "loss.args.gtpo.entropy_threshold=1e9", "model.shared_prefix=true"],
+    ],
+    ids=["gspo-reinforce_pp_baseline-dynamic", "gtpo-shared_prefix"],
+)
+def test_grpo_family_under_torchrun_zero3(tmp_path, method):
+    torchrun(
+        [
+            "-m",
+            "recipes.grpo",
+            *SMALL,
+            *FAST,
+            "distributed=zero3",
+            "reward.functions=[{name: 'tests.recipes.test_grpo_family:prompt_dependent_reward', weight: 1.0}]",
+            "reward.accuracy_reward=null",
+            *method,
+            "train.steps=2",
+            "eval.every=0",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    rows = _trained_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["reward/mean"]])).all() for r in rows)

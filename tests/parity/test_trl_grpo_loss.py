@@ -52,13 +52,16 @@ def _trl_loss(
     eps_high,
     max_completion_length,
     vllm_correction=False,
+    importance_sampling_level="token",
+    **loss_args,
 ):
     """TRL's loss for `inputs`, with its forward replaced by the given per-token logprobs; with
-    `vllm_correction`, TRL multiplies by `inputs["importance_sampling_ratio"]` as with vLLM."""
+    `vllm_correction`, TRL multiplies by `inputs["importance_sampling_ratio"]` as with vLLM.
+    `loss_args`: TRL's per-loss arguments (sapo_temperature_pos, vespo_k_pos, ...)."""
     stand_in = SimpleNamespace(
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=importance_sampling_level,
         beta=beta,
         loss_type=loss_type,
         epsilon_low=eps_low,
@@ -69,10 +72,11 @@ def _trl_loss(
         current_gradient_accumulation_steps=1,
         max_completion_length=max_completion_length,
         accelerator=_Accelerator(),
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1, **loss_args),
         _entropy_bonus_enabled=False,
         aux_loss_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        get_gamma_weights=trl_grpo.GRPOTrainer.get_gamma_weights,
     )
     stand_in._get_per_token_logps_and_entropies = lambda *a, **k: (
         per_token_logps,

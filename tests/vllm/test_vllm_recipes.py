@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from recipes import grpo, ppo  # noqa: E402
+from rlhf.config import ConfigError  # noqa: E402
 from rlhf.loggers import read_metrics  # noqa: E402
 from tests.distributed.test_zero_invariance import torchrun  # noqa: E402
 from tests.recipes.conftest import compose_recipe_config  # noqa: E402
@@ -79,6 +80,17 @@ def test_grpo_with_vllm_resumes_exactly(tmp_path):
         # importance weights: the update agrees to float precision, not bit for bit
         assert first[step]["loss"] == pytest.approx(second[step]["loss"], abs=1e-6)
         assert first[step]["optim/grad_norm"] == pytest.approx(second[step]["optim/grad_norm"], rel=1e-4)
+
+
+def test_grpo_with_vllm_dynamic_sampling_and_vespo(tmp_path):
+    """Dynamic sampling rounds reuse the synced engine; VESPO folds the token-level correction into
+    its sequence weight (a sequence-level mode is a config error)."""
+    common = [*VLLM, *GRPO_FAST, "loss=vespo", "advantage.dynamic_sampling=true", "train.steps=2"]
+    with pytest.raises(ConfigError, match="vespo takes token-level rollout corrections"):
+        grpo.train(_config("grpo", tmp_path, *common, "rollout.vllm.correction=sequence_mask"))
+    result = grpo.train(_config("grpo", tmp_path, *common, "rollout.vllm.correction=token_truncate"))
+    rows = _trained(result["run_dir"])
+    assert len(rows) == 2 and all(r["vespo/phi_mean"] > 0 and r["dynamic_sampling/rounds"] >= 1 for r in rows)
 
 
 def test_grpo_with_vllm_and_lora(tmp_path):
