@@ -30,8 +30,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rlhf.config import ConfigError, DPOConfig, ModelConfig, plan_sft_batches, register_configs
-from rlhf.data.chat import PROMPT_TEXT, is_templated, prepare_splits, rewritten_prompt_ids
+from rlhf.config import ConfigError, DPOConfig, plan_sft_batches, register_configs
+from rlhf.data.chat import (
+    PROMPT_TEXT,
+    is_templated,
+    prepare_splits,
+    rewritten_prompt_ids,
+    swap_chosen_rejected,
+)
 from rlhf.data.collate import collate_pairs
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
@@ -48,7 +54,7 @@ from rlhf.losses.preference import (
 )
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
-from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_tokenizer, model_context
+from rlhf.models.load import load_frozen, load_policy, load_reference, load_tokenizer, model_context
 from rlhf.models.token_scorers import PairTokenScorer
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import pad_prompts
@@ -81,6 +87,8 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
     warn_unknown_tokens(
         tokenizer, train_rows, [PROMPT_TEXT, cfg.data.chosen_column, cfg.data.rejected_column]
     )
+    if cfg.loss.reverse:  # reverse DPO: every metric below is then about the swapped pairs
+        train_rows, eval_rows = swap_chosen_rejected(train_rows), swap_chosen_rejected(eval_rows)
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
         cfg.optim,
@@ -299,16 +307,6 @@ def _accuracy_reward(name: str | None):
     return resolve_reward(name, REWARD_FUNCTIONS)
 
 
-def _frozen(policy, path: str, tokenizer, like: ModelConfig) -> torch.nn.Module:
-    model_cfg = like.pretrained_like(path)
-    model = policy.prepare_frozen(lambda: load_causal_lm(model_cfg, tokenizer))
-    if model.config.vocab_size < len(tokenizer):
-        raise ConfigError(
-            f"{path!r} has a vocabulary of {model.config.vocab_size}, the tokenizer {len(tokenizer)}"
-        )
-    return model
-
-
 def _build_scorer(
     cfg: DPOConfig, tokenizer, policy, needs_reference: bool, templated: bool
 ) -> PairTokenScorer:
@@ -316,14 +314,14 @@ def _build_scorer(
     reference = load_reference(cfg.model, tokenizer, policy, seed=cfg.seed) if needs_reference else None
     scorer = PairTokenScorer(reference=reference)
     if w.method == "tgdpo":
-        scorer.guide = _frozen(policy, w.guide_model, tokenizer, cfg.model)
+        scorer.guide = load_frozen(policy, w.guide_model, tokenizer, cfg.model)
     if w.method == "cdpo":
-        scorer.positive = _frozen(policy, w.positive_model, tokenizer, cfg.model)
-        scorer.negative = _frozen(policy, w.negative_model, tokenizer, cfg.model)
+        scorer.positive = load_frozen(policy, w.positive_model, tokenizer, cfg.model)
+        scorer.negative = load_frozen(policy, w.negative_model, tokenizer, cfg.model)
         scorer.contrast_beta = w.contrast_beta
     if cfg.treg.alpha:
         scorer.treg_model = (
-            _frozen(policy, cfg.treg.model, tokenizer, cfg.model) if cfg.treg.model else reference
+            load_frozen(policy, cfg.treg.model, tokenizer, cfg.model) if cfg.treg.model else reference
         )
         scorer.better_template, scorer.worse_template = cfg.treg.better_template, cfg.treg.worse_template
         scorer.rewrite_prompts = lambda prompts, template: pad_prompts(

@@ -41,6 +41,7 @@ from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference
+from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_sum
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
@@ -259,8 +260,8 @@ def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimato
 
 def _advantages(cfg: GRPOConfig, engine, batch, scores, valid, token_penalty, metrics: dict) -> None:
     """Advantages of the registered `advantage.estimator` into the batch (the KL-in-reward penalty
-    per token for REINFORCE++, summed into the score for the others); GTPO's conflict weights; rows
-    no reward scored, and with `advantage.drop_zero_variance_groups` / `loss.mask_truncated` flat
+    per token for REINFORCE++, summed into the score for the others); GTPO's conflict weights; NTHR's
+    per-token scaling (advantages become [B, T]); rows no reward scored, and with `advantage.drop_zero_variance_groups` / `loss.mask_truncated` flat
     groups / truncated responses, leave the loss mask."""
     g = cfg.rollout.group_size
     estimator = adv.get_advantage_estimator(cfg.advantage.estimator, "groups")
@@ -275,6 +276,30 @@ def _advantages(cfg: GRPOConfig, engine, batch, scores, valid, token_penalty, me
         all_reduce_sum=engine.all_reduce_sum if engine.world_size > 1 else None,
     )
     batch.advantages = estimator.compute(inputs, cfg.advantage)
+    if cfg.loss.policy_loss == "gtpo":
+        weights = cfg.advantage.gtpo
+        batch.token_weights = adv.gtpo_conflict_weights(
+            batch.response_ids,
+            batch.response_mask & valid.unsqueeze(-1),
+            batch.advantages,
+            group_size=g,
+            amplify=weights.amplify,
+            runs=weights.runs,
+            divide_by_conflicts=weights.divide_by_conflicts,
+        )
+    if cfg.advantage.nthr:  # per-token advantages from the old policy's hidden states
+        with engine.gathered_parameters():  # ranks skip different groups: no collective per forward
+            scale, nthr_metrics = nthr_token_scale(
+                engine.model,
+                batch,
+                batch.advantages,
+                group_size=g,
+                beta=cfg.advantage.nthr_beta,
+                warp=SamplingParams.from_config(cfg.rollout).warp(),
+            )
+        advantages = batch.advantages
+        batch.advantages = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages) * scale
+        metrics.update(nthr_metrics)
     keep = valid.clone()
     if cfg.advantage.drop_zero_variance_groups:
         flat = adv.zero_variance_groups(scores, valid, group_size=g)
@@ -284,17 +309,6 @@ def _advantages(cfg: GRPOConfig, engine, batch, scores, valid, token_penalty, me
         metrics["loss/masked_truncated_fraction"] = float(batch.truncated.float().mean())
         keep &= ~batch.truncated.to(keep.device)
     batch.response_mask = batch.response_mask & keep.unsqueeze(-1)
-    if cfg.loss.policy_loss == "gtpo":
-        weights = cfg.advantage.gtpo
-        batch.token_weights = adv.gtpo_conflict_weights(
-            batch.response_ids,
-            batch.response_mask,
-            batch.advantages,
-            group_size=g,
-            amplify=weights.amplify,
-            runs=weights.runs,
-            divide_by_conflicts=weights.divide_by_conflicts,
-        )
 
 
 def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, engine, warp: dict) -> None:

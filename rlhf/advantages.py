@@ -10,7 +10,9 @@ valid token of the global batch (all ranks). REINFORCE++-baseline: the group mea
 each score first, then the same global whitening (no group std: the paper's fix for small groups).
 Rows whose score is invalid (a reward returned None) are left out of their group's statistics and
 get advantage 0. Groups are contiguous blocks of `group_size` rows.
-Also here: GTPO's conflict-token weights (spec section 9), computed once per rollout.
+Also here: GTPO's conflict-token weights (arXiv 2508.03772), computed once per rollout, and NTHR's
+token hidden reward scores and advantage multipliers (no code by the authors is known; from a
+third-party implementation note, unverified).
 """
 
 from __future__ import annotations
@@ -239,6 +241,40 @@ def gtpo_conflict_weights(
     if divide_by_conflicts:
         weights = weights / conflict.sum(-1, keepdim=True).clamp(min=1).float()
     return torch.where(mask, weights, torch.zeros_like(weights))
+
+
+def nthr_scores(
+    prediction_errors: torch.Tensor, hidden: torch.Tensor, response_mask: torch.Tensor, positive: torch.Tensor
+) -> torch.Tensor:
+    """Token hidden reward of one group (NTHR, arXiv 2505.18830; from a third-party implementation note,
+    unverified): s_jk = g_jk^T M+ h_jk with M+ = sum over positive rows i and their tokens k of
+    g_ik h_ik^T; g_jk = e_{y_jk} - pi_old(.|s_jk) restricted to the group's vocabulary [G, T, V_g],
+    h_jk the final hidden state [G, T, h]. Returns [G, T] (0 where masked), in float32."""
+    mask = response_mask.unsqueeze(-1)
+    g = torch.where(mask, prediction_errors.float(), 0.0)
+    h = torch.where(mask, hidden.float(), 0.0)
+    rows = positive.view(-1, 1, 1)
+    influence = torch.einsum("gtv,gth->vh", torch.where(rows, g, 0.0), torch.where(rows, h, 0.0))
+    scores = torch.einsum("gtv,vh,gth->gt", g, influence, h)
+    return torch.where(response_mask, scores, 0.0)
+
+
+def nthr_advantage_scale(
+    scores: torch.Tensor, response_mask: torch.Tensor, advantages: torch.Tensor, *, beta: float = 1.0
+) -> torch.Tensor:
+    """NTHR's per-token advantage multipliers [G, T] for one group: in rows with a negative advantage,
+    tokens whose score exceeds tau = beta * min over positive rows of their mean score get
+    eta = 2 |0.5 - p| with p the fraction of positive rows; every other token 1. Groups without
+    both positive and negative rows are left alone."""
+    positive, negative = advantages > 0, advantages < 0
+    scale = torch.ones(scores.shape, dtype=torch.float32, device=scores.device)
+    if not positive.any() or not negative.any():
+        return scale
+    row_means = torch.where(response_mask, scores, 0.0).sum(-1) / response_mask.sum(-1).clamp(min=1)
+    tau = beta * row_means[positive].min()
+    eta = 2 * abs(0.5 - float(positive.float().mean()))
+    damped = negative.unsqueeze(-1) & response_mask & (scores > tau)
+    return torch.where(damped, torch.full_like(scale, eta), scale)
 
 
 @dataclass(frozen=True)

@@ -309,6 +309,11 @@ class AdvantageConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
     gtpo: GTPOWeightsConfig = field(default_factory=lambda: GTPOWeightsConfig())
+    # NTHR (no authors' code known; a third-party note, unverified): in rows with a negative advantage,
+    # tokens whose hidden reward toward the group's positive rows exceeds nthr_beta times the
+    # smallest positive row's mean get their advantage scaled by 2|0.5 - p| (p: positive fraction)
+    nthr: bool = False
+    nthr_beta: float = 1.0
 
     def __post_init__(self) -> None:
         check_estimator(self.estimator, "groups")
@@ -712,6 +717,8 @@ class DPOLossConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # sigmoid/simpo: conservative smoothing; robust: the label-noise rate
     simpo_gamma: float = 0.5  # SimPO target margin (reference-free)
+    # reverse DPO: chosen and rejected swapped (AlignDistil's contrast model, recipes/aligndistil.py)
+    reverse: bool = False
 
     def __post_init__(self) -> None:
         from rlhf.losses.preference import PREFERENCE_LOSSES
@@ -778,6 +785,58 @@ class DPOConfig(RunConfig):
     eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
 
 
+@dataclass
+class DistillTeacherConfig:
+    """AlignDistil's frozen models (hub ids or local directories, like model.name_or_path)."""
+
+    dpo_model: str | None = None  # a DPO-trained policy
+    reverse_dpo_model: str | None = None  # variant aligndistil: DPO with chosen/rejected swapped
+    reference_model: str | None = None  # variant theorem1; None: the policy's starting weights
+
+
+@dataclass
+class DistillLossConfig:
+    # aligndistil: contrastive teacher, token-adaptive extrapolation; theorem1: fixed interpolation
+    variant: str = "aligndistil"
+    beta: float = 0.1
+    beta2: float = 10.0  # the authors' off-policy value (15 on-policy)
+    temperature: float = 1.0  # the teacher's softmax temperature (T_kd)
+    floor: float = 1e-3  # added to the adaptive weight
+    chunk_tokens: int = 128  # response tokens per checkpointed piece of the full-vocabulary KL
+
+    def __post_init__(self) -> None:
+        from rlhf.losses.distill import DISTILL_TEACHERS
+
+        check_choice("loss.variant", self.variant, DISTILL_TEACHERS)
+        check_range("loss.beta", self.beta, 0, low_open=True)
+        check_range("loss.beta2", self.beta2, 0, low_open=True)
+        check_range("loss.temperature", self.temperature, 0, low_open=True)
+        check_range("loss.floor", self.floor, 0, low_open=True)
+        check_range("loss.chunk_tokens", self.chunk_tokens, 1)
+
+
+@dataclass
+class DistillTrainConfig(RowsTrainConfig):
+    # off_policy: the chosen responses of preference pairs; on_policy: one sample per prompt
+    mode: str = "off_policy"
+    steps: int = 200
+    batch_size: int = 32
+    micro_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("train.mode", self.mode, ("off_policy", "on_policy"))
+
+
+@dataclass
+class AlignDistilConfig(RunConfig):
+    teacher: DistillTeacherConfig = field(default_factory=DistillTeacherConfig)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=1))
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Batch arithmetic derived from a config and the world size."""
@@ -839,6 +898,11 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
             f"reward.overlong_buffer={cfg.reward.overlong_buffer} must be shorter than "
             f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
         )
+    if cfg.loss.policy_loss == "gtpo" and cfg.advantage.estimator not in ("group_relative", "rloo"):
+        raise ConfigError(
+            f"loss.policy_loss=gtpo finds conflicts by each response's advantage sign: it needs one advantage "
+            f"per response (advantage.estimator group_relative or rloo), got {cfg.advantage.estimator}"
+        )
     if cfg.advantage.dynamic_sampling and cfg.advantage.drop_zero_variance_groups:
         raise ConfigError(
             "advantage.dynamic_sampling replaces zero-variance groups; drop_zero_variance_groups masks them: pick one"
@@ -892,7 +956,9 @@ def plan_ppo_batches(cfg: PPOConfig, world_size: int = 1) -> BatchPlan:
     return plan
 
 
-def plan_sft_batches(cfg: SFTConfig | RewardModelConfig | DPOConfig, world_size: int = 1) -> BatchPlan:
+def plan_sft_batches(
+    cfg: SFTConfig | RewardModelConfig | DPOConfig | AlignDistilConfig, world_size: int = 1
+) -> BatchPlan:
     """Batch arithmetic for recipes that train on dataset rows (SFT rows, reward-model pairs)."""
     t = cfg.train
     if t.batch_size < 1 or t.micro_batch_size < 1:
@@ -924,3 +990,4 @@ def register_configs() -> None:
     store.store(name="reward_model_schema", node=RewardModelConfig)
     store.store(name="ppo_schema", node=PPOConfig)
     store.store(name="dpo_schema", node=DPOConfig)
+    store.store(name="aligndistil_schema", node=AlignDistilConfig)

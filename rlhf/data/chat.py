@@ -517,3 +517,15 @@ def prepare_splits(
     if evaluation is not None:
         evaluation = prepare(evaluation, tokenizer, cfg, where(cfg.eval_split), **options)
     return train, evaluation
+
+
+def swap_chosen_rejected(rows: Dataset | None) -> Dataset | None:
+    """Prepared pairs with chosen and rejected token ids exchanged (reverse DPO)."""
+    if rows is None:
+        return None
+    swap = "_swap_ids"
+    return (
+        rows.rename_column(CHOSEN_IDS, swap)
+        .rename_column(REJECTED_IDS, CHOSEN_IDS)
+        .rename_column(swap, REJECTED_IDS)
+    )

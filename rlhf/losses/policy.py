@@ -27,7 +27,7 @@ function masks the log-ratio before it reaches an exp.
   w_i = exp(sum_t log r_t) and the normalised Gamma shape phi(w) = exp(lambda + k log w - lambda w)
   (phi(1) = 1); (k, lambda) per advantage sign. A rollout engine's token importance weights are
   folded into w (in log space) instead of multiplying the loss, as TRL does.
-- gtpo: GTPO (Simoni et al., arXiv 2508.03772; authors' code, spec section 9): unclipped
+- gtpo: GTPO (Simoni et al., arXiv 2508.03772, as the authors' gtpo_training.py runs it): unclipped
       l_t = -r_t * delta_i * (A_i - entropy_penalty * H_i) * lambda_t
   with H_i the row's mean token entropy (detached), delta_i = [H_i <= entropy_threshold] (the
   authors' code: the filter is always on, threshold 0.7 ~ ln 2) and lambda_t the conflict-token

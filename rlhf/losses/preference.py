@@ -22,7 +22,7 @@ d = h_chosen - h_rejected:
 All are summed over pairs and divided by the step's pair count (`normalizer`). Metrics follow TRL's
 names: implicit rewards beta * h of chosen and rejected, their margin, and the pair accuracy.
 
-Token-level variants (see ../shared spec sections TGDPO, cDPO, T-REG; the weights enter through
+Token-level variants (TGDPO, cDPO, T-REG; the weights enter through
 `sequence_logratios`):
     tgdpo_token_weights   w_c = 1 + alpha beta r_c, w_r = 1 - alpha beta r_r, r = log(pi_hat/pi_ref)
                           of a frozen DPO model (Zhu et al., TGDPO), floored at `floor`
@@ -76,9 +76,11 @@ def sequence_logratios(
 ) -> torch.Tensor:
     """[B] sum over valid tokens of w_t * (log pi_theta - log pi_ref); without a reference (SimPO)
     the weighted sum of log pi_theta. Masked positions contribute exactly 0, whatever they hold."""
+    # masked before any product: a garbage weight or logprob there would make a NaN gradient
     ratio = logprobs.float() - ref_logprobs.float() if ref_logprobs is not None else logprobs.float()
+    ratio = torch.where(mask, ratio, 0.0)
     if weights is not None:
-        ratio = ratio * weights.float()
+        ratio = ratio * torch.where(mask, weights.float(), 0.0)
     return torch.where(mask, ratio, 0.0).sum(-1)
 
 
@@ -281,7 +283,8 @@ def token_reward_regularizer(
 ) -> torch.Tensor:
     """[B] T-REG's L_reg(y) = -sum_t beta * r_t * log pi_theta(y_t): a weighted LM loss that raises
     tokens with positive reward and lowers tokens with negative reward."""
-    return -torch.where(mask, beta * token_rewards.float() * logprobs.float(), 0.0).sum(-1)
+    rewards = torch.where(mask, token_rewards.float(), 0.0)  # masked before the product (NaN gradients)
+    return -(beta * rewards * torch.where(mask, logprobs.float(), 0.0)).sum(-1)
 
 
 def treg_loss(

@@ -17,7 +17,7 @@ time, in the forward and in the backward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -171,6 +171,48 @@ def chunked_logprobs(
     logprobs = torch.cat([p[0] for p in parts], dim=1)
     entropy = torch.cat([p[1] for p in parts], dim=1) if with_entropy else None
     return logprobs, entropy
+
+
+def response_head_inputs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """[B, T, h] the LM head's inputs at the positions that predict each response token (the
+    model's forward with the head passed through, so no [B, T, V] logits are made)."""
+    with _head_as_identity(model):
+        return _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
+
+
+def chunked_token_loss(
+    models: list[torch.nn.Module],
+    hidden: list[torch.Tensor],
+    chunk: int,
+    loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """loss(*logits) [B, T] for distribution-level losses over several models' full-vocabulary
+    logits, `chunk` response tokens at a time: each model's head runs on its `hidden` [B, T, h]
+    slice inside a checkpointed piece, so one chunk's logits exist at a time in the forward and
+    the backward. The first model's hidden states may carry gradient; per-token statistics
+    returned by `loss` are concatenated likewise."""
+    heads = [_head_owner(m).get_output_embeddings() for m in models]
+    grad = torch.is_grad_enabled()
+    names: list[str] = []  # the statistics' names, from the first piece (run in the forward)
+
+    def piece(*states: torch.Tensor):
+        value, stats = loss(*[head(s) for head, s in zip(heads, states)])
+        names[:] = list(stats)
+        return value, *stats.values()
+
+    parts = []
+    for start in range(0, hidden[0].shape[1], chunk):
+        window = [h[:, start : start + chunk] for h in hidden]
+        parts.append(checkpoint(piece, *window, use_reentrant=False) if grad else piece(*window))
+    values = torch.cat([p[0] for p in parts], dim=1)
+    stats = {name: torch.cat([p[i + 1] for p in parts], dim=1) for i, name in enumerate(names)}
+    return values, stats
 
 
 def _head_owner(model: torch.nn.Module) -> torch.nn.Module:

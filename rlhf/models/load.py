@@ -41,6 +41,9 @@ MODEL_PATH_FIELDS = (
     "token_weights.positive_model",
     "token_weights.negative_model",
     "treg.model",
+    "teacher.dpo_model",
+    "teacher.reverse_dpo_model",
+    "teacher.reference_model",
 )
 
 
@@ -270,4 +273,17 @@ def _without_dropout(model: PreTrainedModel) -> PreTrainedModel:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    return model
+
+
+def load_frozen(
+    engine: Any, path: str, tokenizer: PreTrainedTokenizerBase, like: ModelConfig
+) -> torch.nn.Module:
+    """A frozen model from `path` (a hub id or local directory) loaded like the policy's config and
+    placed by the training engine (partitioned under ZeRO-3); its vocabulary must cover the tokenizer."""
+    model = engine.prepare_frozen(lambda: load_causal_lm(like.pretrained_like(path), tokenizer))
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"{path!r} has a vocabulary of {model.config.vocab_size}, the tokenizer {len(tokenizer)}"
+        )
     return model

@@ -8,6 +8,8 @@ For a collated pair batch (rows [chosen; rejected], prompt left-padded, completi
     contrast_scores   softmax((1 + b) z_pos - b z_neg)[y_t] of the positive and negative models (cDPO)
     treg_rewards      sigmoid(log pi(y_t | better prompt) - log pi(y_t | worse prompt)) - 0.5 (T-REG)
 The same function serves the on-the-fly path (called per micro-batch) and the precomputed cache.
+Also here, for GRPO rollouts: `nthr_token_scale`, NTHR's advantage multipliers from the old policy's
+hidden states and sampling distribution.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any
 
 import torch
 
+from rlhf.advantages import nthr_advantage_scale, nthr_scores
 from rlhf.losses.preference import contrastive_prompt_token_rewards, contrastive_token_scores
-from rlhf.models.forward import response_logits, response_logprobs
+from rlhf.models.forward import _head_owner, response_head_inputs, response_logits, response_logprobs
+from rlhf.ops import warp_logits
 
 PromptRewriter = Callable[[list[Any], str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -81,3 +85,49 @@ class PairTokenScorer:
                 response_logprobs(self.treg_model, *worse, completion_ids, completion_mask)[0],
             )
         return out
+
+
+@torch.no_grad()
+def nthr_token_scale(
+    model: torch.nn.Module,
+    batch: Any,
+    advantages: torch.Tensor,
+    *,
+    group_size: int,
+    beta: float = 1.0,
+    warp: dict[str, float] | None = None,
+    chunk_tokens: int = 128,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """NTHR's per-token advantage multipliers [B, T] for a GRPO rollout (rlhf.advantages.nthr_*),
+    from one no-grad pass of the (old) policy per group: its final hidden states and its sampling
+    distribution over the group's vocabulary (the tokens its responses contain). Positive rows are
+    those with a positive advantage (the correct ones under a 0/1 reward)."""
+    scales, damped = [], 0.0
+    mask_all = batch.response_mask
+    for start in range(0, batch.batch_size, group_size):
+        rows = torch.arange(start, start + group_size, device=mask_all.device)
+        prompt_ids, prompt_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]
+        response_ids, mask = batch.response_ids[rows], mask_all[rows]
+        group_advantages = advantages[rows] if advantages.dim() == 1 else advantages[rows, 0]
+        if not ((group_advantages > 0).any() and (group_advantages < 0).any()):
+            scales.append(torch.ones(mask.shape, dtype=torch.float32, device=mask.device))
+            continue
+        hidden = response_head_inputs(model, prompt_ids, prompt_mask, response_ids, mask)
+        head = _head_owner(model).get_output_embeddings()
+        vocab = torch.unique(response_ids[mask])
+        # the sampling distribution over the group's vocabulary, a chunk of tokens at a time (no
+        # [G, T, V] tensor)
+        probs = torch.cat(
+            [
+                torch.softmax(warp_logits(head(part).float(), **(warp or {})), dim=-1)[..., vocab]
+                for part in hidden.split(chunk_tokens, dim=1)
+            ],
+            dim=1,
+        )
+        onehot = (response_ids.unsqueeze(-1) == vocab).float()
+        scores = nthr_scores(onehot - probs, hidden, mask, group_advantages > 0)
+        scale = nthr_advantage_scale(scores, mask, group_advantages, beta=beta)
+        damped += float(((scale != 1) & mask).sum())
+        scales.append(scale)
+    metrics = {"nthr/damped_token_fraction": damped / max(float(mask_all.sum()), 1.0)}
+    return torch.cat(scales), metrics

@@ -233,9 +233,15 @@ def test_dpo_under_torchrun_zero3_with_precomputed_reference_matches_one_process
     [
         # rounds of dynamic sampling differ per rank's prompts: every rank must run the same rounds
         ["loss=gspo", "advantage=reinforce_pp_baseline", "advantage.dynamic_sampling=true"],
-        ["+experiment=grpo_gtpo", "loss.args.gtpo.entropy_threshold=1e9", "model.shared_prefix=true"],
+        # NTHR's pass runs on gathered parameters: ranks skip different groups
+        [
+            "+experiment=grpo_gtpo",
+            "loss.args.gtpo.entropy_threshold=1e9",
+            "model.shared_prefix=true",
+            "advantage.nthr=true",
+        ],
     ],
-    ids=["gspo-reinforce_pp_baseline-dynamic", "gtpo-shared_prefix"],
+    ids=["gspo-reinforce_pp_baseline-dynamic", "gtpo-nthr-shared_prefix"],
 )
 def test_grpo_family_under_torchrun_zero3(tmp_path, method):
     torchrun(
@@ -256,3 +262,40 @@ def test_grpo_family_under_torchrun_zero3(tmp_path, method):
     rows = _trained_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["reward/mean"]])).all() for r in rows)
+
+
+def test_aligndistil_under_torchrun_zero3(tmp_path):
+    """Policy and both frozen teachers partitioned; the chunked full-vocabulary KL runs the heads
+    under ZeRO-3 on every rank."""
+    from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
+
+    tokenizer = build_char_tokenizer()
+    for seed, name in ((1, "dpo"), (2, "reverse")):
+        model = build_tiny_causal_lm(
+            TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tokenizer
+        )
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    torchrun(
+        [
+            "-m",
+            "recipes.aligndistil",
+            *SMALL,
+            "distributed=zero3",
+            f"teacher.dpo_model={tmp_path / 'dpo'}",
+            f"teacher.reverse_dpo_model={tmp_path / 'reverse'}",
+            "train.steps=2",
+            "train.batch_size=8",
+            "train.micro_batch_size=2",
+            "loss.chunk_tokens=2",
+            "eval.every=0",
+            "eval.num_samples=8",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    rows = _trained_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)

@@ -26,6 +26,7 @@ SCHEMAS = {
     "dpo": schemas.DPOConfig,
     "sft": schemas.SFTConfig,
     "reward_model": schemas.RewardModelConfig,
+    "aligndistil": schemas.AlignDistilConfig,
 }
 
 

@@ -29,6 +29,7 @@ METHODS = {
     "gtpo": (["+experiment=grpo_gtpo", "loss.args.gtpo.entropy_threshold=1e9"], "gtpo/amplified_fraction"),
     "reinforce_pp": (["+experiment=grpo_reinforce_pp"], "reward_kl/mean"),
     "reinforce_pp_baseline": (["advantage=reinforce_pp_baseline"], "loss"),
+    "nthr": (["advantage.nthr=true"], "nthr/damped_token_fraction"),
 }
 
 

@@ -11,6 +11,7 @@ MATH_MODULES = [
     "rlhf.losses.reduce",
     "rlhf.losses.sft",
     "rlhf.losses.rollout_correction",
+    "rlhf.losses.distill",
     "rlhf.advantages",
     "rlhf.shaping",
 ]

@@ -83,7 +83,7 @@ def _conflict_at(ids, mask, advantages, group, row, t, from_end):
 
 
 def _naive_conflicts(ids, mask, advantages, group_size, runs):
-    """Loop reference of the conflict weights (authors' semantics, spec section 9.2)."""
+    """Loop reference of the conflict weights (the semantics of the authors' gtpo_training.py)."""
     rows, length = ids.shape
     weights = torch.zeros(rows, length)
     for row in range(rows):
@@ -196,3 +196,60 @@ def test_concat_repads_prompts_left_and_tokens_right():
     ]
     assert joined.group_ids.tolist() == [0, 0, 1, 1]
     assert joined.completions == ["x"] * 4 and joined.columns == {"answer": ["a"] * 4}
+
+
+def test_nthr_scores_match_the_double_sum():
+    """s_jk = sum over positive rows i, tokens k' of (g_jk . g_ik')(h_jk . h_ik')."""
+    generator = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 4, 5, generator=generator)
+    h = torch.randn(3, 4, 2, generator=generator)
+    mask = torch.arange(4).unsqueeze(0) < torch.tensor([[4], [2], [3]])
+    positive = torch.tensor([True, False, True])
+    got = adv.nthr_scores(g, h, mask, positive)
+    expected = torch.zeros(3, 4)
+    for j in range(3):
+        for k in range(int(mask[j].sum())):
+            for i in (0, 2):
+                for q in range(int(mask[i].sum())):
+                    expected[j, k] += (g[j, k] @ g[i, q]) * (h[j, k] @ h[i, q])
+    torch.testing.assert_close(got, expected)
+
+
+def test_nthr_scale_damps_negative_tokens_above_the_threshold():
+    scores = torch.tensor([[2.0, 4.0], [5.0, 1.0], [3.0, 0.5], [9.0, 9.0]])
+    mask = torch.tensor([[True, True], [True, True], [True, True], [True, False]])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    scale = adv.nthr_advantage_scale(scores, mask, advantages)
+    # tau = min(mean(2, 4), mean(5, 1)) = 3; p = 2/4 -> eta = 0: negative tokens above 3 lose their push
+    torch.testing.assert_close(scale, torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]))
+    scale = adv.nthr_advantage_scale(scores, mask, torch.tensor([1.0, -1.0, -1.0, -1.0]), beta=0.5)
+    # tau = 0.5 * mean(2, 4) = 1.5; p = 1/4 -> eta = 0.5
+    torch.testing.assert_close(scale, torch.tensor([[1.0, 1.0], [0.5, 1.0], [0.5, 1.0], [0.5, 1.0]]))
+    flat = adv.nthr_advantage_scale(scores, mask, torch.ones(4))
+    assert (flat == 1).all()
+
+
+def test_nthr_token_scale_on_a_model_damps_a_negative_copy_of_a_positive_response():
+    """A group of a positive response and an identical negative one: the negative row's tokens score
+    exactly like the positive row's, so those above the positive row's mean get eta = 0 (p = 1/2);
+    the positive row is untouched. A group of two negatives is left alone."""
+    from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
+    from rlhf.models.token_scorers import nthr_token_scale
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_causal_lm(
+        TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tokenizer
+    )
+    generator = torch.Generator().manual_seed(0)
+    response = torch.randint(3, len(tokenizer), (1, 6), generator=generator)
+    batch = _batch(3, 6, 4)
+    batch.prompt_ids = torch.randint(3, len(tokenizer), (1, 3), generator=generator).repeat(4, 1)
+    batch.response_ids = torch.cat(
+        [response, response, torch.randint(3, len(tokenizer), (2, 6), generator=generator)]
+    )
+    scale, metrics = nthr_token_scale(
+        model, batch, torch.tensor([1.0, -1.0, -1.0, -1.0]), group_size=2, chunk_tokens=4
+    )
+    assert (scale[0] == 1).all() and (scale[2:] == 1).all()
+    assert 0 < int((scale[1] == 0).sum()) < 6 and ((scale[1] == 0) | (scale[1] == 1)).all()
+    assert metrics["nthr/damped_token_fraction"] == float((scale[1] == 0).sum()) / 24
