@@ -23,6 +23,7 @@ Launch:  python -m recipes.grpo [overrides...]
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 
@@ -88,9 +89,11 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     sampling = SamplingParams.from_config(cfg.rollout)
     warp = sampling.warp()
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict()})
+    remembered: dict[str, float] = {}  # run-level values kept in checkpoints (GTPO's initial entropy)
+    state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict(), **remembered})
     if state:
         sampler.load_state_dict(state["sampler"])
+        remembered.update({k: v for k, v in state.items() if k != "sampler"})
     vllm = start_engine(cfg, engine, tokenizer, env.rank)  # None with rollout.engine=hf
     heldout = HeldoutAccuracy(engine, tokenizer, eval_rows, rewards, cfg, vllm)
     metrics: dict[str, float] = {}
@@ -122,7 +125,8 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             # 5 update: minibatches x epochs optimizer steps, micro-batches accumulate
             update_started = time.perf_counter()
             loss_kl = kl_estimator if cfg.loss.kl_placement == "loss" else None
-            metrics.update(_update(engine, batch, plan, cfg, reduction, loss_kl, warp))
+            loss_args = _policy_loss_args(cfg, engine, batch, plan, warp, remembered, metrics)
+            metrics.update(_update(engine, batch, plan, cfg, reduction, loss_kl, warp, loss_args))
             metrics["time/update"] = time.perf_counter() - update_started
 
             # 6 log, evaluate (checkpoints, time limit and preemption: between steps, in run.steps)
@@ -357,8 +361,46 @@ def _batched_logprobs(model, batch, micro_batch_size: int, warp: dict) -> torch.
     return torch.cat(parts)
 
 
-def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp: dict) -> dict[str, float]:
-    """Optimizer steps over the rollout; each normalizer counts its whole minibatch on all ranks."""
+def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remembered: dict, metrics: dict):
+    """The chosen objective's `loss.args`. GTPO with `advantage.gtpo.entropy_filter=initial` (the
+    paper): the filter is off for the whole run when the starting policy's mean token entropy,
+    measured once on the first rollout (all ranks) and remembered in checkpoints, is above the
+    threshold; the authors' code keeps it always on."""
+    args = cfg.loss.policy_loss_options()
+    if cfg.loss.policy_loss != "gtpo" or cfg.advantage.gtpo.entropy_filter != "initial":
+        return args
+    if "gtpo_initial_entropy" not in remembered:
+        total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        with torch.no_grad():
+            for rows in torch.arange(batch.batch_size).split(plan.micro_batch_size):
+                mb = batch.select(rows)
+                _, entropy = response_logprobs(
+                    engine.model,
+                    mb.prompt_ids,
+                    mb.prompt_mask,
+                    mb.response_ids,
+                    mb.response_mask,
+                    with_entropy=True,
+                    **warp,
+                )
+                total += torch.stack(
+                    [(entropy * mb.response_mask).sum().double(), mb.response_mask.sum().double()]
+                )
+        total = engine.all_reduce_sum(total)
+        remembered["gtpo_initial_entropy"] = float(total[0] / total[1].clamp(min=1))
+    metrics["gtpo/initial_entropy"] = remembered["gtpo_initial_entropy"]
+    if remembered["gtpo_initial_entropy"] > args["entropy_threshold"]:
+        args["entropy_threshold"] = math.inf
+    return args
+
+
+def _update(
+    engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp: dict, loss_args: dict | None = None
+) -> dict[str, float]:
+    """Optimizer steps over the rollout; each normalizer counts its whole minibatch on all ranks.
+    `loss_args`: the objective's hyperparameters (default: the config's `loss.args`)."""
+    if loss_args is None:
+        loss_args = cfg.loss.policy_loss_options()
     accumulator = MetricAccumulator()
     step_stats: dict[str, float] = {}
     losses: list[float] = []
@@ -397,7 +439,7 @@ def _update(engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp:
                     reduction=reduction,
                     normalizer=normalizer,
                     policy_loss=cfg.loss.policy_loss,
-                    policy_loss_args=cfg.loss.policy_loss_options(),
+                    policy_loss_args=loss_args,
                     token_weights=mb.token_weights,
                     entropy=entropy.detach(),
                     clip_low=cfg.loss.clip_low,

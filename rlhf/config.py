@@ -104,6 +104,12 @@ class ModelConfig:
     # logits never exist at once (at 152k vocabulary, 2.5 GB per 4k-token row in fp32). Same
     # values and gradients; the head runs twice per chunk with gradient. 0: the plain computation.
     logprob_chunk_tokens: int = 0
+    # Padding-free logprob passes: a micro-batch's rows go through the model as one sequence of
+    # their valid tokens (positions restarting per row, block-diagonal causal attention built by
+    # transformers from the positions), so pads cost nothing. Same values; Llama, Qwen2, Qwen3,
+    # Mistral and Phi3 (others are refused). Rows that repeat a prompt take the shared-prefix
+    # layout instead when model.shared_prefix is on as well.
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, ("tiny", "pretrained"))
@@ -127,6 +133,7 @@ class ModelConfig:
             shared_prefix=self.shared_prefix,
             gradient_checkpointing=self.gradient_checkpointing,
             logprob_chunk_tokens=self.logprob_chunk_tokens,
+            padding_free=self.padding_free,
         )
 
 
@@ -282,9 +289,14 @@ class GTPOWeightsConfig:
     amplify: float = 2.0  # positive completions' conflict tokens
     runs: str = "edges"  # edges: leading and trailing runs only (authors' code) | all (the paper)
     divide_by_conflicts: bool = True  # authors' code; false: the paper's formula
+    # always: the entropy filter is always on (authors' code); initial: the paper's rule, off for
+    # the whole run when the starting policy's mean token entropy exceeds the threshold
+    # (loss.args.gtpo.entropy_threshold), measured on the first rollout and kept in checkpoints
+    entropy_filter: str = "always"
 
     def __post_init__(self) -> None:
         check_choice("advantage.gtpo.runs", self.runs, ("edges", "all"))
+        check_choice("advantage.gtpo.entropy_filter", self.entropy_filter, ("always", "initial"))
         check_range("advantage.gtpo.amplify", self.amplify, 0)
 
 

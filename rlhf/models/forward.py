@@ -118,6 +118,8 @@ def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mas
             rows = layout.group_of_row[:, None]
             predict, token = layout.predict_index - first_kept, layout.token_index - first_kept
             logits = logits[rows, predict]
+        elif getattr(_head_owner(model), "padding_free", False) and not with_states:
+            logits = _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
         else:
             input_ids, attention_mask, position_ids = _joined(
                 prompt_ids, prompt_mask, response_ids, response_mask
@@ -269,6 +271,54 @@ def _packed_forward(model, layout: SharedPrefixLayout, **kwargs):
         shared_prefix_layout=layout,
         **kwargs,
     )
+
+
+def _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    """`_response_forward`'s logits [B, T, V] without computing pads: rows (their valid prompt and
+    response tokens) are packed first-fit, longest first, into sequences no longer than the longest
+    row, positions restarting at 0 per row. Given positions and no attention mask, transformers
+    builds block-diagonal causal attention from the restarts (its packed-sequence format). Packing
+    into sequences of the longest row's length, not one long sequence, keeps dense-mask attention
+    (SDPA, eager) no costlier than the padded batch's. The head runs only where a response token is
+    predicted."""
+    input_ids, attention_mask, _ = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    valid = attention_mask.bool()
+    lengths = valid.sum(-1).tolist()
+    capacity = max(lengths)
+    bins: list[list[int]] = []  # row indices per packed sequence
+    room: list[int] = []
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        target = next((b for b, free in enumerate(room) if free >= lengths[row]), None)
+        if target is None:
+            bins.append([]), room.append(capacity)
+            target = len(bins) - 1
+        bins[target].append(row)
+        room[target] -= lengths[row]
+    device = input_ids.device
+    packed_ids = torch.zeros(len(bins), capacity, dtype=input_ids.dtype, device=device)
+    positions = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
+    bin_of_row = torch.zeros(len(lengths), dtype=torch.long, device=device)
+    start_of_row = torch.zeros(len(lengths), dtype=torch.long, device=device)
+    for b, rows in enumerate(bins):
+        offset = 0
+        for row in rows:
+            n = lengths[row]
+            packed_ids[b, offset : offset + n] = input_ids[row][valid[row]]
+            positions[b, offset : offset + n] = torch.arange(n, device=device)
+            bin_of_row[row], start_of_row[row] = b, offset
+            offset += n
+        # the free tail is a segment of its own (positions restart), attended by nothing valid
+        positions[b, offset:] = torch.arange(capacity - offset, device=device)
+    with _head_as_identity(model):
+        hidden = model(
+            input_ids=packed_ids, position_ids=positions, attention_mask=None, use_cache=False
+        ).logits
+    # row b's response token t is predicted at its start + prompt length - 1 + t (clamped where the
+    # response is shorter than T: those positions are masked downstream)
+    offsets = torch.arange(response_ids.shape[1], device=device)
+    predict = (start_of_row + prompt_mask.sum(-1) - 1).unsqueeze(-1) + offsets
+    states = hidden[bin_of_row.unsqueeze(-1), predict.clamp(max=capacity - 1)]
+    return _head_owner(model).get_output_embeddings()(states)
 
 
 def _joined(prompt_ids, prompt_mask, response_ids, response_mask):

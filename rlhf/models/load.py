@@ -25,7 +25,7 @@ from transformers import (
 from rlhf.checkpoint import CHECKPOINT_DIR, export_dir, list_checkpoints
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.models.lora import AdapterDisabledView, apply_lora
-from rlhf.models.shared_prefix import check_family, shared_prefix_attention
+from rlhf.models.shared_prefix import SUPPORTED_FAMILIES, check_family, shared_prefix_attention
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,6 +200,13 @@ def _checked_family(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel
                 f"{', '.join(CHUNKABLE_FAMILIES)}, whose logits are the LM head's output as it is)"
             )
         model.logprob_chunk_tokens = cfg.logprob_chunk_tokens
+    if cfg.padding_free:
+        family = getattr(model.config, "model_type", None)
+        if family not in SUPPORTED_FAMILIES:
+            raise ConfigError(
+                f"model.padding_free: the {family!r} family is not supported (tested: {', '.join(SUPPORTED_FAMILIES)})"
+            )
+        model.padding_free = True
     return model
 
 

@@ -64,6 +64,27 @@ def test_gtpo_entropy_filter_removes_high_entropy_completions(make_config):
     assert not any(_moved_any(cfg, result))
 
 
+def test_gtpo_paper_entropy_rule_turns_the_filter_off_for_a_high_entropy_start(make_config, tmp_path):
+    """advantage.gtpo.entropy_filter=initial: the starting policy's entropy (about 3 nats, above 0.7)
+    switches the filter off, so the run trains; the measured value survives a resume."""
+    common = [
+        *FAST,
+        *VARIED_REWARD,
+        "+experiment=grpo_gtpo",
+        "advantage.gtpo.entropy_filter=initial",
+        "optim.lr=1e-2",
+    ]
+    cfg = make_config("grpo", *common, "train.steps=2", "checkpoint.every=1", run_dir=str(tmp_path / "run"))
+    result = grpo.train(cfg)
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    initial = rows[0]["gtpo/initial_entropy"]
+    assert initial > 0.7 and all(r["gtpo/initial_entropy"] == initial for r in rows)
+    assert all(r["gtpo/entropy_filtered_fraction"] == 0.0 for r in rows)
+    assert any(_moved_any(cfg, result))
+    resumed = grpo.train(make_config("grpo", f"resume={tmp_path / 'run'}", "train.steps=3"))
+    assert resumed["gtpo/initial_entropy"] == initial  # remembered, not re-measured on the new policy
+
+
 def _moved_any(cfg, result):
     initial = load_causal_lm(cfg.model, load_tokenizer(cfg.model), seed=cfg.seed).state_dict()
     exported = AutoModelForCausalLM.from_pretrained(export_dir(result["checkpoint"])).state_dict()
@@ -182,3 +203,29 @@ def test_methods_compose_with_shared_prefix_and_lora(make_config, tmp_path):
         )
     )
     assert math.isfinite(lora["loss"])
+
+
+def test_padding_free_gives_the_same_grpo_and_dpo_runs(make_config, tmp_path):
+    """model.padding_free changes only how rows go through the model: GRPO (mixed-length responses)
+    and DPO losses equal the padded runs."""
+    from recipes import dpo
+
+    common = [*FAST, *VARIED_REWARD, "train.steps=2", "optim.lr=1e-2", "rollout.max_new_tokens=6"]
+    plain = grpo.train(make_config("grpo", *common, run_dir=str(tmp_path / "plain")))
+    packed = grpo.train(
+        make_config("grpo", *common, "model.padding_free=true", run_dir=str(tmp_path / "packed"))
+    )
+    # fp32: the same terms, summed over other widths
+    assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
+    dpo_common = [
+        "train.steps=2",
+        "train.batch_size=8",
+        "train.micro_batch_size=4",
+        "eval.every=0",
+        "eval.num_samples=8",
+    ]
+    a = dpo.train(make_config("dpo", *dpo_common, run_dir=str(tmp_path / "dpo_plain")))
+    b = dpo.train(
+        make_config("dpo", *dpo_common, "model.padding_free=true", run_dir=str(tmp_path / "dpo_packed"))
+    )
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
