@@ -11,7 +11,10 @@ aggregation token_mean / sequence_mean_token_mean / sequence_mean_token_sum_norm
 sequence_mean_token_sum; asymmetric and dual clipping; KL estimators k1/k2/k3 in the loss or in the
 reward (no reference model is loaded when kl_coef is 0); dropping zero-variance groups (their rows
 stay in the batch with an empty mask, so every rank runs the same micro-batches) or replacing them
-by new prompts' groups (dynamic sampling); DAPO's overlong penalty and truncation mask.
+by new prompts' groups (dynamic sampling); DAPO's overlong penalty and truncation mask; NTHR's
+token scaling; two-sided clipping, the top-entropy token mask, the off-policy sequence mask, the
+entropy bonus, the KL reweighted to the current policy and batch-std advantages (TRL's options);
+micro-batches by token budget.
 Temperature, top-k, top-p and min-p are applied identically in sampling and in every logprob pass.
 Generation: `transformers` generate, or a colocated vLLM engine (rollout.engine=vllm).
 
@@ -33,17 +36,18 @@ from omegaconf import DictConfig
 
 from rlhf import advantages as adv
 from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
+from rlhf.data.collate import token_budget_micro_batches
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.losses.kl import get_kl_estimator
-from rlhf.losses.policy import policy_gradient_loss
+from rlhf.losses.policy import high_entropy_mask, off_policy_sequence_mask, policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference
 from rlhf.models.token_scorers import nthr_token_scale
-from rlhf.ops import masked_sum
+from rlhf.ops import masked_mean, masked_sum
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, rollout_rows
 from rlhf.rollout.records import sample_rows
@@ -239,17 +243,18 @@ def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimato
     measured and corrected here; with one update, in the update itself), reference logprobs when KL
     is on; with the KL in the reward, returns each token's penalty kl_coef * KL_t [B, T] (else None)."""
     warp = SamplingParams.from_config(cfg.rollout).warp()
+    micro = _micro_batches(cfg, engine, batch, torch.arange(batch.batch_size), plan.micro_batch_size)
     if cfg.train.num_minibatches * cfg.train.epochs > 1:
-        batch.old_logprobs = _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
+        batch.old_logprobs = _batched_logprobs(engine.model, batch, micro, warp)
         apply_rollout_correction(cfg.rollout.vllm, batch, metrics)
     if reference is None:
         return None
-    batch.ref_logprobs = _batched_logprobs(reference, batch, plan.micro_batch_size, warp)
+    batch.ref_logprobs = _batched_logprobs(reference, batch, micro, warp)
     if cfg.loss.kl_placement != "reward":
         return None
     behaviour = batch.old_logprobs
     if behaviour is None:
-        behaviour = _batched_logprobs(engine.model, batch, plan.micro_batch_size, warp)
+        behaviour = _batched_logprobs(engine.model, batch, micro, warp)
     penalty, kl_metrics = kl_token_penalty(
         behaviour,
         batch.ref_logprobs,
@@ -325,7 +330,7 @@ def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, e
     if logprobs is None:
         rows = sample_rows(batch.batch_size, cfg.logger.rollout_samples, step)
         with torch.no_grad():
-            sampled = _batched_logprobs(engine.model, batch.select(rows), len(rows), warp)
+            sampled = _batched_logprobs(engine.model, batch.select(rows), [torch.arange(len(rows))], warp)
         logprobs = torch.zeros_like(batch.response_mask, dtype=sampled.dtype)
         logprobs[torch.as_tensor(rows, device=logprobs.device)] = sampled
     kl = None if batch.ref_logprobs is None else logprobs - batch.ref_logprobs
@@ -345,10 +350,28 @@ def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, e
     log_rollout_sample(loggers, cfg.logger, batch, tokenizer, step, scores, per_token)
 
 
-def _batched_logprobs(model, batch, micro_batch_size: int, warp: dict) -> torch.Tensor:
-    """No-grad per-token logprobs of the whole rollout, micro-batch by micro-batch."""
+def _micro_batches(
+    cfg: GRPOConfig, engine, batch, rows: torch.Tensor, micro_batch_size: int
+) -> list[torch.Tensor]:
+    """`rows` of the rollout in micro-batches: `micro_batch_size` rows each, or with
+    `train.max_tokens_per_micro_batch` by token budget, as many on every rank as the most any needs."""
+    budget = cfg.train.max_tokens_per_micro_batch
+    if not budget:
+        return list(rows.split(micro_batch_size))
+    tokens = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).cpu()[rows.cpu()]
+    parts = token_budget_micro_batches(rows.cpu(), tokens, budget=budget, max_rows=micro_batch_size)
+    counts = torch.zeros(engine.world_size, device=engine.device)
+    counts[engine.rank] = len(parts)
+    count = int(engine.all_reduce_sum(counts).max())
+    return token_budget_micro_batches(
+        rows.cpu(), tokens, budget=budget, max_rows=micro_batch_size, count=count
+    )
+
+
+def _batched_logprobs(model, batch, micro_batches: list[torch.Tensor], warp: dict) -> torch.Tensor:
+    """No-grad per-token logprobs of the whole rollout, micro-batch by micro-batch (in row order)."""
     parts = []
-    for rows in torch.arange(batch.batch_size).split(micro_batch_size):
+    for rows in micro_batches:
         logprobs, _ = response_logprobs(
             model,
             batch.prompt_ids[rows],
@@ -372,7 +395,9 @@ def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remember
     if "gtpo_initial_entropy" not in remembered:
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
         with torch.no_grad():
-            for rows in torch.arange(batch.batch_size).split(plan.micro_batch_size):
+            for rows in _micro_batches(
+                cfg, engine, batch, torch.arange(batch.batch_size), plan.micro_batch_size
+            ):
                 mb = batch.select(rows)
                 _, entropy = response_logprobs(
                     engine.model,
@@ -394,6 +419,26 @@ def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remember
     return args
 
 
+def _token_masks(cfg: GRPOConfig, mb, logprobs, entropy):
+    """(loss weights or None, metrics): the top-entropy-quantile token mask and DeepSeek-V3.2's
+    off-policy sequence mask (against the sampling engine's logprobs, else the old policy's)."""
+    weights, metrics = None, {}
+    if cfg.loss.top_entropy_quantile < 1.0:
+        weights = high_entropy_mask(entropy, mb.response_mask, quantile=cfg.loss.top_entropy_quantile)
+        metrics["loss/entropy_kept_fraction"] = masked_mean(weights, mb.response_mask)
+    if cfg.loss.off_policy_mask_threshold is not None:
+        behaviour = mb.rollout_logprobs if mb.rollout_logprobs is not None else mb.old_logprobs
+        behaviour = logprobs.detach() if behaviour is None else behaviour
+        kept = off_policy_sequence_mask(
+            mb.advantages, logprobs, behaviour, mb.response_mask, threshold=cfg.loss.off_policy_mask_threshold
+        )
+        metrics["loss/off_policy_masked_fraction"] = 1.0 - masked_mean(
+            kept.expand_as(logprobs), mb.response_mask
+        )
+        weights = kept if weights is None else weights * kept
+    return weights, metrics
+
+
 def _update(
     engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp: dict, loss_args: dict | None = None
 ) -> dict[str, float]:
@@ -409,11 +454,14 @@ def _update(
         order = torch.randperm(batch.batch_size)
         for minibatch in order.split(plan.minibatch_per_rank):
             normalizer = engine.all_reduce_sum(reduction.count(batch.response_mask[minibatch]).float())
+            tokens_in_step = engine.all_reduce_sum(batch.response_mask[minibatch].sum().float()).clamp(min=1)
             if normalizer.item() == 0:  # nothing to train on any rank: skip together
                 skipped += 1
                 continue
             step_loss = torch.zeros((), device=engine.device)
-            for micro in minibatch.split(plan.micro_batch_size):
+            micro_batches = _micro_batches(cfg, engine, batch, minibatch, plan.micro_batch_size)
+            accumulator.add({"update/micro_batches": float(len(micro_batches))})
+            for micro in micro_batches:
                 mb = batch.select(micro)
                 logprobs, entropy = response_logprobs(
                     engine.model,
@@ -422,6 +470,7 @@ def _update(
                     mb.response_ids,
                     mb.response_mask,
                     with_entropy=True,
+                    entropy_grad=cfg.loss.entropy_coef != 0,
                     **warp,
                 )
                 weights = mb.rollout_weights
@@ -431,6 +480,8 @@ def _update(
                         cfg.rollout.vllm, logprobs.detach(), mb.rollout_logprobs, mb.response_mask
                     )
                     accumulator.add(found, weight=float(mb.response_mask.sum()))
+                masks = _token_masks(cfg, mb, logprobs, entropy)
+                accumulator.add(masks[1], weight=float(mb.response_mask.sum()))
                 out = policy_gradient_loss(
                     logprobs,
                     mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach(),
@@ -445,15 +496,25 @@ def _update(
                     clip_low=cfg.loss.clip_low,
                     clip_high=cfg.loss.clip_high,
                     dual_clip=cfg.loss.dual_clip,
+                    delta=cfg.loss.delta,
+                    loss_weights=masks[0],
                     ref_logprobs=mb.ref_logprobs,
                     kl_coef=cfg.loss.kl_coef if kl_estimator is not None else 0.0,
                     kl_estimator=kl_estimator,
                     kl_log_ratio_clamp=cfg.loss.kl_log_ratio_clamp,
+                    kl_ratio_correction=cfg.loss.kl_ratio_correction,
                     token_budget=cfg.rollout.max_new_tokens,
                     rollout_weights=weights,
                 )
-                engine.backward(out.loss)
-                step_loss += out.loss.detach()
+                loss = out.loss
+                if (
+                    cfg.loss.entropy_coef
+                ):  # the bonus is the step's mean token entropy, whatever the aggregation
+                    loss = (
+                        loss - cfg.loss.entropy_coef * masked_sum(entropy, mb.response_mask) / tokens_in_step
+                    )
+                engine.backward(loss)
+                step_loss += loss.detach()
                 tokens = float(mb.response_mask.sum())
                 accumulator.add(out.metrics, weight=tokens)
                 accumulator.add(

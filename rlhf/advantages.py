@@ -45,15 +45,33 @@ def group_relative(
     group_size: int,
     scale_by_std: bool = True,
     eps: float = 1e-4,
+    batch_std: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GRPO (scale_by_std=True) or Dr.GRPO (False) advantages, one per row [B]."""
+    """GRPO (scale_by_std=True) or Dr.GRPO (False) advantages, one per row [B]. `batch_std`: divide
+    by this one std instead of each group's (PPO-Lite, arXiv 2508.08221; TRL's scale_rewards=batch)."""
     grouped, grouped_valid = _grouped(scores, valid, group_size)
     mean = masked_mean(grouped, grouped_valid, dim=1).unsqueeze(1)
     advantages = grouped - mean
     if scale_by_std:
         std = masked_var(grouped, grouped_valid, dim=1, unbiased=True).sqrt().unsqueeze(1)
-        advantages = advantages / (std + eps)
+        advantages = advantages / ((std if batch_std is None else batch_std) + eps)
     return torch.where(grouped_valid, advantages, torch.zeros_like(advantages)).view(-1)
+
+
+def batch_std(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The unbiased std of every valid score of the batch (of all ranks with `all_reduce_sum`)."""
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    kept = torch.where(valid, scores.double(), 0.0)
+    totals = torch.stack([kept.sum(), (kept**2).sum(), valid.sum().double()])
+    if all_reduce_sum is not None:
+        totals = all_reduce_sum(totals)
+    count = totals[2]
+    var = (totals[1] - totals[0] ** 2 / count.clamp(min=1)) / (count - 1).clamp(min=1)
+    return var.clamp(min=0).sqrt().float()
 
 
 def rloo(scores: torch.Tensor, valid: torch.Tensor | None = None, *, group_size: int) -> torch.Tensor:
@@ -334,7 +352,12 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
             "group_relative",
             "groups",
             lambda x, o: group_relative(
-                x.scores, x.valid, group_size=x.group_size, scale_by_std=o.scale_by_std, eps=o.eps
+                x.scores,
+                x.valid,
+                group_size=x.group_size,
+                scale_by_std=o.scale_by_std,
+                eps=o.eps,
+                batch_std=batch_std(x.scores, x.valid, x.all_reduce_sum) if o.std_scope == "batch" else None,
             ),
         ),
         AdvantageEstimator("rloo", "groups", lambda x, o: rloo(x.scores, x.valid, group_size=x.group_size)),

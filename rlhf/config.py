@@ -261,7 +261,19 @@ class LossConfig(_PolicyLossChoice):
     kl_estimator: str = "k3"
     kl_placement: str = "loss"  # "loss" or "reward"
     kl_log_ratio_clamp: float | None = 20.0
+    # the KL term of samples from pi_old reweighted by pi / pi_old (TRL's use_bias_correction_kl,
+    # on by default there; off here, as the GRPO paper writes the loss)
+    kl_ratio_correction: bool = False
     mask_truncated: bool = False  # DAPO: responses cut at the token budget (no EOS) leave the loss
+    # INTELLECT-2 two-sided clipping: the unclipped ratio is capped at delta (> 1 + clip_high)
+    delta: float | None = None
+    # train only on tokens whose entropy is in this top fraction of the micro-batch's (0.2 in the paper)
+    top_entropy_quantile: float = 1.0
+    # DeepSeek-V3.2's off-policy sequence mask: drop negative-advantage sequences whose mean
+    # log(pi_sampling / pi_theta) exceeds this (None: off)
+    off_policy_mask_threshold: float | None = None
+    # entropy bonus: minus entropy_coef times the mean token entropy of the step (TRL's definition)
+    entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
         from rlhf.losses.kl import KL_ESTIMATORS
@@ -276,6 +288,13 @@ class LossConfig(_PolicyLossChoice):
         check_range("loss.kl_coef", self.kl_coef, 0)
         check_range("loss.kl_log_ratio_clamp", self.kl_log_ratio_clamp, 0, low_open=True)
         check_policy_loss(self, "grpo")
+        check_range("loss.delta", self.delta, 1, low_open=True)
+        check_range("loss.top_entropy_quantile", self.top_entropy_quantile, 0, 1)
+        check_range("loss.entropy_coef", self.entropy_coef, 0)
+        if self.delta is not None and self.policy_loss not in ("clipped", "gspo", "gspo_token", "luspo"):
+            raise ConfigError(
+                f"loss.delta caps a clipped ratio: loss.policy_loss={self.policy_loss} has none"
+            )
         if self.policy_loss == "gtpo" and self.kl_coef != 0.0:
             raise ConfigError(
                 "loss.policy_loss=gtpo has no KL term and no reference model: set loss.kl_coef=0"
@@ -314,6 +333,7 @@ class AdvantageConfig:
     # rlhf/advantages.py ADVANTAGE_ESTIMATORS: group_relative | rloo | reinforce_pp | reinforce_pp_baseline
     estimator: str = "group_relative"
     scale_by_std: bool = True  # group_relative: GRPO (true) or Dr.GRPO (false)
+    std_scope: str = "group"  # group_relative with scale_by_std: the group's std, or the batch's (PPO-Lite)
     eps: float = 1e-4
     drop_zero_variance_groups: bool = False
     # DAPO dynamic sampling: groups whose scores are all equal are replaced by groups of new prompts,
@@ -329,6 +349,7 @@ class AdvantageConfig:
 
     def __post_init__(self) -> None:
         check_estimator(self.estimator, "groups")
+        check_choice("advantage.std_scope", self.std_scope, ("group", "batch"))
         check_range("advantage.eps", self.eps, 0)
         check_range("advantage.max_sampling_rounds", self.max_sampling_rounds, 1)
 
@@ -527,6 +548,14 @@ class GRPOTrainConfig(TrainLoopConfig):
     num_minibatches: int = 1  # optimizer steps per rollout per epoch
     micro_batch_size: int = 64  # rollouts per forward/backward
     epochs: int = 1  # passes over each rollout
+    # > 0: micro-batches also end before their rows' valid tokens (prompt + response) exceed this
+    # many, so long rows go in small micro-batches and short ones in large (GRPO); every rank runs
+    # as many micro-batches as the rank that needs most. 0: micro_batch_size rows each.
+    max_tokens_per_micro_batch: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("train.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, 0)
 
 
 @dataclass

@@ -34,3 +34,31 @@ def collate_pairs(
         list(rows[CHOSEN_IDS]) + list(rows[REJECTED_IDS]), pad_token_id, device
     )
     return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def token_budget_micro_batches(
+    rows: torch.Tensor, tokens: torch.Tensor, *, budget: int, max_rows: int, count: int | None = None
+) -> list[torch.Tensor]:
+    """`rows` split, in order, into micro-batches of at most `max_rows` rows whose summed `tokens`
+    (each row's valid prompt and response tokens) stay within `budget`; a row longer than the
+    budget goes alone. With `count`, the largest micro-batches are halved until there are `count`
+    of them (every rank must run the same number of forwards under ZeRO-3); `count` may not exceed
+    the number of rows."""
+    parts: list[list[int]] = []
+    used = 0
+    for row, cost in zip(rows.tolist(), tokens.tolist()):
+        if not parts or len(parts[-1]) >= max_rows or used + cost > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(row)
+        used += cost
+    if count is not None:
+        if count < len(parts) or count > rows.numel():
+            raise ValueError(
+                f"cannot make {count} micro-batches of {rows.numel()} rows split into {len(parts)}"
+            )
+        while len(parts) < count:
+            largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+            half = (len(parts[largest]) + 1) // 2
+            parts[largest : largest + 1] = [parts[largest][:half], parts[largest][half:]]
+    return [torch.tensor(part, dtype=torch.long) for part in parts]

@@ -74,10 +74,13 @@ def _sequence_log_ratio(log_ratio: torch.Tensor, response_mask: torch.Tensor) ->
     return masked_sum(log_ratio, response_mask, dim=-1).unsqueeze(-1) / lengths
 
 
-def _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip):
-    """The clipped surrogate on a given ratio ([B, T] or [B, 1]) and its statistics."""
+def _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip, delta=None):
+    """The clipped surrogate on a given ratio ([B, T] or [B, 1]) and its statistics; with `delta`,
+    the unclipped term's ratio is capped at delta too (two-sided clipping, INTELLECT-2, arXiv
+    2505.07291: a large ratio with a negative advantage no longer gives an unbounded loss)."""
     clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    capped = ratio if delta is None else ratio.clamp(max=delta)
+    per_token = -torch.min(capped * advantages, clipped_ratio * advantages)
     per_token = per_token.expand(response_mask.shape)
     low = ((ratio < 1 - clip_low) & (advantages < 0)).expand(response_mask.shape)
     high = ((ratio > 1 + clip_high) & (advantages > 0)).expand(response_mask.shape)
@@ -106,10 +109,11 @@ def clipped_surrogate(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO/GRPO per-token clipped loss [B, T] and clip statistics."""
     advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
-    return _clip(torch.exp(log_ratio), advantages, response_mask, clip_low, clip_high, dual_clip)
+    return _clip(torch.exp(log_ratio), advantages, response_mask, clip_low, clip_high, dual_clip, delta)
 
 
 def gspo(
@@ -121,11 +125,12 @@ def gspo(
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
     dual_clip: float | None = None,
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO: the clipped surrogate on the sequence ratio s_i (one per row, shared by its tokens)."""
     advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
     ratio = torch.exp(_sequence_log_ratio(log_ratio, response_mask))
-    return _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip)
+    return _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip, delta)
 
 
 def gspo_token(
@@ -137,13 +142,14 @@ def gspo_token(
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
     dual_clip: float | None = None,
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO-token: s_it = sg[s_i] * pi_t / sg[pi_t] (value s_i, gradient through token t only)."""
     advantages, log_ratio = _prepared(logprobs, old_logprobs, advantages, response_mask)
     current = _masked_logprobs(logprobs, response_mask)
     sequence = _sequence_log_ratio(log_ratio, response_mask).detach()
     ratio = torch.exp(current - current.detach() + sequence)
-    return _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip)
+    return _clip(ratio, advantages, response_mask, clip_low, clip_high, dual_clip, delta)
 
 
 def cispo(
@@ -292,7 +298,12 @@ class PolicyLoss:
 
 
 TENSOR_INPUTS = ("token_weights", "entropy", "rollout_weights")
-CLIP_BAND = ("clip_low", "clip_high", "dual_clip")  # from loss.clip_low / clip_high / dual_clip
+CLIP_BAND = (
+    "clip_low",
+    "clip_high",
+    "dual_clip",
+    "delta",
+)  # from loss.clip_low / clip_high / dual_clip / delta
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {
     loss.name: loss
@@ -339,14 +350,17 @@ def policy_gradient_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
+    delta: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     kl_log_ratio_clamp: float | None = None,
+    kl_ratio_correction: bool = False,
     token_budget: int | None = None,
     rollout_weights: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """The registered objective `policy_loss` plus optional KL-in-loss, reduced with `reduction` /
     `normalizer`.
@@ -356,12 +370,17 @@ def policy_gradient_loss(
     the KL term: the importance-sampling correction for a rollout engine's mismatch
     (rlhf/losses/rollout_correction.py); an objective that takes them itself (vespo) gets them.
     `token_weights` and `entropy` ([B, T]) go to the objectives that read them (gtpo).
+    `kl_ratio_correction` multiplies each token's KL by pi / pi_old (with gradient), TRL's
+    `use_bias_correction_kl`. `loss_weights` ([B, T] or [B, 1], no gradient) multiply the objective first, before the rollout
+    weights and the KL term (TRL's order): the masks of `high_entropy_mask` and
+    `off_policy_sequence_mask`.
     """
     loss = get_policy_loss(policy_loss)
     given = {
         "clip_low": clip_low,
         "clip_high": clip_high,
         "dual_clip": dual_clip,
+        "delta": delta,
         "token_weights": token_weights,
         "entropy": entropy,
         "rollout_weights": rollout_weights,
@@ -372,6 +391,8 @@ def policy_gradient_loss(
             raise ValueError(f"policy loss {policy_loss!r} needs {name}")
     kwargs.update(policy_loss_args or {})
     per_token, metrics = loss.per_token(logprobs, old_logprobs, advantages, response_mask, **kwargs)
+    if loss_weights is not None:
+        per_token = per_token * torch.where(response_mask, loss_weights.detach().float(), 0.0)
     if rollout_weights is not None and "rollout_weights" not in loss.parameters:
         per_token = per_token * rollout_weights.detach()
     metrics["loss/policy_token_mean"] = masked_mean(per_token, response_mask).detach()
@@ -381,8 +402,46 @@ def policy_gradient_loss(
         per_token_kl, kl_metrics = kl_penalty(
             logprobs, ref_logprobs, response_mask, estimator=kl_estimator, log_ratio_clamp=kl_log_ratio_clamp
         )
+        if (
+            kl_ratio_correction
+        ):  # the KL of samples from pi_old, reweighted to pi (DeepSeek-V3.2; TRL's default)
+            log_ratio = torch.where(response_mask, logprobs.float() - old_logprobs.float(), 0.0)
+            per_token_kl = per_token_kl * torch.exp(log_ratio)
         per_token = per_token + kl_coef * per_token_kl
         metrics.update(kl_metrics)
     extra = {"token_budget": token_budget} if reduction.needs_token_budget else {}
     reduced = reduction.reduce(per_token, response_mask, normalizer=normalizer, **extra)
     return LossOutput(loss=reduced, metrics=metrics)
+
+
+def high_entropy_mask(entropy: torch.Tensor, response_mask: torch.Tensor, *, quantile: float) -> torch.Tensor:
+    """[B, T] 1.0 for tokens whose entropy is at least the (1 - quantile) quantile of the valid
+    tokens' entropies, else 0 (Wang et al., "Beyond the 80/20 rule", arXiv 2506.01939: train on the
+    top-quantile "forking" tokens only; 0.2 in the paper). quantile 1 keeps every token."""
+    if quantile >= 1.0:
+        return response_mask.float()
+    values = entropy.detach().float()[response_mask]
+    if values.numel() == 0:
+        return torch.zeros_like(entropy, dtype=torch.float32)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return ((entropy.detach().float() >= threshold) & response_mask).float()
+
+
+def off_policy_sequence_mask(
+    advantages: torch.Tensor,
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    threshold: float,
+) -> torch.Tensor:
+    """[B, 1] DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9): a sequence with a
+    negative advantage whose mean log(pi_behaviour / pi_theta) over its tokens exceeds `threshold`
+    is dropped (0.0); every other sequence is kept (1.0)."""
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    gap = torch.where(response_mask, behaviour_logprobs.float() - logprobs.detach().float(), 0.0)
+    gap = torch.nan_to_num(gap, nan=0.0)
+    mean_gap = gap.sum(-1, keepdim=True) / response_mask.sum(-1, keepdim=True).clamp(min=1)
+    row_advantage = advantages[:, :1] if advantages.shape[-1] > 1 else advantages
+    return ((row_advantage >= 0) | (mean_gap <= threshold)).float()

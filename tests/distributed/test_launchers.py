@@ -232,7 +232,15 @@ def test_dpo_under_torchrun_zero3_with_precomputed_reference_matches_one_process
     "method",
     [
         # rounds of dynamic sampling differ per rank's prompts: every rank must run the same rounds
-        ["loss=gspo", "advantage=reinforce_pp_baseline", "advantage.dynamic_sampling=true"],
+        # token-budget micro-batches differ per rank: every rank runs as many as the most any needs
+        [
+            "loss=gspo",
+            "advantage=reinforce_pp_baseline",
+            "advantage.dynamic_sampling=true",
+            "train.max_tokens_per_micro_batch=10",
+            "train.num_minibatches=2",
+            "loss.kl_coef=0.05",
+        ],
         # NTHR's pass runs on gathered parameters: ranks skip different groups
         [
             "+experiment=grpo_gtpo",

@@ -150,3 +150,83 @@ def test_vespo_folds_rollout_weights_like_trl(seed):
         weights=weights,
     )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_sided_clip_entropy_quantile_and_off_policy_mask_match_trl(seed):
+    """TRL's delta (INTELLECT-2), top_entropy_quantile and off_policy_mask_threshold against
+    loss.delta, high_entropy_mask and off_policy_sequence_mask on the GRPO objective."""
+    from rlhf.losses.policy import high_entropy_mask, off_policy_sequence_mask
+
+    logprobs, old, ref, advantages, mask, inputs = _random_case(seed)
+    entropies = torch.rand(mask.shape, generator=torch.Generator().manual_seed(50 + seed)) * 3
+    theirs = _trl_loss(
+        logprobs,
+        inputs,
+        loss_type="grpo",
+        beta=0.04,
+        eps_low=0.2,
+        eps_high=0.28,
+        max_completion_length=9,
+        top_entropy_quantile=0.4,
+        off_policy_mask_threshold=0.05,
+        entropies=entropies,
+        delta=1.5,
+    )
+    (their_grad,) = torch.autograd.grad(theirs, logprobs)
+    weights = high_entropy_mask(entropies, mask, quantile=0.4)
+    weights = weights * off_policy_sequence_mask(advantages, logprobs, old, mask, threshold=0.05)
+    reduction = get_reduction("sequence_mean_token_mean")
+    ours = policy_gradient_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        reduction=reduction,
+        normalizer=reduction.count(mask).float(),
+        clip_low=0.2,
+        clip_high=0.28,
+        delta=1.5,
+        loss_weights=weights,
+        ref_logprobs=ref,
+        kl_coef=0.04,
+        kl_estimator=k3,
+        kl_log_ratio_clamp=None,
+    ).loss
+    (our_grad,) = torch.autograd.grad(ours, logprobs)
+    assert 0 < float(weights.sum()) < float(mask.sum())  # both masks remove something
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kl_ratio_correction_matches_trl_bias_correction(seed):
+    logprobs, old, ref, advantages, mask, inputs = _random_case(seed)
+    theirs = _trl_loss(
+        logprobs,
+        inputs,
+        loss_type="dapo",
+        beta=0.04,
+        eps_low=0.2,
+        eps_high=0.2,
+        max_completion_length=9,
+        use_bias_correction_kl=True,
+    )
+    reduction = get_reduction("token_mean")
+    ours = policy_gradient_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        reduction=reduction,
+        normalizer=reduction.count(mask).float(),
+        ref_logprobs=ref,
+        kl_coef=0.04,
+        kl_estimator=k3,
+        kl_log_ratio_clamp=None,
+        kl_ratio_correction=True,
+    ).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    (their_grad,) = torch.autograd.grad(theirs, logprobs)
+    (our_grad,) = torch.autograd.grad(ours, logprobs)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-7)

@@ -41,6 +41,9 @@ class _Accelerator:
     def reduce(self, x, reduction="sum"):
         return x
 
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
 
 def _trl_loss(
     per_token_logps,
@@ -53,14 +56,17 @@ def _trl_loss(
     max_completion_length,
     vllm_correction=False,
     importance_sampling_level="token",
+    top_entropy_quantile=1.0,
+    off_policy_mask_threshold=None,
+    entropies=None,
     **loss_args,
 ):
     """TRL's loss for `inputs`, with its forward replaced by the given per-token logprobs; with
     `vllm_correction`, TRL multiplies by `inputs["importance_sampling_ratio"]` as with vLLM.
     `loss_args`: TRL's per-loss arguments (sapo_temperature_pos, vespo_k_pos, ...)."""
     stand_in = SimpleNamespace(
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
+        top_entropy_quantile=top_entropy_quantile,
+        off_policy_mask_threshold=off_policy_mask_threshold,
         importance_sampling_level=importance_sampling_level,
         beta=beta,
         loss_type=loss_type,
@@ -72,15 +78,19 @@ def _trl_loss(
         current_gradient_accumulation_steps=1,
         max_completion_length=max_completion_length,
         accelerator=_Accelerator(),
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1, **loss_args),
+        args=SimpleNamespace(
+            **{"use_bias_correction_kl": False, "delta": None, "steps_per_generation": 1, **loss_args}
+        ),
         _entropy_bonus_enabled=False,
         aux_loss_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         get_gamma_weights=trl_grpo.GRPOTrainer.get_gamma_weights,
+        get_off_policy_mask=trl_grpo.GRPOTrainer.get_off_policy_mask,
     )
+    stand_in.get_high_entropy_mask = lambda *a: trl_grpo.GRPOTrainer.get_high_entropy_mask(stand_in, *a)
     stand_in._get_per_token_logps_and_entropies = lambda *a, **k: (
         per_token_logps,
-        torch.zeros_like(per_token_logps),
+        torch.zeros_like(per_token_logps) if entropies is None else entropies,
         None,
     )
     return trl_grpo.GRPOTrainer._compute_loss(stand_in, None, inputs)

@@ -229,3 +229,45 @@ def test_padding_free_gives_the_same_grpo_and_dpo_runs(make_config, tmp_path):
         make_config("dpo", *dpo_common, "model.padding_free=true", run_dir=str(tmp_path / "dpo_packed"))
     )
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_trl_grpo_options_through_the_recipe(make_config, tmp_path):
+    """Two-sided clipping, the entropy-quantile token mask, the off-policy sequence mask, the entropy
+    bonus and batch-std advantages in one run (two updates per rollout, so ratios move)."""
+    cfg = make_config(
+        "grpo",
+        *FAST,
+        *VARIED_REWARD,
+        "train.steps=2",
+        "train.num_minibatches=2",
+        "optim.lr=1e-2",
+        "loss.delta=1.5",
+        "loss.top_entropy_quantile=0.5",
+        "loss.off_policy_mask_threshold=0.0",
+        "loss.entropy_coef=0.01",
+        "advantage.std_scope=batch",
+    )
+    result = grpo.train(cfg)
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(0.3 < r["loss/entropy_kept_fraction"] < 0.8 for r in rows)
+    assert all(0 <= r["loss/off_policy_masked_fraction"] <= 1 for r in rows)
+
+
+def test_token_budget_micro_batches_give_the_same_update(make_config, tmp_path):
+    """train.max_tokens_per_micro_batch splits by tokens: more micro-batches, the same losses."""
+    common = [
+        *FAST,
+        *VARIED_REWARD,
+        "train.steps=2",
+        "optim.lr=1e-2",
+        "loss.kl_coef=0.05",
+        "train.num_minibatches=2",
+    ]
+    rows_split = grpo.train(make_config("grpo", *common, run_dir=str(tmp_path / "rows")))
+    budget = grpo.train(
+        make_config("grpo", *common, "train.max_tokens_per_micro_batch=12", run_dir=str(tmp_path / "tokens"))
+    )
+    assert budget["update/micro_batches"] > rows_split["update/micro_batches"]
+    # fp32: the same per-row terms accumulated in other groupings
+    assert budget["loss"] == pytest.approx(rows_split["loss"], rel=1e-4, abs=1e-6)
