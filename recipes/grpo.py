@@ -63,7 +63,7 @@ from rlhf.runtime import (
     rl_prompts,
 )
 from rlhf.scoring import score_completions, score_metrics
-from rlhf.shaping import kl_token_penalty, overlong_penalty
+from rlhf.shaping import EntropyCoefficient, kl_token_penalty, overlong_penalty
 from rlhf.types import RolloutBatch
 
 
@@ -94,10 +94,23 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     warp = sampling.warp()
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     remembered: dict[str, float] = {}  # run-level values kept in checkpoints (GTPO's initial entropy)
-    state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict(), **remembered})
+    entropy_coef = EntropyCoefficient(
+        cfg.loss.entropy_coef,
+        cfg.loss.entropy_target,
+        cfg.loss.entropy_coef_delta,
+        cfg.loss.entropy_coef_min,
+        cfg.loss.entropy_coef_max,
+    )
+    state = run.attach(
+        engine,
+        tokenizer,
+        lambda: {"sampler": sampler.state_dict(), "entropy_coef": entropy_coef.state_dict(), **remembered},
+    )
     if state:
         sampler.load_state_dict(state["sampler"])
-        remembered.update({k: v for k, v in state.items() if k != "sampler"})
+        if "entropy_coef" in state:
+            entropy_coef.load_state_dict(state["entropy_coef"])
+        remembered.update({k: v for k, v in state.items() if k not in ("sampler", "entropy_coef")})
     vllm = start_engine(cfg, engine, tokenizer, env.rank)  # None with rollout.engine=hf
     heldout = HeldoutAccuracy(engine, tokenizer, eval_rows, rewards, cfg, vllm)
     metrics: dict[str, float] = {}
@@ -111,7 +124,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             #   once; vLLM: the engine's weights synced to the last update first), weighted reward
             #   functions (rows no reward could score are excluded); with dynamic sampling, groups
             #   without signal are replaced by groups of new prompts
-            batch, scores, valid, metrics = _sample(
+            batch, scores, valid, per_reward, metrics = _sample(
                 cfg, env, engine, tokenizer, train_rows, sampler, sampling, vllm, rewards, step
             )
             raw_scores = torch.where(valid, scores, torch.nan)
@@ -124,13 +137,16 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
 
             # 4 advantages (advantage.estimator); rows without signal can leave the loss mask
             rollout_mask = batch.response_mask  # the sample log shows dropped groups' tokens too
-            _advantages(cfg, engine, batch, scores, valid, token_penalty, metrics)
+            reward_weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)
+            _advantages(cfg, engine, batch, scores, valid, token_penalty, metrics, per_reward, reward_weights)
 
             # 5 update: minibatches x epochs optimizer steps, micro-batches accumulate
             update_started = time.perf_counter()
             loss_kl = kl_estimator if cfg.loss.kl_placement == "loss" else None
             loss_args = _policy_loss_args(cfg, engine, batch, plan, warp, remembered, metrics)
-            metrics.update(_update(engine, batch, plan, cfg, reduction, loss_kl, warp, loss_args))
+            metrics.update(
+                _update(engine, batch, plan, cfg, reduction, loss_kl, warp, loss_args, entropy_coef)
+            )
             metrics["time/update"] = time.perf_counter() - update_started
 
             # 6 log, evaluate (checkpoints, time limit and preemption: between steps, in run.steps)
@@ -184,6 +200,7 @@ def _sample(cfg: GRPOConfig, env, engine, tokenizer, train_rows, sampler, sampli
             rewards, batch.prompts, batch.reward_completions(), batch.columns, on_error=cfg.reward.on_error
         )
         scores, valid = scores.to(engine.device), valid.to(engine.device)
+        per_reward_values = torch.stack([per_reward[r.name] for r in rewards], -1).to(engine.device)
         penalty = overlong_penalty(
             batch.response_mask.sum(-1),
             max_new_tokens=cfg.rollout.max_new_tokens,
@@ -191,7 +208,7 @@ def _sample(cfg: GRPOConfig, env, engine, tokenizer, train_rows, sampler, sampli
             penalty=cfg.reward.overlong_penalty,
         ).to(engine.device)
         scores = scores + penalty
-        parts.append((batch, scores, valid))
+        parts.append((batch, scores, valid, per_reward_values))
         if round_index == 0:
             metrics = {**rollout_metrics, **reward_metrics, "time/generate": elapsed}
             metrics.update(score_metrics(scores, valid, per_reward, cfg.reward.accuracy_reward))
@@ -201,40 +218,37 @@ def _sample(cfg: GRPOConfig, env, engine, tokenizer, train_rows, sampler, sampli
             metrics["time/generate"] += elapsed
             metrics["rollout/tokens"] += rollout_metrics["rollout/tokens"]
         if not cfg.advantage.dynamic_sampling:
-            return batch, scores, valid, metrics
-        have = sum(int((~adv.zero_variance_groups(s, v, group_size=g)).sum()) // g for _, s, v in parts)
+            return batch, scores, valid, per_reward_values, metrics
+        have = sum(int((~adv.zero_variance_groups(s, v, group_size=g)).sum()) // g for _, s, v, _ in parts)
         missing = engine.all_reduce_sum(torch.tensor(float(max(0, len(rows) - have)), device=engine.device))
         if round_index == 0:
             metrics["dynamic_sampling/signal_fraction"] = have / max(len(rows), 1)
         if missing.item() == 0:
             break
     metrics["dynamic_sampling/rounds"] = float(len(parts))
-    batch, scores, valid, filled = _groups_with_signal(parts, len(rows), g, tokenizer.pad_token_id)
+    batch, scores, valid, per_reward_values, filled = _groups_with_signal(
+        parts, len(rows), g, tokenizer.pad_token_id
+    )
     metrics["dynamic_sampling/filled_fraction"] = filled
-    return batch, scores, valid, metrics
+    return batch, scores, valid, per_reward_values, metrics
 
 
 def _groups_with_signal(parts, groups: int, g: int, pad_token_id: int):
-    """The first `groups` groups with differing scores across the rounds' (batch, scores, valid);
-    missing ones are filled with flat groups whose rows are marked invalid (no loss)."""
+    """The first `groups` groups with differing scores across the rounds' (batch, scores, valid,
+    per-reward values); missing ones are filled with flat groups whose rows are marked invalid."""
     signal, flat = [], []
-    for batch, scores, valid in parts:
+    for batch, scores, valid, per_reward in parts:
         flat_rows = adv.zero_variance_groups(scores, valid, group_size=g)
         for start in range(0, batch.batch_size, g):
-            rows = list(range(start, start + g))
-            (flat if bool(flat_rows[start]) else signal).append(
-                (batch.select(rows), scores[start : start + g], valid[start : start + g])
-            )
+            rows = slice(start, start + g)
+            group = (batch.select(list(range(start, start + g))), scores[rows], valid[rows], per_reward[rows])
+            (flat if bool(flat_rows[start]) else signal).append(group)
     chosen = signal[:groups]
-    fillers = [(b, s, torch.zeros_like(v)) for b, s, v in flat[: groups - len(chosen)]]
+    fillers = [(b, s, torch.zeros_like(v), r) for b, s, v, r in flat[: groups - len(chosen)]]
     chosen += fillers
-    batch = RolloutBatch.concat([b for b, _, _ in chosen], pad_token_id)
-    return (
-        batch,
-        torch.cat([s for _, s, _ in chosen]),
-        torch.cat([v for _, _, v in chosen]),
-        len(fillers) / groups,
-    )
+    batch = RolloutBatch.concat([c[0] for c in chosen], pad_token_id)
+    joined = [torch.cat([c[i] for c in chosen]) for i in (1, 2, 3)]
+    return batch, *joined, len(fillers) / groups
 
 
 @torch.no_grad()
@@ -267,7 +281,17 @@ def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimato
     return penalty
 
 
-def _advantages(cfg: GRPOConfig, engine, batch, scores, valid, token_penalty, metrics: dict) -> None:
+def _advantages(
+    cfg: GRPOConfig,
+    engine,
+    batch,
+    scores,
+    valid,
+    token_penalty,
+    metrics: dict,
+    per_reward=None,
+    reward_weights=None,
+) -> None:
     """Advantages of the registered `advantage.estimator` into the batch (the KL-in-reward penalty
     per token for REINFORCE++, summed into the score for the others); GTPO's conflict weights; NTHR's
     per-token scaling (advantages become [B, T]); rows no reward scored, and with `advantage.drop_zero_variance_groups` / `loss.mask_truncated` flat
@@ -283,6 +307,8 @@ def _advantages(cfg: GRPOConfig, engine, batch, scores, valid, token_penalty, me
         g,
         token_penalty=token_penalty,
         all_reduce_sum=engine.all_reduce_sum if engine.world_size > 1 else None,
+        per_reward=per_reward,
+        reward_weights=reward_weights,
     )
     batch.advantages = estimator.compute(inputs, cfg.advantage)
     if cfg.loss.policy_loss == "gtpo":
@@ -370,18 +396,14 @@ def _micro_batches(
 
 def _batched_logprobs(model, batch, micro_batches: list[torch.Tensor], warp: dict) -> torch.Tensor:
     """No-grad per-token logprobs of the whole rollout, micro-batch by micro-batch (in row order)."""
-    parts = []
-    for rows in micro_batches:
-        logprobs, _ = response_logprobs(
-            model,
-            batch.prompt_ids[rows],
-            batch.prompt_mask[rows],
-            batch.response_ids[rows],
-            batch.response_mask[rows],
-            **warp,
-        )
-        parts.append(logprobs)
-    return torch.cat(parts)
+    return torch.cat([_logprobs(model, batch.select(rows), **warp)[0] for rows in micro_batches])
+
+
+def _logprobs(model, rows, **options):
+    """`response_logprobs` of a (selected) rollout's rows."""
+    return response_logprobs(
+        model, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask, **options
+    )
 
 
 def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remembered: dict, metrics: dict):
@@ -399,15 +421,7 @@ def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remember
                 cfg, engine, batch, torch.arange(batch.batch_size), plan.micro_batch_size
             ):
                 mb = batch.select(rows)
-                _, entropy = response_logprobs(
-                    engine.model,
-                    mb.prompt_ids,
-                    mb.prompt_mask,
-                    mb.response_ids,
-                    mb.response_mask,
-                    with_entropy=True,
-                    **warp,
-                )
+                _, entropy = _logprobs(engine.model, mb, with_entropy=True, **warp)
                 total += torch.stack(
                     [(entropy * mb.response_mask).sum().double(), mb.response_mask.sum().double()]
                 )
@@ -440,12 +454,21 @@ def _token_masks(cfg: GRPOConfig, mb, logprobs, entropy):
 
 
 def _update(
-    engine, batch, plan, cfg: GRPOConfig, reduction, kl_estimator, warp: dict, loss_args: dict | None = None
+    engine,
+    batch,
+    plan,
+    cfg: GRPOConfig,
+    reduction,
+    kl_estimator,
+    warp: dict,
+    loss_args: dict | None = None,
+    entropy_coef: EntropyCoefficient | None = None,
 ) -> dict[str, float]:
     """Optimizer steps over the rollout; each normalizer counts its whole minibatch on all ranks.
-    `loss_args`: the objective's hyperparameters (default: the config's `loss.args`)."""
-    if loss_args is None:
-        loss_args = cfg.loss.policy_loss_options()
+    `loss_args`: the objective's hyperparameters (default: the config's `loss.args`);
+    `entropy_coef`: the entropy bonus's coefficient, updated after each step when adaptive."""
+    loss_args = cfg.loss.policy_loss_options() if loss_args is None else loss_args
+    entropy_coef = entropy_coef or EntropyCoefficient(cfg.loss.entropy_coef)
     accumulator = MetricAccumulator()
     step_stats: dict[str, float] = {}
     losses: list[float] = []
@@ -454,74 +477,36 @@ def _update(
         order = torch.randperm(batch.batch_size)
         for minibatch in order.split(plan.minibatch_per_rank):
             normalizer = engine.all_reduce_sum(reduction.count(batch.response_mask[minibatch]).float())
-            tokens_in_step = engine.all_reduce_sum(batch.response_mask[minibatch].sum().float()).clamp(min=1)
             if normalizer.item() == 0:  # nothing to train on any rank: skip together
                 skipped += 1
                 continue
+            tokens_in_step = engine.all_reduce_sum(batch.response_mask[minibatch].sum().float()).clamp(min=1)
             step_loss = torch.zeros((), device=engine.device)
+            entropy_sum = torch.zeros((), device=engine.device)
             micro_batches = _micro_batches(cfg, engine, batch, minibatch, plan.micro_batch_size)
-            accumulator.add({"update/micro_batches": float(len(micro_batches))})
+            accumulator.add(
+                {"update/micro_batches": float(len(micro_batches)), "loss/entropy_coef": entropy_coef.applied}
+            )
             for micro in micro_batches:
                 mb = batch.select(micro)
-                logprobs, entropy = response_logprobs(
-                    engine.model,
-                    mb.prompt_ids,
-                    mb.prompt_mask,
-                    mb.response_ids,
-                    mb.response_mask,
-                    with_entropy=True,
-                    entropy_grad=cfg.loss.entropy_coef != 0,
-                    **warp,
+                loss, entropy = _micro_batch_loss(
+                    cfg,
+                    engine,
+                    mb,
+                    reduction,
+                    normalizer,
+                    kl_estimator,
+                    warp,
+                    loss_args,
+                    accumulator,
+                    entropy_coef.applied / tokens_in_step,
                 )
-                weights = mb.rollout_weights
-                if mb.rollout_logprobs is not None and mb.old_logprobs is None:
-                    # one on-policy update: the detached logprobs are the old ones, no extra pass
-                    weights, found = rollout_correction(
-                        cfg.rollout.vllm, logprobs.detach(), mb.rollout_logprobs, mb.response_mask
-                    )
-                    accumulator.add(found, weight=float(mb.response_mask.sum()))
-                masks = _token_masks(cfg, mb, logprobs, entropy)
-                accumulator.add(masks[1], weight=float(mb.response_mask.sum()))
-                out = policy_gradient_loss(
-                    logprobs,
-                    mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach(),
-                    mb.advantages,
-                    mb.response_mask,
-                    reduction=reduction,
-                    normalizer=normalizer,
-                    policy_loss=cfg.loss.policy_loss,
-                    policy_loss_args=loss_args,
-                    token_weights=mb.token_weights,
-                    entropy=entropy.detach(),
-                    clip_low=cfg.loss.clip_low,
-                    clip_high=cfg.loss.clip_high,
-                    dual_clip=cfg.loss.dual_clip,
-                    delta=cfg.loss.delta,
-                    loss_weights=masks[0],
-                    ref_logprobs=mb.ref_logprobs,
-                    kl_coef=cfg.loss.kl_coef if kl_estimator is not None else 0.0,
-                    kl_estimator=kl_estimator,
-                    kl_log_ratio_clamp=cfg.loss.kl_log_ratio_clamp,
-                    kl_ratio_correction=cfg.loss.kl_ratio_correction,
-                    token_budget=cfg.rollout.max_new_tokens,
-                    rollout_weights=weights,
-                )
-                loss = out.loss
-                if (
-                    cfg.loss.entropy_coef
-                ):  # the bonus is the step's mean token entropy, whatever the aggregation
-                    loss = (
-                        loss - cfg.loss.entropy_coef * masked_sum(entropy, mb.response_mask) / tokens_in_step
-                    )
                 engine.backward(loss)
                 step_loss += loss.detach()
-                tokens = float(mb.response_mask.sum())
-                accumulator.add(out.metrics, weight=tokens)
-                accumulator.add(
-                    {"entropy": (entropy * mb.response_mask).sum() / max(tokens, 1.0)}, weight=tokens
-                )
+                entropy_sum += masked_sum(entropy.detach(), mb.response_mask)
             step_stats = engine.step()
             losses.append(float(engine.all_reduce_sum(step_loss)))
+            entropy_coef.update(float(engine.all_reduce_sum(entropy_sum) / tokens_in_step))
     metrics = {**accumulator.compute(), **step_stats, "update/skipped_steps": float(skipped)}
     # every rank reports the same keys, so they can be averaged over ranks
     for key in (
@@ -541,6 +526,54 @@ def _update(
             metrics.setdefault("kl/clamp_fraction", 0.0)
     metrics["loss"] = sum(losses) / len(losses) if losses else 0.0
     return metrics
+
+
+def _micro_batch_loss(
+    cfg, engine, mb, reduction, normalizer, kl_estimator, warp, loss_args, accumulator, bonus
+):
+    """One micro-batch's loss (its share of the step's, with `bonus` = entropy coefficient / the
+    step's token count) and its entropies; metrics go to `accumulator`."""
+    logprobs, entropy = _logprobs(engine.model, mb, with_entropy=True, entropy_grad=bool(bonus), **warp)
+    tokens = float(mb.response_mask.sum())
+    weights = mb.rollout_weights
+    if mb.rollout_logprobs is not None and mb.old_logprobs is None:
+        # one on-policy update: the detached logprobs are the old ones, no extra pass
+        weights, found = rollout_correction(
+            cfg.rollout.vllm, logprobs.detach(), mb.rollout_logprobs, mb.response_mask
+        )
+        accumulator.add(found, weight=tokens)
+    masks, mask_metrics = _token_masks(cfg, mb, logprobs, entropy)
+    accumulator.add(mask_metrics, weight=tokens)
+    out = policy_gradient_loss(
+        logprobs,
+        mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach(),
+        mb.advantages,
+        mb.response_mask,
+        reduction=reduction,
+        normalizer=normalizer,
+        policy_loss=cfg.loss.policy_loss,
+        policy_loss_args=loss_args,
+        token_weights=mb.token_weights,
+        entropy=entropy.detach(),
+        clip_low=cfg.loss.clip_low,
+        clip_high=cfg.loss.clip_high,
+        dual_clip=cfg.loss.dual_clip,
+        delta=cfg.loss.delta,
+        loss_weights=masks,
+        ref_logprobs=mb.ref_logprobs,
+        kl_coef=cfg.loss.kl_coef if kl_estimator is not None else 0.0,
+        kl_estimator=kl_estimator,
+        kl_log_ratio_clamp=cfg.loss.kl_log_ratio_clamp,
+        kl_ratio_correction=cfg.loss.kl_ratio_correction,
+        token_budget=cfg.rollout.max_new_tokens,
+        rollout_weights=weights,
+    )
+    accumulator.add(out.metrics, weight=tokens)
+    accumulator.add({"entropy": masked_sum(entropy, mb.response_mask) / max(tokens, 1.0)}, weight=tokens)
+    loss = out.loss
+    if bonus:  # the bonus is the step's mean token entropy, whatever the aggregation (TRL's definition)
+        loss = loss - bonus * masked_sum(entropy, mb.response_mask)
+    return loss, entropy
 
 
 @hydra.main(config_path="../configs", config_name="grpo", version_base=None)

@@ -8,6 +8,9 @@ REINFORCE++ (Hu, arXiv 2501.03262): the return-to-go of the token rewards (the s
 token minus beta * KL_t on each token when the KL is in the reward; gamma = 1), whitened over every
 valid token of the global batch (all ranks). REINFORCE++-baseline: the group mean subtracted from
 each score first, then the same global whitening (no group std: the paper's fix for small groups).
+GDPO (arXiv 2601.05242; TRL's multi_objective_aggregation=normalize_then_sum): each reward function
+normalised within its group first (mean, unbiased std), the weighted sum then normalised over the
+batch (all ranks).
 Rows whose score is invalid (a reward returned None) are left out of their group's statistics and
 get advantage 0. Groups are contiguous blocks of `group_size` rows.
 Also here: GTPO's conflict-token weights (arXiv 2508.03772), computed once per rollout, and NTHR's
@@ -72,6 +75,35 @@ def batch_std(
     count = totals[2]
     var = (totals[1] - totals[0] ** 2 / count.clamp(min=1)) / (count - 1).clamp(min=1)
     return var.clamp(min=0).sqrt().float()
+
+
+def gdpo(
+    per_reward: torch.Tensor,
+    valid: torch.Tensor | None,
+    *,
+    group_size: int,
+    weights: torch.Tensor,
+    eps: float = 1e-4,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """GDPO advantages [B] from per-reward values [B, K] (NaN where a reward returned None) and the
+    rewards' weights [K]: per reward and group (x - mean) / (std + eps), NaN counted as 0 in the
+    weighted sum, then (r - mean) / (std + eps) over the batch's valid rows; invalid rows get 0."""
+    rows, rewards = per_reward.shape
+    grouped = per_reward.float().view(-1, group_size, rewards)
+    present = ~torch.isnan(grouped)
+    mean = masked_mean(grouped, present, dim=1).unsqueeze(1)
+    std = masked_var(grouped, present, dim=1, unbiased=True).sqrt().unsqueeze(1)
+    normalized = torch.where(present, (grouped - mean) / (std + eps), 0.0)
+    summed = (normalized * weights.float().to(normalized.device)).sum(-1).view(rows)
+    valid = present.view(rows, rewards).any(-1) if valid is None else valid
+    spread = batch_std(summed, valid, all_reduce_sum)
+    kept = torch.where(valid, summed.double(), 0.0)
+    totals = torch.stack([kept.sum(), valid.sum().double()])
+    if all_reduce_sum is not None:
+        totals = all_reduce_sum(totals)
+    centre = (totals[0] / totals[1].clamp(min=1)).float()
+    return torch.where(valid, (summed - centre) / (spread + eps), 0.0)
 
 
 def rloo(scores: torch.Tensor, valid: torch.Tensor | None = None, *, group_size: int) -> torch.Tensor:
@@ -318,6 +350,8 @@ class OutcomeInputs:
     group_size: int
     token_penalty: torch.Tensor | None = None
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    per_reward: torch.Tensor | None = None  # [B, K] each reward function's values (NaN: None)
+    reward_weights: torch.Tensor | None = None  # [K]
 
 
 @dataclass
@@ -369,6 +403,18 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
                 x.valid,
                 x.response_mask,
                 token_penalty=x.token_penalty,
+                all_reduce_sum=x.all_reduce_sum,
+            ),
+        ),
+        AdvantageEstimator(
+            "gdpo",
+            "groups",
+            lambda x, o: gdpo(
+                x.per_reward,
+                x.valid,
+                group_size=x.group_size,
+                weights=x.reward_weights,
+                eps=o.eps,
                 all_reduce_sum=x.all_reduce_sum,
             ),
         ),

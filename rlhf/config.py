@@ -272,8 +272,14 @@ class LossConfig(_PolicyLossChoice):
     # DeepSeek-V3.2's off-policy sequence mask: drop negative-advantage sequences whose mean
     # log(pi_sampling / pi_theta) exceeds this (None: off)
     off_policy_mask_threshold: float | None = None
-    # entropy bonus: minus entropy_coef times the mean token entropy of the step (TRL's definition)
+    # entropy bonus: minus entropy_coef times the mean token entropy of the step (TRL's definition);
+    # with entropy_target, adaptive (Skywork-OR1): entropy_coef is the start, moved by
+    # entropy_coef_delta each step within [entropy_coef_min, entropy_coef_max]
     entropy_coef: float = 0.0
+    entropy_target: float | None = None
+    entropy_coef_delta: float = 0.005
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
 
     def __post_init__(self) -> None:
         from rlhf.losses.kl import KL_ESTIMATORS
@@ -330,7 +336,7 @@ def check_estimator(name: str, needs: str) -> None:
 
 @dataclass
 class AdvantageConfig:
-    # rlhf/advantages.py ADVANTAGE_ESTIMATORS: group_relative | rloo | reinforce_pp | reinforce_pp_baseline
+    # rlhf/advantages.py ADVANTAGE_ESTIMATORS: group_relative | rloo | reinforce_pp | reinforce_pp_baseline | gdpo
     estimator: str = "group_relative"
     scale_by_std: bool = True  # group_relative: GRPO (true) or Dr.GRPO (false)
     std_scope: str = "group"  # group_relative with scale_by_std: the group's std, or the batch's (PPO-Lite)
@@ -944,6 +950,8 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
             f"loss.policy_loss=gtpo finds conflicts by each response's advantage sign: it needs one advantage "
             f"per response (advantage.estimator group_relative or rloo), got {cfg.advantage.estimator}"
         )
+    if cfg.advantage.estimator == "gdpo" and cfg.loss.kl_coef != 0.0 and cfg.loss.kl_placement == "reward":
+        raise ConfigError("advantage.estimator=gdpo normalises each reward function: put the KL in the loss")
     if cfg.advantage.dynamic_sampling and cfg.advantage.drop_zero_variance_groups:
         raise ConfigError(
             "advantage.dynamic_sampling replaces zero-variance groups; drop_zero_variance_groups masks them: pick one"

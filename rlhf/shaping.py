@@ -246,3 +246,47 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+class EntropyCoefficient:
+    """The entropy bonus's coefficient: fixed, or with `target` adaptive as in Skywork-OR1 (arXiv
+    2505.22312; TRL's use_adaptive_entropy): after each optimizer step it rises by `delta` when the
+    step's mean token entropy is at or below `target` and falls by `delta` otherwise, within
+    [minimum, maximum], and it applies only while the last step's entropy is at or below `target`
+    (not on the first step). Checkpointed."""
+
+    def __init__(
+        self,
+        coef: float,
+        target: float | None = None,
+        delta: float = 0.005,
+        minimum: float = 0.0,
+        maximum: float = 1.0,
+    ):
+        self.value, self.target, self.delta, self.minimum, self.maximum = (
+            coef,
+            target,
+            delta,
+            minimum,
+            maximum,
+        )
+        self.last_entropy = math.inf
+
+    @property
+    def applied(self) -> float:
+        if self.target is None:
+            return self.value
+        return self.value if self.last_entropy <= self.target else 0.0
+
+    def update(self, entropy: float) -> None:
+        if self.target is None:
+            return
+        step = self.delta if entropy <= self.target else -self.delta
+        self.value = min(max(self.value + step, self.minimum), self.maximum)
+        self.last_entropy = entropy
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "last_entropy": self.last_entropy}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.last_entropy = state["value"], state["last_entropy"]

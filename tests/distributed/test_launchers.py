@@ -275,19 +275,9 @@ def test_grpo_family_under_torchrun_zero3(tmp_path, method):
 def test_aligndistil_under_torchrun_zero3(tmp_path):
     """Policy and both frozen teachers partitioned; the chunked full-vocabulary KL runs the heads
     under ZeRO-3 on every rank."""
-    from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
+    from tests.unit.test_distill import save_teachers
 
-    tokenizer = build_char_tokenizer()
-    for seed, name in ((1, "dpo"), (2, "reverse")):
-        model = build_tiny_causal_lm(
-            TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tokenizer
-        )
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-        model.save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
+    save_teachers(tmp_path)
     torchrun(
         [
             "-m",

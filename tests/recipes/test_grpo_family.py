@@ -271,3 +271,28 @@ def test_token_budget_micro_batches_give_the_same_update(make_config, tmp_path):
     assert budget["update/micro_batches"] > rows_split["update/micro_batches"]
     # fp32: the same per-row terms accumulated in other groupings
     assert budget["loss"] == pytest.approx(rows_split["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_gdpo_and_adaptive_entropy_through_the_recipe(make_config, tmp_path):
+    """GDPO with two reward functions; the adaptive entropy coefficient moves each step and is
+    restored on resume."""
+    cfg = make_config(
+        "grpo",
+        *FAST,
+        "reward.functions=[{name: 'tests.recipes.test_grpo_smoke:digit_sum', weight: 1.0}, {name: answer_format, weight: 0.5}]",
+        "reward.accuracy_reward=null",
+        "advantage.estimator=gdpo",
+        "loss.entropy_coef=0.01",
+        "loss.entropy_target=100.0",  # above any entropy here: the coefficient rises every step
+        "loss.entropy_coef_delta=0.005",
+        "train.steps=2",
+        "checkpoint.every=1",
+        "optim.lr=1e-2",
+        run_dir=str(tmp_path / "run"),
+    )
+    result = grpo.train(cfg)
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    # step 1: no entropy measured yet, no bonus; step 2: 0.01 + 0.005
+    assert [r["loss/entropy_coef"] for r in rows] == pytest.approx([0.0, 0.015])
+    resumed = grpo.train(make_config("grpo", f"resume={tmp_path / 'run'}", "train.steps=3"))
+    assert resumed["loss/entropy_coef"] == pytest.approx(0.02)

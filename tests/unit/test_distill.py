@@ -64,16 +64,30 @@ def test_token_loss_value_gradient_and_vocab_cut():
         get_distill_teacher("aligndistill")
 
 
-def _model(seed: int):
-    """A tiny model whose weights differ by seed (the builder's own initialisation is fixed)."""
+def perturbed_tiny_model(seed: int, hidden_size: int = 32, intermediate_size: int = 64):
+    """(model, tokenizer): a 2-layer tiny model whose weights differ by seed (the builder's own
+    initialisation is fixed), for teachers that disagree with each other and with the policy."""
     tokenizer = build_char_tokenizer()
-    spec = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    spec = TinyModelSpec(
+        hidden_size=hidden_size, num_layers=2, num_heads=2, intermediate_size=intermediate_size
+    )
     model = build_tiny_causal_lm(spec, tokenizer)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
     return model, tokenizer
+
+
+def save_teachers(directory, **shape) -> None:
+    """Two different tiny models saved as <directory>/dpo and <directory>/reverse."""
+    for seed, name in ((1, "dpo"), (2, "reverse")):
+        model, tokenizer = perturbed_tiny_model(seed, **shape)
+        model.save_pretrained(directory / name)
+        tokenizer.save_pretrained(directory / name)
+
+
+_model = perturbed_tiny_model
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])

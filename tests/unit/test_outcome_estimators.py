@@ -253,3 +253,39 @@ def test_nthr_token_scale_on_a_model_damps_a_negative_copy_of_a_positive_respons
     assert (scale[0] == 1).all() and (scale[2:] == 1).all()
     assert 0 < int((scale[1] == 0).sum()) < 6 and ((scale[1] == 0) | (scale[1] == 1)).all()
     assert metrics["nthr/damped_token_fraction"] == float((scale[1] == 0).sum()) / 24
+
+
+def test_gdpo_normalises_each_reward_in_its_group_then_the_sum_over_the_batch():
+    nan = float("nan")
+    per_reward = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, nan], [1.0, 4.0]])
+    weights = torch.tensor([1.0, 0.5])
+    got = adv.gdpo(per_reward, None, group_size=2, weights=weights)
+    # group 1: reward 0 (1, 0): +-0.5 / (std 0.7071 + eps); reward 1 (0, 2): -+1 / (std 1.4142 + eps)
+    # group 2: reward 0 (1, 1): 0; reward 1 (None, 4): one value, 0 (None counts 0 in the sum)
+    a, b = 0.5 / (2**-0.5 + 1e-4), 1.0 / (2**0.5 + 1e-4)
+    r = torch.tensor([a - 0.5 * b, -a + 0.5 * b, 0.0, 0.0])
+    expected = (r - r.mean()) / (r.std() + 1e-4)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    rows_invalid = adv.gdpo(
+        per_reward, torch.tensor([True, True, False, True]), group_size=2, weights=weights
+    )
+    assert rows_invalid[2] == 0
+
+
+def test_adaptive_entropy_coefficient_follows_the_target():
+    from rlhf.shaping import EntropyCoefficient
+
+    fixed = EntropyCoefficient(0.01)
+    fixed.update(5.0)
+    assert fixed.applied == 0.01
+    adaptive = EntropyCoefficient(0.01, target=0.5, delta=0.005, maximum=0.02)
+    assert adaptive.applied == 0.0  # no step measured yet
+    adaptive.update(0.4)  # below target: raise, and apply
+    assert adaptive.value == pytest.approx(0.015) and adaptive.applied == pytest.approx(0.015)
+    adaptive.update(0.3)
+    assert adaptive.value == pytest.approx(0.02)  # capped at the maximum
+    adaptive.update(0.9)  # above target: lower, and do not apply
+    assert adaptive.value == pytest.approx(0.015) and adaptive.applied == 0.0
+    restored = EntropyCoefficient(0.01, target=0.5)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.value == adaptive.value and restored.last_entropy == 0.9

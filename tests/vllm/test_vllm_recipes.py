@@ -138,3 +138,33 @@ def test_grpo_with_vllm_two_ranks_zero3(tmp_path):
     assert len(rows) == 2
     # each rank synced the gathered (one module at a time) weights into its own engine
     assert all(r["rollout/logprob_diff_max"] < 1e-4 and r["time/weight_sync"] > 0 for r in rows)
+
+
+def test_aligndistil_on_policy_with_vllm(tmp_path):
+    """On-policy AlignDistil samples with the colocated engine (synced before every rollout after an
+    update) and evaluates with it."""
+    from recipes import aligndistil
+    from tests.unit.test_distill import save_teachers
+
+    save_teachers(tmp_path, hidden_size=64, intermediate_size=128)  # head_dim 32 for vLLM's CPU kernel
+    result = aligndistil.train(
+        _config(
+            "aligndistil",
+            tmp_path,
+            *VLLM,
+            "train.mode=on_policy",
+            f"teacher.dpo_model={tmp_path / 'dpo'}",
+            f"teacher.reverse_dpo_model={tmp_path / 'reverse'}",
+            "train.steps=2",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "rollout.max_new_tokens=6",
+            "eval.num_samples=8",
+            "eval.accuracy_reward=exact_match",
+        )
+    )
+    rows = _trained(result["run_dir"])
+    assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
+    # the held-out evaluation before training synced the start weights; step 2 follows an update
+    assert rows[1]["time/weight_sync"] > 0
+    assert "eval/accuracy" in result
