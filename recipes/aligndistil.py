@@ -47,8 +47,7 @@ from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, pad_prompts, pad_targets, rollout_rows
 from rlhf.rollout.vllm import start_engine
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice, rl_prompts
-from rlhf.scoring import resolve_reward
+from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice, rl_prompts, task_reward
 from rlhf.types import LossOutput
 
 
@@ -60,7 +59,7 @@ def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
     plan = plan_sft_batches(cfg, env.world_size)
     _validate(cfg)
     on_policy = cfg.train.mode == "on_policy"
-    accuracy_fn = _accuracy_reward(cfg.eval.accuracy_reward)
+    accuracy_fn = task_reward(cfg.eval.accuracy_reward)
     train_rows, eval_rows = load_task_data(cfg.data, needs_pairs=not on_policy)
     total_steps = cfg.train.total_steps(len(train_rows))
     run = Run.open("aligndistil", cfg, env, total_steps)
@@ -240,14 +239,6 @@ def _validate(cfg: AlignDistilConfig) -> None:
         )
     if cfg.rollout.engine == "vllm" and cfg.train.mode != "on_policy":
         raise ConfigError("rollout.engine=vllm samples responses: it needs train.mode=on_policy")
-
-
-def _accuracy_reward(name: str | None):
-    if name is None:
-        return None
-    from rewards import REWARD_FUNCTIONS
-
-    return resolve_reward(name, REWARD_FUNCTIONS)
 
 
 @hydra.main(config_path="../configs", config_name="aligndistil", version_base=None)

@@ -59,8 +59,7 @@ from rlhf.models.token_scorers import PairTokenScorer
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import pad_prompts
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
-from rlhf.scoring import resolve_reward
+from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice, task_reward
 
 
 def train(cfg: DPOConfig) -> dict[str, float | str]:
@@ -76,7 +75,7 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
         simpo_gamma=cfg.loss.simpo_gamma,
     )
     _validate(cfg, needs_reference)
-    accuracy_fn = _accuracy_reward(cfg.eval.accuracy_reward)
+    accuracy_fn = task_reward(cfg.eval.accuracy_reward)
     train_rows, eval_rows = load_task_data(cfg.data, needs_pairs=True)
     total_steps = cfg.train.total_steps(len(train_rows))
     run = Run.open("dpo", cfg, env, total_steps)
@@ -297,14 +296,6 @@ def _validate(cfg: DPOConfig, needs_reference: bool) -> None:
             f"treg.alpha > 0 with loss.type={cfg.loss.type} (no reference model) needs treg.model, the frozen "
             "model to prompt for token rewards"
         )
-
-
-def _accuracy_reward(name: str | None):
-    if not name:
-        return None
-    from rewards import REWARD_FUNCTIONS
-
-    return resolve_reward(name, REWARD_FUNCTIONS)
 
 
 def _build_scorer(

@@ -48,6 +48,15 @@ def build_rewards(cfg: RewardConfig) -> list[WeightedReward]:
     ]
 
 
+def task_reward(name: str | None):
+    """The reward function named `name` (built in or "package.module:function"), or None."""
+    if not name:
+        return None
+    from rewards import REWARD_FUNCTIONS
+
+    return resolve_reward(name, REWARD_FUNCTIONS)
+
+
 def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous share of a global batch of row indices (groups stay whole)."""
     per_rank = len(indices) // world_size

@@ -5,6 +5,10 @@ Map (TRL loss_type, importance_sampling_level -> our loss.policy_loss, loss.aggr
 grpo + sequence -> gspo, sequence_mean_token_mean; luspo + sequence -> luspo, sequence_mean_token_sum;
 cispo -> cispo (max_weight = TRL's epsilon_high), token_mean; sapo -> sapo, sequence_mean_token_mean;
 vespo -> vespo, token_mean (TRL's vLLM importance ratios -> our rollout_weights).
+
+Tolerances (rtol 1e-5, atol 1e-7, as in test_trl_grpo_loss.py): float32, the same arithmetic in
+another order (reductions over masked rows and tokens); measured over every case here: losses
+within 3.4e-7 relative, gradients within 3.8e-9 absolute.
 """
 
 from __future__ import annotations
