@@ -4,7 +4,9 @@ Loss (`loss.type`): DPO (sigmoid; conservative DPO with label smoothing; Rafailo
 2305.18290), IPO (arXiv 2310.12036), hinge (SLiC, arXiv 2305.10425), robust DPO (arXiv 2403.00409) and
 reference-free SimPO (arXiv 2405.14734). Chosen and rejected go through one forward. The reference's
 per-token logprobs come from a frozen copy (the LoRA-disabled policy under LoRA) on the fly, or are
-computed once before training and cached on disk (`reference.precompute=true`).
+computed once before training and cached on disk (`reference.precompute=true`). With
+`reference.sync=true` the reference moves toward the policy every `reference.sync_steps` steps (TR-DPO,
+arXiv 2404.09656; TRL's sync_ref_model).
 
 Token-level options, all on the same path (per-token log-ratios, then weights, then the loss):
   token_weights.method=tgdpo  TGDPO: weights 1 +- alpha*beta*log(pi_guide/pi_ref) from a frozen
@@ -30,7 +32,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rlhf.config import ConfigError, DPOConfig, plan_sft_batches, register_configs
+from rlhf.config import ConfigError, DPOConfig, check_reference_sync, plan_sft_batches, register_configs
 from rlhf.data.chat import (
     PROMPT_TEXT,
     is_templated,
@@ -55,6 +57,7 @@ from rlhf.losses.preference import (
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_frozen, load_policy, load_reference, load_tokenizer, model_context
+from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import PairTokenScorer
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import pad_prompts
@@ -101,9 +104,22 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
         cfg, tokenizer, policy, loss_fn, _build_scorer(cfg, tokenizer, policy, needs_reference, templated)
     )
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    state = run.attach(policy, tokenizer, lambda: {"sampler": sampler.state_dict()})
+    reference_sync = None
+    if cfg.reference.sync:  # TR-DPO: the reference moves toward the policy
+        r = cfg.reference
+        reference_sync = ReferenceSync(policy, pairs.scorer.reference, r.mixup_alpha, r.sync_steps)
+    state = run.attach(
+        policy,
+        tokenizer,
+        lambda: {
+            "sampler": sampler.state_dict(),
+            **({"reference": reference_sync.state_dict()} if reference_sync else {}),
+        },
+    )
     if state:
         sampler.load_state_dict(state["sampler"])
+        if reference_sync:
+            reference_sync.load_state_dict(state["reference"])
 
     def evaluate() -> dict[str, float]:
         return _evaluate(cfg, pairs, eval_rows, accuracy_fn)
@@ -141,6 +157,7 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
                 "loss": float(policy.all_reduce_sum(step_loss)),
                 **accumulator.compute(),
                 **policy.step(),
+                **(reference_sync.after_step(step) if reference_sync else {}),
             }
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, policy)
@@ -288,6 +305,12 @@ def _validate(cfg: DPOConfig, needs_reference: bool) -> None:
         raise ConfigError(
             "token_weights.method=cdpo needs token_weights.positive_model and token_weights.negative_model "
             "(python -m recipes.cdpo_models trains them)"
+        )
+    check_reference_sync(cfg, needs_reference, f"loss.type={cfg.loss.type} is reference-free")
+    if cfg.reference.sync and cfg.reference.precompute:
+        raise ConfigError(
+            "reference.sync=true moves the reference during training; reference.precompute=true caches its "
+            "logprobs once before it: pick one"
         )
     if cfg.treg.alpha < 0:
         raise ConfigError(f"treg.alpha={cfg.treg.alpha} must be >= 0")

@@ -14,7 +14,7 @@ stay in the batch with an empty mask, so every rank runs the same micro-batches)
 by new prompts' groups (dynamic sampling); DAPO's overlong penalty and truncation mask; NTHR's
 token scaling; two-sided clipping, the top-entropy token mask, the off-policy sequence mask, the
 entropy bonus, the KL reweighted to the current policy and batch-std advantages (TRL's options);
-micro-batches by token budget.
+a reference that moves toward the policy (TR-DPO, reference.sync); micro-batches by token budget.
 Temperature, top-k, top-p and min-p are applied identically in sampling and in every logprob pass.
 Generation: `transformers` generate, or a colocated vLLM engine (rollout.engine=vllm).
 
@@ -46,6 +46,7 @@ from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference
+from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_mean, masked_sum
 from rlhf.plots import plot_metrics
@@ -90,6 +91,9 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     reference = None
     if cfg.loss.kl_coef != 0.0:  # the initial policy (adapters off under LoRA), also when resuming
         reference = load_reference(cfg.model, tokenizer, engine, seed=cfg.seed)
+    reference_sync = None
+    if cfg.reference.sync:
+        reference_sync = ReferenceSync(engine, reference, cfg.reference.mixup_alpha, cfg.reference.sync_steps)
     sampling = SamplingParams.from_config(cfg.rollout)
     warp = sampling.warp()
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
@@ -104,13 +108,22 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     state = run.attach(
         engine,
         tokenizer,
-        lambda: {"sampler": sampler.state_dict(), "entropy_coef": entropy_coef.state_dict(), **remembered},
+        lambda: {
+            "sampler": sampler.state_dict(),
+            "entropy_coef": entropy_coef.state_dict(),
+            **({"reference": reference_sync.state_dict()} if reference_sync else {}),
+            **remembered,
+        },
     )
     if state:
         sampler.load_state_dict(state["sampler"])
         if "entropy_coef" in state:
             entropy_coef.load_state_dict(state["entropy_coef"])
-        remembered.update({k: v for k, v in state.items() if k not in ("sampler", "entropy_coef")})
+        if reference_sync:
+            reference_sync.load_state_dict(state["reference"])
+        remembered.update(
+            {k: v for k, v in state.items() if k not in ("sampler", "entropy_coef", "reference")}
+        )
     vllm = start_engine(cfg, engine, tokenizer, env.rank)  # None with rollout.engine=hf
     heldout = HeldoutAccuracy(engine, tokenizer, eval_rows, rewards, cfg, vllm)
     metrics: dict[str, float] = {}
@@ -148,6 +161,8 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
                 _update(engine, batch, plan, cfg, reduction, loss_kl, warp, loss_args, entropy_coef)
             )
             metrics["time/update"] = time.perf_counter() - update_started
+            if reference_sync:  # TR-DPO: the reference moves toward the updated policy
+                metrics.update(reference_sync.after_step(step))
 
             # 6 log, evaluate (checkpoints, time limit and preemption: between steps, in run.steps)
             metrics["time/step"] = time.perf_counter() - started

@@ -603,7 +603,34 @@ class RunConfig:
 
 
 @dataclass
+class ReferenceSyncConfig:
+    # TR-DPO's moving reference (TRL's sync_ref_model): every sync_steps training steps,
+    # reference <- mixup_alpha * policy + (1 - mixup_alpha) * reference; kept in checkpoints
+    sync: bool = False
+    sync_steps: int = 512
+    mixup_alpha: float = 0.6
+
+    def __post_init__(self) -> None:
+        check_range("reference.sync_steps", self.sync_steps, 1)
+        check_range("reference.mixup_alpha", self.mixup_alpha, 0, 1, low_open=True)
+
+
+def check_reference_sync(cfg, has_reference: bool, why_not: str) -> None:
+    """reference.sync needs a separate reference model to move (not LoRA's adapter-off view)."""
+    if not cfg.reference.sync:
+        return
+    if not has_reference:
+        raise ConfigError(f"reference.sync=true: {why_not}, so there is no reference model to synchronise")
+    if cfg.model.lora.enabled:
+        raise ConfigError(
+            "reference.sync=true with model.lora.enabled: the reference is the policy with its adapters "
+            "off, not a model of its own that could move (TRL refuses this too); train without LoRA"
+        )
+
+
+@dataclass
 class GRPOConfig(RunConfig):
+    reference: ReferenceSyncConfig = field(default_factory=ReferenceSyncConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -775,7 +802,7 @@ class DPOLossConfig:
 
 
 @dataclass
-class ReferenceConfig:
+class ReferenceConfig(ReferenceSyncConfig):
     # Compute the frozen models' per-token values (reference logprobs, TGDPO guide, cDPO scores,
     # T-REG rewards) once before training and keep them on disk, instead of a forward per step.
     precompute: bool = False
@@ -957,6 +984,7 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
             "advantage.dynamic_sampling replaces zero-variance groups; drop_zero_variance_groups masks them: pick one"
         )
     check_vespo_correction(cfg)
+    check_reference_sync(cfg, cfg.loss.kl_coef != 0.0, "loss.kl_coef=0 loads no reference")
     plan = plan_rollout_batches(cfg.train, cfg.rollout.group_size, world_size)
     if cfg.loss.kl_placement not in ("loss", "reward"):
         raise ConfigError(f"loss.kl_placement must be 'loss' or 'reward', got {cfg.loss.kl_placement!r}")

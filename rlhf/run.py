@@ -87,6 +87,7 @@ FIXED_ON_RESUME = (
     "distributed.zero_stage",
     "critic.init",
     "critic.name_or_path",
+    "reference.sync",  # a moving reference is restored from the checkpoint; it cannot start or stop
 )
 # Never taken from the composed defaults: the timestamped default run_dir differs every second.
 NOT_DIFFED = ("run_dir", "resume")

@@ -129,12 +129,16 @@ class DeepSpeedEngine:
     def barrier(self) -> None:
         barrier()
 
-    def gathered_parameters(self, parameters=None) -> contextlib.AbstractContextManager:
-        """Under ZeRO-3, the whole policy (or just `parameters`) materialised on every rank, read-only."""
+    def gathered_parameters(
+        self, parameters=None, writable: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3, the whole policy (or just `parameters`, which may belong to any ZeRO-3
+        model) materialised on every rank; read-only, or `writable`: rank 0's values are
+        partitioned back on exit (every rank should write the same)."""
         if self.stage != 3:
             return contextlib.nullcontext()
         chosen = list(self.module.parameters() if parameters is None else parameters)
-        return deepspeed.zero.GatheredParameters(chosen, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(chosen, modifier_rank=0 if writable else None)
 
     @contextlib.contextmanager
     def construction_context(self) -> Iterator[None]:

@@ -45,7 +45,9 @@ class TrainEngine(Protocol):
 
     def barrier(self) -> None: ...
 
-    def gathered_parameters(self, parameters=None) -> contextlib.AbstractContextManager: ...
+    def gathered_parameters(
+        self, parameters=None, writable: bool = False
+    ) -> contextlib.AbstractContextManager: ...
 
     def prepare_frozen(self, model: torch.nn.Module | Callable[[], torch.nn.Module]) -> torch.nn.Module: ...
 
@@ -125,7 +127,9 @@ class SingleProcessEngine:
     def barrier(self) -> None:
         pass
 
-    def gathered_parameters(self, parameters=None) -> contextlib.AbstractContextManager:
+    def gathered_parameters(
+        self, parameters=None, writable: bool = False
+    ) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def prepare_frozen(self, model: ModelSource) -> torch.nn.Module:

@@ -185,9 +185,12 @@ def test_ppo_under_torchrun_zero3_with_curiosity_and_macro_actions(tmp_path):
         assert len(handle.readlines()) == 2 * 2  # rank 0 writes its own 2 rows each step
 
 
-def test_dpo_under_torchrun_zero3_with_precomputed_reference_matches_one_process(tmp_path):
-    """Each rank precomputes its share of the reference values (uneven shares, collective forwards),
-    all ranks read the whole cache, and the losses equal a one-process run on the same pairs."""
+@pytest.mark.parametrize("reference", ["precompute", "sync"])
+def test_dpo_under_torchrun_zero3_matches_one_process(tmp_path, reference):
+    """precompute: each rank precomputes its share of the reference values (uneven shares,
+    collective forwards), all ranks read the whole cache. sync: the partitioned reference moves toward
+    the partitioned policy one gathered module at a time (TR-DPO). Either way the losses equal a
+    one-process run on the same pairs."""
     from recipes import dpo
     from rlhf.data.preferences import make_addition_preferences
     from tests.recipes.conftest import CONFIG_DIR, SMALL_MODEL
@@ -198,7 +201,11 @@ def test_dpo_under_torchrun_zero3_with_precomputed_reference_matches_one_process
     data["eval"].to_json(str(tmp_path / "pairs" / "eval.jsonl"))
     common = [
         f"data.source={tmp_path / 'pairs'}",
-        "reference.precompute=true",
+        *(
+            ["reference.precompute=true"]
+            if reference == "precompute"
+            else ["reference.sync=true", "reference.sync_steps=1", "reference.mixup_alpha=0.5"]
+        ),
         "train.steps=3",
         "train.batch_size=8",
         "train.micro_batch_size=2",
@@ -213,13 +220,21 @@ def test_dpo_under_torchrun_zero3_with_precomputed_reference_matches_one_process
     from rlhf.config import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("dpo", overrides=[*SMALL_MODEL, *common, f"run_dir={tmp_path / 'one'}"])
-    dpo.train(OmegaConf.to_object(cfg))
-    two, one = _trained_rows(tmp_path / "two"), _trained_rows(tmp_path / "one")
+
+    def one_process(overrides: list[str], name: str) -> list[dict]:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            cfg = compose("dpo", overrides=[*SMALL_MODEL, *overrides, f"run_dir={tmp_path / name}"])
+        dpo.train(OmegaConf.to_object(cfg))
+        return _trained_rows(tmp_path / name)
+
+    two, one = _trained_rows(tmp_path / "two"), one_process(common, "one")
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(two, one):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(b["loss"])), (a["loss"], b["loss"])
+    if reference == "sync":  # the match means something: a fixed reference gives another step 3
+        fixed = one_process([o for o in common if not o.startswith("reference.")], "fixed")
+        assert abs(fixed[2]["loss"] - two[2]["loss"]) > 1e-3, (fixed[2]["loss"], two[2]["loss"])
+        return
     shards = [
         n
         for e in os.listdir(tmp_path / "two" / "token_cache")

@@ -19,6 +19,7 @@ LIBRARY_MODULES = MATH_MODULES + [
     "rlhf.config",
     "rlhf.models.load",
     "rlhf.models.forward",
+    "rlhf.models.reference",
     "rlhf.rollout.hf",
     "rlhf.rollout.vllm",
     "rlhf.data.chat",
