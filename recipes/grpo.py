@@ -58,6 +58,7 @@ from rlhf.runtime import (
     HeldoutAccuracy,
     build_rewards,
     drop_launcher_arguments,
+    gathered_values,
     log_rollout_sample,
     mean_over_ranks,
     rank_slice,
@@ -448,12 +449,16 @@ def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remember
     return args
 
 
-def _token_masks(cfg: GRPOConfig, mb, logprobs, entropy):
-    """(loss weights or None, metrics): the top-entropy-quantile token mask and DeepSeek-V3.2's
-    off-policy sequence mask (against the sampling engine's logprobs, else the old policy's)."""
+def _token_masks(cfg: GRPOConfig, engine, mb, logprobs, entropy):
+    """(loss weights or None, metrics): the top-entropy-quantile token mask (the quantile of this
+    micro-batch's tokens on all ranks, as TRL takes it; collective) and DeepSeek-V3.2's off-policy
+    sequence mask (against the sampling engine's logprobs, else the old policy's)."""
     weights, metrics = None, {}
     if cfg.loss.top_entropy_quantile < 1.0:
-        weights = high_entropy_mask(entropy, mb.response_mask, quantile=cfg.loss.top_entropy_quantile)
+        pool = gathered_values(entropy.detach().float()[mb.response_mask], engine)
+        weights = high_entropy_mask(
+            entropy, mb.response_mask, quantile=cfg.loss.top_entropy_quantile, pool=pool
+        )
         metrics["loss/entropy_kept_fraction"] = masked_mean(weights, mb.response_mask)
     if cfg.loss.off_policy_mask_threshold is not None:
         behaviour = mb.rollout_logprobs if mb.rollout_logprobs is not None else mb.old_logprobs
@@ -557,7 +562,7 @@ def _micro_batch_loss(
             cfg.rollout.vllm, logprobs.detach(), mb.rollout_logprobs, mb.response_mask
         )
         accumulator.add(found, weight=tokens)
-    masks, mask_metrics = _token_masks(cfg, mb, logprobs, entropy)
+    masks, mask_metrics = _token_masks(cfg, engine, mb, logprobs, entropy)
     accumulator.add(mask_metrics, weight=tokens)
     out = policy_gradient_loss(
         logprobs,

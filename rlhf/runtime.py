@@ -73,6 +73,21 @@ def mean_over_ranks(metrics: dict[str, float], engine: Any) -> dict[str, float]:
     return dict(zip(keys, summed.tolist()))
 
 
+def gathered_values(values: torch.Tensor, engine: Any) -> torch.Tensor:
+    """Every rank's 1-D `values` (lengths may differ) concatenated in rank order, on every rank
+    (collective: every rank must call it)."""
+    if engine.world_size == 1:
+        return values
+    counts = torch.zeros(engine.world_size, dtype=torch.float64, device=engine.device)
+    counts[engine.rank] = values.numel()
+    counts = engine.all_reduce_sum(counts).long().tolist()
+    # each rank fills its own row of zeros: the sum over ranks is every row, exactly
+    rows = torch.zeros(engine.world_size, max(max(counts), 1), dtype=values.dtype, device=engine.device)
+    rows[engine.rank, : values.numel()] = values
+    rows = engine.all_reduce_sum(rows)
+    return torch.cat([rows[rank, :count] for rank, count in enumerate(counts)])
+
+
 def drop_launcher_arguments(argv: list[str]) -> list[str]:
     """argv without the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK is in the
     environment too); Hydra would reject it as an override."""

@@ -414,13 +414,16 @@ def policy_gradient_loss(
     return LossOutput(loss=reduced, metrics=metrics)
 
 
-def high_entropy_mask(entropy: torch.Tensor, response_mask: torch.Tensor, *, quantile: float) -> torch.Tensor:
+def high_entropy_mask(
+    entropy: torch.Tensor, response_mask: torch.Tensor, *, quantile: float, pool: torch.Tensor | None = None
+) -> torch.Tensor:
     """[B, T] 1.0 for tokens whose entropy is at least the (1 - quantile) quantile of the valid
     tokens' entropies, else 0 (Wang et al., "Beyond the 80/20 rule", arXiv 2506.01939: train on the
-    top-quantile "forking" tokens only; 0.2 in the paper). quantile 1 keeps every token."""
+    top-quantile "forking" tokens only; 0.2 in the paper). quantile 1 keeps every token. `pool`: the
+    entropies the quantile is taken over when they are more than these (every rank's, as TRL does)."""
     if quantile >= 1.0:
         return response_mask.float()
-    values = entropy.detach().float()[response_mask]
+    values = entropy.detach().float()[response_mask] if pool is None else pool.float()
     if values.numel() == 0:
         return torch.zeros_like(entropy, dtype=torch.float32)
     threshold = torch.quantile(values, 1.0 - quantile)

@@ -2,7 +2,7 @@
 
 Run under torchrun (each rank takes its contiguous share of the rollout) or as one process (the
 whole rollout). Rank 0 writes the full updated weights to OUT. Usage:
-    python tests/distributed/grpo_update_worker.py OUT DISTRIBUTED MICRO_BATCH [AGGREGATION]
+    python tests/distributed/grpo_update_worker.py OUT DISTRIBUTED MICRO_BATCH [AGGREGATION [TOP_ENTROPY_QUANTILE]]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
         int(sys.argv[3]),
         (sys.argv[4] if len(sys.argv) > 4 else "token_mean"),
     )
+    quantile = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
     env = launcher_env()
     dist = (
         DistributedConfig(backend="single")
@@ -57,6 +58,7 @@ def main() -> None:
     cfg.train.prompts_per_step, cfg.rollout.group_size, cfg.train.micro_batch_size = 2, 4, micro
     cfg.loss.aggregation, cfg.loss.kl_coef, cfg.train.num_minibatches = aggregation, 0.05, 1
     cfg.rollout.max_new_tokens = RESPONSE
+    cfg.loss.top_entropy_quantile = quantile
     plan = plan_grpo_batches(cfg, env.world_size)
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(

@@ -89,6 +89,15 @@ def test_grpo_step_two_ranks_equals_one_process(stage, grpo_reference, tmp_path)
     _assert_same_weights(torch.load(out), grpo_reference)
 
 
+def test_top_entropy_quantile_is_taken_over_both_ranks(tmp_path):
+    """The 80/20 mask's threshold is the quantile of the micro-batch's tokens on every rank (TRL's
+    rule): 2 ranks with 4 rows each make the update of one process with all 8 rows in one
+    micro-batch. A threshold per rank keeps other tokens, and another update."""
+    single([WORKER, str(tmp_path / "one.pt"), "single", "8", "token_mean", "0.5"])
+    torchrun([WORKER, str(tmp_path / "two.pt"), "zero2", "4", "token_mean", "0.5"])
+    _assert_same_weights(torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt"))
+
+
 def test_grpo_accumulation_split_equals_none(grpo_reference, tmp_path):
     out = tmp_path / "split.pt"
     single([WORKER, str(out), "single", "2"])
