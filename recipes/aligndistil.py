@@ -47,7 +47,14 @@ from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import SamplingParams, pad_prompts, pad_targets, rollout_rows
 from rlhf.rollout.vllm import start_engine
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice, rl_prompts, task_reward
+from rlhf.runtime import (
+    drop_launcher_arguments,
+    mean_over_ranks,
+    micro_batches,
+    rank_slice,
+    rl_prompts,
+    task_reward,
+)
 from rlhf.types import LossOutput
 
 
@@ -132,7 +139,11 @@ def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
             # 2 distillation loss per micro-batch (teachers frozen), gradients accumulated
             accumulator = MetricAccumulator()
             step_loss = torch.zeros((), device=policy.device)
-            for micro in torch.arange(len(indices)).split(plan.micro_batch_size):
+            tokens = (tensors[1].sum(-1) + tensors[3].sum(-1)).cpu()
+            budget = cfg.train.max_tokens_per_micro_batch
+            for micro in micro_batches(
+                policy, torch.arange(len(indices)), plan.micro_batch_size, budget, tokens
+            ):
                 out = distill(*(t[micro.to(t.device)] for t in tensors), normalizer=normalizer)
                 policy.backward(out.loss)
                 step_loss += out.loss.detach()

@@ -62,7 +62,14 @@ from rlhf.models.token_scorers import PairTokenScorer
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import pad_prompts
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice, task_reward
+from rlhf.runtime import (
+    drop_launcher_arguments,
+    mean_over_ranks,
+    micro_batches,
+    pair_tokens,
+    rank_slice,
+    task_reward,
+)
 
 
 def train(cfg: DPOConfig) -> dict[str, float | str]:
@@ -142,16 +149,8 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
             started = time.perf_counter()
             # 1 batch: this rank's share of the step's pairs; one normalizer for the whole step
             indices = rank_slice(sampler.next_indices(cfg.train.batch_size), env.rank, env.world_size)
-            normalizer = policy.all_reduce_sum(torch.tensor(float(len(indices)), device=policy.device))
-            accumulator = MetricAccumulator()
-            step_loss = torch.zeros((), device=policy.device)
             # 2-3 one forward per micro-batch for chosen and rejected, frozen token values, the loss
-            for start in range(0, len(indices), plan.micro_batch_size):
-                ids = indices[start : start + plan.micro_batch_size]
-                out = pairs("train", train_rows.select(ids), ids, normalizer)
-                policy.backward(out.loss)
-                step_loss += out.loss.detach()
-                accumulator.add(out.metrics, weight=len(ids))
+            step_loss, accumulator = _accumulate_gradients(cfg, pairs, policy, train_rows, indices, plan)
             # 4 optimizer step, log, evaluate (checkpoints and stops: in run.steps)
             metrics = {
                 "loss": float(policy.all_reduce_sum(step_loss)),
@@ -289,6 +288,23 @@ def _evaluate(cfg: DPOConfig, pairs: PairLoss, eval_rows, accuracy_fn) -> dict[s
             policy, pairs.tokenizer, task, accuracy_fn, cfg.data, cfg.eval
         )
     return results
+
+
+def _accumulate_gradients(cfg: DPOConfig, pairs, policy, train_rows, indices: list[int], plan):
+    """This rank's share of a step's pairs in micro-batches (rows, or a token budget), forward and
+    backward each with one normaliser for the whole step; (the summed loss, the metrics)."""
+    normalizer = policy.all_reduce_sum(torch.tensor(float(len(indices)), device=policy.device))
+    accumulator = MetricAccumulator()
+    step_loss = torch.zeros((), device=policy.device)
+    budget = cfg.train.max_tokens_per_micro_batch
+    tokens = pair_tokens(train_rows.select(indices)) if budget else None
+    for micro in micro_batches(policy, torch.arange(len(indices)), plan.micro_batch_size, budget, tokens):
+        ids = [indices[i] for i in micro.tolist()]
+        out = pairs("train", train_rows.select(ids), ids, normalizer)
+        policy.backward(out.loss)
+        step_loss += out.loss.detach()
+        accumulator.add(out.metrics, weight=len(ids))
+    return step_loss, accumulator
 
 
 def _validate(cfg: DPOConfig, needs_reference: bool) -> None:

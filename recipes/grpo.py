@@ -36,7 +36,6 @@ from omegaconf import DictConfig
 
 from rlhf import advantages as adv
 from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
-from rlhf.data.collate import token_budget_micro_batches
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
@@ -61,6 +60,7 @@ from rlhf.runtime import (
     gathered_values,
     log_rollout_sample,
     mean_over_ranks,
+    micro_batches,
     rank_slice,
     rl_prompts,
 )
@@ -397,17 +397,8 @@ def _micro_batches(
 ) -> list[torch.Tensor]:
     """`rows` of the rollout in micro-batches: `micro_batch_size` rows each, or with
     `train.max_tokens_per_micro_batch` by token budget, as many on every rank as the most any needs."""
-    budget = cfg.train.max_tokens_per_micro_batch
-    if not budget:
-        return list(rows.split(micro_batch_size))
     tokens = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).cpu()[rows.cpu()]
-    parts = token_budget_micro_batches(rows.cpu(), tokens, budget=budget, max_rows=micro_batch_size)
-    counts = torch.zeros(engine.world_size, device=engine.device)
-    counts[engine.rank] = len(parts)
-    count = int(engine.all_reduce_sum(counts).max())
-    return token_budget_micro_batches(
-        rows.cpu(), tokens, budget=budget, max_rows=micro_batch_size, count=count
-    )
+    return micro_batches(engine, rows, micro_batch_size, cfg.train.max_tokens_per_micro_batch, tokens)
 
 
 def _batched_logprobs(model, batch, micro_batches: list[torch.Tensor], warp: dict) -> torch.Tensor:

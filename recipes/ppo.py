@@ -56,8 +56,10 @@ from rlhf.runtime import (
     HeldoutAccuracy,
     build_rewards,
     drop_launcher_arguments,
+    gathered_values,
     log_rollout_sample,
     mean_over_ranks,
+    micro_batches,
     rank_slice,
     rl_prompts,
 )
@@ -81,6 +83,7 @@ class PPOModels:
     dense_sources: list
     curiosity: Curiosity | None
     segmenter: Any
+    split: Any  # batch -> its rows in micro-batches (`_splitter`)
 
 
 def train(cfg: PPOConfig) -> dict[str, float | str]:
@@ -150,15 +153,15 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
 
             # 2 score: reward functions and/or the reward model, normalised; unscored rows not trained
             passes_started = time.perf_counter()
-            raw_scores, valid = _score(cfg, rewards, models.reward_model, batch, plan, policy, metrics)
+            raw_scores, valid = _score(cfg, rewards, models, batch, policy, metrics)
             scores = raw_scores
             if cfg.shaping.normalize:
-                score_moments.update(engine_gather_scores(raw_scores[valid], policy))
+                score_moments.update(gathered_values(raw_scores[valid], policy))
                 scores = score_moments.normalize(raw_scores)
             batch.response_mask = batch.response_mask & valid.unsqueeze(-1)
 
             # 3 logprob and value passes (no grad): old policy, reference, critic, dense token sources
-            old_values, dense = _passes(cfg, policy, models, batch, plan.micro_batch_size, metrics)
+            old_values, dense = _passes(cfg, policy, models, batch, metrics)
             metrics["time/logprob_passes"] = time.perf_counter() - passes_started
 
             # 4 token rewards (KL on every token, score on the last, dense sources) and GAE advantages
@@ -226,21 +229,23 @@ def _build_models(cfg: PPOConfig, policy, tokenizer, plan, optimizer_steps: int)
             raise ConfigError(
                 f"reward_model.name_or_path={cfg.reward_model.name_or_path!r} has a vocabulary of {reward_model.config.vocab_size}; the policy tokenizer has {len(tokenizer)} tokens: they must share a tokenizer"
             )
+    split = _splitter(cfg, policy, plan.micro_batch_size)
     dense_sources = _dense_sources(
-        cfg, policy, tokenizer, plan.micro_batch_size, SamplingParams.from_config(cfg.rollout).warp()
+        cfg, policy, tokenizer, split, SamplingParams.from_config(cfg.rollout).warp()
     )
     curiosity = _curiosity(cfg, policy, reference)
     if curiosity:
         dense_sources.append(curiosity)
     segmenter = make_segmenter(cfg.advantage.macro, tokenizer, seed=cfg.seed)
-    return PPOModels(critic, reference, reward_model, dense_sources, curiosity, segmenter)
+    return PPOModels(critic, reference, reward_model, dense_sources, curiosity, segmenter, split)
 
 
 def _score(
-    cfg: PPOConfig, rewards, reward_model, batch, plan, policy, metrics: dict
+    cfg: PPOConfig, rewards, models: PPOModels, batch, policy, metrics: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [B], valid [B]): reward functions plus the weighted reward model. A row is valid when
     the reward model or at least one reward function scored it; the others are not trained on."""
+    reward_model = models.reward_model
     scores = torch.zeros(batch.batch_size, device=policy.device)
     valid = torch.ones(batch.batch_size, dtype=torch.bool, device=policy.device)
     if rewards:
@@ -254,9 +259,7 @@ def _score(
             metrics["accuracy"] = float((per_reward[cfg.reward.accuracy_reward] >= 1.0).float().mean())
     if reward_model is not None:
         with torch.no_grad():
-            rm_scores = _batched(
-                lambda *rows: sequence_scores(reward_model, *rows), batch, plan.micro_batch_size
-            )
+            rm_scores = _batched(lambda *rows: sequence_scores(reward_model, *rows), batch, models.split)
         scores += cfg.reward_model.weight * rm_scores
         metrics["reward/model_mean"] = float(rm_scores.mean())
     metrics["reward/mean"] = float(scores[valid].mean()) if valid.any() else 0.0
@@ -265,27 +268,27 @@ def _score(
 
 
 @torch.no_grad()
-def _passes(cfg: PPOConfig, policy, models: PPOModels, batch, micro_batch_size: int, metrics: dict):
+def _passes(cfg: PPOConfig, policy, models: PPOModels, batch, metrics: dict):
     """Old and reference logprobs into the batch (with the curiosity states when on); returns the
     critic's values and the dense token rewards by source name."""
     warp = SamplingParams.from_config(cfg.rollout).warp()
     batch.old_logprobs = _batched(
-        lambda *rows: response_logprobs(policy.model, *rows, **warp)[0], batch, micro_batch_size
+        lambda *rows: response_logprobs(policy.model, *rows, **warp)[0], batch, models.split
     )
     apply_rollout_correction(cfg.rollout.vllm, batch, metrics)  # with the vLLM engine's logprobs
     if models.curiosity:  # the reference pass also yields the curiosity module's states
         parts = [
             response_logprobs_and_states(models.reference, *_tensors(batch, rows), **warp)
-            for rows in torch.arange(batch.batch_size).split(micro_batch_size)
+            for rows in models.split(batch)
         ]
         batch.ref_logprobs, batch.ref_states, batch.ref_next_states = (
             torch.cat(part) for part in zip(*parts, strict=True)
         )
     else:
         batch.ref_logprobs = _batched(
-            lambda *rows: response_logprobs(models.reference, *rows, **warp)[0], batch, micro_batch_size
+            lambda *rows: response_logprobs(models.reference, *rows, **warp)[0], batch, models.split
         )
-    old_values = _batched(lambda *rows: token_values(models.critic.model, *rows), batch, micro_batch_size)
+    old_values = _batched(lambda *rows: token_values(models.critic.model, *rows), batch, models.split)
     dense = {}
     for source in models.dense_sources:  # RTO's DPO token reward, CD-RLHF's curiosity
         dense[source.name], source_metrics = source(batch)
@@ -370,7 +373,7 @@ def _curiosity(cfg: PPOConfig, policy, reference) -> Curiosity | None:
     )
 
 
-def _dense_sources(cfg: PPOConfig, policy, tokenizer, micro_batch_size: int, warp: dict) -> list:
+def _dense_sources(cfg: PPOConfig, policy, tokenizer, split, warp: dict) -> list:
     """Dense token-reward sources for the shaping step: RTO's DPO token reward when configured."""
     if not cfg.rto.dpo_model:
         return []
@@ -382,21 +385,10 @@ def _dense_sources(cfg: PPOConfig, policy, tokenizer, micro_batch_size: int, war
     def frozen_logprobs(path: str):
         model_cfg = cfg.model.pretrained_like(path)
         model = policy.prepare_frozen(lambda: load_causal_lm(model_cfg, tokenizer))
-        return lambda batch: _batched(
-            lambda *rows: response_logprobs(model, *rows, **warp)[0], batch, micro_batch_size
-        )
+        return lambda batch: _batched(lambda *rows: response_logprobs(model, *rows, **warp)[0], batch, split)
 
     reference = frozen_logprobs(cfg.rto.dpo_reference_model) if cfg.rto.reference == "dpo_reference" else None
     return [DPOTokenReward(frozen_logprobs(cfg.rto.dpo_model), reference, cfg.rto.scale, cfg.rto.clip)]
-
-
-def engine_gather_scores(scores: torch.Tensor, engine) -> torch.Tensor:
-    """Every rank's scores (for running statistics that agree across ranks)."""
-    if engine.world_size == 1:
-        return scores
-    padded = torch.zeros(engine.world_size, scores.numel(), device=scores.device)
-    padded[engine.rank] = scores
-    return engine.all_reduce_sum(padded).flatten()
 
 
 def _tensors(batch, rows):
@@ -408,11 +400,22 @@ def _tensors(batch, rows):
     )
 
 
-def _batched(compute, batch, micro_batch_size: int) -> torch.Tensor:
-    """compute(prompt_ids, prompt_mask, response_ids, response_mask) over micro-batches, concatenated."""
-    return torch.cat(
-        [compute(*_tensors(batch, rows)) for rows in torch.arange(batch.batch_size).split(micro_batch_size)]
-    )
+def _splitter(cfg: PPOConfig, policy, micro_batch_size: int):
+    """batch -> its rows in micro-batches, in order: `micro_batch_size` rows each, or with
+    `train.max_tokens_per_micro_batch` by token budget, as many on every rank as the most any needs."""
+
+    def split(batch, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        rows = torch.arange(batch.batch_size) if rows is None else rows
+        tokens = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).cpu()[rows.cpu()]
+        return micro_batches(policy, rows, micro_batch_size, cfg.train.max_tokens_per_micro_batch, tokens)
+
+    return split
+
+
+def _batched(compute, batch, split) -> torch.Tensor:
+    """compute(prompt_ids, prompt_mask, response_ids, response_mask) over `split`'s micro-batches,
+    concatenated in row order."""
+    return torch.cat([compute(*_tensors(batch, rows)) for rows in split(batch)])
 
 
 def _update(
@@ -433,7 +436,7 @@ def _update(
             )
             policy_loss = torch.zeros((), device=policy.device)
             value_loss = torch.zeros((), device=policy.device)
-            for micro in minibatch.split(plan.micro_batch_size):
+            for micro in _splitter(cfg, policy, plan.micro_batch_size)(batch, minibatch):
                 tensors = _tensors(batch, micro)
                 mask = batch.response_mask[micro]
                 logprobs, entropy = response_logprobs(

@@ -31,7 +31,7 @@ from rlhf.models.forward import sequence_scores
 from rlhf.models.load import load_scorer, load_tokenizer, model_context
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
+from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, micro_batches, pair_tokens, rank_slice
 
 
 def train(cfg: RewardModelConfig) -> dict[str, float | str]:
@@ -94,7 +94,11 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
             # 2 score chosen and rejected in one forward per micro-batch, Bradley-Terry loss
             accumulator = MetricAccumulator()
             step_loss = torch.zeros((), device=engine.device)
-            for micro in torch.arange(len(rows)).split(plan.micro_batch_size):
+            budget = cfg.train.max_tokens_per_micro_batch
+            tokens = pair_tokens(rows) if budget else None
+            for micro in micro_batches(
+                engine, torch.arange(len(rows)), plan.micro_batch_size, budget, tokens
+            ):
                 micro_rows = rows.select(micro.tolist())
                 chosen, rejected = pair_scores(micro_rows)
                 margin = (

@@ -38,7 +38,7 @@ from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer, model_context
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, rank_slice
+from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, micro_batches, rank_slice
 from rlhf.scoring import check_reward_columns, resolve_reward
 
 
@@ -98,7 +98,11 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
             # 3 forward/backward per micro-batch, one optimizer step
             accumulator = MetricAccumulator()
             step_loss = torch.zeros((), device=engine.device)
-            for micro in torch.arange(len(rows)).split(plan.micro_batch_size):
+            tokens = (prompt_mask.sum(-1) + target_mask.sum(-1)).cpu()
+            budget = cfg.train.max_tokens_per_micro_batch
+            for micro in micro_batches(
+                engine, torch.arange(len(rows)), plan.micro_batch_size, budget, tokens
+            ):
                 logprobs, _ = response_logprobs(
                     engine.model, prompt_ids[micro], prompt_mask[micro], target_ids[micro], target_mask[micro]
                 )

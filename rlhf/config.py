@@ -104,9 +104,9 @@ class ModelConfig:
     # logits never exist at once (at 152k vocabulary, 2.5 GB per 4k-token row in fp32). Same
     # values and gradients; the head runs twice per chunk with gradient. 0: the plain computation.
     logprob_chunk_tokens: int = 0
-    # Padding-free logprob passes: a micro-batch's rows go through the model as one sequence of
-    # their valid tokens (positions restarting per row, block-diagonal causal attention built by
-    # transformers from the positions), so pads cost nothing. Same values; Llama, Qwen2, Qwen3,
+    # Padding-free passes (logprobs, reward-model scores, critic values): a micro-batch's rows go
+    # through the model packed, their valid tokens only (positions restarting per row,
+    # block-diagonal causal attention built by transformers from the positions), so pads cost nothing. Same values; Llama, Qwen2, Qwen3,
     # Mistral and Phi3 (others are refused). Rows that repeat a prompt take the shared-prefix
     # layout instead when model.shared_prefix is on as well.
     padding_free: bool = False
@@ -517,11 +517,17 @@ class TrainLoopConfig:
     # fp32: float32 everywhere. bf16: mixed precision, bf16 compute with float32 master weights and
     # optimizer state (rlhf/models/precision.py); logprobs, KL, advantages and losses stay float32.
     precision: str = "fp32"
+    # > 0: micro-batches also end before their rows' valid tokens (prompt + response; both rows of
+    # a preference pair) exceed this many, so long rows go in small micro-batches and short ones in
+    # large; every rank runs as many micro-batches as the rank that needs most (ZeRO-3 forwards are
+    # collective), and the loss normaliser stays one per optimizer step. 0: micro_batch_size rows each.
+    max_tokens_per_micro_batch: int = 0
 
     def __post_init__(self) -> None:
         check_range("train.steps", self.steps, 0)
         check_range("train.time_limit_s", self.time_limit_s, 0, low_open=True)
         check_choice("train.precision", self.precision, PRECISIONS)
+        check_range("train.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, 0)
 
 
 @dataclass
@@ -554,14 +560,6 @@ class GRPOTrainConfig(TrainLoopConfig):
     num_minibatches: int = 1  # optimizer steps per rollout per epoch
     micro_batch_size: int = 64  # rollouts per forward/backward
     epochs: int = 1  # passes over each rollout
-    # > 0: micro-batches also end before their rows' valid tokens (prompt + response) exceed this
-    # many, so long rows go in small micro-batches and short ones in large (GRPO); every rank runs
-    # as many micro-batches as the rank that needs most. 0: micro_batch_size rows each.
-    max_tokens_per_micro_batch: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("train.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, 0)
 
 
 @dataclass

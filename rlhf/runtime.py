@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from rlhf.config import LoggerConfig, RewardConfig
+from rlhf.data.collate import token_budget_micro_batches
 from rlhf.rollout.records import rollout_records, sample_rows
 from rlhf.scoring import WeightedReward, resolve_reward
 
@@ -86,6 +87,34 @@ def gathered_values(values: torch.Tensor, engine: Any) -> torch.Tensor:
     rows[engine.rank, : values.numel()] = values
     rows = engine.all_reduce_sum(rows)
     return torch.cat([rows[rank, :count] for rank, count in enumerate(counts)])
+
+
+def micro_batches(
+    engine: Any, rows: torch.Tensor, max_rows: int, budget: int = 0, tokens: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """`rows` (indices into this rank's batch) in micro-batches of `max_rows`, or with a token
+    `budget` (`tokens`: each row's valid tokens) micro-batches that stay within it, as many on every
+    rank as the most any needs (collective then: every rank must call it)."""
+    if not budget:
+        return list(rows.split(max_rows))
+    rows, tokens = rows.cpu(), torch.as_tensor(tokens).cpu()
+    parts = token_budget_micro_batches(rows, tokens, budget=budget, max_rows=max_rows)
+    counts = torch.zeros(engine.world_size, device=engine.device)
+    counts[engine.rank] = len(parts)
+    count = int(engine.all_reduce_sum(counts).max())
+    return token_budget_micro_batches(rows, tokens, budget=budget, max_rows=max_rows, count=count)
+
+
+def pair_tokens(rows) -> torch.Tensor:
+    """Valid tokens of each preference pair's two sequences (prompt + chosen, prompt + rejected)."""
+    from rlhf.data.chat import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+
+    return torch.tensor(
+        [
+            2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(rows[PROMPT_IDS], rows[CHOSEN_IDS], rows[REJECTED_IDS], strict=True)
+        ]
+    )
 
 
 def drop_launcher_arguments(argv: list[str]) -> list[str]:

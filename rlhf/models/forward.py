@@ -7,6 +7,8 @@ log-softmax, so log pi(a_t) is the probability of the distribution the token was
 
 A model loaded with `model.shared_prefix=true` packs rows that repeat a prompt into one sequence
 per prompt (rlhf.models.shared_prefix); every function here returns the same values either way.
+A model loaded with `model.padding_free=true` (policy, reference, reward model, critic) runs rows
+without pads (`PackedRows`), where no prompt repeats; again the same values.
 
 A model loaded with `model.logprob_chunk_tokens=n` gets its logprobs (and entropy) n response tokens
 at a time: the forward stops at the LM head's input, and each chunk's head, warp, log-softmax and
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -118,7 +121,7 @@ def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mas
             rows = layout.group_of_row[:, None]
             predict, token = layout.predict_index - first_kept, layout.token_index - first_kept
             logits = logits[rows, predict]
-        elif getattr(_head_owner(model), "padding_free", False) and not with_states:
+        elif _padding_free(model) and not with_states:
             logits = _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
         else:
             input_ids, attention_mask, position_ids = _joined(
@@ -273,14 +276,39 @@ def _packed_forward(model, layout: SharedPrefixLayout, **kwargs):
     )
 
 
-def _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-    """`_response_forward`'s logits [B, T, V] without computing pads: rows (their valid prompt and
-    response tokens) are packed first-fit, longest first, into sequences no longer than the longest
-    row, positions restarting at 0 per row. Given positions and no attention mask, transformers
-    builds block-diagonal causal attention from the restarts (its packed-sequence format). Packing
-    into sequences of the longest row's length, not one long sequence, keeps dense-mask attention
-    (SDPA, eager) no costlier than the padded batch's. The head runs only where a response token is
-    predicted."""
+@dataclass
+class PackedRows:
+    """Rows (their valid prompt and response tokens) packed first-fit, longest first, into sequences
+    no longer than the longest row, positions restarting at 0 per row. Given positions and no
+    attention mask, transformers builds block-diagonal causal attention from the restarts (its
+    packed-sequence format). Packing into sequences of the longest row's length, not one long
+    sequence, keeps dense-mask attention (SDPA, eager) no costlier than the padded batch's."""
+
+    input_ids: torch.Tensor  # [bins, capacity]
+    position_ids: torch.Tensor  # [bins, capacity]
+    bin_of_row: torch.Tensor  # [B]
+    start_of_row: torch.Tensor  # [B] column of the row's first token in its bin
+    prompt_lengths: torch.Tensor  # [B] valid prompt tokens
+    capacity: int
+
+    def response_columns(self, response_width: int) -> torch.Tensor:
+        """[B, T] column whose output predicts response token t (clamped where the response is
+        shorter than T: those positions are masked downstream)."""
+        offsets = torch.arange(response_width, device=self.input_ids.device)
+        columns = (self.start_of_row + self.prompt_lengths - 1).unsqueeze(-1) + offsets
+        return columns.clamp(max=self.capacity - 1)
+
+    def forward(self, model, **kwargs):
+        return model(
+            input_ids=self.input_ids,
+            position_ids=self.position_ids,
+            attention_mask=None,
+            use_cache=False,
+            **kwargs,
+        )
+
+
+def pack_rows(prompt_ids, prompt_mask, response_ids, response_mask) -> PackedRows:
     input_ids, attention_mask, _ = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
     valid = attention_mask.bool()
     lengths = valid.sum(-1).tolist()
@@ -309,15 +337,20 @@ def _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_
             offset += n
         # the free tail is a segment of its own (positions restart), attended by nothing valid
         positions[b, offset:] = torch.arange(capacity - offset, device=device)
+    return PackedRows(packed_ids, positions, bin_of_row, start_of_row, prompt_mask.sum(-1), capacity)
+
+
+def _padding_free(model) -> bool:
+    return getattr(_head_owner(model), "padding_free", False)
+
+
+def _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    """`_response_forward`'s logits [B, T, V] without computing pads (`PackedRows`); the head runs
+    only where a response token is predicted."""
+    packed = pack_rows(prompt_ids, prompt_mask, response_ids, response_mask)
     with _head_as_identity(model):
-        hidden = model(
-            input_ids=packed_ids, position_ids=positions, attention_mask=None, use_cache=False
-        ).logits
-    # row b's response token t is predicted at its start + prompt length - 1 + t (clamped where the
-    # response is shorter than T: those positions are masked downstream)
-    offsets = torch.arange(response_ids.shape[1], device=device)
-    predict = (start_of_row + prompt_mask.sum(-1) - 1).unsqueeze(-1) + offsets
-    states = hidden[bin_of_row.unsqueeze(-1), predict.clamp(max=capacity - 1)]
+        hidden = packed.forward(model).logits
+    states = hidden[packed.bin_of_row.unsqueeze(-1), packed.response_columns(response_ids.shape[1])]
     return _head_owner(model).get_output_embeddings()(states)
 
 
@@ -347,6 +380,11 @@ def sequence_scores(
         if layout is not None:
             _packed_forward(model, layout)
             rows, columns = layout.group_of_row, layout.last_index
+        elif _padding_free(model):
+            packed = pack_rows(prompt_ids, prompt_mask, response_ids, response_mask)
+            packed.forward(model)
+            rows = packed.bin_of_row
+            columns = packed.start_of_row + packed.prompt_lengths + response_mask.sum(1) - 1
         else:
             input_ids, attention_mask, position_ids = _joined(
                 prompt_ids, prompt_mask, response_ids, response_mask
@@ -372,6 +410,10 @@ def token_values(
     if layout is not None:
         logits = _packed_forward(model, layout).logits
         return logits[layout.group_of_row[:, None], layout.predict_index, 0].float()
+    if _padding_free(model):
+        packed = pack_rows(prompt_ids, prompt_mask, response_ids, response_mask)
+        logits = packed.forward(model).logits
+        return logits[packed.bin_of_row[:, None], packed.response_columns(response_ids.shape[1]), 0].float()
     input_ids, attention_mask, position_ids = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

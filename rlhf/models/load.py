@@ -259,6 +259,7 @@ def load_scorer(
         # construction context `from_config` builds a partitioned backbone that cannot be copied into;
         # the tiny model is whole and deepspeed.initialize partitions it like the policy.
         setattr(model, model.base_model_prefix, lm.base_model)
+        model.padding_free = cfg.padding_free  # the backbone is the checked causal LM's
         return _checkpointed(_without_dropout(model).to(_dtype(cfg)), cfg)
     model = _from_pretrained(
         auto,

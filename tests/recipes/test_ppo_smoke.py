@@ -220,3 +220,17 @@ def test_curiosity_ppo_runs_and_resumes_exactly(make_config, tmp_path):
     for step in (3, 4):
         for key in ("loss", "curiosity/loss", "curiosity/error_mean"):
             assert first[step][key] == second[step][key], (step, key)
+
+
+def test_padding_free_gives_the_same_ppo_run(make_config, reward_model_dir, tmp_path):
+    """model.padding_free reaches the reward model's and the critic's passes too (their models load
+    with it): rewards, values and both losses equal the padded run's."""
+    common = [*FAST, f"reward_model.name_or_path={reward_model_dir}", "train.steps=2", "optim.lr=1e-2"]
+    common += ["critic.optim.lr=1e-2", "rollout.max_new_tokens=6"]
+    plain = ppo.train(make_config("ppo", *common, run_dir=str(tmp_path / "plain")))
+    packed = ppo.train(
+        make_config("ppo", *common, "model.padding_free=true", run_dir=str(tmp_path / "packed"))
+    )
+    for key in ("reward/model_mean", "value/mean", "loss", "loss/value"):
+        # fp32: the same terms, summed over other widths
+        assert packed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
