@@ -139,7 +139,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "arithmetic" or "sums" (synthetic, no download), a local .jsonl/.json/.parquet/.csv file or
+    # "arithmetic", "sums" or "sort" (synthetic, no download), a local .jsonl/.json/.parquet/.csv file or
     # directory, or a Hugging Face hub dataset name.
     source: str = "arithmetic"
     train_split: str = "train"
@@ -172,6 +172,11 @@ class DataConfig:
     reverse_digits: bool = True
     sum_max_target: int = 30  # "sums": targets 4..this, written with up to sum_max_parts one-digit parts
     sum_max_parts: int = 4
+    # "sums" with long answers: every target needs at least sum_min_parts parts, and starts at
+    # sum_min_target (e.g. 12 parts, targets 30-80: answers of 45 tokens, countless correct ones)
+    sum_min_parts: int = 2
+    sum_min_target: int = 4
+    sort_length: int = 16  # "sort": lists of this many digits; the answer is 2 * length - 1 tokens
 
     def __post_init__(self) -> None:
         check_choice("data.overlong", self.overlong, ("truncate", "drop"))

@@ -16,6 +16,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from rlhf.config import DataConfig
 from rlhf.data.arithmetic import make_addition_task
 from rlhf.data.preferences import make_addition_preferences
+from rlhf.data.sorting import make_sort_task
 from rlhf.data.sums import make_sum_task
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -95,7 +96,15 @@ def load_splits(cfg: DataConfig) -> DatasetDict:
     if cfg.source == "arithmetic":
         return make_addition_task(cfg.num_digits, cfg.eval_size, cfg.task_seed, cfg.reverse_digits)
     if cfg.source == "sums":
-        return make_sum_task(cfg.sum_max_target, cfg.sum_max_parts, seed=cfg.task_seed)
+        return make_sum_task(
+            cfg.sum_max_target,
+            cfg.sum_max_parts,
+            seed=cfg.task_seed,
+            min_parts=cfg.sum_min_parts,
+            min_target=cfg.sum_min_target,
+        )
+    if cfg.source == "sort":
+        return make_sort_task(cfg.sort_length, cfg.eval_size, seed=cfg.task_seed)
     if cfg.source == "arithmetic_preferences":
         return make_addition_preferences(cfg.num_digits, cfg.eval_size, cfg.task_seed)
     if os.path.exists(cfg.source):

@@ -1,0 +1,48 @@
+"""Long-response synthetic tasks: sorting digit lists (one exact answer of 2n - 1 tokens) and the
+sums task with many parts (countless correct answers of 45 tokens); their verifiers, splits and the
+sort preset."""
+
+from __future__ import annotations
+
+import pytest
+
+from rewards import exact_match, sum_to_target
+from rlhf.data.sorting import format_sort_problem, make_sort_task
+from rlhf.data.sums import make_sum_task
+from tests.recipes.conftest import compose_recipe_config
+
+
+def test_sort_problem_by_hand():
+    assert format_sort_problem([7, 3, 9, 1, 3]) == ("7,3,9,1,3=", "1,3,3,7,9")
+
+
+def test_sort_task_splits_are_disjoint_and_answers_verify():
+    data = make_sort_task(length=16, eval_size=200, train_rows=2000, seed=3)
+    train, held_out = data["train"], data["eval"]
+    assert len(train) == 2000 and len(held_out) == 200
+    assert not set(train["prompt"]) & set(held_out["prompt"])
+    assert all(len(a) == 31 for a in train["answer"])  # 16 digits and 15 commas
+    assert exact_match(list(train["prompt"]), list(train["answer"]), list(train["answer"])) == [1.0] * 2000
+    # the last two digits out of order, or one digit too many, is not the answer
+    swapped = [a[:-3] + a[-1] + a[-2] + a[-3] if a[-1] != a[-3] else a + ",0" for a in train["answer"][:50]]
+    assert exact_match([""] * 50, swapped, list(train["answer"][:50])) == [0.0] * 50
+    with pytest.raises(ValueError, match="sort_length"):
+        make_sort_task(length=1)
+
+
+def test_long_sums_have_exactly_the_parts_asked_for_and_many_answers():
+    data = make_sum_task(max_target=80, max_parts=12, min_parts=12, min_target=30, train_rows=3000, seed=2)
+    train = data["train"]
+    assert set(data["eval"]["target"]) == set(range(30, 81))
+    assert all(len(a.split(" + ")) == 12 for a in train["answer"])
+    assert sum_to_target(list(train["prompt"]), list(train["answer"]), list(train["target"])) == [1.0] * 3000
+    answers_for_50 = {a for a, t in zip(train["answer"], train["target"]) if t == 50}
+    assert len(answers_for_50) == sum(1 for t in train["target"] if t == 50) > 20  # all distinct
+    with pytest.raises(ValueError, match="sum_max_target"):
+        make_sum_task(max_target=120, max_parts=12, min_parts=12)  # 12 parts of 1-9 reach 108
+
+
+def test_sort_preset_composes():
+    cfg = compose_recipe_config("sft", ["+experiment=sft_sort"])
+    assert cfg.data.source == "sort" and cfg.data.response_budget == 34
+    assert cfg.eval.max_new_tokens == 34 and cfg.train.stop_at_accuracy == 0.25
