@@ -4,14 +4,14 @@ One row of a 16-token prompt and T response tokens through a random-init Qwen2-s
 (hidden 256, 2 layers) with vocabulary V; the pass computes the response tokens' logprobs and
 entropies, and the backward of their sum. Sides:
 - ours, plain: the full [rows, T, V] logits, warped, log-softmax, gather (model.logprob_chunk_tokens=0);
-- ours, chunked: model.logprob_chunk_tokens=512 (head, log-softmax and gather per chunk, recomputed
-  in the backward);
+- ours, chunked: model.logprob_chunk_tokens=--chunk (512 by default; head, log-softmax and gather per
+  chunk, recomputed in the backward);
 - TRL: GRPOTrainer's pass as TRL 1.16 ships it: `add_fused_lm_head` (log-probs and entropy in
   tiles, no full logits) and `model(..., labels=..., fused_lm_head=True)`.
 Each measurement runs in a fresh process; memory is the peak resident set size during the pass
 minus the resident size just before it (the model and inputs already built). 2 repeats, medians.
 
-Usage: python benchmarks/logprob_memory.py [--vocab 32000 151936] [--tokens 2048 4096] [--no-record]
+Usage: python benchmarks/logprob_memory.py [--vocab 32000 151936] [--tokens 2048 4096] [--chunk 512] [--no-record]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(side: str, vocab: int, tokens: int) -> dict[str, float]:
+def measure(side: str, vocab: int, tokens: int, chunk: int = CHUNK) -> dict[str, float]:
     """In this process: build the model, run one pass with gradient, report memory and seconds."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -81,7 +81,7 @@ def measure(side: str, vocab: int, tokens: int) -> dict[str, float]:
         from rlhf.models.forward import response_logprobs
 
         if side == "ours_chunked":
-            model.logprob_chunk_tokens = CHUNK
+            model.logprob_chunk_tokens = chunk
 
         def run():
             return response_logprobs(
@@ -101,12 +101,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--chunk", type=int, default=CHUNK, help="model.logprob_chunk_tokens of the chunked side"
+    )
     parser.add_argument("--no-record", action="store_true")
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "VOCAB", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=4, metavar=("SIDE", "VOCAB", "TOKENS", "CHUNK"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
-        side, vocab, tokens = args.child
-        print(json.dumps(measure(side, int(vocab), int(tokens))))
+        side, vocab, tokens, chunk = args.child
+        print(json.dumps(measure(side, int(vocab), int(tokens), int(chunk))))
         return
     sides = ("ours_plain", "ours_chunked", "trl")
     rows = []
@@ -116,7 +121,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for side in sides:  # interleaved
                     done = subprocess.run(
-                        [sys.executable, __file__, "--child", side, str(vocab), str(tokens)],
+                        [sys.executable, __file__, "--child", side, str(vocab), str(tokens), str(args.chunk)],
                         capture_output=True,
                         text=True,
                         check=True,
@@ -147,12 +152,12 @@ def main() -> None:
 
         settings = (
             f"One row, prompt {PROMPT} tokens, Qwen2-shaped random init (hidden {HIDDEN}, 2 layers, untied head), "
-            f"fp32, logprobs and entropy with the backward of the logprobs' sum; chunk {CHUNK} tokens; "
+            f"fp32, logprobs and entropy with the backward of the logprobs' sum; chunk {args.chunk} tokens; "
             f"peak RSS above the pre-pass RSS, fresh process per measurement, {args.repeats} interleaved repeats, medians."
         )
         append_results(
             "Per-token logprob pass with gradient: peak memory and time against TRL",
-            "python benchmarks/logprob_memory.py",
+            "python benchmarks/logprob_memory.py " + " ".join(sys.argv[1:]),
             f"{settings}\n\n{table}",
         )
 

@@ -101,11 +101,22 @@ def response_logprobs_and_states(
     min_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log pi(response_t) [B, T], states [B, T, h], next states [B, T, h]) from one forward: the
-    last hidden state (the LM head's input) where token t is predicted, and where it is read."""
-    logits, (states, next_states) = _response_forward(
-        model, prompt_ids, prompt_mask, response_ids, response_mask, with_states=True
-    )
-    logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    last hidden state (the LM head's input) where token t is predicted, and where it is read.
+    With `model.logprob_chunk_tokens` the logprobs come from those states a chunk at a time."""
+    warp = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    chunk = getattr(_head_owner(model), "logprob_chunk_tokens", 0)
+    with _head_as_identity(model) if chunk else contextlib.nullcontext():
+        logits, (states, next_states) = _response_forward(
+            model, prompt_ids, prompt_mask, response_ids, response_mask, with_states=True
+        )
+    if chunk:  # the "logits" are the head's inputs
+        head = _head_owner(model).get_output_embeddings()
+        return (
+            chunked_logprobs(head, logits, response_ids, response_mask, chunk, warp)[0],
+            states,
+            next_states,
+        )
+    logits = warp_logits(logits, **warp)
     safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
     return logprobs_from_logits(logits, safe_ids), states, next_states
 
@@ -196,24 +207,27 @@ def chunked_token_loss(
     hidden: list[torch.Tensor],
     chunk: int,
     loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    per_token: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """loss(*logits) [B, T] for distribution-level losses over several models' full-vocabulary
     logits, `chunk` response tokens at a time: each model's head runs on its `hidden` [B, T, h]
     slice inside a checkpointed piece, so one chunk's logits exist at a time in the forward and
     the backward. The first model's hidden states may carry gradient; per-token statistics
-    returned by `loss` are concatenated likewise."""
+    returned by `loss` are concatenated likewise. `per_token` tensors [B, T, ...] (token ids...) are
+    sliced with the chunk and passed to `loss` after the logits."""
     heads = [_head_owner(m).get_output_embeddings() for m in models]
     grad = torch.is_grad_enabled()
     names: list[str] = []  # the statistics' names, from the first piece (run in the forward)
 
     def piece(*states: torch.Tensor):
-        value, stats = loss(*[head(s) for head, s in zip(heads, states)])
+        logits = [head(s) for head, s in zip(heads, states[: len(heads)])]
+        value, stats = loss(*logits, *states[len(heads) :])
         names[:] = list(stats)
         return value, *stats.values()
 
     parts = []
     for start in range(0, hidden[0].shape[1], chunk):
-        window = [h[:, start : start + chunk] for h in hidden]
+        window = [h[:, start : start + chunk] for h in (*hidden, *per_token)]
         parts.append(checkpoint(piece, *window, use_reentrant=False) if grad else piece(*window))
     values = torch.cat([p[0] for p in parts], dim=1)
     stats = {name: torch.cat([p[i + 1] for p in parts], dim=1) for i, name in enumerate(names)}

@@ -22,7 +22,13 @@ import torch
 
 from rlhf.advantages import nthr_advantage_scale, nthr_scores
 from rlhf.losses.preference import contrastive_prompt_token_rewards, contrastive_token_scores
-from rlhf.models.forward import _head_owner, response_head_inputs, response_logits, response_logprobs
+from rlhf.models.forward import (
+    _head_owner,
+    chunked_token_loss,
+    response_head_inputs,
+    response_logits,
+    response_logprobs,
+)
 from rlhf.ops import warp_logits
 
 PromptRewriter = Callable[[list[Any], str], tuple[torch.Tensor, torch.Tensor]]
@@ -54,6 +60,27 @@ class PairTokenScorer:
             names.append("treg_rewards")
         return names
 
+    def _contrast_scores(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """cDPO's scores [B, T]; with `model.logprob_chunk_tokens`, both models' heads a chunk of
+        tokens at a time (no [B, T, V] logits)."""
+        models, ids = (self.positive, self.negative), tensors[2]
+        chunk = getattr(_head_owner(self.positive), "logprob_chunk_tokens", 0)
+        if not chunk:
+            logits = [response_logits(m, *tensors) for m in models]
+            return contrastive_token_scores(*logits, ids, beta=self.contrast_beta)
+        hidden = [response_head_inputs(m, *tensors) for m in models]
+        scores, _ = chunked_token_loss(
+            list(models),
+            hidden,
+            chunk,
+            lambda positive, negative, ids: (
+                contrastive_token_scores(positive, negative, ids, beta=self.contrast_beta),
+                {},
+            ),
+            per_token=(ids,),
+        )
+        return scores
+
     @torch.no_grad()
     def __call__(
         self,
@@ -71,12 +98,7 @@ class PairTokenScorer:
         if self.guide is not None:
             out["guide_logprobs"] = response_logprobs(self.guide, *tensors)[0]
         if self.positive is not None:
-            out["contrast_scores"] = contrastive_token_scores(
-                response_logits(self.positive, *tensors),
-                response_logits(self.negative, *tensors),
-                completion_ids,
-                beta=self.contrast_beta,
-            )
+            out["contrast_scores"] = self._contrast_scores(tensors)
         if self.treg_model is not None:
             better = self.rewrite_prompts(prompts, self.better_template)
             worse = self.rewrite_prompts(prompts, self.worse_template)

@@ -95,3 +95,45 @@ def test_a_head_that_is_not_plain_is_refused():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ConfigError, match="model.logprob_chunk_tokens: the 'llama' family is not supported"):
         load_module._checked_family(model, cfg)
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_chunked_frozen_passes_equal_plain(shared_prefix):
+    """The other passes that read a distribution per token honour the chunk size too: the curiosity
+    pass (logprobs with the hidden states, PPO's reference) and cDPO's contrastive scores."""
+    from rlhf.models.forward import response_logprobs_and_states
+    from rlhf.models.token_scorers import PairTokenScorer
+
+    plain, tokenizer = _model("qwen2", 0, shared_prefix)
+    chunked, _ = _model("qwen2", 3, shared_prefix)
+    negatives = [_model("qwen2", chunk, shared_prefix)[0] for chunk in (0, 3)]
+    for model in negatives:  # another model than the positive one
+        torch.nn.init.normal_(
+            model.get_output_embeddings().weight, std=0.5, generator=torch.Generator().manual_seed(9)
+        )
+    torch.manual_seed(0)
+    batch = generate_rollouts(
+        plain,
+        tokenizer,
+        ["12+34=", "5+6=", "99+1="],
+        {},
+        group_size=2,
+        sampling=SamplingParams(max_new_tokens=7),
+    )
+    tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    mask = batch.response_mask
+    with torch.no_grad():
+        warp = {"temperature": 0.7, "top_k": 5}
+        (a, a_states, a_next), (b, b_states, b_next) = (
+            response_logprobs_and_states(m, *tensors, **warp) for m in (plain, chunked)
+        )
+        scores = [
+            PairTokenScorer(positive=positive, negative=negative, contrast_beta=0.5)._contrast_scores(tensors)
+            for positive, negative in zip((plain, chunked), negatives)
+        ]
+    # the same float32 operations on the same rows, cut into chunks: measured equal to 1e-7
+    torch.testing.assert_close(b[mask], a[mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b_states, a_states, rtol=0, atol=0)
+    torch.testing.assert_close(b_next, a_next, rtol=0, atol=0)
+    torch.testing.assert_close(scores[1][mask], scores[0][mask], rtol=1e-5, atol=1e-6)
+    assert 0 < float(scores[0][mask].min()) and float(scores[0][mask].max()) < 1
