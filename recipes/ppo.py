@@ -173,7 +173,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             # 5 update: policy and critic, minibatches x epochs, micro-batches accumulate
             update_started = time.perf_counter()
             metrics.update(
-                _update(policy, models.critic, batch, old_values, returns, plan, cfg, reduction, segment_ids)
+                _update(policy, models, batch, old_values, returns, plan, cfg, reduction, segment_ids)
             )
             if models.curiosity:  # after the rewards were read from it, as the authors order it
                 metrics.update(models.curiosity.update(batch))
@@ -419,11 +419,13 @@ def _batched(compute, batch, split) -> torch.Tensor:
 
 
 def _update(
-    policy, critic, batch, old_values, returns, plan, cfg: PPOConfig, reduction, segment_ids=None
+    policy, models: PPOModels, batch, old_values, returns, plan, cfg: PPOConfig, reduction, segment_ids=None
 ) -> dict[str, float]:
-    """Clipped policy and value steps; each normalizer counts its whole minibatch on all ranks.
+    """Clipped policy and value steps (micro-batches by `models.split`); each normalizer counts its
+    whole minibatch on all ranks.
     With macro segments and `advantage.macro.ratio=macro`, the ratio clipped is the segment's product."""
     macro_ratio = segment_ids is not None and cfg.advantage.macro.ratio == "macro"
+    critic = models.critic
     warp = SamplingParams.from_config(cfg.rollout).warp()
     accumulator = MetricAccumulator()
     stats: dict[str, float] = {}
@@ -436,7 +438,7 @@ def _update(
             )
             policy_loss = torch.zeros((), device=policy.device)
             value_loss = torch.zeros((), device=policy.device)
-            for micro in _splitter(cfg, policy, plan.micro_batch_size)(batch, minibatch):
+            for micro in models.split(batch, minibatch):
                 tensors = _tensors(batch, micro)
                 mask = batch.response_mask[micro]
                 logprobs, entropy = response_logprobs(

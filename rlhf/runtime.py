@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from rlhf.config import LoggerConfig, RewardConfig
+from rlhf.data.chat import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 from rlhf.data.collate import token_budget_micro_batches
 from rlhf.rollout.records import rollout_records, sample_rows
 from rlhf.scoring import WeightedReward, resolve_reward
@@ -107,8 +108,6 @@ def micro_batches(
 
 def pair_tokens(rows) -> torch.Tensor:
     """Valid tokens of each preference pair's two sequences (prompt + chosen, prompt + rejected)."""
-    from rlhf.data.chat import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
-
     return torch.tensor(
         [
             2 * len(p) + len(c) + len(r)

@@ -11,7 +11,6 @@ continues from the reference it had, not from the initial model.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -49,10 +48,6 @@ def check_same_layout(policy: torch.nn.Module, reference: torch.nn.Module) -> No
         )
 
 
-def _gathered(engine: Any, params: list, writable: bool) -> contextlib.AbstractContextManager:
-    return engine.gathered_parameters(params, writable=writable)
-
-
 class ReferenceSync:
     """Mixes the policy into the frozen reference every `sync_steps` steps; saves and restores it."""
 
@@ -69,8 +64,8 @@ class ReferenceSync:
         with torch.no_grad():
             for _, policy_params, reference_params in _paired_modules(self.engine.module, self.reference):
                 with (
-                    _gathered(self.engine, policy_params, False),
-                    _gathered(self.engine, reference_params, True),
+                    self.engine.gathered_parameters(policy_params),
+                    self.engine.gathered_parameters(reference_params, writable=True),
                 ):
                     for mine, theirs in zip(policy_params, reference_params, strict=True):
                         theirs.mul_(1.0 - self.alpha).add_(mine.to(theirs.dtype), alpha=self.alpha)
@@ -80,7 +75,7 @@ class ReferenceSync:
         """The reference's full weights on the main rank (collective; empty elsewhere)."""
         state: dict[str, torch.Tensor] = {}
         for names, _, params in _paired_modules(self.engine.module, self.reference):
-            with _gathered(self.engine, params, False):
+            with self.engine.gathered_parameters(params):
                 if self.engine.is_main:
                     state.update({n: p.detach().cpu().clone() for n, p in zip(names, params, strict=True)})
         return state
@@ -92,6 +87,6 @@ class ReferenceSync:
                 missing = [n for n in names if n not in state]
                 if missing:
                     raise CheckpointError(f"the checkpoint's reference weights lack {missing[0]}")
-                with _gathered(self.engine, params, True):
+                with self.engine.gathered_parameters(params, writable=True):
                     for n, p in zip(names, params, strict=True):
                         p.copy_(state[n].to(p.device, p.dtype))

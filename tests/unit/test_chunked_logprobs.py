@@ -24,6 +24,21 @@ def _model(arch: str, chunk: int, shared_prefix: bool = False, lora: bool = Fals
     return load_policy(cfg, tokenizer, seed=3), tokenizer
 
 
+def _sampled(model, tokenizer, group_size: int):
+    """((prompt ids, prompt mask, response ids, response mask), response mask) of a seeded rollout."""
+    torch.manual_seed(0)
+    batch = generate_rollouts(
+        model,
+        tokenizer,
+        ["12+34=", "5+6=", "99+1="],
+        {},
+        group_size=group_size,
+        sampling=SamplingParams(max_new_tokens=7),
+    )
+    tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    return tensors, batch.response_mask
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize(
@@ -33,17 +48,7 @@ def _model(arch: str, chunk: int, shared_prefix: bool = False, lora: bool = Fals
 def test_chunked_equals_plain(arch, chunk, warp, shared_prefix):
     plain, tokenizer = _model(arch, 0, shared_prefix)
     chunked, _ = _model(arch, chunk, shared_prefix)
-    torch.manual_seed(0)
-    batch = generate_rollouts(
-        plain,
-        tokenizer,
-        ["12+34=", "5+6=", "99+1="],
-        {},
-        group_size=3,
-        sampling=SamplingParams(max_new_tokens=7),
-    )
-    tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
-    mask = batch.response_mask
+    tensors, mask = _sampled(plain, tokenizer, group_size=3)
     results = []
     for model in (plain, chunked):
         model.zero_grad()
@@ -111,17 +116,7 @@ def test_chunked_frozen_passes_equal_plain(shared_prefix):
         torch.nn.init.normal_(
             model.get_output_embeddings().weight, std=0.5, generator=torch.Generator().manual_seed(9)
         )
-    torch.manual_seed(0)
-    batch = generate_rollouts(
-        plain,
-        tokenizer,
-        ["12+34=", "5+6=", "99+1="],
-        {},
-        group_size=2,
-        sampling=SamplingParams(max_new_tokens=7),
-    )
-    tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
-    mask = batch.response_mask
+    tensors, mask = _sampled(plain, tokenizer, group_size=2)
     with torch.no_grad():
         warp = {"temperature": 0.7, "top_k": 5}
         (a, a_states, a_next), (b, b_states, b_next) = (
