@@ -1,9 +1,9 @@
 """GRPO and DPO steps at a real model's shapes: ours, each memory/compute feature off and on,
 against TRL 1.16's trainers on the same model, data and work.
 
-Model: a random-init Llama with hidden 256, 4 layers, 4 heads (head_dim 64), MLP 1024 and a
-32,000-word vocabulary (a word-level tokenizer built here: no download), saved to a local directory
-that every side loads. Prompts are random words; the data holds exactly one step's prompts, so every
+Model (`--shape small`, the default): a random-init Llama with hidden 256, 4 layers, 4 heads
+(head_dim 64), MLP 1024 and a 32,000-word vocabulary (a word-level tokenizer built here: no
+download), saved to a local directory that every side loads. Prompts are random words; the data holds exactly one step's prompts, so every
 step of every side does the same work, and their lengths differ as real rows do: GRPO's two prompts
 are 1,024 and 2,048 tokens, DPO's four 1,024, 1,365, 1,706 and 2,048 (--prompt-lengths sets the range).
 - GRPO: 2 prompts x G=8, 64 new tokens (a random model never samples EOS), a shaped reward (the share
@@ -17,8 +17,16 @@ are 1,024 and 2,048 tokens, DPO's four 1,024, 1,365, 1,706 and 2,048 (--prompt-l
 fp32, 2 torch threads. The sides are interleaved (each side once per repeat), the first step of each
 run dropped; medians and ranges of seconds per step are reported.
 
+On a GPU (`--device cuda`), every side trains in bf16 mixed precision (TRL `bf16=True`, ours
+`train.precision=bf16`), and `--shape qwen2-0.5b` / `qwen2-1.5b` builds a random-init model with
+those checkpoints' dimensions and 151,936-word vocabulary. GPU runs also report tokens per
+second (prompt and response tokens of the step's rows) and the step's model FLOPs utilisation:
+6 x parameters x tokens (one forward and backward; generation and the frozen passes are not
+counted, so it understates the work done) over the GPU's dense bf16 peak (989 TFLOP/s, H100/H200).
+
 Usage: python benchmarks/real_size.py [--recipes grpo dpo] [--repeats 2] [--steps 4] [--no-record]
-       [--prompt-lengths 1024 2048]
+       [--prompt-lengths 1024 2048] [--device cpu|cuda] [--shape small|qwen2-0.5b|qwen2-1.5b]
+       [--prompts 2] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -32,14 +40,37 @@ import random
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import append_results, median_range, step_timer  # noqa: E402
 
-VOCAB, HIDDEN, LAYERS, HEADS, MLP = 32_000, 256, 4, 4, 1024
-GROUP, PROMPTS, NEW_TOKENS, PAIRS = 8, 2, 64, 4
+GROUP, PAIRS = 8, 4
+PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+
+
+SHAPES = {
+    "small": Shape("llama", 32_000, 256, 4, 4, 4, 1024),
+    # Qwen2's dimensions and q/k/v biases in Llama's block: transformers would load a qwen2 model type's
+    # tokenizer as Qwen2's BPE class, which cannot read the word-level tokenizer built here
+    "qwen2-0.5b": Shape("qwen2", 151_936, 896, 24, 14, 2, 4864),
+    "qwen2-1.5b": Shape("qwen2", 151_936, 1536, 28, 12, 2, 8960),
+}
+# set from the command line in main(): the model's shape, prompts per GRPO step, new tokens per response
+SHAPE, PROMPTS, NEW_TOKENS, DEVICE = SHAPES["small"], 2, 64, "cpu"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 GRPO_SIDES = {
@@ -66,30 +97,31 @@ def even_word_share(prompts, completions, **_):
 
 
 def save_model(directory: str) -> str:
-    """The random-init Llama and its word-level tokenizer (special tokens first, then w0, w1, ...)."""
+    """The random-init model of SHAPE and its word-level tokenizer (special tokens, then w0, w1, ...)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {token: i for i, token in enumerate(specials)}
-    vocab.update({f"w{i}": len(specials) + i for i in range(VOCAB - len(specials))})
+    vocab.update({f"w{i}": len(specials) + i for i in range(SHAPE.vocab - len(specials))})
     words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=words, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=MLP,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
+        vocab_size=SHAPE.vocab,
+        hidden_size=SHAPE.hidden,
+        intermediate_size=SHAPE.mlp,
+        num_hidden_layers=SHAPE.layers,
+        num_attention_heads=SHAPE.heads,
+        num_key_value_heads=SHAPE.kv_heads,
         max_position_embeddings=4096,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=True,
+        attention_bias=SHAPE.arch == "qwen2",  # Llama's flag also gives o_proj a bias: 0.02% more parameters
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
@@ -98,7 +130,7 @@ def save_model(directory: str) -> str:
 
 
 def _text(rng: random.Random, tokens: int) -> str:
-    return " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(tokens))
+    return " ".join(f"w{rng.randrange(SHAPE.vocab - 4)}" for _ in range(tokens))
 
 
 def make_rows(kind: str, low: int, high: int, seed: int = 0) -> list[dict[str, str]]:
@@ -143,6 +175,7 @@ def run_ours(
         "checkpoint.every=0",
         "checkpoint.save_final=false",
         "logger=quiet",
+        *(["train.precision=bf16"] if DEVICE == "cuda" else []),
         *extra,
     ]
     if recipe == "grpo":
@@ -182,8 +215,8 @@ def run_trl(recipe: str, model_dir: str, rows: list[dict], steps: int, workdir: 
         gradient_accumulation_steps=1,
         learning_rate=1e-5,
         max_steps=steps,
-        bf16=False,
-        use_cpu=True,
+        bf16=DEVICE == "cuda",
+        use_cpu=DEVICE == "cpu",
         gradient_checkpointing=False,
         report_to=[],
         save_strategy="no",
@@ -242,14 +275,56 @@ def run_trl(recipe: str, model_dir: str, rows: list[dict], steps: int, workdir: 
     return times[1:]
 
 
+def step_tokens(recipe: str, rows: list[dict], model_dir: str) -> int:
+    """Prompt and response tokens in one step's rows (GRPO responses run to max_new_tokens)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    if recipe == "grpo":
+        return sum(GROUP * (count(r["prompt"]) + NEW_TOKENS) for r in rows)
+    return sum(2 * count(r["prompt"]) + count(r["chosen"]) + count(r["rejected"]) for r in rows)
+
+
+def throughput_lines(
+    recipe: str, rows: list[dict], model_dir: str, times: dict[str, list[float]]
+) -> list[str]:
+    """Tokens per second and model FLOPs utilisation of each side's median step (GPU runs)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    parameters = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    tokens = step_tokens(recipe, rows, model_dir)
+    lines = [
+        "",
+        f"{recipe.upper()} throughput: {parameters / 1e6:.0f}M parameters, {tokens} tokens per step",
+        "",
+        "| side | tokens/s | MFU (6 N T / t / 989 TFLOP/s) |",
+        "|---|---|---|",
+    ]
+    for name, found in times.items():
+        seconds = statistics.median(found)
+        mfu = 6 * parameters * tokens / seconds / PEAK_BF16_FLOPS
+        lines.append(f"| {name} | {tokens / seconds:,.0f} | {100 * mfu:.1f}% |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", nargs="+", choices=["grpo", "dpo"], default=["grpo", "dpo"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--prompt-lengths", type=int, nargs=2, default=[1024, 2048], metavar=("LOW", "HIGH"))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--prompts", type=int, default=2, help="GRPO prompts per step")
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    global SHAPE, PROMPTS, NEW_TOKENS, DEVICE
+    SHAPE, PROMPTS, NEW_TOKENS, DEVICE = SHAPES[args.shape], args.prompts, args.new_tokens, args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     torch.set_num_threads(2)
     os.environ.setdefault("WANDB_MODE", "disabled")
     workdir = tempfile.mkdtemp(prefix="real_size_")
@@ -283,11 +358,18 @@ def main() -> None:
         lines += [
             f"| {n} | {median_range(t)} | {trl / statistics.median(t):.2f}x |" for n, t in times.items()
         ]
+        if DEVICE == "cuda":
+            lines += throughput_lines(recipe, rows, model_dir, times)
     body = "\n".join(lines)
     print(body)
     if not args.no_record:
         command = "python benchmarks/real_size.py " + " ".join(sys.argv[1:])
-        append_results("GRPO and DPO steps at hidden 256, vocabulary 32k, prompts 1-2k tokens", command, body)
+        shape = f"{args.shape} shape ({SHAPE.hidden} hidden, vocabulary {SHAPE.vocab:,})"
+        append_results(
+            f"GRPO and DPO steps at the {shape}, on {DEVICE}, prompts {args.prompt_lengths[0]}-{args.prompt_lengths[1]} tokens",
+            command,
+            body,
+        )
 
 
 if __name__ == "__main__":
