@@ -153,7 +153,8 @@ def test_a_teacher_equal_to_the_policy_gives_zero_loss(make_config, teachers, tm
             run_dir=str(tmp_path / "same"),
         )
     )
-    assert abs(_trained(result)[0]["loss"]) < 1e-6
+    # measured: below 1e-6 on CPU, 1.7e-6 on a CUDA device (float32 kernels that differ per pass)
+    assert abs(_trained(result)[0]["loss"]) < 1e-5
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from rlhf.config import LoraConfig, ModelConfig, OptimConfig, TinyModelConfig
 from rlhf.distributed.engine import SingleProcessEngine
 from rlhf.loggers import read_metrics
 from rlhf.models.load import load_policy, load_reference, load_tokenizer
+from tests.recipes.test_grpo_smoke import VARIED_REWARD
 
 
 def _lora_model_config() -> ModelConfig:
@@ -54,6 +55,7 @@ def test_grpo_with_lora_and_kl(make_config):
             "train.micro_batch_size=8",
             "train.steps=3",
             "eval.num_samples=8",
+            *VARIED_REWARD,
         )
     )
     rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]

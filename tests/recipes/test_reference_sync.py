@@ -14,6 +14,7 @@ from rlhf.loggers import read_metrics
 from tests.recipes.test_dpo import FAST as DPO_FAST
 from tests.recipes.test_dpo import losses
 from tests.recipes.test_grpo_smoke import FAST as GRPO_FAST
+from tests.recipes.test_grpo_smoke import VARIED_REWARD
 
 HARD_SYNC = ["reference.sync=true", "reference.sync_steps=1", "reference.mixup_alpha=1.0"]
 GRPO_KL = [*GRPO_FAST, "loss.kl_coef=0.1", "optim.lr=1e-2", "eval.every=0"]
@@ -26,7 +27,7 @@ def _trained(result) -> dict[int, dict]:
 def test_grpo_hard_sync_leaves_no_kl_to_the_reference(make_config, tmp_path):
     """alpha=1 every step: each rollout's policy is the reference, so the KL is 0 at every step;
     without the sync it grows once the policy has moved."""
-    common = [*GRPO_KL, "train.steps=3"]
+    common = [*GRPO_KL, "train.steps=3", *VARIED_REWARD]
     synced = _trained(grpo.train(make_config("grpo", *common, *HARD_SYNC, run_dir=str(tmp_path / "a"))))
     fixed = _trained(grpo.train(make_config("grpo", *common, run_dir=str(tmp_path / "b"))))
     assert all(synced[s]["kl/mean"] == 0.0 for s in (1, 2, 3)), synced

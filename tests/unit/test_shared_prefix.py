@@ -293,7 +293,7 @@ def test_grpo_loss_and_one_optimizer_step_equal():
             old_logprobs=-torch.rand(8, 7, generator=torch.Generator().manual_seed(11)) * 3,
             ref_logprobs=-torch.rand(8, 7, generator=torch.Generator().manual_seed(12)) * 3,
             advantages=torch.randn(8, generator=torch.Generator().manual_seed(13)),
-        )
+        ).to(engine.device)  # the rollout hands the update its batch on the engine's device
         torch.manual_seed(0)  # the minibatch order
         warp = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
         stats = _update(engine, batch, plan, cfg, get_reduction("token_mean"), k3, warp)
