@@ -234,15 +234,33 @@ def recipe_config(schema: type, dict_cfg: Any) -> Any:
     from omegaconf import OmegaConf
 
     composed = OmegaConf.to_container(dict_cfg, resolve=True)
-    if not composed.get("resume"):
-        return OmegaConf.to_object(dict_cfg)
     hydra_cfg = HydraConfig.get()
+    if not composed.get("resume"):
+        return _own_run_dir_per_job(OmegaConf.to_object(dict_cfg), hydra_cfg)
+
     defaults = OmegaConf.to_container(compose(hydra_cfg.job.config_name, overrides=[]), resolve=True)
     cfg, applied = resume_config(schema, composed, defaults, list(hydra_cfg.overrides.task))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming {cfg.run_dir} with its saved config", flush=True)
         for line in applied:
             print(f"  override {line}", flush=True)
+    return cfg
+
+
+def _own_run_dir_per_job(cfg: Any, hydra_cfg: Any) -> Any:
+    """Under `-m` (multirun) every job of the sweep resolves the default run_dir's timestamp to the
+    same second, so each job gets `<run_dir>/job<N>` unless the command line sets run_dir itself."""
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return cfg
+    if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in hydra_cfg.overrides.task):
+        return cfg
+    cfg.run_dir = os.path.join(cfg.run_dir, f"job{hydra_cfg.job.num}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"multirun job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname}): {cfg.run_dir}", flush=True
+        )
     return cfg
 
 

@@ -114,6 +114,30 @@ def test_resume_from_the_command_line_prints_the_overrides(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p != "cli"], "Hydra wrote nothing of its own"
 
 
+def test_a_multirun_gives_every_job_its_own_run_dir(tmp_path):
+    """`-m ... seed=1,2`: the default run_dir's timestamp is the same for the whole sweep, so each
+    job trains into <run_dir>/job<N> with its own config; Hydra's sweep record goes under runs/."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    sweep = subprocess.run(
+        [sys.executable, "-m", "recipes.grpo", "-m", *SMALL_MODEL, *FAST, "train.steps=1", "seed=1,2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    (stamp,) = os.listdir(tmp_path / "runs" / "grpo")
+    jobs = tmp_path / "runs" / "grpo" / stamp
+    assert sorted(os.listdir(jobs)) == ["job0", "job1"]
+    for job, seed in (("job0", 1), ("job1", 2)):
+        with open(jobs / job / "config.yaml") as handle:
+            assert yaml.safe_load(handle)["seed"] == seed
+        assert sorted(_trained(str(jobs / job))) == [1]
+    assert sorted(os.listdir(tmp_path / "runs")) == ["grpo", "multirun"]
+    assert sorted(os.listdir(tmp_path)) == ["runs"], "Hydra wrote nothing outside runs/"
+
+
 @pytest.mark.parametrize(
     "recipe,overrides,message",
     [
