@@ -5,13 +5,21 @@ Return None for a completion that cannot be scored; it is left out of the group 
 Config names a function from `REWARD_FUNCTIONS`, or any importable "package.module:function".
 """
 
-from rewards.answer import answer_format, digit_match, exact_match, sum_to_target
+from rewards.answer import answer_format, digit_match, exact_match, grouped_digits, sum_to_target
 
 REWARD_FUNCTIONS = {
     "exact_match": exact_match,
     "answer_format": answer_format,
     "digit_match": digit_match,
     "sum_to_target": sum_to_target,
+    "grouped_digits": grouped_digits,
 }
 
-__all__ = ["REWARD_FUNCTIONS", "answer_format", "digit_match", "exact_match", "sum_to_target"]
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "answer_format",
+    "digit_match",
+    "exact_match",
+    "grouped_digits",
+    "sum_to_target",
+]

@@ -1,4 +1,5 @@
-"""Verifiable-answer rewards: exact match against a reference column, and answer format."""
+"""Verifiable-answer rewards: exact match against a reference column, answer format, and the
+verifiers of tasks with many correct answers (sums to a target, grouped digits)."""
 
 from __future__ import annotations
 
@@ -77,4 +78,26 @@ def sum_to_target(
             continue
         parts = [int(p) for p in text.split("+")] if _SUM.fullmatch(text) else []
         scores.append(float(bool(parts) and min(parts) >= 1 and sum(parts) == int(goal)))
+    return scores
+
+
+_DIGIT_LIST = re.compile(r"\d(,\d)*")
+
+
+def grouped_digits(prompts: list[Completion], completions: list[Completion], **_: Any) -> list[float | None]:
+    """1.0 when the completion lists the prompt's digits (the "d,d,...=" before its "=") with each
+    value's copies next to each other, the values in any order (the `group` task's verifier)."""
+    scores: list[float | None] = []
+    for prompt, text in zip(map(completion_text, prompts), map(completion_text, completions)):
+        given = prompt.strip().rsplit("=", 1)[0].rsplit("\n", 1)[-1].strip()
+        text = text.strip()
+        if not _DIGIT_LIST.fullmatch(given):
+            scores.append(None)  # not a grouping prompt: nothing to verify against
+            continue
+        if not _DIGIT_LIST.fullmatch(text):
+            scores.append(0.0)
+            continue
+        digits = text.split(",")
+        runs = 1 + sum(a != b for a, b in zip(digits, digits[1:]))
+        scores.append(float(sorted(digits) == sorted(given.split(",")) and runs == len(set(digits))))
     return scores

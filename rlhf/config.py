@@ -139,8 +139,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "arithmetic", "sums" or "sort" (synthetic, no download), a local .jsonl/.json/.parquet/.csv file or
-    # directory, or a Hugging Face hub dataset name.
+    # "arithmetic", "sums", "sort" or "group" (synthetic, no download), a local .jsonl/.json/.parquet/
+    # .csv file or directory, or a Hugging Face hub dataset name.
     source: str = "arithmetic"
     train_split: str = "train"
     eval_split: str | None = "eval"
@@ -176,7 +176,7 @@ class DataConfig:
     # sum_min_target (e.g. 12 parts, targets 30-80: answers of 45 tokens, countless correct ones)
     sum_min_parts: int = 2
     sum_min_target: int = 4
-    sort_length: int = 16  # "sort": lists of this many digits; the answer is 2 * length - 1 tokens
+    sort_length: int = 16  # "sort"/"group": lists of this many digits; answers are 2 * length - 1 tokens
 
     def __post_init__(self) -> None:
         check_choice("data.overlong", self.overlong, ("truncate", "drop"))

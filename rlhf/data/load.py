@@ -103,8 +103,10 @@ def load_splits(cfg: DataConfig) -> DatasetDict:
             min_parts=cfg.sum_min_parts,
             min_target=cfg.sum_min_target,
         )
-    if cfg.source == "sort":
-        return make_sort_task(cfg.sort_length, cfg.eval_size, seed=cfg.task_seed)
+    if cfg.source in ("sort", "group"):
+        return make_sort_task(
+            cfg.sort_length, cfg.eval_size, seed=cfg.task_seed, grouped=cfg.source == "group"
+        )
     if cfg.source == "arithmetic_preferences":
         return make_addition_preferences(cfg.num_digits, cfg.eval_size, cfg.task_seed)
     if os.path.exists(cfg.source):
