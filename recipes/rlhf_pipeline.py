@@ -279,7 +279,9 @@ def _report(
 
 
 @torch.no_grad()
-def heldout_gold(model_dir: str, data_cfg, batch_size: int = 500) -> dict[str, float]:
+def heldout_gold(
+    model_dir: str, data_cfg, batch_size: int = 500, max_new_tokens: int = 5
+) -> dict[str, float]:
     """Greedy answers of the model at `model_dir` to every held-out problem of the task: the mean
     exact match and the mean gold score (fraction of correct digits)."""
     model_cfg = ModelConfig(source="pretrained", name_or_path=model_dir)
@@ -295,7 +297,7 @@ def heldout_gold(model_dir: str, data_cfg, batch_size: int = 500) -> dict[str, f
             chunk["prompt"],
             {"answer": chunk["answer"]},
             group_size=1,
-            sampling=SamplingParams(max_new_tokens=5),
+            sampling=SamplingParams(max_new_tokens=max_new_tokens),
             do_sample=False,
         )
         exact += exact_match(batch.prompts, batch.completions, answer=chunk["answer"])

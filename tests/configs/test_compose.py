@@ -55,6 +55,10 @@ REQUIRED = {
     "dpo_tgdpo": ["token_weights.guide_model=some/dpo"],
     "dpo_cdpo": ["token_weights.positive_model=some/pos", "token_weights.negative_model=some/neg"],
     "dpo_pipeline": ["data.source=pairs/"],
+    "ppo_long_sort": ["model.name_or_path=some/sft"],
+    "grpo_long_sort": ["model.name_or_path=some/sft"],
+    "dpo_long_sort": ["model.name_or_path=some/sft", "data.source=pairs/"],
+    "ppo_group": ["model.name_or_path=some/sft"],
 }
 
 
