@@ -85,28 +85,27 @@ def test_resume_takes_the_saved_config_and_applies_overrides_on_top(make_config,
     assert info["recipe"] == "grpo" and [s["step"] for s in info["starts"]] == [0, 2]
 
 
+def _grpo_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    """`python -m recipes.grpo <args>` in `cwd`, one thread, the repository importable."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "recipes.grpo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_resume_from_the_command_line_prints_the_overrides(tmp_path):
     """The README's `resume=<run dir>` through Hydra: the saved config, the override printed."""
     run_dir = tmp_path / "cli"
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    common = [sys.executable, "-m", "recipes.grpo"]
-    first = subprocess.run(
-        [*common, *SMALL_MODEL, *FAST, "train.steps=1", "model.tiny.hidden_size=16", f"run_dir={run_dir}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    first = _grpo_cli(
+        *SMALL_MODEL, *FAST, "train.steps=1", "model.tiny.hidden_size=16", f"run_dir={run_dir}", cwd=ROOT
     )
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = subprocess.run(
-        [*common, f"resume={run_dir}", "train.steps=2"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = _grpo_cli(f"resume={run_dir}", "train.steps=2", cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "override train.steps: 1 -> 2" in resumed.stdout
     assert "hidden_size" not in resumed.stdout  # the tiny model's shape came from the saved config
@@ -117,15 +116,7 @@ def test_resume_from_the_command_line_prints_the_overrides(tmp_path):
 def test_a_multirun_gives_every_job_its_own_run_dir(tmp_path):
     """`-m ... seed=1,2`: the default run_dir's timestamp is the same for the whole sweep, so each
     job trains into <run_dir>/job<N> with its own config; Hydra's sweep record goes under runs/."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    sweep = subprocess.run(
-        [sys.executable, "-m", "recipes.grpo", "-m", *SMALL_MODEL, *FAST, "train.steps=1", "seed=1,2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    sweep = _grpo_cli("-m", *SMALL_MODEL, *FAST, "train.steps=1", "seed=1,2", cwd=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     (stamp,) = os.listdir(tmp_path / "runs" / "grpo")
     jobs = tmp_path / "runs" / "grpo" / stamp
