@@ -33,6 +33,19 @@ def machine() -> str:
     )
 
 
+def compose_config(recipe: str, overrides: list[str]):
+    """The typed config of `recipe` with `overrides`, as the command line would compose it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rlhf.config import register_configs
+
+    register_configs()
+    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return OmegaConf.to_object(compose(recipe, overrides=overrides))
+
+
 def median_range(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 

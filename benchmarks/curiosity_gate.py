@@ -39,20 +39,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, compose_config  # noqa: E402
+from rlhf.intrinsic import whiten_per_sequence  # noqa: E402
 
 RUNS = os.path.join(ROOT, "runs", "long_horizon", "sums")
-
-
-def _compose(recipe: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from rlhf.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
-        return OmegaConf.to_object(compose(recipe, overrides=overrides))
 
 
 def sft_start() -> str:
@@ -62,7 +52,9 @@ def sft_start() -> str:
 
     run_dir = os.path.join(RUNS, "sft")
     if not list_checkpoints(run_dir):
-        sft.train(_compose("sft", ["+experiment=sft_sums", "seed=1", f"run_dir={run_dir}", "logger=quiet"]))
+        sft.train(
+            compose_config("sft", ["+experiment=sft_sums", "seed=1", f"run_dir={run_dir}", "logger=quiet"])
+        )
     return export_dir(list_checkpoints(run_dir)[-1])
 
 
@@ -141,7 +133,7 @@ def run_seed(seed: int, start: str, steps: int, module_lr: float) -> list[dict]:
     ppo._passes = recorder.passes(original_passes)
     Curiosity.__call__ = recorder.source(original_call)
     try:
-        cfg = _compose(
+        cfg = compose_config(
             "ppo",
             [
                 "+experiment=[ppo_sums,ppo_curiosity]",
@@ -177,17 +169,6 @@ def whitening_error(step: dict) -> float:
     return worst
 
 
-def zscores(step: dict) -> torch.Tensor:
-    """The whitened error of every token, gated or not (the reward before the gate)."""
-    out = torch.zeros_like(step["error"], dtype=torch.float64)
-    for row in range(step["error"].shape[0]):
-        valid = step["mask"][row]
-        values = step["error"][row][valid].double()
-        if len(values) > 1:
-            out[row][valid] = (values - values.mean()) / torch.sqrt(values.var() + 1e-8)
-    return out
-
-
 def matched_difference(keys_z_gate: list[tuple[int, float, bool]]) -> float | None:
     """Mean over keys (token id or position) of gated z minus top-1 z, weighted by the gated count."""
     by_key: dict[int, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
@@ -207,7 +188,7 @@ def gated_mean(step: dict) -> float:
 def analyse(steps: list[dict]) -> dict[str, float]:
     by_id, by_position, gated_z, greedy_z, gated_error, greedy_error = [], [], [], [], [], []
     for step in steps:
-        z = zscores(step)
+        z = whiten_per_sequence(step["error"].double(), step["mask"])  # every token, before the gate
         for row, col in step["mask"].nonzero().tolist():
             gated = bool(step["gate"][row, col])
             by_id.append((int(step["ids"][row, col]), float(z[row, col]), gated))

@@ -40,7 +40,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, moving_average, save_figure  # noqa: E402
+from benchmarks.common import append_results, compose_config, moving_average, save_figure  # noqa: E402
 
 COLORS = ("tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green")
 
@@ -80,24 +80,13 @@ LOWER_IS_MORE_DIVERSE = {"self_bleu", "sentbert"}
 EVAL_SEED = 1234
 
 
-def _compose(name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from rlhf.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
-        return OmegaConf.to_object(compose(name, overrides=overrides))
-
-
 def _sft(task: str, seed: int, run_dir: str, threads: int, max_steps: int | None = None) -> str:
     torch.set_num_threads(threads)
     from recipes import sft
     from rlhf.checkpoint import export_dir
 
     overrides = [f"+experiment={TASKS[task]['sft']}", f"seed={seed}", "logger=quiet", f"run_dir={run_dir}"]
-    cfg = _compose("sft", overrides + ([f"train.steps={max_steps}"] if max_steps else []))
+    cfg = compose_config("sft", overrides + ([f"train.steps={max_steps}"] if max_steps else []))
     return export_dir(sft.train(cfg)["checkpoint"])
 
 
@@ -106,7 +95,7 @@ def _ppo(job: tuple[str, int, str, list[str], str, str, int, int], threads: int)
     torch.set_num_threads(threads)
     from recipes import ppo
 
-    cfg = _compose(
+    cfg = compose_config(
         "ppo",
         [
             f"+experiment={TASKS[task]['ppo']}",

@@ -40,7 +40,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, moving_average, save_figure  # noqa: E402
+from benchmarks.common import append_results, compose_config, moving_average, save_figure  # noqa: E402
 
 RUNS = os.path.join(ROOT, "runs", "long_horizon", "sort")
 WINDOW = 10
@@ -60,17 +60,6 @@ STUDIES: dict[str, dict[str, tuple[str, list[str]]]] = {
 PAPER_SPEEDUP = 1.7  # MA-RLHF: PPO's final reward in 1.7-2x fewer steps
 
 
-def _compose(recipe: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from rlhf.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
-        return OmegaConf.to_object(compose(recipe, overrides=overrides))
-
-
 def sft_start(threads: int) -> str:
     """The shared SFT warm start's export directory, trained once (about 5 minutes) and reused."""
     import torch
@@ -83,7 +72,7 @@ def sft_start(threads: int) -> str:
         from recipes import sft
 
         print("training the SFT warm start (+experiment=sft_sort)", flush=True)
-        sft.train(_compose("sft", ["+experiment=sft_sort", f"run_dir={run_dir}", "logger=quiet"]))
+        sft.train(compose_config("sft", ["+experiment=sft_sort", f"run_dir={run_dir}", "logger=quiet"]))
     return export_dir(list_checkpoints(run_dir)[-1])
 
 
@@ -105,7 +94,7 @@ def run_method(job: tuple[str, str, int, int, int, str, list[str] | None], threa
     from rlhf.loggers import read_metrics
 
     overrides = own_overrides if own_overrides is not None else STUDIES_BY_METHOD[method][1]
-    cfg = _compose(
+    cfg = compose_config(
         recipe,
         [
             *overrides,

@@ -32,8 +32,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, save_figure  # noqa: E402
-from benchmarks.long_horizon import RUNS, _compose, run_method, sft_start  # noqa: E402
+from benchmarks.common import append_results, compose_config, save_figure  # noqa: E402
+from benchmarks.long_horizon import RUNS, run_method, sft_start  # noqa: E402
 
 BETAS = (0.1, 0.5)
 PAIRS = os.path.join(RUNS, "pairs")
@@ -92,6 +92,11 @@ def dpo_overrides(method: str, seed: int, start: str, built: dict) -> list[str]:
     return common
 
 
+def _sort_data():
+    """The sort task's data config: its held-out lists are every model's evaluation."""
+    return compose_config("sft", ["data=sort"]).data
+
+
 def _export(run_dir: str) -> str:
     from rlhf.checkpoint import export_dir, list_checkpoints
 
@@ -113,10 +118,12 @@ def train_dpo(job: tuple[str, int, str, dict], threads: int) -> str:
     from rlhf.loggers import read_metrics
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = _compose("dpo", [*dpo_overrides(method, seed, start, built), f"run_dir={run_dir}", "logger=quiet"])
+    cfg = compose_config(
+        "dpo", [*dpo_overrides(method, seed, start, built), f"run_dir={run_dir}", "logger=quiet"]
+    )
     dpo.train(cfg)
     rows = read_metrics(run_dir)
-    data = _compose("sft", ["data=sort"]).data
+    data = _sort_data()
     result = {
         "method": method,
         "seed": seed,
@@ -142,7 +149,7 @@ def heldout_of_ppo_run(job: tuple[str, int], threads: int) -> float:
         torch.set_num_threads(threads)
         from recipes.rlhf_pipeline import heldout_gold
 
-        data = _compose("sft", ["data=sort"]).data
+        data = _sort_data()
         run_dir = os.path.dirname(path)
         result["heldout"] = heldout_gold(_export(run_dir), data, max_new_tokens=34)["exact_match"]
         with open(path, "w") as handle:
@@ -208,7 +215,7 @@ def main() -> None:
         list(pool.map(run_method, rto + ppo, [threads] * (len(rto) + len(ppo))))
         evaluated = [(m, s) for m in ("ppo", "rto") for s in args.seeds]
         ppo_heldout = dict(
-            zip(evaluated, pool.map(heldout_of_ppo_run, evaluated, [threads] * 10), strict=True)
+            zip(evaluated, pool.map(heldout_of_ppo_run, evaluated, [threads] * len(evaluated)), strict=True)
         )
     heldout = {
         "ppo": [ppo_heldout[("ppo", s)] for s in args.seeds],
@@ -253,7 +260,7 @@ def main() -> None:
 def heldout_of_start(start: str) -> float:
     from recipes.rlhf_pipeline import heldout_gold
 
-    return heldout_gold(start, _compose("sft", ["data=sort"]).data, max_new_tokens=34)["exact_match"]
+    return heldout_gold(start, _sort_data(), max_new_tokens=34)["exact_match"]
 
 
 def _rto_overrides(seed: int) -> list[str]:
