@@ -5,9 +5,11 @@ answers per list: the long-response task).
 
 sums: for each seed SFT the tiny policy on random decompositions (`+experiment=sft_sums`), then PPO
 runs from that policy with the same budget (`+experiment=ppo_sums`, reward 1 for any correct sum).
-group: one SFT start for every seed, the sorting warm start (`+experiment=sft_sort`: sorted lists are
-correct groupings, so the policy starts correct but repetitive), then `+experiment=ppo_group` (reward
-1 for any correct grouping); `--sft-model` reuses an export of it. The runs:
+group: one SFT start for every seed, the sorting warm start of benchmarks/long_horizon.py
+(`+experiment=sft_sort`, trained once and shared with that study: sorted lists are correct groupings,
+so the policy starts correct but repetitive), then `+experiment=ppo_group` (reward 1 for any correct
+grouping); its runs live under runs/long_horizon/group/cd unless `--root` says otherwise. `--sft-model`
+starts every seed from another export. The runs:
   ppo              curiosity.eta = 0
   cd_rlhf_eta<e>   curiosity.eta = e for each of --etas (default 0.04, the authors' value, and 0.2),
                    top-1 gate, module lr --module-lr (default 1e-5, the authors'; the tiny model's module
@@ -15,7 +17,8 @@ correct groupings, so the policy starts correct but repetitive), then `+experime
 Every `--eval-every` PPO steps a checkpoint is evaluated with the paper's protocol: 10 samples at
 T = 1.0 per prompt, reward and Diversity (Distinct-n product), EAD, Self-BLEU-4 (and SentBERT cosine
 with --sentbert), each per prompt and averaged. The eval prompts (sums: all 27; group: the first
-`--eval-prompts` held-out lists) are each evaluated `--eval-repeats` times (fresh samples).
+`--eval-prompts` held-out lists) are each evaluated `--eval-repeats` times (fresh samples). Finished
+PPO runs under `--root` are reused, and so are evaluations (kept in <root>/eval_cache).
 
 Matched reward: the runs end at different rewards, so besides the final values each metric is fitted
 linearly against reward over every evaluated checkpoint of a variant (all seeds) and read at a common
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
+import json
 import multiprocessing
 import os
 import statistics
@@ -73,6 +78,8 @@ TASKS = {
         "reward": "grouped_digits",
         "tokens": 34,
         "shared_sft": True,
+        "start": "long_horizon",  # benchmarks/long_horizon.py's sort warm start
+        "root": os.path.join("runs", "long_horizon", "group", "cd"),
     },
 }
 METRICS = ("reward", "diversity", "ead", "self_bleu")
@@ -114,9 +121,15 @@ def _ppo(job: tuple[str, int, str, list[str], str, str, int, int], threads: int)
     return seed, variant
 
 
-def _evaluate(job: tuple[str, str, int, int, int, bool], threads: int) -> tuple[str, dict[str, float]]:
-    """The paper's protocol on one exported policy: 10 samples at T = 1.0 per eval prompt."""
-    task, model_dir, samples, repeats, prompts, sentbert = job
+def _evaluate(job: tuple[str, str, int, int, int, bool, str], threads: int) -> tuple[str, dict[str, float]]:
+    """The paper's protocol on one exported policy: 10 samples at T = 1.0 per eval prompt; the result
+    is kept in `cache_dir`, keyed by the model and every evaluation setting."""
+    task, model_dir, samples, repeats, prompts, sentbert, cache_dir = job
+    key = json.dumps([task, os.path.abspath(model_dir), samples, repeats, prompts, sentbert, EVAL_SEED])
+    cached = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    if os.path.exists(cached):
+        with open(cached) as handle:
+            return model_dir, json.load(handle)["result"]
     torch.set_num_threads(threads)
     from datasets import concatenate_datasets
 
@@ -143,6 +156,9 @@ def _evaluate(job: tuple[str, str, int, int, int, bool], threads: int) -> tuple[
         sampling=SamplingParams(max_new_tokens=TASKS[task]["tokens"], temperature=1.0),
         encoder=load_minilm() if sentbert else None,
     )
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(cached, "w") as handle:
+        json.dump({"key": json.loads(key), "result": result}, handle)
     return model_dir, result
 
 
@@ -264,8 +280,12 @@ def main() -> None:
     runs = variants(args.etas, args.module_lr)
     names = list(runs)
     threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
-    root = args.root or os.path.join(
-        "runs", "benchmarks", f"curiosity_ppo_{args.task}", time.strftime("%Y-%m-%d_%H-%M-%S")
+    root = (
+        args.root
+        or task.get("root")
+        or os.path.join(
+            "runs", "benchmarks", f"curiosity_ppo_{args.task}", time.strftime("%Y-%m-%d_%H-%M-%S")
+        )
     )
 
     def sft_dir(seed: int) -> str:
@@ -274,6 +294,10 @@ def main() -> None:
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        if not args.sft_model and task.get("start") == "long_horizon":
+            from benchmarks.long_horizon import sft_start
+
+            args.sft_model = pool.submit(sft_start, os.cpu_count() or 2).result()
         sft_seeds = [] if args.sft_model else args.seeds[:1] if task["shared_sft"] else args.seeds
         for future in [
             pool.submit(_sft, args.task, s, sft_dir(s), threads, args.sft_steps)
@@ -311,7 +335,15 @@ def main() -> None:
             pool.map(
                 _evaluate,
                 [
-                    (args.task, d, args.samples, args.eval_repeats, args.eval_prompts, args.sentbert)
+                    (
+                        args.task,
+                        d,
+                        args.samples,
+                        args.eval_repeats,
+                        args.eval_prompts,
+                        args.sentbert,
+                        os.path.join(root, "eval_cache"),
+                    )
                     for d in model_dirs
                 ],
                 [threads] * len(model_dirs),
@@ -386,7 +418,8 @@ def main() -> None:
             + " ".join(map(str, args.seeds))
             + f" --steps {args.steps} --eval-every {args.eval_every} --etas "
             + " ".join(f"{e:g}" for e in args.etas)
-            + f" --module-lr {args.module_lr:g}"
+            + f" --module-lr {args.module_lr:g} --samples {args.samples} --eval-repeats {args.eval_repeats}"
+            + (f" --eval-prompts {args.eval_prompts}" if args.task == "group" else "")
             + (" --sentbert" if args.sentbert else ""),
             f"SFT on the {args.task} task (`+experiment={task['sft']}`, "
             + ("one start for every seed" if task["shared_sft"] else "one per seed")

@@ -8,6 +8,8 @@ has both (recipes/cdpo_models.py, which also trains cDPO's positive and negative
 exact and the wrong samples). Per seed:
   dpo_b<beta>    DPO on the pairs (+experiment=dpo_long_sort, 200 steps x 32 pairs)
   tgdpo_b<beta>  TGDPO on the pairs, guided by the same seed's DPO model of that beta
+  tgdpo_cguide_b<beta>  (with --guide-control, a diagnostic outside the verdicts) TGDPO guided by
+                 the same seed's cDPO model instead, a guide whose correct answers did not collapse
   cdpo_b<beta>   cDPO on the pairs (rejected-token weights from the positive and negative models)
   rto            PPO (+experiment=ppo_long_sort) plus RTO's DPO token reward from dpo_b0.1, the
                  baseline being long_horizon.py's PPO runs (same start, steps and evaluation)
@@ -16,7 +18,13 @@ before the runs: a method is better than its baseline when its mean exceeds the 
 than the larger of the two seed standard deviations ("reproduced"), better within that spread
 ("reproduced in part"), else "not reproduced". Finished runs are reused (`study_result.json`).
 
+`--explain-tgdpo` takes TGDPO's finished runs apart on the training pairs (no training): where the
+guide's token rewards and each model's log-ratio shift sit along a pair (the shared prefix, the first
+diverging token, the rest), and how much of TGDPO's margin comes from the plain DPO sum and how much
+from the guide's weights.
+
 Usage: python benchmarks/token_rewards.py [--seeds 1 2 3 4 5] [--jobs 2] [--no-record]
+           [--guide-control] [--explain-tgdpo]
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from benchmarks.long_horizon import RUNS, run_method, sft_start  # noqa: E402
 
 BETAS = (0.1, 0.5)
 PAIRS = os.path.join(RUNS, "pairs")
+GUIDE_OF = {"tgdpo": "dpo", "tgdpo_cguide": "cdpo"}  # TGDPO variant -> the method of its guide
 PPO_STEPS, PPO_EVAL_EVERY = 120, 20  # long_horizon.py's defaults: its PPO runs are the baseline
 
 
@@ -73,8 +82,8 @@ def dpo_overrides(method: str, seed: int, start: str, built: dict) -> list[str]:
         f"loss.beta={beta}",
         f"seed={seed}",
     ]
-    if name == "tgdpo":
-        guide = _export(os.path.join(RUNS, f"dpo_b{beta}", f"seed{seed}"))
+    if name in GUIDE_OF:
+        guide = _export(os.path.join(RUNS, f"{GUIDE_OF[name]}_b{beta}", f"seed{seed}"))
         return [
             *common,
             "token_weights.method=tgdpo",
@@ -170,6 +179,162 @@ def compare(name: str, values: list[float], baseline_name: str, baseline: list[f
     return f"- {name} against {baseline_name}: {word}, {100 * gap:+.1f} points (sd {100 * sd:.1f} and {100 * base_sd:.1f})"
 
 
+def pair_regions(chosen_ids, rejected_ids, chosen_mask, rejected_mask) -> dict[str, tuple[object, object]]:
+    """Masks [P, T] of each pair's regions, as (chosen side, rejected side): "shared" (the common
+    prefix, same tokens in the same context on both sides), "first" (the first token that differs)
+    and "rest" (every later token)."""
+    same = (chosen_ids == rejected_ids) & chosen_mask & rejected_mask
+    shared = same.long().cumprod(-1).bool()
+    regions = {"shared": (shared, shared)}
+    firsts, rests = [], []
+    for mask in (chosen_mask, rejected_mask):
+        diverged = mask & ~shared
+        first = diverged & (diverged.long().cumsum(-1) == 1)
+        firsts.append(first)
+        rests.append(diverged & ~first)
+    regions["first"], regions["rest"] = tuple(firsts), tuple(rests)
+    return regions
+
+
+def tgdpo_anatomy(
+    beta: float, seed: int, start: str, threads: int, variant: str = "tgdpo"
+) -> dict[str, float]:
+    """One TGDPO run (of `variant`) taken apart on its training pairs: per-pair sums of the guide's token reward
+    g = log(pi_guide/pi_ref) and of each model's shift d = log(pi/pi_ref) by region, TGDPO's margin
+    split into beta * (sum d_c - sum d_r) (DPO's) and beta * alpha * beta * (sum g_c d_c + sum g_r d_r)
+    (what the weights 1 +- alpha * beta * g add), and the chosen responses' log-probability."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.data.chat import prepare_pairs
+    from rlhf.data.collate import collate_pairs
+    from rlhf.models.forward import response_logprobs
+
+    torch.set_num_threads(threads)
+    paths = {
+        name: _export(os.path.join(RUNS, f"{method}_b{beta}", f"seed{seed}"))
+        for name, method in (("dpo", "dpo"), ("guide", GUIDE_OF[variant]), ("tgdpo", variant))
+    }
+    paths["ref"] = start
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    with open(os.path.join(PAIRS, "pairs", "train.jsonl")) as handle:
+        rows = [json.loads(line) for line in handle]
+    data_cfg = compose_config("dpo", ["+experiment=dpo_long_sort"]).data
+    pairs = prepare_pairs(Dataset.from_list(rows), tokenizer, data_cfg, "the study's training pairs")
+    tensors = collate_pairs(pairs[:], tokenizer.pad_token_id, torch.device("cpu"))
+    logprobs = {}
+    with torch.no_grad():
+        for name, path in paths.items():
+            if name == "guide" and path == paths["dpo"]:
+                logprobs[name] = logprobs["dpo"]
+                continue
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            logprobs[name] = response_logprobs(model, *tensors)[0]
+    count, ids, mask = len(rows), tensors[2], tensors[3]
+    c, r = slice(0, count), slice(count, 2 * count)
+    regions = pair_regions(ids[c], ids[r], mask[c], mask[r])
+    guide = logprobs["guide"] - logprobs["ref"]
+    scale = 0.5 * beta  # token_weights.alpha = 0.5 in the study
+
+    def per_pair(values, where) -> float:
+        return float(torch.where(where, values, 0.0).sum() / count)
+
+    out = {"shared_tokens": float(regions["shared"][0].sum() / count)}
+    out["tokens"] = float(mask[c].sum() / count)
+    for region, (on_chosen, on_rejected) in regions.items():
+        out[f"g_chosen_{region}"] = per_pair(guide[c], on_chosen)
+        out[f"g_rejected_{region}"] = per_pair(guide[r], on_rejected)
+    weights = (1 - scale * guide[r])[mask[r]]
+    out["w_rejected_p99"] = float(torch.quantile(weights, 0.99))
+    out["w_rejected_max"] = float(weights.max())
+    for name in ("dpo", "tgdpo"):
+        shift = logprobs[name] - logprobs["ref"]
+        for region, (on_chosen, on_rejected) in regions.items():
+            out[f"{name}_d_chosen_{region}"] = per_pair(shift[c], on_chosen)
+            out[f"{name}_d_rejected_{region}"] = per_pair(shift[r], on_rejected)
+        out[f"{name}_margin_dpo"] = beta * (per_pair(shift[c], mask[c]) - per_pair(shift[r], mask[r]))
+        out[f"{name}_margin_guide"] = (
+            beta * scale * (per_pair(guide[c] * shift[c], mask[c]) + per_pair(guide[r] * shift[r], mask[r]))
+        )
+        out[f"{name}_chosen_logprob"] = per_pair(logprobs[name][c], mask[c])
+    out["ref_chosen_logprob"] = per_pair(logprobs["ref"][c], mask[c])
+    return out
+
+
+def explain_tgdpo(seeds: list[int], start: str, threads: int, variant: str = "tgdpo") -> str:
+    """The anatomy of every run of a TGDPO variant, as seed means (sd) per beta."""
+    lines = []
+    guide = {"dpo": "DPO", "cdpo": "cDPO"}[GUIDE_OF[variant]]
+    rows = [(f"guide token reward g = the {guide} model's shift", "g"), ("TGDPO shift d", "tgdpo_d")]
+    if guide != "DPO":
+        rows.insert(1, ("DPO shift d", "dpo_d"))
+    for beta in BETAS:
+        runs = [tgdpo_anatomy(beta, seed, start, threads, variant) for seed in seeds]
+
+        def cell(key: str, runs: list[dict[str, float]] = runs) -> str:
+            values = [run[key] for run in runs]
+            return f"{statistics.mean(values):+.2f} ({statistics.stdev(values):.2f})"
+
+        lines += [
+            f"{variant}, beta {beta}, alpha 0.5, guide = the same seed's {guide} model; {runs[0]['tokens']:.0f} tokens a "
+            f"response, {runs[0]['shared_tokens']:.1f} of them in the shared prefix; per-pair sums, "
+            f"seed mean (sd) over {len(seeds)} seeds:",
+            "",
+            "| quantity | shared prefix | first differing token, chosen / rejected | rest, chosen / rejected |",
+            "|---|---|---|---|",
+        ]
+        for label, key in rows:
+            lines.append(
+                f"| {label} | {cell(f'{key}_chosen_shared')} | {cell(f'{key}_chosen_first')} / "
+                f"{cell(f'{key}_rejected_first')} | {cell(f'{key}_chosen_rest')} / {cell(f'{key}_rejected_rest')} |"
+            )
+        lines += [
+            "",
+            f"- rejected-token weights 1 - alpha*beta*g: 99th percentile {cell('w_rejected_p99')}, "
+            f"max {cell('w_rejected_max')}",
+            f"- chosen response log-probability: reference {cell('ref_chosen_logprob')}, DPO "
+            f"{cell('dpo_chosen_logprob')}, TGDPO {cell('tgdpo_chosen_logprob')}",
+            f"- margin of the final model, DPO part / guide part: DPO {cell('dpo_margin_dpo')} / "
+            f"{cell('dpo_margin_guide')}, TGDPO {cell('tgdpo_margin_dpo')} / {cell('tgdpo_margin_guide')}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def guide_control(seeds: list[int], start: str, jobs: int, threads: int) -> str:
+    """TGDPO guided by each seed's cDPO model (which kept its correct answers) instead of its DPO
+    model: whether the collapse follows the guide. Needs the study's finished DPO and cDPO runs."""
+    for method in ("dpo", "cdpo"):
+        for beta in BETAS:
+            for seed in seeds:
+                if not os.path.exists(
+                    os.path.join(RUNS, f"{method}_b{beta}", f"seed{seed}", "study_result.json")
+                ):
+                    raise SystemExit(f"{method}_b{beta} seed {seed} is not finished: run the study first")
+    built = build_pairs(start)
+    jobs_list = [(f"tgdpo_cguide_b{b}", s, start, built) for s in seeds for b in BETAS]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        list(pool.map(train_dpo, jobs_list, [threads] * len(jobs_list)))
+    lines = ["| method | held-out exact match: mean (sd) | per seed |", "|---|---|---|"]
+    for beta in BETAS:
+        for method in ("dpo", "cdpo", "tgdpo", "tgdpo_cguide"):
+            values = []
+            for seed in seeds:
+                with open(
+                    os.path.join(RUNS, f"{method}_b{beta}", f"seed{seed}", "study_result.json")
+                ) as handle:
+                    values.append(json.load(handle)["heldout"])
+            per_seed = " / ".join(f"{100 * v:.1f}" for v in values)
+            lines.append(
+                f"| {method}_b{beta} | {100 * statistics.mean(values):.1f}% ({100 * statistics.stdev(values):.1f}) "
+                f"| {per_seed} |"
+            )
+    lines += ["", explain_tgdpo(seeds, start, 2 * threads, "tgdpo_cguide")]
+    return "\n".join(lines)
+
+
 def plot(heldout: dict[str, list[float]], seeds: list[int], path: str) -> None:
     import matplotlib
 
@@ -189,15 +354,78 @@ def plot(heldout: dict[str, list[float]], seeds: list[int], path: str) -> None:
     save_figure(fig, path)
 
 
+def plot_curves(methods: list[str], seeds: list[int], path: str) -> None:
+    """Learning curves, one line per seed: PPO's and RTO's training reward, the DPO-family losses,
+    and the DPO-family models' greedy accuracy on the held-out pairs' prompts during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.common import moving_average
+    from rlhf.loggers import read_metrics
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, method in enumerate(("ppo", "rto")):
+        for seed in seeds:
+            with open(os.path.join(RUNS, method, f"seed{seed}", "study_result.json")) as handle:
+                result = json.load(handle)
+            axes[0].plot(
+                result["train_steps"],
+                moving_average(result["train_reward"], 10),
+                color=colors[index],
+                alpha=0.7,
+                lw=1,
+                label=method if seed == seeds[0] else None,
+            )
+    for index, method in enumerate(methods):
+        for seed in seeds:
+            rows = read_metrics(os.path.join(RUNS, method, f"seed{seed}"))
+            label = method if seed == seeds[0] else None
+            style = {"color": colors[(index + 2) % len(colors)], "alpha": 0.7, "lw": 1, "label": label}
+            losses = [(row["step"], row["loss"]) for row in rows if "loss" in row]
+            axes[1].plot([x for x, _ in losses], moving_average([y for _, y in losses], 10), **style)
+            evals = [(row["step"], 100 * row["eval/accuracy"]) for row in rows if "eval/accuracy" in row]
+            axes[2].plot([x for x, _ in evals], [y for _, y in evals], marker="o", ms=3, **style)
+    axes[0].set(title="PPO and RTO: training reward (10-step mean)", xlabel="step")
+    axes[1].set(title="DPO family: loss (10-step mean)", xlabel="step")
+    axes[2].set(title="DPO family: greedy exact match, held-out pair prompts (%)", xlabel="step")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.suptitle(f"sort-16, one line per seed ({len(seeds)} seeds)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--explain-tgdpo", action="store_true", help="take the finished TGDPO runs apart")
+    parser.add_argument(
+        "--guide-control", action="store_true", help="TGDPO guided by the cDPO models (after the study)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
     start = sft_start(os.cpu_count() or 2)
+    if args.explain_tgdpo:
+        body = explain_tgdpo(args.seeds, start, os.cpu_count() or 2)
+        print(body)
+        if not args.no_record:
+            command = "python benchmarks/token_rewards.py " + " ".join(sys.argv[1:])
+            append_results("Why TGDPO collapses on the sort pairs: its runs taken apart", command, body)
+        return
+    if args.guide_control:
+        body = guide_control(args.seeds, start, args.jobs, threads)
+        print(body)
+        if not args.no_record:
+            command = "python benchmarks/token_rewards.py " + " ".join(sys.argv[1:])
+            append_results("TGDPO with a guide that did not collapse (cDPO), a diagnostic", command, body)
+        return
     built = build_pairs(start)
     print(
         f"pairs: {built['num_pairs']} ({built['num_correct']} exact, {built['num_incorrect']} wrong samples)"
@@ -247,7 +475,10 @@ def main() -> None:
                 )
             )
     plot(heldout, args.seeds, os.path.join(ROOT, "benchmarks", "plots", "token_rewards_sort.png"))
-    lines += ["", "Figure: benchmarks/plots/token_rewards_sort.png"]
+    plot_curves(
+        first + second, args.seeds, os.path.join(ROOT, "benchmarks", "plots", "token_rewards_curves.png")
+    )
+    lines += ["", "Figures: benchmarks/plots/token_rewards_sort.png (final models), token_rewards_curves.png"]
     body = "\n".join(lines)
     print(body)
     if not args.no_record:
