@@ -24,8 +24,17 @@ evaluation interval), so a study can be stopped and rerun, or widened with more 
       seed=1,2,3,4,5 advantage.macro.n=3,5,10
   python -m recipes.grpo -m +experiment=grpo_long_sort model.name_or_path=<sft export> seed=1,2,3,4,5
 
+`--cost` reports what the finished runs of every long-task study took (this script's, and those of
+token_rewards.py and curiosity_ppo.py --task group): training wall time per seed, from the first and
+last timestamps of each run's metrics.
+
 Usage: python benchmarks/long_horizon.py --study macro [--methods ppo ma_fixed5] [--seeds 1 2 3 4 5]
        [--steps 120] [--eval-every 20] [--jobs 2] [--no-record]
+       python benchmarks/long_horizon.py --cost [--no-record]
+       python benchmarks/long_horizon.py --warm-starts [--no-record]
+
+`--warm-starts` measures the shared warm start on each long task's held-out lists with that task's
+verifier (sort: exact match; group: any correct grouping), greedy and at T = 1.
 """
 
 from __future__ import annotations
@@ -245,8 +254,97 @@ def verdict_lines(study: str, verdicts: dict) -> str:
     return "\n".join(lines)
 
 
+def study_cost() -> str:
+    """Training wall time of every finished long-task run, per method (its seeds)."""
+    import glob
+
+    from rlhf.loggers import read_metrics
+
+    def minutes(run_dir: str) -> float:
+        times = [row["time"] for row in read_metrics(run_dir) if "time" in row]
+        return (max(times) - min(times)) / 60
+
+    methods: dict[str, list[tuple[float, str]]] = {}
+    for run_dir in sorted(glob.glob(os.path.join(RUNS, "*", "seed*"))):
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            methods.setdefault(os.path.basename(os.path.dirname(run_dir)), []).append(
+                (minutes(run_dir), run_dir)
+            )
+    group = os.path.join(os.path.dirname(RUNS), "group", "cd")
+    for run_dir in sorted(glob.glob(os.path.join(group, "seed*", "*"))):
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            methods.setdefault(f"group {os.path.basename(run_dir)}", []).append((minutes(run_dir), run_dir))
+    lines = ["| method | runs | training wall minutes per seed | total |", "|---|---|---|---|"]
+    for name, runs in methods.items():
+        per_seed = " / ".join(f"{m:.1f}" for m, _ in runs)
+        lines.append(f"| {name} | {len(runs)} | {per_seed} | {sum(m for m, _ in runs):.1f} |")
+    return "\n".join(lines)
+
+
+WARM_START_TASKS = {"sort": "ppo_long_sort", "group": "ppo_group"}  # task -> the study's PPO preset
+
+
+def warm_start_accuracy(start: str, threads: int, lists: int = 1000) -> str:
+    """The warm start's held-out accuracy on each long task by its verifier, greedy and sampled."""
+    import torch
+
+    from rewards import REWARD_FUNCTIONS
+    from rlhf.config import ModelConfig
+    from rlhf.data.load import load_task_data
+    from rlhf.models.load import load_causal_lm, load_tokenizer
+    from rlhf.rollout.hf import SamplingParams, generate_rollouts
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(source="pretrained", name_or_path=start)
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_causal_lm(model_cfg, tokenizer).eval()
+    lines = ["| task | verifier | held-out lists | greedy | T = 1 |", "|---|---|---|---|---|"]
+    for task, preset in WARM_START_TASKS.items():
+        cfg = compose_config("ppo", [f"+experiment={preset}"])
+        _, rows = load_task_data(cfg.data)
+        rows = rows.select(range(min(lists, len(rows))))
+        verify = REWARD_FUNCTIONS[cfg.reward.accuracy_reward]
+        columns = {c: list(rows[c]) for c in rows.column_names if c != cfg.data.prompt_column}
+        sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0)
+        accuracy = []
+        for do_sample in (False, True):
+            scores = []
+            for first in range(0, len(rows), 500):
+                part = {c: v[first : first + 500] for c, v in columns.items()}
+                batch = generate_rollouts(
+                    model,
+                    tokenizer,
+                    list(rows[cfg.data.prompt_column][first : first + 500]),
+                    part,
+                    group_size=1,
+                    sampling=sampling,
+                    do_sample=do_sample,
+                )
+                scores += [s or 0.0 for s in verify(batch.prompts, batch.completions, **part)]
+            accuracy.append(sum(scores) / len(scores))
+        lines.append(
+            f"| {task} | {cfg.reward.accuracy_reward} | {len(rows)} | {100 * accuracy[0]:.1f}% | {100 * accuracy[1]:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if "--warm-starts" in sys.argv[1:]:
+        body = warm_start_accuracy(sft_start(os.cpu_count() or 2), os.cpu_count() or 2)
+        print(body)
+        if "--no-record" not in sys.argv[1:]:
+            command = "python benchmarks/long_horizon.py " + " ".join(sys.argv[1:])
+            append_results("The long tasks' warm start (sft_sort) on each task", command, body)
+        return
+    if "--cost" in sys.argv[1:]:
+        body = study_cost()
+        print(body)
+        if "--no-record" not in sys.argv[1:]:
+            command = "python benchmarks/long_horizon.py " + " ".join(sys.argv[1:])
+            append_results("What the long-task studies cost", command, body)
+        return
     parser.add_argument("--study", choices=sorted(STUDIES), required=True)
     parser.add_argument("--methods", nargs="+", help="a subset of the study's methods (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
