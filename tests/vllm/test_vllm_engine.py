@@ -146,6 +146,30 @@ def test_seeds_reproduce_a_rollout_and_stop_strings_end_it(trainer, engine, toke
     assert any(first.truncated.tolist()) or any(c and c[-1] in "5+" for c in first.completions)
 
 
+def test_async_scheduling_draws_the_same_samples(trainer, engine, tokenizer):
+    # the shared engine schedules as vLLM chooses (step by step on CPU); this one asynchronously
+    rollout = RolloutConfig(engine="vllm", vllm=VllmConfig(max_model_len=128, async_scheduling=True))
+    stepwise = vllm_rollout.VllmRollout(rollout, trainer, tokenizer, seed=0, dtype="float32")
+    try:
+        engine.sync_weights(trainer, 102)
+        stepwise.sync_weights(trainer, 102)
+        sampling = SamplingParams(max_new_tokens=12, temperature=1.5, top_k=8, stop=("5",))
+        outs = [
+            generate_rollouts(
+                trainer.module, tokenizer, PROMPTS, {}, group_size=4, sampling=sampling, vllm=e, seed=5
+            )
+            for e in (engine, stepwise)
+        ]
+        assert outs[0].completions == outs[1].completions
+        mask = outs[0].response_mask
+        # bit for bit when measured; a different sample would differ by far more
+        torch.testing.assert_close(
+            outs[0].rollout_logprobs[mask], outs[1].rollout_logprobs[mask], atol=0, rtol=0
+        )
+    finally:
+        stepwise.shutdown()
+
+
 def test_lora_syncs_the_merged_weights(tokenizer):
     torch.manual_seed(1)
     model = apply_lora(load_causal_lm(MODEL, tokenizer, seed=2), LoraConfig(enabled=True, r=4, alpha=8))

@@ -21,7 +21,11 @@ SHAPE = [
     "model.tiny.intermediate_size=128",
     "logger=quiet",
 ]
-VLLM = ["rollout.engine=vllm", "rollout.vllm.max_model_len=64"]
+VLLM = [
+    "rollout.engine=vllm",
+    "rollout.vllm.max_model_len=64",
+    "rollout.vllm.enforce_eager=true",
+]  # quick start
 GRPO_FAST = [
     "train.prompts_per_step=4",
     "rollout.group_size=4",
