@@ -51,6 +51,7 @@ def trainer(tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(trainer, tokenizer):
+    # compiled, as by default (torch.compile on CPU): the path a user's run takes
     rollout = RolloutConfig(engine="vllm", vllm=VllmConfig(max_model_len=128))
     started = vllm_rollout.VllmRollout(rollout, trainer, tokenizer, seed=0, dtype="float32")
     yield started
@@ -146,20 +147,38 @@ def test_seeds_reproduce_a_rollout_and_stop_strings_end_it(trainer, engine, toke
     assert any(first.truncated.tolist()) or any(c and c[-1] in "5+" for c in first.completions)
 
 
-def test_async_scheduling_draws_the_same_samples(trainer, engine, tokenizer):
-    # the shared engine schedules as vLLM chooses (step by step on CPU); this one asynchronously
-    rollout = RolloutConfig(engine="vllm", vllm=VllmConfig(max_model_len=128, async_scheduling=True))
-    stepwise = vllm_rollout.VllmRollout(rollout, trainer, tokenizer, seed=0, dtype="float32")
+def test_async_scheduling_draws_the_same_samples(trainer, tokenizer):
+    # two eager engines (quick to start), one scheduling step by step, one asynchronously
+    engines = [
+        vllm_rollout.VllmRollout(
+            RolloutConfig(
+                engine="vllm",
+                vllm=VllmConfig(max_model_len=128, enforce_eager=True, async_scheduling=asynchronous),
+            ),
+            trainer,
+            tokenizer,
+            seed=0,
+            dtype="float32",
+        )
+        for asynchronous in (False, True)
+    ]
     try:
-        engine.sync_weights(trainer, 102)
-        stepwise.sync_weights(trainer, 102)
         sampling = SamplingParams(max_new_tokens=12, temperature=1.5, top_k=8, stop=("5",))
-        outs = [
-            generate_rollouts(
-                trainer.module, tokenizer, PROMPTS, {}, group_size=4, sampling=sampling, vllm=e, seed=5
+        outs = []
+        for engine in engines:
+            engine.sync_weights(trainer, 102)
+            outs.append(
+                generate_rollouts(
+                    trainer.module,
+                    tokenizer,
+                    PROMPTS,
+                    {},
+                    group_size=4,
+                    sampling=sampling,
+                    vllm=engine,
+                    seed=5,
+                )
             )
-            for e in (engine, stepwise)
-        ]
         assert outs[0].completions == outs[1].completions
         mask = outs[0].response_mask
         # bit for bit when measured; a different sample would differ by far more
@@ -167,7 +186,8 @@ def test_async_scheduling_draws_the_same_samples(trainer, engine, tokenizer):
             outs[0].rollout_logprobs[mask], outs[1].rollout_logprobs[mask], atol=0, rtol=0
         )
     finally:
-        stepwise.shutdown()
+        for engine in engines:
+            engine.shutdown()
 
 
 def test_lora_syncs_the_merged_weights(tokenizer):
@@ -178,8 +198,12 @@ def test_lora_syncs_the_merged_weights(tokenizer):
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # adapters that change the outputs
     trainer = build_engine(model, OptimConfig(), DistributedConfig(), 10)
-    started = vllm_rollout.VllmRollout(
-        RolloutConfig(engine="vllm"), trainer, tokenizer, seed=0, dtype="float32"
+    started = vllm_rollout.VllmRollout(  # eager: quick to start (the shared engine is compiled)
+        RolloutConfig(engine="vllm", vllm=VllmConfig(enforce_eager=True)),
+        trainer,
+        tokenizer,
+        seed=0,
+        dtype="float32",
     )
     try:
         started.sync_weights(trainer, 1)
