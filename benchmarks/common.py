@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -48,6 +49,14 @@ def compose_config(recipe: str, overrides: list[str]):
 
 def median_range(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def report(title: str, body: str, record: bool) -> None:
+    """Print `body` and, with `record`, append it to RESULTS.md under the command line that ran."""
+    print(body)
+    if record:
+        script = os.path.basename(sys.argv[0])
+        append_results(title, " ".join([f"python benchmarks/{script}", *sys.argv[1:]]), body)
 
 
 def append_results(title: str, command: str, body: str) -> None:

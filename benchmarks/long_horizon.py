@@ -49,7 +49,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, compose_config, moving_average, save_figure  # noqa: E402
+from benchmarks.common import compose_config, moving_average, report, save_figure  # noqa: E402
 
 RUNS = os.path.join(ROOT, "runs", "long_horizon", "sort")
 WINDOW = 10
@@ -264,20 +264,20 @@ def study_cost() -> str:
         times = [row["time"] for row in read_metrics(run_dir) if "time" in row]
         return (max(times) - min(times)) / 60
 
-    methods: dict[str, list[tuple[float, str]]] = {}
-    for run_dir in sorted(glob.glob(os.path.join(RUNS, "*", "seed*"))):
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            methods.setdefault(os.path.basename(os.path.dirname(run_dir)), []).append(
-                (minutes(run_dir), run_dir)
-            )
     group = os.path.join(os.path.dirname(RUNS), "group", "cd")
-    for run_dir in sorted(glob.glob(os.path.join(group, "seed*", "*"))):
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            methods.setdefault(f"group {os.path.basename(run_dir)}", []).append((minutes(run_dir), run_dir))
+    layouts = (  # (run directories, the method a directory belongs to)
+        (os.path.join(RUNS, "*", "seed*"), lambda d: os.path.basename(os.path.dirname(d))),
+        (os.path.join(group, "seed*", "*"), lambda d: f"group {os.path.basename(d)}"),
+    )
+    methods: dict[str, list[float]] = {}
+    for pattern, method_of in layouts:
+        for run_dir in sorted(glob.glob(pattern)):
+            if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+                methods.setdefault(method_of(run_dir), []).append(minutes(run_dir))
     lines = ["| method | runs | training wall minutes per seed | total |", "|---|---|---|---|"]
     for name, runs in methods.items():
-        per_seed = " / ".join(f"{m:.1f}" for m, _ in runs)
-        lines.append(f"| {name} | {len(runs)} | {per_seed} | {sum(m for m, _ in runs):.1f} |")
+        per_seed = " / ".join(f"{m:.1f}" for m in runs)
+        lines.append(f"| {name} | {len(runs)} | {per_seed} | {sum(runs):.1f} |")
     return "\n".join(lines)
 
 
@@ -331,19 +331,13 @@ def warm_start_accuracy(start: str, threads: int, lists: int = 1000) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    record = "--no-record" not in sys.argv[1:]
     if "--warm-starts" in sys.argv[1:]:
         body = warm_start_accuracy(sft_start(os.cpu_count() or 2), os.cpu_count() or 2)
-        print(body)
-        if "--no-record" not in sys.argv[1:]:
-            command = "python benchmarks/long_horizon.py " + " ".join(sys.argv[1:])
-            append_results("The long tasks' warm start (sft_sort) on each task", command, body)
+        report("The long tasks' warm start (sft_sort) on each task", body, record)
         return
     if "--cost" in sys.argv[1:]:
-        body = study_cost()
-        print(body)
-        if "--no-record" not in sys.argv[1:]:
-            command = "python benchmarks/long_horizon.py " + " ".join(sys.argv[1:])
-            append_results("What the long-task studies cost", command, body)
+        report("What the long-task studies cost", study_cost(), record)
         return
     parser.add_argument("--study", choices=sorted(STUDIES), required=True)
     parser.add_argument("--methods", nargs="+", help="a subset of the study's methods (default: all)")
@@ -377,12 +371,7 @@ def main() -> None:
     figure = f"long_horizon_{args.study}.png"
     plot(results, methods, os.path.join(ROOT, "benchmarks", "plots", figure), f"{args.study} on sort-16")
     body = f"{table}\n\n{verdict_lines(args.study, verdicts)}\n\nFigure: benchmarks/plots/{figure}"
-    print(body)
-    if not args.no_record:
-        command = "python benchmarks/long_horizon.py " + " ".join(sys.argv[1:])
-        append_results(
-            f"Long-horizon study '{args.study}' on sort-16, {len(args.seeds)} seeds", command, body
-        )
+    report(f"Long-horizon study '{args.study}' on sort-16, {len(args.seeds)} seeds", body, not args.no_record)
 
 
 if __name__ == "__main__":

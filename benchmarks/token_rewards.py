@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -40,12 +41,13 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, compose_config, save_figure  # noqa: E402
+from benchmarks.common import compose_config, report, save_figure  # noqa: E402
 from benchmarks.long_horizon import RUNS, run_method, sft_start  # noqa: E402
 
 BETAS = (0.1, 0.5)
 PAIRS = os.path.join(RUNS, "pairs")
 GUIDE_OF = {"tgdpo": "dpo", "tgdpo_cguide": "cdpo"}  # TGDPO variant -> the method of its guide
+TGDPO_ALPHA = 0.5  # the paper's default
 PPO_STEPS, PPO_EVAL_EVERY = 120, 20  # long_horizon.py's defaults: its PPO runs are the baseline
 
 
@@ -87,7 +89,7 @@ def dpo_overrides(method: str, seed: int, start: str, built: dict) -> list[str]:
         return [
             *common,
             "token_weights.method=tgdpo",
-            "token_weights.alpha=0.5",
+            f"token_weights.alpha={TGDPO_ALPHA}",
             f"token_weights.guide_model={guide}",
         ]
     if name == "cdpo":
@@ -166,6 +168,17 @@ def heldout_of_ppo_run(job: tuple[str, int], threads: int) -> float:
     return result["heldout"]
 
 
+def study_result(method: str, seed: int) -> dict:
+    """A finished run's study_result.json."""
+    with open(os.path.join(RUNS, method, f"seed{seed}", "study_result.json")) as handle:
+        return json.load(handle)
+
+
+def heldout_row(name: str, values: list[float]) -> str:
+    per_seed = " / ".join(f"{100 * v:.1f}" for v in values)
+    return f"| {name} | {100 * statistics.mean(values):.1f}% ({100 * statistics.stdev(values):.1f}) | {per_seed} |"
+
+
 def compare(name: str, values: list[float], baseline_name: str, baseline: list[float]) -> str:
     mean, sd = statistics.mean(values), statistics.stdev(values)
     base_mean, base_sd = statistics.mean(baseline), statistics.stdev(baseline)
@@ -201,14 +214,15 @@ def tgdpo_anatomy(
 ) -> dict[str, float]:
     """One TGDPO run (of `variant`) taken apart on its training pairs: per-pair sums of the guide's token reward
     g = log(pi_guide/pi_ref) and of each model's shift d = log(pi/pi_ref) by region, TGDPO's margin
-    split into beta * (sum d_c - sum d_r) (DPO's) and beta * alpha * beta * (sum g_c d_c + sum g_r d_r)
-    (what the weights 1 +- alpha * beta * g add), and the chosen responses' log-probability."""
+    split into beta * (sum d_c - sum d_r) (DPO's) and what the weights 1 +- alpha * beta * g add to it,
+    beta * alpha * beta * (sum g_c d_c + sum g_r d_r), and the chosen responses' log-probability."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.data.chat import prepare_pairs
     from rlhf.data.collate import collate_pairs
+    from rlhf.losses.preference import sequence_logratios, tgdpo_token_weights
     from rlhf.models.forward import response_logprobs
 
     torch.set_num_threads(threads)
@@ -234,8 +248,12 @@ def tgdpo_anatomy(
     count, ids, mask = len(rows), tensors[2], tensors[3]
     c, r = slice(0, count), slice(count, 2 * count)
     regions = pair_regions(ids[c], ids[r], mask[c], mask[r])
-    guide = logprobs["guide"] - logprobs["ref"]
-    scale = 0.5 * beta  # token_weights.alpha = 0.5 in the study
+    ref, guide = logprobs["ref"], logprobs["guide"] - logprobs["ref"]
+    # unfloored, so the guide part is exactly beta * alpha * beta * sum(g d); the runs' floor at 0
+    # binds on at most 0.1% of tokens
+    weights_c, weights_r, _ = tgdpo_token_weights(
+        guide[c], guide[r], mask[c], mask[r], alpha=TGDPO_ALPHA, beta=beta, floor=-math.inf
+    )
 
     def per_pair(values, where) -> float:
         return float(torch.where(where, values, 0.0).sum() / count)
@@ -245,20 +263,25 @@ def tgdpo_anatomy(
     for region, (on_chosen, on_rejected) in regions.items():
         out[f"g_chosen_{region}"] = per_pair(guide[c], on_chosen)
         out[f"g_rejected_{region}"] = per_pair(guide[r], on_rejected)
-    weights = (1 - scale * guide[r])[mask[r]]
-    out["w_rejected_p99"] = float(torch.quantile(weights, 0.99))
-    out["w_rejected_max"] = float(weights.max())
+    out["w_rejected_p99"] = float(torch.quantile(weights_r[mask[r]], 0.99))
+    out["w_rejected_max"] = float(weights_r[mask[r]].max())
+
+    def margin(policy, weights=(None, None)) -> float:
+        chosen = sequence_logratios(policy[c], ref[c], mask[c], weights[0])
+        rejected = sequence_logratios(policy[r], ref[r], mask[r], weights[1])
+        return float(beta * (chosen - rejected).mean())
+
     for name in ("dpo", "tgdpo"):
-        shift = logprobs[name] - logprobs["ref"]
+        shift = logprobs[name] - ref
         for region, (on_chosen, on_rejected) in regions.items():
             out[f"{name}_d_chosen_{region}"] = per_pair(shift[c], on_chosen)
             out[f"{name}_d_rejected_{region}"] = per_pair(shift[r], on_rejected)
-        out[f"{name}_margin_dpo"] = beta * (per_pair(shift[c], mask[c]) - per_pair(shift[r], mask[r]))
+        out[f"{name}_margin_dpo"] = margin(logprobs[name])
         out[f"{name}_margin_guide"] = (
-            beta * scale * (per_pair(guide[c] * shift[c], mask[c]) + per_pair(guide[r] * shift[r], mask[r]))
+            margin(logprobs[name], (weights_c, weights_r)) - out[f"{name}_margin_dpo"]
         )
         out[f"{name}_chosen_logprob"] = per_pair(logprobs[name][c], mask[c])
-    out["ref_chosen_logprob"] = per_pair(logprobs["ref"][c], mask[c])
+    out["ref_chosen_logprob"] = per_pair(ref[c], mask[c])
     return out
 
 
@@ -277,7 +300,7 @@ def explain_tgdpo(seeds: list[int], start: str, threads: int, variant: str = "tg
             return f"{statistics.mean(values):+.2f} ({statistics.stdev(values):.2f})"
 
         lines += [
-            f"{variant}, beta {beta}, alpha 0.5, guide = the same seed's {guide} model; {runs[0]['tokens']:.0f} tokens a "
+            f"{variant}, beta {beta}, alpha {TGDPO_ALPHA}, guide = the same seed's {guide} model; {runs[0]['tokens']:.0f} tokens a "
             f"response, {runs[0]['shared_tokens']:.1f} of them in the shared prefix; per-pair sums, "
             f"seed mean (sd) over {len(seeds)} seeds:",
             "",
@@ -320,17 +343,8 @@ def guide_control(seeds: list[int], start: str, jobs: int, threads: int) -> str:
     lines = ["| method | held-out exact match: mean (sd) | per seed |", "|---|---|---|"]
     for beta in BETAS:
         for method in ("dpo", "cdpo", "tgdpo", "tgdpo_cguide"):
-            values = []
-            for seed in seeds:
-                with open(
-                    os.path.join(RUNS, f"{method}_b{beta}", f"seed{seed}", "study_result.json")
-                ) as handle:
-                    values.append(json.load(handle)["heldout"])
-            per_seed = " / ".join(f"{100 * v:.1f}" for v in values)
-            lines.append(
-                f"| {method}_b{beta} | {100 * statistics.mean(values):.1f}% ({100 * statistics.stdev(values):.1f}) "
-                f"| {per_seed} |"
-            )
+            name = f"{method}_b{beta}"
+            lines.append(heldout_row(name, [study_result(name, seed)["heldout"] for seed in seeds]))
     lines += ["", explain_tgdpo(seeds, start, 2 * threads, "tgdpo_cguide")]
     return "\n".join(lines)
 
@@ -369,8 +383,7 @@ def plot_curves(methods: list[str], seeds: list[int], path: str) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, method in enumerate(("ppo", "rto")):
         for seed in seeds:
-            with open(os.path.join(RUNS, method, f"seed{seed}", "study_result.json")) as handle:
-                result = json.load(handle)
+            result = study_result(method, seed)
             axes[0].plot(
                 result["train_steps"],
                 moving_average(result["train_reward"], 10),
@@ -414,17 +427,11 @@ def main() -> None:
     start = sft_start(os.cpu_count() or 2)
     if args.explain_tgdpo:
         body = explain_tgdpo(args.seeds, start, os.cpu_count() or 2)
-        print(body)
-        if not args.no_record:
-            command = "python benchmarks/token_rewards.py " + " ".join(sys.argv[1:])
-            append_results("Why TGDPO collapses on the sort pairs: its runs taken apart", command, body)
+        report("Why TGDPO collapses on the sort pairs: its runs taken apart", body, not args.no_record)
         return
     if args.guide_control:
         body = guide_control(args.seeds, start, args.jobs, threads)
-        print(body)
-        if not args.no_record:
-            command = "python benchmarks/token_rewards.py " + " ".join(sys.argv[1:])
-            append_results("TGDPO with a guide that did not collapse (cDPO), a diagnostic", command, body)
+        report("TGDPO with a guide that did not collapse (cDPO), a diagnostic", body, not args.no_record)
         return
     built = build_pairs(start)
     print(
@@ -450,10 +457,7 @@ def main() -> None:
         "rto": [ppo_heldout[("rto", s)] for s in args.seeds],
     }
     for method in first + second:
-        heldout[method] = []
-        for seed in args.seeds:
-            with open(os.path.join(RUNS, method, f"seed{seed}", "study_result.json")) as handle:
-                heldout[method].append(json.load(handle)["heldout"])
+        heldout[method] = [study_result(method, seed)["heldout"] for seed in args.seeds]
     sft_heldout = heldout_of_start(start)
     lines = [
         f"SFT start: {100 * sft_heldout:.1f}% held-out exact match; {built['num_pairs']} pairs.",
@@ -461,11 +465,7 @@ def main() -> None:
         "| method | held-out exact match: mean (sd) | per seed |",
         "|---|---|---|",
     ]
-    for name, values in heldout.items():
-        per_seed = " / ".join(f"{100 * v:.1f}" for v in values)
-        lines.append(
-            f"| {name} | {100 * statistics.mean(values):.1f}% ({100 * statistics.stdev(values):.1f}) | {per_seed} |"
-        )
+    lines += [heldout_row(name, values) for name, values in heldout.items()]
     lines += ["", compare("rto", heldout["rto"], "ppo", heldout["ppo"])]
     for beta in BETAS:
         for name in ("tgdpo", "cdpo"):
@@ -479,13 +479,11 @@ def main() -> None:
         first + second, args.seeds, os.path.join(ROOT, "benchmarks", "plots", "token_rewards_curves.png")
     )
     lines += ["", "Figures: benchmarks/plots/token_rewards_sort.png (final models), token_rewards_curves.png"]
-    body = "\n".join(lines)
-    print(body)
-    if not args.no_record:
-        command = "python benchmarks/token_rewards.py " + " ".join(sys.argv[1:])
-        append_results(
-            f"Token-level rewards on sort-16: RTO, DPO, TGDPO, cDPO, {len(args.seeds)} seeds", command, body
-        )
+    report(
+        f"Token-level rewards on sort-16: RTO, DPO, TGDPO, cDPO, {len(args.seeds)} seeds",
+        "\n".join(lines),
+        not args.no_record,
+    )
 
 
 def heldout_of_start(start: str) -> float:

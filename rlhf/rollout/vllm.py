@@ -222,8 +222,8 @@ class VllmRollout:
                 logprobs=record_topk or 0,
                 seed=seed,
                 skip_special_tokens=True,
-                # only token ids are read; text is needed for stop strings alone (detokenizing took
-                # a quarter of a rollout on the tiny CPU model at prompt 512, G 16)
+                # only token ids are read; text is needed for stop strings alone (skipping it:
+                # benchmarks/vllm_generation.py, compiled_ids against compiled)
                 detokenize=bool(sampling.stop),
             )
             requests.append((ids, params))
