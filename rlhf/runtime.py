@@ -66,13 +66,17 @@ def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
 
 
 def mean_over_ranks(metrics: dict[str, float], engine: Any) -> dict[str, float]:
-    """Average scalar metrics over ranks (every rank must log the same keys)."""
+    """Average scalar metrics over ranks, except maxima (`*_max`, as MetricAccumulator keeps them),
+    which take the largest rank's value (every rank must log the same keys)."""
     if engine.world_size == 1 or not metrics:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=engine.device)
-    summed = engine.all_reduce_sum(values) / engine.world_size
-    return dict(zip(keys, summed.tolist()))
+    # each rank fills its own row of zeros: the sum over ranks holds every rank's values
+    per_rank = torch.zeros(engine.world_size, len(keys), dtype=torch.float64, device=engine.device)
+    per_rank[engine.rank] = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    per_rank = engine.all_reduce_sum(per_rank)
+    means, maxima = per_rank.mean(0).tolist(), per_rank.max(0).values.tolist()
+    return {k: maxima[i] if k.endswith("_max") else means[i] for i, k in enumerate(keys)}
 
 
 def gathered_values(values: torch.Tensor, engine: Any) -> torch.Tensor:

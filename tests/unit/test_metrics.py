@@ -1,8 +1,12 @@
-"""MetricAccumulator: weighted means over micro-batches, maxima for metrics named *_max."""
+"""MetricAccumulator: weighted means over micro-batches, maxima for metrics named *_max; the same
+rule across ranks (mean_over_ranks)."""
+
+from types import SimpleNamespace
 
 import torch
 
 from rlhf.metrics import MetricAccumulator
+from rlhf.runtime import mean_over_ranks
 
 
 def test_means_are_weighted_and_maxima_are_maxima():
@@ -12,3 +16,16 @@ def test_means_are_weighted_and_maxima_are_maxima():
     out = accumulator.compute()
     assert out["loss"] == (1.0 * 1 + 4.0 * 3) / 4
     assert out["diff_max"] == 0.5  # not the weighted mean 0.275
+
+
+def test_ranks_average_means_and_keep_the_largest_maximum():
+    other_rank = {"loss": 3.0, "rollout/logprob_diff_max": 0.9}
+
+    def all_reduce_sum(rows: torch.Tensor) -> torch.Tensor:  # rank 1's row arrives from the reduction
+        theirs = torch.zeros_like(rows)
+        theirs[1] = torch.tensor([other_rank[k] for k in sorted(other_rank)], dtype=rows.dtype)
+        return rows + theirs
+
+    engine = SimpleNamespace(world_size=2, rank=0, device=torch.device("cpu"), all_reduce_sum=all_reduce_sum)
+    out = mean_over_ranks({"loss": 1.0, "rollout/logprob_diff_max": 0.2}, engine)
+    assert out == {"loss": 2.0, "rollout/logprob_diff_max": 0.9}  # not the mean 0.55
