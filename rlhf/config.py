@@ -410,6 +410,9 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely (after top-p)
+    # CTRL's penalty on tokens already in the context (prompt and response so far), before the
+    # temperature, as transformers and vLLM apply it; every logprob pass applies it too. 1 = off.
+    repetition_penalty: float = 1.0
     # Generation ends at EOS or at the first of these strings (kept in the completion and trained on,
     # as EOS is). Stopping does not change any token's distribution, so logprob passes ignore it.
     stop: list[str] = field(default_factory=list)
@@ -424,6 +427,7 @@ class RolloutConfig:
         check_range("rollout.temperature", self.temperature, 0, low_open=True)
         check_range("rollout.top_p", self.top_p, 0, 1, low_open=True)
         check_range("rollout.top_k", self.top_k, 0)
+        check_range("rollout.repetition_penalty", self.repetition_penalty, 0, low_open=True)
 
 
 @dataclass

@@ -65,18 +65,33 @@ def masked_whiten(
 
 
 def warp_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The sampling distribution's logits: divide by temperature, then keep the top-k, then top-p,
-    then the tokens at least min_p times as likely as the most likely one.
+    """The sampling distribution's logits: the repetition penalty on the tokens already in the
+    context (`seen`, bool [..., V]: see `first_seen_positions`), divide by temperature, then keep
+    the top-k, then top-p, then the tokens at least min_p times as likely as the most likely one.
 
-    Same order and tie rules as `transformers` generation (temperature, top-k, top-p with at least
-    one token kept), so a logprob pass scores tokens under exactly the distribution they were sampled
-    from. Removed tokens get -inf.
+    Same order and tie rules as `transformers` generation and vLLM (penalty, temperature, top-k,
+    top-p with at least one token kept), so a logprob pass scores tokens under exactly the
+    distribution they were sampled from. Removed tokens get -inf.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling and scoring, got {temperature}")
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        if seen is None:
+            raise ValueError("a repetition penalty needs the tokens seen in each position's context")
+        # CTRL's penalty (Keskar et al. 2019), as transformers and vLLM apply it: a seen token's
+        # logit is divided by the penalty when positive and multiplied by it when negative
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    logits = logits / temperature if temperature != 1.0 else logits
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -94,6 +109,42 @@ def warp_logits(
         remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)  # always keep the most likely
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
+
+
+def first_seen_positions(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """[B, W] where each token id below W (the largest id present, plus one) enters the context of
+    a response: -1 for the prompt's tokens (pads excluded), else the response position of its first
+    occurrence, else the response length (never). Token v is in the context that predicts response
+    token t exactly when the value is < t; `seen_in_context` turns it into a mask for the positions
+    in hand (a chunk at a time if need be), so no [B, T, V] tensor is kept."""
+    rows, steps = response_ids.shape
+    prompt_mask, response_mask = prompt_mask.bool(), response_mask.bool()
+    width = 1 + max(
+        int(prompt_ids[prompt_mask].max()) if prompt_mask.any() else 0,
+        int(response_ids[response_mask].max()) if response_mask.any() else 0,
+    )
+    first = torch.full((rows, width + 1), steps, dtype=torch.long, device=response_ids.device)
+    # tokens outside the masks go to a spare last column, dropped at the end
+    response = torch.where(response_mask, response_ids, width)
+    positions = torch.arange(steps, device=response_ids.device).expand(rows, steps)
+    first.scatter_reduce_(1, response, positions, "amin")
+    first.scatter_(1, torch.where(prompt_mask, prompt_ids, width), -1)
+    return first[:, :width]
+
+
+def seen_in_context(first: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, P, vocab_size] True where a token is in the context predicting response token
+    `positions` [P] (`first` from `first_seen_positions`; ids beyond its width were never seen)."""
+    first = first[:, :vocab_size]
+    seen = first[:, None, :] < positions.to(first.device)[None, :, None]
+    if first.shape[1] < vocab_size:
+        seen = torch.nn.functional.pad(seen, (0, vocab_size - first.shape[1]), value=False)
+    return seen
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Input rows are [left-padded prompt; right-padded response]. Position ids count only real tokens
 (as `generate` does for left padding), and the LM head runs only on the positions that predict
-response tokens. Logits are warped exactly as in sampling (temperature, top-k, top-p) before the
-log-softmax, so log pi(a_t) is the probability of the distribution the token was drawn from.
+response tokens. Logits are warped exactly as in sampling (repetition penalty, temperature, top-k,
+top-p, min-p) before the log-softmax, so log pi(a_t) is the probability of the distribution the
+token was drawn from.
 
 A model loaded with `model.shared_prefix=true` packs rows that repeat a prompt into one sequence
 per prompt (rlhf.models.shared_prefix); every function here returns the same values either way.
@@ -27,7 +28,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from rlhf.models.shared_prefix import SharedPrefixLayout, build_layout, uses_shared_prefix
-from rlhf.ops import entropy_from_logits, logprobs_from_logits, warp_logits
+from rlhf.ops import (
+    entropy_from_logits,
+    first_seen_positions,
+    logprobs_from_logits,
+    seen_in_context,
+    warp_logits,
+)
 
 
 def response_logprobs(
@@ -41,6 +48,7 @@ def response_logprobs(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -49,6 +57,8 @@ def response_logprobs(
     Values at masked response positions are finite but meaningless; mask them downstream.
     """
     warp = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    warp["repetition_penalty"] = repetition_penalty
+    first_seen = penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty)
     chunk = getattr(_head_owner(model), "logprob_chunk_tokens", 0)
     if chunk:
         with _head_as_identity(model):  # the "logits" are the head's inputs
@@ -63,9 +73,10 @@ def response_logprobs(
             warp,
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
+            first_seen=first_seen,
         )
     logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    logits = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    logits = warp_logits(logits, **warp, seen=penalty_mask(first_seen, logits))
     # Tokens outside the kept support (possible only at masked positions) would give -inf.
     safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
     logprobs = logprobs_from_logits(logits, safe_ids)
@@ -99,11 +110,14 @@ def response_logprobs_and_states(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log pi(response_t) [B, T], states [B, T, h], next states [B, T, h]) from one forward: the
     last hidden state (the LM head's input) where token t is predicted, and where it is read.
     With `model.logprob_chunk_tokens` the logprobs come from those states a chunk at a time."""
     warp = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    warp["repetition_penalty"] = repetition_penalty
+    first_seen = penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty)
     chunk = getattr(_head_owner(model), "logprob_chunk_tokens", 0)
     with _head_as_identity(model) if chunk else contextlib.nullcontext():
         logits, (states, next_states) = _response_forward(
@@ -112,13 +126,32 @@ def response_logprobs_and_states(
     if chunk:  # the "logits" are the head's inputs
         head = _head_owner(model).get_output_embeddings()
         return (
-            chunked_logprobs(head, logits, response_ids, response_mask, chunk, warp)[0],
+            chunked_logprobs(head, logits, response_ids, response_mask, chunk, warp, first_seen=first_seen)[
+                0
+            ],
             states,
             next_states,
         )
-    logits = warp_logits(logits, **warp)
+    logits = warp_logits(logits, **warp, seen=penalty_mask(first_seen, logits))
     safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
     return logprobs_from_logits(logits, safe_ids), states, next_states
+
+
+def penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty: float):
+    """`first_seen_positions` when a repetition penalty applies (None otherwise)."""
+    if repetition_penalty == 1.0:
+        return None
+    return first_seen_positions(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+def penalty_mask(
+    first_seen: torch.Tensor | None, logits: torch.Tensor, start: int = 0
+) -> torch.Tensor | None:
+    """The context mask for `logits` [B, P, V] predicting response tokens start..start+P-1."""
+    if first_seen is None:
+        return None
+    positions = torch.arange(start, start + logits.shape[1], device=logits.device)
+    return seen_in_context(first_seen, positions, logits.shape[-1])
 
 
 def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, with_states: bool = False):
@@ -163,16 +196,19 @@ def chunked_logprobs(
     *,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    first_seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`response_logprobs` from the LM head's inputs `hidden` [B, T, h], `chunk` tokens at a time.
     With gradient, each chunk is checkpointed: its logits are recomputed in the backward instead of
-    kept, so no more than one chunk's logits ever exist."""
+    kept, so no more than one chunk's logits ever exist. `first_seen` (`first_seen_positions`) is
+    needed with a repetition penalty."""
     grad = torch.is_grad_enabled()
 
     def piece(
-        states: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+        states: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = warp_logits(head(states), **warp)
+        logits = head(states)
+        logits = warp_logits(logits, **warp, seen=penalty_mask(first_seen, logits, start))
         logprobs = logprobs_from_logits(logits, torch.where(mask, ids, logits.argmax(-1)))
         if not with_entropy:
             return logprobs, logprobs.new_zeros(())
@@ -182,7 +218,7 @@ def chunked_logprobs(
     parts = []
     for start in range(0, response_ids.shape[1], chunk):
         window = slice(start, start + chunk)
-        args = (hidden[:, window], response_ids[:, window], response_mask[:, window])
+        args = (hidden[:, window], response_ids[:, window], response_mask[:, window], start)
         parts.append(checkpoint(piece, *args, use_reentrant=False) if grad else piece(*args))
     logprobs = torch.cat([p[0] for p in parts], dim=1)
     entropy = torch.cat([p[1] for p in parts], dim=1) if with_entropy else None

@@ -25,6 +25,8 @@ from rlhf.losses.preference import contrastive_prompt_token_rewards, contrastive
 from rlhf.models.forward import (
     _head_owner,
     chunked_token_loss,
+    penalty_context,
+    penalty_mask,
     response_head_inputs,
     response_logits,
     response_logprobs,
@@ -139,13 +141,16 @@ def nthr_token_scale(
         vocab = torch.unique(response_ids[mask])
         # the sampling distribution over the group's vocabulary, a chunk of tokens at a time (no
         # [G, T, V] tensor)
-        probs = torch.cat(
-            [
-                torch.softmax(warp_logits(head(part).float(), **(warp or {})), dim=-1)[..., vocab]
-                for part in hidden.split(chunk_tokens, dim=1)
-            ],
-            dim=1,
+        warp = warp or {}
+        first_seen = penalty_context(
+            prompt_ids, prompt_mask, response_ids, mask, warp.get("repetition_penalty", 1.0)
         )
+        parts = []
+        for start in range(0, hidden.shape[1], chunk_tokens):
+            logits = head(hidden[:, start : start + chunk_tokens]).float()
+            logits = warp_logits(logits, **warp, seen=penalty_mask(first_seen, logits, start))
+            parts.append(torch.softmax(logits, dim=-1)[..., vocab])
+        probs = torch.cat(parts, dim=1)
         onehot = (response_ids.unsqueeze(-1) == vocab).float()
         scores = nthr_scores(onehot - probs, hidden, mask, group_advantages > 0)
         scale = nthr_advantage_scale(scores, mask, group_advantages, beta=beta)

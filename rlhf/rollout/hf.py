@@ -1,9 +1,12 @@
 """Rollout: G samples per prompt, collated into a RolloutBatch, with `transformers` generate or a
 colocated vLLM engine (rlhf/rollout/vllm.py).
 
-Sampling uses an explicit GenerationConfig (temperature, top-k, top-p, min-p and nothing else), so
-a model's own generation defaults (repetition penalty...) never change the distribution the logprob
-passes score. The response mask covers tokens up to and including the first EOS or the token that
+Sampling uses an explicit GenerationConfig (temperature, top-k, top-p, min-p and nothing else), and
+the model's own generation defaults are set aside while it runs (transformers would otherwise fill
+every field we leave unset from them: a chat model's repetition penalty, say), so they never change
+the distribution the logprob passes score. A repetition penalty (`rollout.repetition_penalty`) is
+applied by our own logits processor over each row's real context, with the same function as the
+logprob passes (transformers' own would also penalise the pad token of left-padded rows). The response mask covers tokens up to and including the first EOS or the token that
 completes a stop string; rows with neither within `max_new_tokens` are flagged `truncated`. A
 shared-prefix model prefills each prompt once per group (see `generate_groups`).
 """
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from transformers import (
     GenerationConfig,
+    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -27,6 +31,7 @@ from transformers import (
 from rlhf.data.chat import CONVERSATIONAL, PROMPT_IDS, PROMPT_TEXT, reward_columns
 from rlhf.intrinsic import TopKRecorder
 from rlhf.models.shared_prefix import uses_shared_prefix
+from rlhf.ops import warp_logits
 from rlhf.types import RolloutBatch
 
 
@@ -38,10 +43,12 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
 
     @classmethod
     def from_config(cls, rollout: Any) -> SamplingParams:
-        """From a RolloutConfig (rollout.max_new_tokens, temperature, top_k, top_p, min_p, stop)."""
+        """From a RolloutConfig (rollout.max_new_tokens, temperature, top_k, top_p, min_p, stop,
+        repetition_penalty)."""
         return cls(
             rollout.max_new_tokens,
             rollout.temperature,
@@ -49,6 +56,7 @@ class SamplingParams:
             rollout.top_p,
             rollout.min_p,
             tuple(rollout.stop),
+            rollout.repetition_penalty,
         )
 
     def warp(self) -> dict[str, float]:
@@ -59,6 +67,7 @@ class SamplingParams:
             "top_k": self.top_k,
             "top_p": self.top_p,
             "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
         }
 
     def generation_config(
@@ -268,8 +277,14 @@ def _hf_generate(model, tokenizer, prompt_ids, prompt_mask, group_size, sampling
     """(response ids [B, T], outside_topk or None) from transformers generate."""
     was_training = model.training
     model.eval()
+    processors: list[Any] = []
+    if do_sample and sampling.repetition_penalty != 1.0:
+        processors.append(
+            ContextRepetitionPenalty(sampling.repetition_penalty, prompt_ids, prompt_mask, group_size)
+        )
     recorder = TopKRecorder(record_topk) if record_topk else None
-    extra: dict[str, Any] = {"logits_processor": LogitsProcessorList([recorder])} if recorder else {}
+    processors += [recorder] if recorder else []  # after the penalty: it records the sampled distribution
+    extra: dict[str, Any] = {"logits_processor": LogitsProcessorList(processors)} if processors else {}
     if sampling.stop:
         extra["stopping_criteria"] = StoppingCriteriaList(
             [StopStrings(tokenizer, sampling.stop, prompt_ids.shape[1])]
@@ -315,12 +330,48 @@ def generate_groups(
         cache = prefill.past_key_values
         cache.batch_repeat_interleave(group_size)
         generate_kwargs["past_key_values"] = cache
-    return model.generate(
-        input_ids=repeated_ids,
-        attention_mask=repeated_mask,
-        generation_config=generation_config,
-        **generate_kwargs,
-    )
+    with _only_generation_config(model, generation_config):
+        return model.generate(
+            input_ids=repeated_ids,
+            attention_mask=repeated_mask,
+            generation_config=generation_config,
+            **generate_kwargs,
+        )
+
+
+@contextlib.contextmanager
+def _only_generation_config(model: PreTrainedModel, generation_config: GenerationConfig):
+    """Make `generation_config` the model's own while generate runs: transformers fills the fields a
+    passed config leaves unset from the model's defaults (generation_config.json), which would put
+    sampling settings that no logprob pass knows of into the rollout."""
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = owner.generation_config
+    owner.generation_config = generation_config
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
+
+
+class ContextRepetitionPenalty(LogitsProcessor):
+    """The repetition penalty (CTRL's, as transformers and vLLM define it) over each row's real
+    context: its prompt without the left pads and the tokens generated so far, through the logprob
+    passes' own `warp_logits`. Rows come as generate gets them: each prompt `group_size` times."""
+
+    def __init__(self, penalty: float, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
+        self.penalty = penalty
+        self.prompt_width = prompt_ids.shape[1]
+        self.prompt_tokens = torch.where(prompt_mask.bool(), prompt_ids, -1).repeat_interleave(
+            group_size, dim=0
+        )
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        context = torch.cat([self.prompt_tokens, input_ids[:, self.prompt_width :]], dim=1)
+        seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        # pads (-1) and ids beyond the head's vocabulary land in the spare last column
+        seen.scatter_(1, torch.where((context >= 0) & (context < vocab), context, vocab), True)
+        return warp_logits(scores, repetition_penalty=self.penalty, seen=seen[:, :vocab]).to(scores.dtype)
 
 
 def rollout_rows(

@@ -217,6 +217,7 @@ class VllmRollout:
                 top_k=sampling.top_k if do_sample and sampling.top_k > 0 else 0,
                 top_p=sampling.top_p if do_sample else 1.0,
                 min_p=sampling.min_p if do_sample else 0.0,
+                repetition_penalty=sampling.repetition_penalty if do_sample else 1.0,
                 stop=list(sampling.stop) or None,
                 include_stop_str_in_output=True,
                 logprobs=record_topk or 0,

@@ -42,7 +42,13 @@ def _sampled(model, tokenizer, group_size: int):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize(
-    "warp", [{}, {"temperature": 0.7, "top_k": 5, "top_p": 0.9}, {"temperature": 1.3, "min_p": 0.2}]
+    "warp",
+    [
+        {},
+        {"temperature": 0.7, "top_k": 5, "top_p": 0.9},
+        {"temperature": 1.3, "min_p": 0.2},
+        {"temperature": 0.9, "repetition_penalty": 1.6},
+    ],
 )
 @pytest.mark.parametrize("shared_prefix", [False, True])
 def test_chunked_equals_plain(arch, chunk, warp, shared_prefix):
@@ -118,7 +124,7 @@ def test_chunked_frozen_passes_equal_plain(shared_prefix):
         )
     tensors, mask = _sampled(plain, tokenizer, group_size=2)
     with torch.no_grad():
-        warp = {"temperature": 0.7, "top_k": 5}
+        warp = {"temperature": 0.7, "top_k": 5, "repetition_penalty": 1.3}
         (a, a_states, a_next), (b, b_states, b_next) = (
             response_logprobs_and_states(m, *tensors, **warp) for m in (plain, chunked)
         )

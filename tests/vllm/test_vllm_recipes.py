@@ -63,8 +63,19 @@ def test_grpo_with_vllm_trains_and_the_engine_matches_the_trainer(tmp_path):
 
 def test_grpo_with_vllm_and_two_updates_per_rollout(tmp_path):
     """With old logprobs from a separate pass (two epochs over the rollout), the correction is
-    computed there; with one update it comes from the update's own forward (test above)."""
-    result = grpo.train(_config("grpo", tmp_path, *VLLM, *GRPO_FAST, "train.steps=2", "train.epochs=2"))
+    computed there; with one update it comes from the update's own forward (test above). A
+    repetition penalty reaches the engine and every logprob pass alike."""
+    result = grpo.train(
+        _config(
+            "grpo",
+            tmp_path,
+            *VLLM,
+            *GRPO_FAST,
+            "train.steps=2",
+            "train.epochs=2",
+            "rollout.repetition_penalty=1.3",
+        )
+    )
     for row in _trained(result["run_dir"]):
         assert row["rollout/logprob_diff_max"] < 1e-4 and "rollout_correction/clipped_fraction" in row
 
@@ -114,6 +125,7 @@ def test_ppo_with_vllm(tmp_path):
             tmp_path,
             *VLLM,
             "+experiment=ppo_arithmetic_rewards",
+            "rollout.repetition_penalty=1.3",
             "train.steps=2",
             "train.prompts_per_step=8",
             "train.micro_batch_size=8",
