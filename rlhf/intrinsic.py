@@ -78,9 +78,11 @@ def intrinsic_reward(error: torch.Tensor, mask: torch.Tensor, gate: torch.Tensor
 
 
 class TopKRecorder:
-    """A generation logits processor, placed after the sampling warpers, that records for every step
-    which ids are the k most likely under the processed distribution (the one sampled from); the
-    scores pass through unchanged. After generate, `outside(response_ids)` is the gate [B, T]."""
+    """A generation logits processor that records for every step which ids are the k most likely
+    under the distribution sampled from; the scores pass through unchanged. It runs after our
+    repetition penalty and before transformers' temperature, top-k, top-p and min-p warpers, which
+    keep the order of the tokens they keep: a sampled token is among its k most likely exactly when
+    it is among the sampled distribution's. After generate, `outside(response_ids)` is the gate [B, T]."""
 
     def __init__(self, k: int):
         self.k = k

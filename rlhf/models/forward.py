@@ -56,8 +56,9 @@ def response_logprobs(
 
     Values at masked response positions are finite but meaningless; mask them downstream.
     """
-    warp = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
-    warp["repetition_penalty"] = repetition_penalty
+    warp = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
+    )
     first_seen = penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty)
     chunk = getattr(_head_owner(model), "logprob_chunk_tokens", 0)
     if chunk:
@@ -115,8 +116,9 @@ def response_logprobs_and_states(
     """(log pi(response_t) [B, T], states [B, T, h], next states [B, T, h]) from one forward: the
     last hidden state (the LM head's input) where token t is predicted, and where it is read.
     With `model.logprob_chunk_tokens` the logprobs come from those states a chunk at a time."""
-    warp = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
-    warp["repetition_penalty"] = repetition_penalty
+    warp = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
+    )
     first_seen = penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty)
     chunk = getattr(_head_owner(model), "logprob_chunk_tokens", 0)
     with _head_as_identity(model) if chunk else contextlib.nullcontext():

@@ -148,3 +148,24 @@ def test_nthr_scores_tokens_under_the_penalised_distribution(monkeypatch):
     torch.testing.assert_close(
         probs[mask], scored.exp()[mask], rtol=0, atol=1e-6
     )  # 3.7e-8 measured; 0.02 unpenalised
+
+
+def test_the_top_k_gate_reads_the_penalised_distribution():
+    """CD-RLHF's gate (rollout `record_topk`) marks tokens outside the k most likely of the
+    distribution sampled from, the penalty included: sampling with top-k 1 picks each step's top
+    token, so nothing is outside the top 1, though the penalty moves that top token."""
+    model, tokenizer = _policy()
+    sampling = SamplingParams(max_new_tokens=12, top_k=1, repetition_penalty=4.0)
+    torch.manual_seed(0)
+    batch = generate_rollouts(model, tokenizer, PROMPTS, {}, group_size=2, sampling=sampling, record_topk=1)
+    assert not batch.outside_topk.any()
+    torch.manual_seed(0)
+    plain = generate_rollouts(
+        model,
+        tokenizer,
+        PROMPTS,
+        {},
+        group_size=2,
+        sampling=SamplingParams(max_new_tokens=12, top_k=1),
+    )
+    assert not torch.equal(plain.response_ids, batch.response_ids)  # the penalty changed the picks
