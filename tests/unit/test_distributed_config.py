@@ -12,7 +12,7 @@ import torch
 from rlhf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rlhf.config import ConfigError, DistributedConfig, OptimConfig
 from rlhf.distributed.deepspeed_engine import deepspeed_config
-from rlhf.distributed.engine import SingleProcessEngine, build_engine, build_optimizer
+from rlhf.distributed.engine import SingleProcessEngine, build_engine
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -126,32 +126,3 @@ def test_process_group_is_destroyed_at_exit():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "alive at exit: False" in done.stdout
-
-
-def test_optimizer_is_torch_fused_adamw_with_the_reference_updates():
-    # fused, like the transformers Trainer's default optimizer; its steps are AdamW's
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_causal_lm(TinyModelSpec(), tokenizer, seed=0)
-    reference = build_tiny_causal_lm(TinyModelSpec(), tokenizer, seed=0)
-    optim = OptimConfig(lr=1e-2)
-    optimizer = build_optimizer(model, optim)
-    assert optimizer.defaults["fused"]
-    decay = [p for p in reference.parameters() if p.dim() >= 2]
-    no_decay = [p for p in reference.parameters() if p.dim() < 2]
-    reference_optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.lr,
-        betas=tuple(optim.betas),
-        eps=optim.eps,
-        foreach=False,  # torch's plain per-parameter loop
-    )
-    ids = torch.randint(3, 20, (2, 12))
-    for _ in range(3):
-        for net, opt in ((model, optimizer), (reference, reference_optimizer)):
-            net(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    # fused and looped kernels round differently: 5.9e-7 measured after 3 steps at lr 1e-2
-    for ours, theirs in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-6)
