@@ -147,6 +147,23 @@ def seen_in_context(first: torch.Tensor, positions: torch.Tensor, vocab_size: in
     return seen
 
 
+def penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty: float):
+    """`first_seen_positions` when a repetition penalty applies (None otherwise)."""
+    if repetition_penalty == 1.0:
+        return None
+    return first_seen_positions(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+def penalty_mask(
+    first_seen: torch.Tensor | None, logits: torch.Tensor, start: int = 0
+) -> torch.Tensor | None:
+    """The context mask for `logits` [B, P, V] predicting response tokens start..start+P-1."""
+    if first_seen is None:
+        return None
+    positions = torch.arange(start, start + logits.shape[1], device=logits.device)
+    return seen_in_context(first_seen, positions, logits.shape[-1])
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under softmax(logits), in float32. logits [..., V], tokens [...]."""
     logits = logits.float()

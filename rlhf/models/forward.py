@@ -28,13 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from rlhf.models.shared_prefix import SharedPrefixLayout, build_layout, uses_shared_prefix
-from rlhf.ops import (
-    entropy_from_logits,
-    first_seen_positions,
-    logprobs_from_logits,
-    seen_in_context,
-    warp_logits,
-)
+from rlhf.ops import entropy_from_logits, logprobs_from_logits, penalty_context, penalty_mask, warp_logits
 
 
 def response_logprobs(
@@ -127,33 +121,13 @@ def response_logprobs_and_states(
         )
     if chunk:  # the "logits" are the head's inputs
         head = _head_owner(model).get_output_embeddings()
-        return (
-            chunked_logprobs(head, logits, response_ids, response_mask, chunk, warp, first_seen=first_seen)[
-                0
-            ],
-            states,
-            next_states,
+        logprobs, _ = chunked_logprobs(
+            head, logits, response_ids, response_mask, chunk, warp, first_seen=first_seen
         )
+        return logprobs, states, next_states
     logits = warp_logits(logits, **warp, seen=penalty_mask(first_seen, logits))
     safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
     return logprobs_from_logits(logits, safe_ids), states, next_states
-
-
-def penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty: float):
-    """`first_seen_positions` when a repetition penalty applies (None otherwise)."""
-    if repetition_penalty == 1.0:
-        return None
-    return first_seen_positions(prompt_ids, prompt_mask, response_ids, response_mask)
-
-
-def penalty_mask(
-    first_seen: torch.Tensor | None, logits: torch.Tensor, start: int = 0
-) -> torch.Tensor | None:
-    """The context mask for `logits` [B, P, V] predicting response tokens start..start+P-1."""
-    if first_seen is None:
-        return None
-    positions = torch.arange(start, start + logits.shape[1], device=logits.device)
-    return seen_in_context(first_seen, positions, logits.shape[-1])
 
 
 def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, with_states: bool = False):

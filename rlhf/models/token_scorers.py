@@ -25,13 +25,11 @@ from rlhf.losses.preference import contrastive_prompt_token_rewards, contrastive
 from rlhf.models.forward import (
     _head_owner,
     chunked_token_loss,
-    penalty_context,
-    penalty_mask,
     response_head_inputs,
     response_logits,
     response_logprobs,
 )
-from rlhf.ops import warp_logits
+from rlhf.ops import penalty_context, penalty_mask, warp_logits
 
 PromptRewriter = Callable[[list[Any], str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -127,6 +125,7 @@ def nthr_token_scale(
     distribution over the group's vocabulary (the tokens its responses contain). Positive rows are
     those with a positive advantage (the correct ones under a 0/1 reward)."""
     scales, damped = [], 0.0
+    warp = warp or {}
     mask_all = batch.response_mask
     for start in range(0, batch.batch_size, group_size):
         rows = torch.arange(start, start + group_size, device=mask_all.device)
@@ -141,7 +140,6 @@ def nthr_token_scale(
         vocab = torch.unique(response_ids[mask])
         # the sampling distribution over the group's vocabulary, a chunk of tokens at a time (no
         # [G, T, V] tensor)
-        warp = warp or {}
         first_seen = penalty_context(
             prompt_ids, prompt_mask, response_ids, mask, warp.get("repetition_penalty", 1.0)
         )

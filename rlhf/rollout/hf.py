@@ -5,9 +5,10 @@ Sampling uses an explicit GenerationConfig (temperature, top-k, top-p, min-p and
 the model's own generation defaults are set aside while it runs (transformers would otherwise fill
 every field we leave unset from them: a chat model's repetition penalty, say), so they never change
 the distribution the logprob passes score. A repetition penalty (`rollout.repetition_penalty`) is
-applied by our own logits processor over each row's real context, with the same function as the
-logprob passes (transformers' own would also penalise the pad token of left-padded rows). The response mask covers tokens up to and including the first EOS or the token that
-completes a stop string; rows with neither within `max_new_tokens` are flagged `truncated`. A
+applied by our own logits processor over each row's real context, with the same functions as the
+logprob passes (transformers' own would also penalise the pad token of left-padded rows). The
+response mask covers tokens up to and including the first EOS or the token that completes a stop
+string; rows with neither within `max_new_tokens` are flagged `truncated`. A
 shared-prefix model prefills each prompt once per group (see `generate_groups`).
 """
 
@@ -31,7 +32,7 @@ from transformers import (
 from rlhf.data.chat import CONVERSATIONAL, PROMPT_IDS, PROMPT_TEXT, reward_columns
 from rlhf.intrinsic import TopKRecorder
 from rlhf.models.shared_prefix import uses_shared_prefix
-from rlhf.ops import warp_logits
+from rlhf.ops import first_seen_positions, seen_in_context, warp_logits
 from rlhf.types import RolloutBatch
 
 
@@ -355,23 +356,23 @@ def _only_generation_config(model: PreTrainedModel, generation_config: Generatio
 
 class ContextRepetitionPenalty(LogitsProcessor):
     """The repetition penalty (CTRL's, as transformers and vLLM define it) over each row's real
-    context: its prompt without the left pads and the tokens generated so far, through the logprob
-    passes' own `warp_logits`. Rows come as generate gets them: each prompt `group_size` times."""
+    context, as the logprob passes define it (`first_seen_positions`: the prompt without its left
+    pads and the tokens generated so far) and through their own `warp_logits`. Rows come as
+    generate gets them: each prompt `group_size` times."""
 
     def __init__(self, penalty: float, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
         self.penalty = penalty
-        self.prompt_width = prompt_ids.shape[1]
-        self.prompt_tokens = torch.where(prompt_mask.bool(), prompt_ids, -1).repeat_interleave(
-            group_size, dim=0
-        )
+        self.prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+        self.prompt_mask = prompt_mask.bool().repeat_interleave(group_size, dim=0)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        vocab = scores.shape[-1]
-        context = torch.cat([self.prompt_tokens, input_ids[:, self.prompt_width :]], dim=1)
-        seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-        # pads (-1) and ids beyond the head's vocabulary land in the spare last column
-        seen.scatter_(1, torch.where((context >= 0) & (context < vocab), context, vocab), True)
-        return warp_logits(scores, repetition_penalty=self.penalty, seen=seen[:, :vocab]).to(scores.dtype)
+        generated = input_ids[:, self.prompt_ids.shape[1] :]
+        first = first_seen_positions(
+            self.prompt_ids, self.prompt_mask, generated, torch.ones_like(generated, dtype=torch.bool)
+        )
+        next_position = torch.tensor([generated.shape[1]], device=scores.device)
+        seen = seen_in_context(first, next_position, scores.shape[-1])[:, 0]
+        return warp_logits(scores, repetition_penalty=self.penalty, seen=seen).to(scores.dtype)
 
 
 def rollout_rows(
