@@ -259,8 +259,9 @@ class LossConfig(_PolicyLossChoice):
     # loss.args.<name> (e.g. loss.args.sapo.tau_neg); the clip band in clip_low / clip_high / dual_clip
     policy_loss: str = "clipped"
     args: PolicyLossArgs = field(default_factory=PolicyLossArgs)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    # None: the objective's own band (clipped 0.2 / 0.2; gspo, gspo_token, luspo the paper's 3e-4 / 4e-4)
+    clip_low: float | None = None
+    clip_high: float | None = None
     dual_clip: float | None = None
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
@@ -691,8 +692,8 @@ class PPOLossConfig(_PolicyLossChoice):
     aggregation: str = "token_mean"
     policy_loss: str = "clipped"  # rlhf/losses/policy.py POLICY_LOSSES (gtpo needs the GRPO recipe)
     args: PolicyLossArgs = field(default_factory=PolicyLossArgs)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    clip_low: float | None = None  # None: the objective's own band (clipped 0.2 / 0.2, gspo 3e-4 / 4e-4)
+    clip_high: float | None = None
     dual_clip: float | None = None
     entropy_coef: float = 0.0
     kl_coef: float = 0.05  # k1 penalty in the token reward (initial value when adaptive)
@@ -707,6 +708,8 @@ class PPOLossConfig(_PolicyLossChoice):
         check_choice("loss.kl_controller", self.kl_controller, ("fixed", "adaptive"))
         check_range("loss.kl_coef", self.kl_coef, 0)
         check_range("loss.entropy_coef", self.entropy_coef, 0)
+        check_range("loss.clip_low", self.clip_low, 0)
+        check_range("loss.clip_high", self.clip_high, 0)
         check_range("loss.dual_clip", self.dual_clip, 1, low_open=True)
         check_policy_loss(self, "ppo")
 

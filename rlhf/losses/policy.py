@@ -347,8 +347,8 @@ def policy_gradient_loss(
     normalizer: float | torch.Tensor,
     policy_loss: str = "clipped",
     policy_loss_args: Mapping[str, float] | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
     dual_clip: float | None = None,
     delta: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
@@ -363,7 +363,7 @@ def policy_gradient_loss(
     loss_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """The registered objective `policy_loss` plus optional KL-in-loss, reduced with `reduction` /
-    `normalizer`.
+    `normalizer`. `clip_low` / `clip_high` None: the objective's own band (its signature's defaults).
 
     `token_budget` is the constant denominator of `sequence_mean_token_sum_norm` (Dr.GRPO: the max
     response length). `rollout_weights` ([B, T] or [B, 1], no gradient) multiply the objective before
@@ -385,7 +385,8 @@ def policy_gradient_loss(
         "entropy": entropy,
         "rollout_weights": rollout_weights,
     }
-    kwargs = {name: value for name, value in given.items() if name in loss.parameters}
+    # a clip bound left None takes the objective's own default (GSPO's band is not PPO's)
+    kwargs = {name: value for name, value in given.items() if name in loss.parameters and value is not None}
     for name in ("token_weights", "entropy"):
         if name in kwargs and kwargs[name] is None:
             raise ValueError(f"policy loss {policy_loss!r} needs {name}")
