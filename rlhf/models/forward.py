@@ -58,9 +58,8 @@ def response_logprobs(
     if chunk:
         with _head_as_identity(model):  # the "logits" are the head's inputs
             hidden = _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
-        head = _head_owner(model).get_output_embeddings()
         return chunked_logprobs(
-            head,
+            output_head(model),
             hidden,
             response_ids,
             response_mask,
@@ -120,9 +119,8 @@ def response_logprobs_and_states(
             model, prompt_ids, prompt_mask, response_ids, response_mask, with_states=True
         )
     if chunk:  # the "logits" are the head's inputs
-        head = _head_owner(model).get_output_embeddings()
         logprobs, _ = chunked_logprobs(
-            head, logits, response_ids, response_mask, chunk, warp, first_seen=first_seen
+            output_head(model), logits, response_ids, response_mask, chunk, warp, first_seen=first_seen
         )
         return logprobs, states, next_states
     logits = warp_logits(logits, **warp, seen=penalty_mask(first_seen, logits))
@@ -163,7 +161,7 @@ def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mas
 
 
 def chunked_logprobs(
-    head: torch.nn.Module,
+    head: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
@@ -227,7 +225,7 @@ def chunked_token_loss(
     the backward. The first model's hidden states may carry gradient; per-token statistics
     returned by `loss` are concatenated likewise. `per_token` tensors [B, T, ...] (token ids...) are
     sliced with the chunk and passed to `loss` after the logits."""
-    heads = [_head_owner(m).get_output_embeddings() for m in models]
+    heads = [output_head(m) for m in models]
     grad = torch.is_grad_enabled()
     names: list[str] = []  # the statistics' names, from the first piece (run in the forward)
 
@@ -244,6 +242,33 @@ def chunked_token_loss(
     values = torch.cat([p[0] for p in parts], dim=1)
     stats = {name: torch.cat([p[i + 1] for p in parts], dim=1) for i, name in enumerate(names)}
     return values, stats
+
+
+def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The LM head of `model` as a function of the last hidden states, for passes that apply it
+    outside the model call. For an adapter-disabled view (the LoRA reference) it runs with the
+    adapters disabled too: a LoRA adapter on `lm_head` would otherwise be applied to the
+    reference's logits."""
+    head = _head_owner(model).get_output_embeddings()
+    view = _adapter_disabled_view(model)
+    if view is None:
+        return head
+
+    def without_adapters(states: torch.Tensor) -> torch.Tensor:
+        with view.peft_model.disable_adapter():
+            return head(states)
+
+    return without_adapters
+
+
+def _adapter_disabled_view(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The AdapterDisabledView in `model`'s wrapper chain (under a DeepSpeed engine), or None."""
+    owner = model
+    while not hasattr(owner, "get_output_embeddings"):
+        if hasattr(owner, "peft_model"):
+            return owner
+        owner = owner.module
+    return None
 
 
 def _head_owner(model: torch.nn.Module) -> torch.nn.Module:
@@ -377,7 +402,7 @@ def _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_
     with _head_as_identity(model):
         hidden = packed.forward(model).logits
     states = hidden[packed.bin_of_row.unsqueeze(-1), packed.response_columns(response_ids.shape[1])]
-    return _head_owner(model).get_output_embeddings()(states)
+    return output_head(model)(states)
 
 
 def _joined(prompt_ids, prompt_mask, response_ids, response_mask):

@@ -25,6 +25,7 @@ from rlhf.losses.preference import contrastive_prompt_token_rewards, contrastive
 from rlhf.models.forward import (
     _head_owner,
     chunked_token_loss,
+    output_head,
     response_head_inputs,
     response_logits,
     response_logprobs,
@@ -136,7 +137,7 @@ def nthr_token_scale(
             scales.append(torch.ones(mask.shape, dtype=torch.float32, device=mask.device))
             continue
         hidden = response_head_inputs(model, prompt_ids, prompt_mask, response_ids, mask)
-        head = _head_owner(model).get_output_embeddings()
+        head = output_head(model)
         vocab = torch.unique(response_ids[mask])
         # the sampling distribution over the group's vocabulary, a chunk of tokens at a time (no
         # [G, T, V] tensor)
