@@ -139,7 +139,8 @@ def _evaluate(job: tuple[str, str, int, int, int, bool, str], threads: int) -> t
     from rlhf.data.load import load_splits
     from rlhf.eval.diversity import load_minilm
     from rlhf.models.load import load_causal_lm, load_tokenizer
-    from rlhf.rollout.hf import SamplingParams
+    from rlhf.rollout.hf import TransformersEngine
+    from rlhf.rollout.sampling import SamplingParams
     from rlhf.scoring import resolve_reward
 
     model_cfg = ModelConfig(source="pretrained", name_or_path=model_dir)
@@ -148,8 +149,7 @@ def _evaluate(job: tuple[str, str, int, int, int, bool, str], threads: int) -> t
     eval_rows = load_splits(DataConfig(source=task))["eval"]
     torch.manual_seed(EVAL_SEED)
     result = evaluate_diversity(
-        model,
-        tokenizer,
+        TransformersEngine.for_model(model, tokenizer),
         concatenate_datasets([eval_rows.select(range(min(prompts, len(eval_rows))))] * repeats),
         resolve_reward(TASKS[task]["reward"], REWARD_FUNCTIONS),
         samples=samples,

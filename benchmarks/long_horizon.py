@@ -292,7 +292,9 @@ def warm_start_accuracy(start: str, threads: int, lists: int = 1000) -> str:
     from rlhf.config import ModelConfig
     from rlhf.data.load import load_task_data
     from rlhf.models.load import load_causal_lm, load_tokenizer
-    from rlhf.rollout.hf import SamplingParams, generate_rollouts
+    from rlhf.rollout.engine import generate_rollouts
+    from rlhf.rollout.hf import TransformersEngine
+    from rlhf.rollout.sampling import SamplingParams
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -313,8 +315,7 @@ def warm_start_accuracy(start: str, threads: int, lists: int = 1000) -> str:
             for first in range(0, len(rows), 500):
                 part = {c: v[first : first + 500] for c, v in columns.items()}
                 batch = generate_rollouts(
-                    model,
-                    tokenizer,
+                    TransformersEngine.for_model(model, tokenizer),
                     list(rows[cfg.data.prompt_column][first : first + 500]),
                     part,
                     group_size=1,

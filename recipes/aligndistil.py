@@ -37,6 +37,7 @@ from rlhf.data.chat import CHOSEN_IDS, PROMPT_IDS, PROMPT_TEXT, prepare_splits
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
+from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.eval.accuracy import heldout_accuracy
 from rlhf.losses.distill import distill_token_loss, get_distill_teacher
 from rlhf.losses.reduce import get_reduction
@@ -44,18 +45,17 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import chunked_token_loss, response_head_inputs
 from rlhf.models.load import load_frozen, load_policy, load_reference, load_tokenizer, model_context
 from rlhf.plots import plot_metrics
-from rlhf.rollout.hf import SamplingParams, pad_prompts, pad_targets, rollout_rows
-from rlhf.rollout.vllm import start_engine
+from rlhf.rollout.engine import build_rollout_engine, rollout_rows
+from rlhf.rollout.sampling import SamplingParams, pad_prompts, pad_targets
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
     drop_launcher_arguments,
-    mean_over_ranks,
-    micro_batches,
     rank_slice,
     rl_prompts,
     task_reward,
 )
 from rlhf.types import LossOutput
+from rlhf.update import micro_batches
 
 
 def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
@@ -98,16 +98,16 @@ def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
     state = run.attach(policy, tokenizer, lambda: {"sampler": sampler.state_dict()})
     if state:
         sampler.load_state_dict(state["sampler"])
-    vllm = start_engine(cfg, policy, tokenizer, env.rank) if on_policy else None
+    # samples on-policy responses and the held-out completions (the transformers engine off-policy)
+    rollout = build_rollout_engine(cfg, policy, tokenizer, env.rank)
 
     def evaluate() -> dict[str, float]:
-        return _evaluate(cfg, distill, tokenizer, eval_rows, accuracy_fn, vllm, run.step)
+        return _evaluate(cfg, distill, rollout, eval_rows, accuracy_fn, run.step)
 
     result: dict[str, float | str] = {}
     metrics: dict[str, float] = {}
     with run:
-        if vllm is not None:
-            run.on_close(vllm.shutdown)
+        run.on_close(rollout.close)
         if run.start_step == 0:
             before = evaluate()
             result.update({f"{k}_before": v for k, v in before.items()})
@@ -121,13 +121,11 @@ def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
             rows = train_rows.select(indices)
             if on_policy:
                 batch, metrics = rollout_rows(
-                    policy,
-                    tokenizer,
+                    rollout,
                     rows,
                     prompt_column=cfg.data.prompt_column,
                     group_size=1,
                     sampling=sampling,
-                    vllm=vllm,
                     weights_version=step - 1,
                     seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank,
                 )
@@ -215,7 +213,7 @@ def _chosen_tensors(rows, pad_token_id: int, device) -> tuple[torch.Tensor, ...]
 
 
 @torch.no_grad()
-def _evaluate(cfg: AlignDistilConfig, distill: Distillation, tokenizer, eval_rows, accuracy_fn, vllm, step):
+def _evaluate(cfg: AlignDistilConfig, distill: Distillation, rollout, eval_rows, accuracy_fn, step):
     """Held-out distillation loss on the chosen responses (off-policy data), and greedy task
     accuracy with `eval.accuracy_reward`."""
     results: dict[str, float] = {}
@@ -228,14 +226,14 @@ def _evaluate(cfg: AlignDistilConfig, distill: Distillation, tokenizer, eval_row
         total = torch.zeros((), device=policy.device)
         for start in range(policy.rank * shard, (policy.rank + 1) * shard, cfg.eval.batch_size):
             part = rows.select(range(start, min(start + cfg.eval.batch_size, (policy.rank + 1) * shard)))
-            tensors = _chosen_tensors(part, tokenizer.pad_token_id, policy.device)
+            tensors = _chosen_tensors(part, rollout.tokenizer.pad_token_id, policy.device)
             total += distill(*tensors, normalizer=1.0).loss
         results["eval/loss"] = float(policy.all_reduce_sum(total)) / max(shard * policy.world_size, 1)
     if accuracy_fn is not None:
         first_of_prompt = {text: i for i, text in reversed(list(enumerate(rows[PROMPT_TEXT])))}
         task = rows.select(sorted(first_of_prompt.values()))
         results["eval/accuracy"] = heldout_accuracy(
-            policy, tokenizer, task, accuracy_fn, cfg.data, cfg.eval, vllm=vllm, weights_version=step
+            rollout, task, accuracy_fn, cfg.data, cfg.eval, weights_version=step
         )
     return results
 

@@ -35,8 +35,8 @@ from rlhf.config import DataConfig, ModelConfig, register_configs
 from rlhf.data.chat import prepare_prompts
 from rlhf.data.load import load_task_data
 from rlhf.models.load import load_causal_lm, load_tokenizer
-from rlhf.rollout.hf import SamplingParams, generate_rollouts, prompt_inputs
-from rlhf.rollout.vllm import engine_for_model
+from rlhf.rollout.engine import closing_engine, engine_for_model, generate_rollouts
+from rlhf.rollout.sampling import SamplingParams, prompt_inputs
 from rlhf.scoring import resolve_reward
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -64,7 +64,7 @@ def sample_and_verify(
     engine: str = "hf",
 ) -> list[dict]:
     """`samples` completions for each of `num_prompts` training prompts, each with its 0/1 verdict;
-    sampled with transformers generate or (engine="vllm") a vLLM engine."""
+    sampled by the rollout engine named `engine` (hf: transformers generate, vllm)."""
     model_cfg = ModelConfig(source="pretrained", name_or_path=policy_dir)
     tokenizer = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, tokenizer).eval()
@@ -73,25 +73,23 @@ def sample_and_verify(
     rows = train_rows.shuffle(seed=seed).select(range(min(num_prompts, len(train_rows))))
     rows = prepare_prompts(rows, tokenizer, data_cfg, "cDPO sampling prompts", response_budget=max_new_tokens)
     torch.manual_seed(seed)
-    vllm = engine_for_model(model, tokenizer, max_new_tokens, seed) if engine == "vllm" else None
     out = []
-    for start in range(0, len(rows), 100):
-        chunk = rows[start : start + 100]
-        batch = generate_rollouts(
-            model,
-            tokenizer,
-            **prompt_inputs(chunk, data_cfg.prompt_column),
-            group_size=samples,
-            sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
-            vllm=vllm,
-            seed=seed * 1_000_003 + start,
-        )
-        scores = verify(batch.prompts, batch.reward_completions(), **batch.columns)
-        for index, (prompt, completion, score) in enumerate(zip(batch.prompts, batch.completions, scores)):
-            extra = {k: v[index] for k, v in batch.columns.items()}
-            out.append({"prompt": prompt, "completion": completion, "correct": score == 1.0, **extra})
-    if vllm is not None:
-        vllm.shutdown()
+    sampler = engine_for_model(engine, model, tokenizer, max_new_tokens, seed)
+    with closing_engine(sampler), sampler.ready(0):
+        for start in range(0, len(rows), 100):
+            batch = generate_rollouts(
+                sampler,
+                **prompt_inputs(rows[start : start + 100], data_cfg.prompt_column),
+                group_size=samples,
+                sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
+                seed=seed * 1_000_003 + start,
+            )
+            scores = verify(batch.prompts, batch.reward_completions(), **batch.columns)
+            for index, (prompt, completion, score) in enumerate(
+                zip(batch.prompts, batch.completions, scores)
+            ):
+                extra = {k: v[index] for k, v in batch.columns.items()}
+                out.append({"prompt": prompt, "completion": completion, "correct": score == 1.0, **extra})
     return out
 
 

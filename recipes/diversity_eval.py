@@ -22,15 +22,14 @@ from rlhf.data.chat import prepare_prompts
 from rlhf.data.load import load_splits
 from rlhf.eval.diversity import diversity_metrics, load_minilm
 from rlhf.models.load import load_causal_lm, load_tokenizer
-from rlhf.rollout.hf import SamplingParams, generate_rollouts, prompt_inputs
-from rlhf.rollout.vllm import engine_for_model
+from rlhf.rollout.engine import RolloutEngine, closing_engine, engine_for_model, generate_rollouts
+from rlhf.rollout.sampling import SamplingParams, prompt_inputs
 from rlhf.scoring import resolve_reward
 
 
 @torch.no_grad()
 def evaluate_diversity(
-    model,
-    tokenizer,
+    engine: RolloutEngine,
     rows,
     reward_fn,
     *,
@@ -39,27 +38,25 @@ def evaluate_diversity(
     encoder=None,
     prompt_column: str = "prompt",
     batch_prompts: int = 32,
-    vllm=None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Mean reward and the diversity metrics of `samples` completions for every row of `rows`;
-    sampled by `vllm` (an rlhf.rollout.vllm engine holding the model's weights) when given."""
+    """Mean reward and the diversity metrics of `samples` completions for every row of `rows`,
+    sampled by `engine` (rlhf.rollout.engine: one holding the model's weights)."""
     sampling = sampling or SamplingParams(max_new_tokens=16)
     groups, rewards = [], []
-    for start in range(0, len(rows), batch_prompts):
-        chunk = rows.select(range(start, min(start + batch_prompts, len(rows))))
-        batch = generate_rollouts(
-            model,
-            tokenizer,
-            **prompt_inputs(chunk, prompt_column),
-            group_size=samples,
-            sampling=sampling,
-            vllm=vllm,
-            seed=seed * 1_000_003 + start,
-        )
-        scores = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
-        rewards += [s for s in scores if s is not None]
-        groups += [batch.completions[i : i + samples] for i in range(0, len(batch.completions), samples)]
+    with engine.ready(0):
+        for start in range(0, len(rows), batch_prompts):
+            chunk = rows.select(range(start, min(start + batch_prompts, len(rows))))
+            batch = generate_rollouts(
+                engine,
+                **prompt_inputs(chunk, prompt_column),
+                group_size=samples,
+                sampling=sampling,
+                seed=seed * 1_000_003 + start,
+            )
+            scores = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
+            rewards += [s for s in scores if s is not None]
+            groups += [batch.completions[i : i + samples] for i in range(0, len(batch.completions), samples)]
     return {"reward": sum(rewards) / max(len(rewards), 1), **diversity_metrics(groups, encoder)}
 
 
@@ -92,19 +89,18 @@ def main() -> None:
         response_budget=args.max_new_tokens,
     )
     torch.manual_seed(args.seed)
-    result = evaluate_diversity(
-        model,
-        tokenizer,
-        rows,
-        resolve_reward(args.reward, REWARD_FUNCTIONS),
-        samples=args.samples,
-        sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
-        encoder=load_minilm() if args.sentbert else None,
-        vllm=engine_for_model(model, tokenizer, args.max_new_tokens, args.seed)
-        if args.engine == "vllm"
-        else None,
-        seed=args.seed,
-    )
+    with closing_engine(
+        engine_for_model(args.engine, model, tokenizer, args.max_new_tokens, args.seed)
+    ) as engine:
+        result = evaluate_diversity(
+            engine,
+            rows,
+            resolve_reward(args.reward, REWARD_FUNCTIONS),
+            samples=args.samples,
+            sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+            encoder=load_minilm() if args.sentbert else None,
+            seed=args.seed,
+        )
     print(json.dumps(result, indent=2))
 
 

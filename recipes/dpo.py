@@ -45,6 +45,7 @@ from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.data.token_cache import cached_token_values, pad_token_values, token_cache_key
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
+from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.eval.accuracy import heldout_accuracy
 from rlhf.losses.preference import (
     cdpo_token_weights,
@@ -60,16 +61,16 @@ from rlhf.models.load import load_frozen, load_policy, load_reference, load_toke
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import PairTokenScorer
 from rlhf.plots import plot_metrics
-from rlhf.rollout.hf import pad_prompts
+from rlhf.rollout.hf import TransformersEngine
+from rlhf.rollout.sampling import pad_prompts
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
     drop_launcher_arguments,
-    mean_over_ranks,
-    micro_batches,
     pair_tokens,
     rank_slice,
     task_reward,
 )
+from rlhf.update import micro_batches
 
 
 def train(cfg: DPOConfig) -> dict[str, float | str]:
@@ -285,7 +286,7 @@ def _evaluate(cfg: DPOConfig, pairs: PairLoss, eval_rows, accuracy_fn) -> dict[s
         first_of_prompt = {text: i for i, text in reversed(list(enumerate(rows[PROMPT_TEXT])))}
         task = rows.select(sorted(first_of_prompt.values()))
         results["eval/accuracy"] = heldout_accuracy(
-            policy, pairs.tokenizer, task, accuracy_fn, cfg.data, cfg.eval
+            TransformersEngine(policy, pairs.tokenizer), task, accuracy_fn, cfg.data, cfg.eval
         )
     return results
 

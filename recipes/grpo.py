@@ -16,7 +16,7 @@ token scaling; two-sided clipping, the top-entropy token mask, the off-policy se
 entropy bonus, the KL reweighted to the current policy and batch-std advantages (TRL's options);
 a reference that moves toward the policy (TR-DPO, reference.sync); micro-batches by token budget.
 Temperature, top-k, top-p and min-p are applied identically in sampling and in every logprob pass.
-Generation: `transformers` generate, or a colocated vLLM engine (rollout.engine=vllm).
+Generation: the rollout engine of `rollout.engine` (transformers generate, or a colocated vLLM engine).
 
 Launch:  python -m recipes.grpo [overrides...]
          torchrun --nproc_per_node 2 -m recipes.grpo distributed=zero2
@@ -39,34 +39,37 @@ from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
+from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.losses.kl import get_kl_estimator
-from rlhf.losses.policy import high_entropy_mask, off_policy_sequence_mask, policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
-from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
-from rlhf.ops import masked_mean, masked_sum
+from rlhf.ops import masked_sum
 from rlhf.plots import plot_metrics
-from rlhf.rollout.hf import SamplingParams, rollout_rows
+from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.records import sample_rows
-from rlhf.rollout.vllm import apply_rollout_correction, rollout_correction, start_engine
+from rlhf.rollout.sampling import SamplingParams
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
     HeldoutAccuracy,
     build_rewards,
     drop_launcher_arguments,
-    gathered_values,
     log_rollout_sample,
-    mean_over_ranks,
-    micro_batches,
     rank_slice,
     rl_prompts,
 )
 from rlhf.scoring import score_completions, score_metrics
 from rlhf.shaping import EntropyCoefficient, kl_token_penalty, overlong_penalty
 from rlhf.types import RolloutBatch
+from rlhf.update import (
+    PolicyGradientObjective,
+    UpdatePlan,
+    apply_rollout_correction,
+    rollout_micro_batches,
+    run_update,
+)
 
 
 def train(cfg: GRPOConfig) -> dict[str, float | str]:
@@ -125,21 +128,20 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         remembered.update(
             {k: v for k, v in state.items() if k not in ("sampler", "entropy_coef", "reference")}
         )
-    vllm = start_engine(cfg, engine, tokenizer, env.rank)  # None with rollout.engine=hf
-    heldout = HeldoutAccuracy(engine, tokenizer, eval_rows, rewards, cfg, vllm)
+    rollout = build_rollout_engine(cfg, engine, tokenizer, env.rank)  # rollout.engine
+    heldout = HeldoutAccuracy(eval_rows, rewards, cfg, rollout)
     metrics: dict[str, float] = {}
     with run:
-        if vllm is not None:
-            run.on_close(vllm.shutdown)
+        run.on_close(rollout.close)
         result = heldout.before(run)
         for step in run.steps():
             started = time.perf_counter()
-            # 1-2 rollout and score: G samples for each of this rank's prompts (HF: parameters gathered
-            #   once; vLLM: the engine's weights synced to the last update first), weighted reward
-            #   functions (rows no reward could score are excluded); with dynamic sampling, groups
-            #   without signal are replaced by groups of new prompts
+            # 1-2 rollout and score: G samples for each of this rank's prompts with the policy's
+            #   weights after the last update, weighted reward functions (rows no reward could score
+            #   are excluded); with dynamic sampling, groups without signal are replaced by groups of
+            #   new prompts
             batch, scores, valid, per_reward, metrics = _sample(
-                cfg, env, engine, tokenizer, train_rows, sampler, sampling, vllm, rewards, step
+                cfg, env, rollout, train_rows, sampler, sampling, rewards, step
             )
             raw_scores = torch.where(valid, scores, torch.nan)
             rollout_tokens = metrics.pop("rollout/tokens")
@@ -156,11 +158,16 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
 
             # 5 update: minibatches x epochs optimizer steps, micro-batches accumulate
             update_started = time.perf_counter()
-            loss_kl = kl_estimator if cfg.loss.kl_placement == "loss" else None
-            loss_args = _policy_loss_args(cfg, engine, batch, plan, warp, remembered, metrics)
-            metrics.update(
-                _update(engine, batch, plan, cfg, reduction, loss_kl, warp, loss_args, entropy_coef)
+            objective = PolicyGradientObjective(
+                cfg,
+                engine,
+                reduction,
+                warp,
+                kl_estimator=kl_estimator if cfg.loss.kl_placement == "loss" else None,
+                loss_args=_policy_loss_args(cfg, engine, batch, plan, warp, remembered, metrics),
+                entropy_coef=entropy_coef,
             )
+            metrics.update(run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction))
             metrics["time/update"] = time.perf_counter() - update_started
             if reference_sync:  # TR-DPO: the reference moves toward the updated policy
                 metrics.update(reference_sync.after_step(step))
@@ -186,7 +193,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     return run.result(metrics, result)
 
 
-def _sample(cfg: GRPOConfig, env, engine, tokenizer, train_rows, sampler, sampling, vllm, rewards, step: int):
+def _sample(cfg: GRPOConfig, env, rollout, train_rows, sampler, sampling, rewards, step: int):
     """Rollout rounds of this rank's share of `prompts_per_step` new prompts, scored (with DAPO's
     overlong penalty when set). One round, or with `advantage.dynamic_sampling` rounds until every
     rank holds its share of groups whose scores differ (all ranks run the same rounds), at most
@@ -201,13 +208,11 @@ def _sample(cfg: GRPOConfig, env, engine, tokenizer, train_rows, sampler, sampli
             rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
         )
         batch, rollout_metrics = rollout_rows(
-            engine,
-            tokenizer,
+            rollout,
             rows,
             prompt_column=cfg.data.prompt_column,
             group_size=g,
             sampling=sampling,
-            vllm=vllm,
             weights_version=step - 1,
             seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank + round_index * 998_244_353,
         )
@@ -215,14 +220,15 @@ def _sample(cfg: GRPOConfig, env, engine, tokenizer, train_rows, sampler, sampli
         scores, valid, per_reward, reward_metrics = score_completions(
             rewards, batch.prompts, batch.reward_completions(), batch.columns, on_error=cfg.reward.on_error
         )
-        scores, valid = scores.to(engine.device), valid.to(engine.device)
-        per_reward_values = torch.stack([per_reward[r.name] for r in rewards], -1).to(engine.device)
+        device = rollout.policy.device
+        scores, valid = scores.to(device), valid.to(device)
+        per_reward_values = torch.stack([per_reward[r.name] for r in rewards], -1).to(device)
         penalty = overlong_penalty(
             batch.response_mask.sum(-1),
             max_new_tokens=cfg.rollout.max_new_tokens,
             buffer=cfg.reward.overlong_buffer,
             penalty=cfg.reward.overlong_penalty,
-        ).to(engine.device)
+        ).to(device)
         scores = scores + penalty
         parts.append((batch, scores, valid, per_reward_values))
         if round_index == 0:
@@ -236,14 +242,14 @@ def _sample(cfg: GRPOConfig, env, engine, tokenizer, train_rows, sampler, sampli
         if not cfg.advantage.dynamic_sampling:
             return batch, scores, valid, per_reward_values, metrics
         have = sum(int((~adv.zero_variance_groups(s, v, group_size=g)).sum()) // g for _, s, v, _ in parts)
-        missing = engine.all_reduce_sum(torch.tensor(float(max(0, len(rows) - have)), device=engine.device))
+        missing = rollout.policy.all_reduce_sum(torch.tensor(float(max(0, len(rows) - have)), device=device))
         if round_index == 0:
             metrics["dynamic_sampling/signal_fraction"] = have / max(len(rows), 1)
         if missing.item() == 0:
             break
     metrics["dynamic_sampling/rounds"] = float(len(parts))
     batch, scores, valid, per_reward_values, filled = _groups_with_signal(
-        parts, len(rows), g, tokenizer.pad_token_id
+        parts, len(rows), g, rollout.tokenizer.pad_token_id
     )
     metrics["dynamic_sampling/filled_fraction"] = filled
     return batch, scores, valid, per_reward_values, metrics
@@ -273,7 +279,13 @@ def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimato
     measured and corrected here; with one update, in the update itself), reference logprobs when KL
     is on; with the KL in the reward, returns each token's penalty kl_coef * KL_t [B, T] (else None)."""
     warp = SamplingParams.from_config(cfg.rollout).warp()
-    micro = _micro_batches(cfg, engine, batch, torch.arange(batch.batch_size), plan.micro_batch_size)
+    micro = rollout_micro_batches(
+        engine,
+        batch,
+        torch.arange(batch.batch_size),
+        plan.micro_batch_size,
+        cfg.train.max_tokens_per_micro_batch,
+    )
     if cfg.train.num_minibatches * cfg.train.epochs > 1:
         batch.old_logprobs = _batched_logprobs(engine.model, batch, micro, warp)
         apply_rollout_correction(cfg.rollout.vllm, batch, metrics)
@@ -392,15 +404,6 @@ def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, e
     log_rollout_sample(loggers, cfg.logger, batch, tokenizer, step, scores, per_token)
 
 
-def _micro_batches(
-    cfg: GRPOConfig, engine, batch, rows: torch.Tensor, micro_batch_size: int
-) -> list[torch.Tensor]:
-    """`rows` of the rollout in micro-batches: `micro_batch_size` rows each, or with
-    `train.max_tokens_per_micro_batch` by token budget, as many on every rank as the most any needs."""
-    tokens = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).cpu()[rows.cpu()]
-    return micro_batches(engine, rows, micro_batch_size, cfg.train.max_tokens_per_micro_batch, tokens)
-
-
 def _batched_logprobs(model, batch, micro_batches: list[torch.Tensor], warp: dict) -> torch.Tensor:
     """No-grad per-token logprobs of the whole rollout, micro-batch by micro-batch (in row order)."""
     return torch.cat([_logprobs(model, batch.select(rows), **warp)[0] for rows in micro_batches])
@@ -424,8 +427,12 @@ def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remember
     if "gtpo_initial_entropy" not in remembered:
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
         with torch.no_grad():
-            for rows in _micro_batches(
-                cfg, engine, batch, torch.arange(batch.batch_size), plan.micro_batch_size
+            for rows in rollout_micro_batches(
+                engine,
+                batch,
+                torch.arange(batch.batch_size),
+                plan.micro_batch_size,
+                cfg.train.max_tokens_per_micro_batch,
             ):
                 mb = batch.select(rows)
                 _, entropy = _logprobs(engine.model, mb, with_entropy=True, **warp)
@@ -438,153 +445,6 @@ def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remember
     if remembered["gtpo_initial_entropy"] > args["entropy_threshold"]:
         args["entropy_threshold"] = math.inf
     return args
-
-
-def _token_masks(cfg: GRPOConfig, engine, mb, logprobs, entropy):
-    """(loss weights or None, metrics): the top-entropy-quantile token mask (the quantile of this
-    micro-batch's tokens on all ranks, as TRL takes it; collective) and DeepSeek-V3.2's off-policy
-    sequence mask (against the sampling engine's logprobs, else the old policy's)."""
-    weights, metrics = None, {}
-    if cfg.loss.top_entropy_quantile < 1.0:
-        pool = gathered_values(entropy.detach().float()[mb.response_mask], engine)
-        weights = high_entropy_mask(
-            entropy, mb.response_mask, quantile=cfg.loss.top_entropy_quantile, pool=pool
-        )
-        metrics["loss/entropy_kept_fraction"] = masked_mean(weights, mb.response_mask)
-    if cfg.loss.off_policy_mask_threshold is not None:
-        behaviour = mb.rollout_logprobs if mb.rollout_logprobs is not None else mb.old_logprobs
-        behaviour = logprobs.detach() if behaviour is None else behaviour
-        kept = off_policy_sequence_mask(
-            mb.advantages, logprobs, behaviour, mb.response_mask, threshold=cfg.loss.off_policy_mask_threshold
-        )
-        metrics["loss/off_policy_masked_fraction"] = 1.0 - masked_mean(
-            kept.expand_as(logprobs), mb.response_mask
-        )
-        weights = kept if weights is None else weights * kept
-    return weights, metrics
-
-
-def _update(
-    engine,
-    batch,
-    plan,
-    cfg: GRPOConfig,
-    reduction,
-    kl_estimator,
-    warp: dict,
-    loss_args: dict | None = None,
-    entropy_coef: EntropyCoefficient | None = None,
-) -> dict[str, float]:
-    """Optimizer steps over the rollout; each normalizer counts its whole minibatch on all ranks.
-    `loss_args`: the objective's hyperparameters (default: the config's `loss.args`);
-    `entropy_coef`: the entropy bonus's coefficient, updated after each step when adaptive."""
-    loss_args = cfg.loss.policy_loss_options() if loss_args is None else loss_args
-    entropy_coef = entropy_coef or EntropyCoefficient(cfg.loss.entropy_coef)
-    accumulator = MetricAccumulator()
-    step_stats: dict[str, float] = {}
-    losses: list[float] = []
-    skipped = 0
-    for _ in range(cfg.train.epochs):
-        order = torch.randperm(batch.batch_size)
-        for minibatch in order.split(plan.minibatch_per_rank):
-            normalizer = engine.all_reduce_sum(reduction.count(batch.response_mask[minibatch]).float())
-            if normalizer.item() == 0:  # nothing to train on any rank: skip together
-                skipped += 1
-                continue
-            tokens_in_step = engine.all_reduce_sum(batch.response_mask[minibatch].sum().float()).clamp(min=1)
-            step_loss = torch.zeros((), device=engine.device)
-            entropy_sum = torch.zeros((), device=engine.device)
-            micro_batches = _micro_batches(cfg, engine, batch, minibatch, plan.micro_batch_size)
-            accumulator.add(
-                {"update/micro_batches": float(len(micro_batches)), "loss/entropy_coef": entropy_coef.applied}
-            )
-            for micro in micro_batches:
-                mb = batch.select(micro)
-                loss, entropy = _micro_batch_loss(
-                    cfg,
-                    engine,
-                    mb,
-                    reduction,
-                    normalizer,
-                    kl_estimator,
-                    warp,
-                    loss_args,
-                    accumulator,
-                    entropy_coef.applied / tokens_in_step,
-                )
-                engine.backward(loss)
-                step_loss += loss.detach()
-                entropy_sum += masked_sum(entropy.detach(), mb.response_mask)
-            step_stats = engine.step()
-            losses.append(float(engine.all_reduce_sum(step_loss)))
-            entropy_coef.update(float(engine.all_reduce_sum(entropy_sum) / tokens_in_step))
-    metrics = {**accumulator.compute(), **step_stats, "update/skipped_steps": float(skipped)}
-    # every rank reports the same keys, so they can be averaged over ranks
-    for key in (
-        "clip/low_fraction",
-        "clip/high_fraction",
-        "clip/fraction",
-        "ratio/mean",
-        "loss/policy_token_mean",
-        "entropy",
-        "optim/lr",
-        "optim/grad_norm",
-    ):
-        metrics.setdefault(key, 0.0)
-    if cfg.loss.kl_coef != 0.0 and kl_estimator is not None:
-        metrics.setdefault("kl/mean", 0.0)
-        if cfg.loss.kl_log_ratio_clamp is not None:
-            metrics.setdefault("kl/clamp_fraction", 0.0)
-    metrics["loss"] = sum(losses) / len(losses) if losses else 0.0
-    return metrics
-
-
-def _micro_batch_loss(
-    cfg, engine, mb, reduction, normalizer, kl_estimator, warp, loss_args, accumulator, bonus
-):
-    """One micro-batch's loss (its share of the step's, with `bonus` = entropy coefficient / the
-    step's token count) and its entropies; metrics go to `accumulator`."""
-    logprobs, entropy = _logprobs(engine.model, mb, with_entropy=True, entropy_grad=bool(bonus), **warp)
-    tokens = float(mb.response_mask.sum())
-    weights = mb.rollout_weights
-    if mb.rollout_logprobs is not None and mb.old_logprobs is None:
-        # one on-policy update: the detached logprobs are the old ones, no extra pass
-        weights, found = rollout_correction(
-            cfg.rollout.vllm, logprobs.detach(), mb.rollout_logprobs, mb.response_mask
-        )
-        accumulator.add(found, weight=tokens)
-    masks, mask_metrics = _token_masks(cfg, engine, mb, logprobs, entropy)
-    accumulator.add(mask_metrics, weight=tokens)
-    out = policy_gradient_loss(
-        logprobs,
-        mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach(),
-        mb.advantages,
-        mb.response_mask,
-        reduction=reduction,
-        normalizer=normalizer,
-        policy_loss=cfg.loss.policy_loss,
-        policy_loss_args=loss_args,
-        token_weights=mb.token_weights,
-        entropy=entropy.detach(),
-        clip_low=cfg.loss.clip_low,
-        clip_high=cfg.loss.clip_high,
-        dual_clip=cfg.loss.dual_clip,
-        delta=cfg.loss.delta,
-        loss_weights=masks,
-        ref_logprobs=mb.ref_logprobs,
-        kl_coef=cfg.loss.kl_coef if kl_estimator is not None else 0.0,
-        kl_estimator=kl_estimator,
-        kl_log_ratio_clamp=cfg.loss.kl_log_ratio_clamp,
-        kl_ratio_correction=cfg.loss.kl_ratio_correction,
-        token_budget=cfg.rollout.max_new_tokens,
-        rollout_weights=weights,
-    )
-    accumulator.add(out.metrics, weight=tokens)
-    accumulator.add({"entropy": masked_sum(entropy, mb.response_mask) / max(tokens, 1.0)}, weight=tokens)
-    loss = out.loss
-    if bonus:  # the bonus is the step's mean token entropy, whatever the aggregation (TRL's definition)
-        loss = loss - bonus * masked_sum(entropy, mb.response_mask)
-    return loss, entropy
 
 
 @hydra.main(config_path="../configs", config_name="grpo", version_base=None)

@@ -33,12 +33,10 @@ from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, r
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
+from rlhf.distributed.collectives import gathered_values, mean_over_ranks
 from rlhf.intrinsic import Curiosity, CuriosityModel
 from rlhf.losses.kl import k1
-from rlhf.losses.policy import policy_gradient_loss
 from rlhf.losses.reduce import get_reduction
-from rlhf.losses.value import clipped_value_loss
-from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs, response_logprobs_and_states, sequence_scores, token_values
 from rlhf.models.load import (
     load_causal_lm,
@@ -49,17 +47,14 @@ from rlhf.models.load import (
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
-from rlhf.rollout.hf import SamplingParams, rollout_rows
-from rlhf.rollout.vllm import apply_rollout_correction, start_engine
+from rlhf.rollout.engine import build_rollout_engine, rollout_rows
+from rlhf.rollout.sampling import SamplingParams
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
     HeldoutAccuracy,
     build_rewards,
     drop_launcher_arguments,
-    gathered_values,
     log_rollout_sample,
-    mean_over_ranks,
-    micro_batches,
     rank_slice,
     rl_prompts,
 )
@@ -71,6 +66,7 @@ from rlhf.shaping import (
     compose_token_rewards,
     make_kl_controller,
 )
+from rlhf.update import ActorCriticObjective, UpdatePlan, apply_rollout_correction, micro_batches, run_update
 
 
 @dataclasses.dataclass
@@ -122,29 +118,26 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         if state:
             holder.load_state_dict(state[name])
     d, g = cfg.data, cfg.rollout.group_size
-    vllm = start_engine(cfg, policy, tokenizer, env.rank)  # None with rollout.engine=hf
-    heldout = HeldoutAccuracy(policy, tokenizer, eval_rows, rewards, cfg, vllm)
+    rollout = build_rollout_engine(cfg, policy, tokenizer, env.rank)  # rollout.engine
+    heldout = HeldoutAccuracy(eval_rows, rewards, cfg, rollout)
     metrics: dict[str, float] = {}
     with run:
-        if vllm is not None:
-            run.on_close(vllm.shutdown)
+        run.on_close(rollout.close)
         result = heldout.before(run)
         for step in run.steps():
             started = time.perf_counter()
-            # 1 rollout: this rank's prompts, G samples each (HF: ZeRO-3 parameters gathered once;
-            #   vLLM: the engine's weights synced to the last update first)
+            # 1 rollout: this rank's prompts, G samples each, with the policy's weights after the
+            #   last update
             rows = train_rows.select(
                 rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
             )
             batch, metrics = rollout_rows(
-                policy,
-                tokenizer,
+                rollout,
                 rows,
                 prompt_column=d.prompt_column,
                 group_size=g,
                 sampling=sampling,
                 record_topk=cfg.curiosity.top_k if models.curiosity else None,
-                vllm=vllm,
                 weights_version=step - 1,
                 seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank,
             )
@@ -166,15 +159,25 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
 
             # 4 token rewards (KL on every token, score on the last, dense sources) and GAE advantages
             token_rewards, kl = _token_rewards(cfg, batch, scores, dense, kl_controller.value, metrics)
-            returns, segment_ids = _advantages(
+            batch.returns, batch.segment_ids = _advantages(
                 cfg, models.segmenter, batch, token_rewards, old_values, policy, step, metrics
             )
+            batch.old_values = old_values
 
             # 5 update: policy and critic, minibatches x epochs, micro-batches accumulate
             update_started = time.perf_counter()
-            metrics.update(
-                _update(policy, models, batch, old_values, returns, plan, cfg, reduction, segment_ids)
+            objective = ActorCriticObjective(
+                cfg,
+                policy,
+                reduction,
+                SamplingParams.from_config(cfg.rollout).warp(),
+                ratio_logprobs=_macro_ratio
+                if cfg.advantage.macro.ratio == "macro" and models.segmenter
+                else None,
+                critic=models.critic,
+                value_clip=cfg.critic.value_clip,
             )
+            metrics.update(run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction))
             if models.curiosity:  # after the rewards were read from it, as the authors order it
                 metrics.update(models.curiosity.update(batch))
                 batch.ref_states = batch.ref_next_states = None
@@ -189,7 +192,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 run.log(metrics, step)
                 per_token = {"logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "kl": kl}
                 per_token.update(rewards=token_rewards, values=old_values, advantages=batch.advantages)
-                per_token["segment_ids"] = segment_ids
+                per_token["segment_ids"] = batch.segment_ids
                 log_rollout_sample(run.loggers, cfg.logger, batch, tokenizer, step, raw_scores, per_token)
         run.finish()
         result.update(heldout.after(run, metrics))
@@ -275,7 +278,7 @@ def _passes(cfg: PPOConfig, policy, models: PPOModels, batch, metrics: dict):
     batch.old_logprobs = _batched(
         lambda *rows: response_logprobs(policy.model, *rows, **warp)[0], batch, models.split
     )
-    apply_rollout_correction(cfg.rollout.vllm, batch, metrics)  # with the vLLM engine's logprobs
+    apply_rollout_correction(cfg.rollout.vllm, batch, metrics)  # with the engine's own logprobs
     if models.curiosity:  # the reference pass also yields the curiosity module's states
         parts = [
             response_logprobs_and_states(models.reference, *_tensors(batch, rows), **warp)
@@ -418,79 +421,9 @@ def _batched(compute, batch, split) -> torch.Tensor:
     return torch.cat([compute(*_tensors(batch, rows)) for rows in split(batch)])
 
 
-def _update(
-    policy, models: PPOModels, batch, old_values, returns, plan, cfg: PPOConfig, reduction, segment_ids=None
-) -> dict[str, float]:
-    """Clipped policy and value steps (micro-batches by `models.split`); each normalizer counts its
-    whole minibatch on all ranks.
-    With macro segments and `advantage.macro.ratio=macro`, the ratio clipped is the segment's product."""
-    macro_ratio = segment_ids is not None and cfg.advantage.macro.ratio == "macro"
-    critic = models.critic
-    warp = SamplingParams.from_config(cfg.rollout).warp()
-    accumulator = MetricAccumulator()
-    stats: dict[str, float] = {}
-    losses: list[float] = []
-    value_losses: list[float] = []
-    for _ in range(cfg.train.epochs):
-        for minibatch in torch.randperm(batch.batch_size).split(plan.minibatch_per_rank):
-            normalizer = policy.all_reduce_sum(reduction.count(batch.response_mask[minibatch]).float()).clamp(
-                min=1
-            )
-            policy_loss = torch.zeros((), device=policy.device)
-            value_loss = torch.zeros((), device=policy.device)
-            for micro in models.split(batch, minibatch):
-                tensors = _tensors(batch, micro)
-                mask = batch.response_mask[micro]
-                logprobs, entropy = response_logprobs(
-                    policy.model, *tensors, with_entropy=True, entropy_grad=cfg.loss.entropy_coef != 0, **warp
-                )
-                out = policy_gradient_loss(
-                    macro_ratio_logprobs(logprobs, batch.old_logprobs[micro], segment_ids[micro])
-                    if macro_ratio
-                    else logprobs,
-                    batch.old_logprobs[micro],
-                    batch.advantages[micro],
-                    mask,
-                    reduction=reduction,
-                    normalizer=normalizer,
-                    policy_loss=cfg.loss.policy_loss,
-                    policy_loss_args=cfg.loss.policy_loss_options(),
-                    clip_low=cfg.loss.clip_low,
-                    clip_high=cfg.loss.clip_high,
-                    dual_clip=cfg.loss.dual_clip,
-                    rollout_weights=None if batch.rollout_weights is None else batch.rollout_weights[micro],
-                )
-                loss = out.loss
-                if cfg.loss.entropy_coef:
-                    loss = loss - cfg.loss.entropy_coef * reduction.reduce(
-                        entropy, mask, normalizer=normalizer
-                    )
-                policy.backward(loss)
-                value_out = clipped_value_loss(
-                    token_values(critic.model, *tensors),
-                    old_values[micro],
-                    returns[micro],
-                    mask,
-                    reduction=reduction,
-                    normalizer=normalizer,
-                    clip_range=cfg.critic.value_clip,
-                )
-                critic.backward(value_out.loss)
-                policy_loss += loss.detach()
-                value_loss += value_out.loss.detach()
-                tokens = float(mask.sum())
-                accumulator.add({**out.metrics, **value_out.metrics}, weight=tokens)
-                accumulator.add({"entropy": masked_mean(entropy.detach(), mask)}, weight=tokens)
-            stats = policy.step()
-            stats.update({f"critic/{k.split('/')[-1]}": v for k, v in critic.step().items()})
-            losses.append(float(policy.all_reduce_sum(policy_loss)))
-            value_losses.append(float(policy.all_reduce_sum(value_loss)))
-    return {
-        **accumulator.compute(),
-        **stats,
-        "loss": sum(losses) / len(losses),
-        "loss/value": sum(value_losses) / len(value_losses),
-    }
+def _macro_ratio(logprobs: torch.Tensor, mb) -> torch.Tensor:
+    """MA-RLHF with `advantage.macro.ratio=macro`: the ratio clipped is each segment's product."""
+    return macro_ratio_logprobs(logprobs, mb.old_logprobs, mb.segment_ids)
 
 
 @hydra.main(config_path="../configs", config_name="ppo", version_base=None)

@@ -25,13 +25,15 @@ from rlhf.data.collate import collate_pairs
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
+from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.losses.preference import bradley_terry_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import sequence_scores
 from rlhf.models.load import load_scorer, load_tokenizer, model_context
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, micro_batches, pair_tokens, rank_slice
+from rlhf.runtime import drop_launcher_arguments, pair_tokens, rank_slice
+from rlhf.update import micro_batches
 
 
 def train(cfg: RewardModelConfig) -> dict[str, float | str]:

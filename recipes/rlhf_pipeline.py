@@ -41,7 +41,9 @@ from rlhf.data.preferences import label_pairs
 from rlhf.loggers import read_metrics
 from rlhf.models.load import load_causal_lm, load_tokenizer
 from rlhf.plots import plot_metrics
-from rlhf.rollout.hf import SamplingParams, generate_rollouts
+from rlhf.rollout.engine import generate_rollouts
+from rlhf.rollout.hf import TransformersEngine
+from rlhf.rollout.sampling import SamplingParams
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 STAGES = ("sft", "rm_backbone", "rm", "ppo", "dpo")
@@ -78,8 +80,7 @@ def sample_preference_pairs(
     for start in range(0, len(rows), 250):
         chunk = rows[start : start + 250]
         batch = generate_rollouts(
-            model,
-            tokenizer,
+            TransformersEngine.for_model(model, tokenizer),
             chunk["prompt"],
             {"answer": chunk["answer"]},
             group_size=k,
@@ -292,8 +293,7 @@ def heldout_gold(
     for start in range(0, len(eval_rows), batch_size):
         chunk = eval_rows[start : start + batch_size]
         batch = generate_rollouts(
-            model,
-            tokenizer,
+            TransformersEngine.for_model(model, tokenizer),
             chunk["prompt"],
             {"answer": chunk["answer"]},
             group_size=1,

@@ -30,6 +30,7 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
+from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.eval.accuracy import heldout_accuracy
 from rlhf.losses.reduce import get_reduction
 from rlhf.losses.sft import nll_loss
@@ -37,9 +38,11 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer, model_context
 from rlhf.plots import plot_metrics
+from rlhf.rollout.hf import TransformersEngine
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, mean_over_ranks, micro_batches, rank_slice
+from rlhf.runtime import drop_launcher_arguments, rank_slice
 from rlhf.scoring import check_reward_columns, resolve_reward
+from rlhf.update import micro_batches
 
 
 def train(cfg: SFTConfig) -> dict[str, float | str]:
@@ -75,7 +78,7 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     d = cfg.data
 
     def accuracy_on(rows) -> float:
-        return heldout_accuracy(engine, tokenizer, rows, accuracy_fn, d, cfg.eval)
+        return heldout_accuracy(TransformersEngine(engine, tokenizer), rows, accuracy_fn, d, cfg.eval)
 
     def collate(rows):
         """[left-padded prompt; right-padded target] of prepared rows."""

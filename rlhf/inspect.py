@@ -32,7 +32,9 @@ from rlhf.data.chat import encode_prompt
 from rlhf.loggers import read_metrics, read_rollouts
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_tokenizer
-from rlhf.rollout.hf import SamplingParams, generate_rollouts, pad_prompts
+from rlhf.rollout.engine import generate_rollouts
+from rlhf.rollout.hf import TransformersEngine
+from rlhf.rollout.sampling import SamplingParams, pad_prompts
 
 # Per-token quantities drawn as categories (one colour per id), not on a colour scale.
 CATEGORICAL = {"segment_ids"}
@@ -204,8 +206,7 @@ class Run:
         Prompts are strings or message lists, as in the run's data."""
         ids, texts = self._encode(list(prompts))
         batch = generate_rollouts(
-            self.policy,
-            self.tokenizer,
+            TransformersEngine.for_model(self.policy, self.tokenizer),
             list(prompts),
             {},
             group_size=num_samples,

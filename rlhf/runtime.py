@@ -1,6 +1,6 @@
 """Helpers the recipes share: the RL recipes' tokenizer and prompts, reward functions, rank shares
-of a batch, metrics averaged over ranks, rollout samples for the logs, and the launcher's argv. The run lifecycle
-(directory, resume, checkpoints, signals) is rlhf/run.py."""
+of a batch, rollout samples for the logs, and the launcher's argv. The run lifecycle (directory,
+resume, checkpoints, signals) is rlhf/run.py; collectives are rlhf/distributed/collectives.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from rlhf.config import LoggerConfig, RewardConfig
 from rlhf.data.chat import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
-from rlhf.data.collate import token_budget_micro_batches
 from rlhf.rollout.records import rollout_records, sample_rows
 from rlhf.scoring import WeightedReward, resolve_reward
 
@@ -23,7 +22,7 @@ def rl_prompts(cfg: Any, train_rows: Any, eval_rows: Any) -> tuple[Any, Any, Any
     from rlhf.data.chat import PROMPT_IDS, PROMPT_TEXT, prepare_splits
     from rlhf.data.load import warn_unknown_tokens
     from rlhf.models.load import load_tokenizer, model_shape
-    from rlhf.rollout.vllm import check_engine
+    from rlhf.rollout.engine import check_rollout_engine
 
     tokenizer = load_tokenizer(cfg.model)
     shape = model_shape(cfg.model)
@@ -37,7 +36,9 @@ def rl_prompts(cfg: Any, train_rows: Any, eval_rows: Any) -> tuple[Any, Any, Any
         context=getattr(shape, "max_position_embeddings", None),
     )
     warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT])
-    check_engine(cfg, shape, train_rows[PROMPT_IDS])
+    check_rollout_engine(
+        cfg, shape, train_rows[PROMPT_IDS], eval_rows[PROMPT_IDS] if eval_rows is not None else None
+    )
     return tokenizer, train_rows, eval_rows
 
 
@@ -63,51 +64,6 @@ def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous share of a global batch of row indices (groups stay whole)."""
     per_rank = len(indices) // world_size
     return indices[rank * per_rank : (rank + 1) * per_rank]
-
-
-def mean_over_ranks(metrics: dict[str, float], engine: Any) -> dict[str, float]:
-    """Average scalar metrics over ranks, except maxima (`*_max`, as MetricAccumulator keeps them),
-    which take the largest rank's value (every rank must log the same keys)."""
-    if engine.world_size == 1 or not metrics:
-        return metrics
-    keys = sorted(metrics)
-    # each rank fills its own row of zeros: the sum over ranks holds every rank's values
-    per_rank = torch.zeros(engine.world_size, len(keys), dtype=torch.float64, device=engine.device)
-    per_rank[engine.rank] = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    per_rank = engine.all_reduce_sum(per_rank)
-    means, maxima = per_rank.mean(0).tolist(), per_rank.max(0).values.tolist()
-    return {k: maxima[i] if k.endswith("_max") else means[i] for i, k in enumerate(keys)}
-
-
-def gathered_values(values: torch.Tensor, engine: Any) -> torch.Tensor:
-    """Every rank's 1-D `values` (lengths may differ) concatenated in rank order, on every rank
-    (collective: every rank must call it)."""
-    if engine.world_size == 1:
-        return values
-    counts = torch.zeros(engine.world_size, dtype=torch.float64, device=engine.device)
-    counts[engine.rank] = values.numel()
-    counts = engine.all_reduce_sum(counts).long().tolist()
-    # each rank fills its own row of zeros: the sum over ranks is every row, exactly
-    rows = torch.zeros(engine.world_size, max(max(counts), 1), dtype=values.dtype, device=engine.device)
-    rows[engine.rank, : values.numel()] = values
-    rows = engine.all_reduce_sum(rows)
-    return torch.cat([rows[rank, :count] for rank, count in enumerate(counts)])
-
-
-def micro_batches(
-    engine: Any, rows: torch.Tensor, max_rows: int, budget: int = 0, tokens: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """`rows` (indices into this rank's batch) in micro-batches of `max_rows`, or with a token
-    `budget` (`tokens`: each row's valid tokens) micro-batches that stay within it, as many on every
-    rank as the most any needs (collective then: every rank must call it)."""
-    if not budget:
-        return list(rows.split(max_rows))
-    rows, tokens = rows.cpu(), torch.as_tensor(tokens).cpu()
-    parts = token_budget_micro_batches(rows, tokens, budget=budget, max_rows=max_rows)
-    counts = torch.zeros(engine.world_size, device=engine.device)
-    counts[engine.rank] = len(parts)
-    count = int(engine.all_reduce_sum(counts).max())
-    return token_budget_micro_batches(rows, tokens, budget=budget, max_rows=max_rows, count=count)
 
 
 def pair_tokens(rows) -> torch.Tensor:
@@ -165,18 +121,17 @@ def log_rollout_sample(
 
 
 class HeldoutAccuracy:
-    """Greedy accuracy of an RL run's policy on the held-out split: before training (a new run),
-    every `eval.every` steps, and at the end; logged as eval/accuracy. Off when no reward function
-    is the configured accuracy reward or the data has no eval split."""
+    """Greedy accuracy of an RL run's policy on the held-out split, sampled by its rollout engine:
+    before training (a new run), every `eval.every` steps, and at the end; logged as
+    eval/accuracy. Off when no reward function is the configured accuracy reward or the data has no
+    eval split."""
 
     def __init__(
         self,
-        engine: Any,
-        tokenizer: Any,
         eval_rows: Any,
         rewards: list[WeightedReward],
         cfg: Any,
-        vllm: Any = None,
+        rollout: Any,
     ):
         from rlhf.eval.accuracy import heldout_accuracy
 
@@ -185,15 +140,7 @@ class HeldoutAccuracy:
         self.every = cfg.eval.every
         # `version`: updates so far, so a vLLM engine syncs once per set of weights
         self._evaluate = lambda version: heldout_accuracy(
-            engine,
-            tokenizer,
-            eval_rows,
-            accuracy_fn,
-            cfg.data,
-            cfg.eval,
-            cfg.eval.num_samples,
-            vllm=vllm,
-            weights_version=version,
+            rollout, eval_rows, accuracy_fn, cfg.data, cfg.eval, cfg.eval.num_samples, weights_version=version
         )
 
     def before(self, run: Any) -> dict[str, float]:

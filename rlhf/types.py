@@ -51,6 +51,9 @@ class RolloutBatch:
     ref_states: torch.Tensor | None = None  # [B, T, h] reference last hidden state predicting token t
     ref_next_states: torch.Tensor | None = None  # [B, T, h] ... at token t itself
     token_weights: torch.Tensor | None = None  # [B, T] per-token loss weights (GTPO's conflict weights)
+    old_values: torch.Tensor | None = None  # [B, T] the critic's values at rollout time (PPO)
+    returns: torch.Tensor | None = None  # [B, T] the critic's regression targets (PPO)
+    segment_ids: torch.Tensor | None = None  # [B, T] macro-action segment of each token (MA-RLHF)
 
     @property
     def batch_size(self) -> int:
@@ -137,6 +140,9 @@ _TOKEN_FIELDS = (
     "ref_states",
     "ref_next_states",
     "token_weights",
+    "old_values",
+    "returns",
+    "segment_ids",
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.data.chat import CHOSEN_IDS, COMPLETION_IDS, PROMPT_IDS, REJECTED_IDS
-from rlhf.rollout.hf import pad_prompts, pad_targets
+from rlhf.rollout.sampling import pad_prompts, pad_targets
 
 
 def collate_sft(

@@ -24,7 +24,7 @@ import torch
 
 from rlhf.config import ConfigError, DistributedConfig, OptimConfig
 from rlhf.distributed.engine import ModelSource, build_optimizer, build_scheduler, materialize, resolve_device
-from rlhf.distributed.env import DistEnv, all_reduce_sum, barrier, init_process_group
+from rlhf.distributed.env import DistEnv, all_gather_object, all_reduce_sum, barrier, init_process_group
 from rlhf.models.precision import warn_pure_low_precision
 
 CHECKPOINT_TAG = "zero"
@@ -125,6 +125,9 @@ class DeepSpeedEngine:
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(value)
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return all_gather_object(value)
 
     def barrier(self) -> None:
         barrier()

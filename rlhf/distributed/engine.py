@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import get_scheduler
@@ -42,6 +42,8 @@ class TrainEngine(Protocol):
     def step(self) -> dict[str, float]: ...
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather_object(self, value: Any) -> list[Any]: ...
 
     def barrier(self) -> None: ...
 
@@ -127,6 +129,9 @@ class SingleProcessEngine:
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return [value]
 
     def barrier(self) -> None:
         pass

@@ -27,13 +27,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import ConfigError
+from rlhf.rollout.sampling import Samples, pad_right, pad_targets
 
 # The engine core must live in this process for in-place weight reloads (and then scripts need no
 # __main__ guard); set before vLLM is imported.
@@ -58,11 +58,18 @@ def _on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def check_vllm_config(rollout: Any, model_config: Any, prompt_tokens: int | None) -> None:
+def check_vllm_config(
+    rollout: Any,
+    model_config: Any,
+    prompt_tokens: int | None,
+    eval_prompt_tokens: int | None = None,
+    eval_max_new_tokens: int = 0,
+) -> None:
     """Refuse, before any model loads, what the engine cannot do: vLLM missing, a head size the CPU
-    attention kernel rejects, a max_model_len that cannot hold the longest prompt plus the token
-    budget, a sampling combination vLLM applies in another order than our logprob passes, sleep
-    mode on CPU. `model_config` is the policy's transformers config."""
+    attention kernel rejects, a max_model_len that cannot hold the longest training prompt plus
+    the rollout's token budget or the longest evaluation prompt plus the evaluation's, a sampling
+    combination vLLM applies in another order than our logprob passes, sleep mode on CPU.
+    `model_config` is the policy's transformers config."""
     require_vllm()
     v = rollout.vllm
     text = getattr(model_config, "text_config", None) or model_config
@@ -89,12 +96,19 @@ def check_vllm_config(rollout: Any, model_config: Any, prompt_tokens: int | None
             "transformers (and our logprob passes) after it, so the sampled and scored distributions would "
             "differ; use one of them"
         )
-    needed = (prompt_tokens or 0) + rollout.max_new_tokens
-    if v.max_model_len is not None and prompt_tokens is not None and v.max_model_len < needed:
-        raise ConfigError(
-            f"rollout.vllm.max_model_len={v.max_model_len} is shorter than the longest prompt ({prompt_tokens} "
-            f"tokens) plus rollout.max_new_tokens ({rollout.max_new_tokens}) = {needed}"
-        )
+    if v.max_model_len is None:
+        return
+    # vLLM stops a request silently at max_model_len: a cut completion would be trained or scored
+    budgets = [("training", prompt_tokens, "rollout.max_new_tokens", rollout.max_new_tokens)]
+    if eval_prompt_tokens is not None:
+        budgets.append(("evaluation", eval_prompt_tokens, "eval.max_new_tokens", eval_max_new_tokens))
+    for split, longest, budget_key, budget in budgets:
+        if longest is not None and v.max_model_len < longest + budget:
+            raise ConfigError(
+                f"rollout.vllm.max_model_len={v.max_model_len} is shorter than the longest {split} prompt "
+                f"({longest} tokens) plus {budget_key} ({budget}) = {longest + budget}: its completions would "
+                "be cut short; raise rollout.vllm.max_model_len or shorten the prompts"
+            )
 
 
 def _sync_names(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, list[torch.nn.Parameter]]]:
@@ -140,8 +154,9 @@ def policy_weights(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
                     yield prefix + param_name, param.detach()
 
 
-class VllmRollout:
-    """One rank's colocated engine: start, weight sync, generation, sleep/wake, shutdown."""
+class VllmEngine:
+    """One rank's colocated engine (`rollout.engine=vllm`), a RolloutEngine (rlhf/rollout/engine.py):
+    start, weight sync, sampling, sleep/wake, close."""
 
     def __init__(
         self, rollout: Any, policy_engine: Any, tokenizer: PreTrainedTokenizerBase, seed: int, dtype: str
@@ -176,6 +191,46 @@ class VllmRollout:
         self.llm = LLM(**options)
         self.sleep_enabled = v.sleep and not _on_cpu()
         self.synced_step: int | None = None
+        self.policy, self.tokenizer = policy_engine, tokenizer
+
+    @classmethod
+    def from_config(cls, cfg: Any, policy: Any, tokenizer: PreTrainedTokenizerBase, rank: int) -> VllmEngine:
+        """This rank's engine. dtype auto: bfloat16 under train.precision=bf16, else the policy's
+        parameter dtype."""
+        dtype = cfg.rollout.vllm.dtype
+        if dtype == "auto":
+            parameter = next(policy.module.parameters())
+            dtype = (
+                "bfloat16" if cfg.train.precision == "bf16" else str(parameter.dtype).removeprefix("torch.")
+            )
+        return cls(cfg.rollout, policy, tokenizer, seed=cfg.seed + rank, dtype=dtype)
+
+    @classmethod
+    def for_model(
+        cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, seed: int = 0
+    ) -> VllmEngine:
+        """An engine holding a plain (not training) model's weights, for the sampling tools."""
+        from rlhf.config import RolloutConfig
+        from rlhf.rollout.engine import FrozenPolicy
+
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        rollout = RolloutConfig(engine="vllm", max_new_tokens=max_new_tokens)
+        return cls(rollout, FrozenPolicy(model), tokenizer, seed, dtype)
+
+    @staticmethod
+    def check(cfg: Any, model_config: Any, prompt_tokens: int, eval_prompt_tokens: int | None) -> None:
+        eval_budget = cfg.eval.max_new_tokens if hasattr(cfg, "eval") else 0
+        check_vllm_config(cfg.rollout, model_config, prompt_tokens, eval_prompt_tokens, eval_budget)
+
+    @contextlib.contextmanager
+    def ready(self, weights_version: int) -> Iterator[dict[str, float]]:
+        """The policy's weights after `weights_version` updates streamed in (once per version);
+        with rollout.vllm.sleep (GPU) the engine's memory is released when the block ends."""
+        seconds = self.sync_weights(self.policy, weights_version)
+        try:
+            yield {"time/weight_sync": seconds}
+        finally:
+            self.sleep()
 
     def sync_weights(self, policy_engine: Any, step: int) -> float:
         """Stream the policy's current weights into the engine (once per optimizer step); seconds taken."""
@@ -188,6 +243,35 @@ class VllmRollout:
         self.synced_step = step
         return time.perf_counter() - started
 
+    def sample(
+        self,
+        prompt_token_ids: list[list[int]],
+        group_size: int,
+        sampling: Any,
+        *,
+        do_sample: bool = True,
+        record_topk: int | None = None,
+        seed: int = 0,
+    ) -> Samples:
+        """`group_size` samples per prompt with the engine's processed logprobs, rows of a prompt
+        contiguous; each prompt's request is seeded from `seed`, so a rollout is reproducible. With
+        `record_topk`, outside_topk is set where the sampled token's rank in the sampled
+        distribution is beyond k (CD-RLHF's gate)."""
+        tokens, logprobs, outside = self.generate(
+            prompt_token_ids,
+            group_size,
+            sampling,
+            request_seeds(seed, len(prompt_token_ids)),
+            do_sample,
+            record_topk,
+        )
+        device = self.policy.device
+        return Samples(
+            pad_targets(tokens, self.tokenizer.pad_token_id, device)[0],
+            pad_right(logprobs, 0.0, torch.float32, device)[0],
+            pad_right(outside, 0.0, torch.float32, device)[0].bool() if record_topk else None,
+        )
+
     def generate(
         self,
         prompt_token_ids: list[list[int]],
@@ -197,10 +281,8 @@ class VllmRollout:
         do_sample: bool = True,
         record_topk: int | None = None,
     ) -> tuple[list[list[int]], list[list[float]], list[list[float]]]:
-        """(token ids, processed logprobs, outside-top-k flags) of `group_size` samples per prompt,
-        rows of a prompt contiguous. `seeds`: one per prompt, so a rollout is reproducible. The flag
-        (with `record_topk`) is 1 where the sampled token's rank in the sampled distribution is
-        beyond k (CD-RLHF's gate)."""
+        """(token ids, processed logprobs, outside-top-k flags) as lists, one row per sample;
+        `seeds`: one per prompt."""
         from vllm import SamplingParams as VllmSampling
 
         if self.synced_step is None:
@@ -254,7 +336,7 @@ class VllmRollout:
             self.llm.wake_up()
             self._asleep = False
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         """Stop the engine before the process group goes (vLLM's shutdown uses it)."""
         llm = getattr(self, "llm", None)
         if llm is not None:
@@ -264,76 +346,6 @@ class VllmRollout:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-# -- what the recipes call ---------------------------------------------------------------------------
-
-
-def check_engine(cfg: Any, model_config: Any, prompt_ids: list[list[int]]) -> None:
-    """`check_vllm_config` for a recipe config when rollout.engine=vllm (no-op otherwise)."""
-    if cfg.rollout.engine == "vllm":
-        check_vllm_config(cfg.rollout, model_config, max((len(p) for p in prompt_ids), default=0))
-
-
-def start_engine(
-    cfg: Any, policy_engine: Any, tokenizer: PreTrainedTokenizerBase, rank: int
-) -> VllmRollout | None:
-    """This rank's engine when rollout.engine=vllm, else None. dtype auto: bfloat16 under
-    train.precision=bf16, else the policy's parameter dtype."""
-    if cfg.rollout.engine != "vllm":
-        return None
-    dtype = cfg.rollout.vllm.dtype
-    if dtype == "auto":
-        parameter = next(policy_engine.module.parameters())
-        dtype = "bfloat16" if cfg.train.precision == "bf16" else str(parameter.dtype).removeprefix("torch.")
-    return VllmRollout(cfg.rollout, policy_engine, tokenizer, seed=cfg.seed + rank, dtype=dtype)
-
-
-def rollout_correction(
-    vllm_cfg: Any, old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor
-) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """(importance weights or None when rollout.vllm.correction=none, metrics): the engine/trainer
-    mismatch of these rows and its correction (rlhf/losses/rollout_correction.py)."""
-    from rlhf.losses.rollout_correction import rollout_importance_weights, rollout_mismatch_metrics
-
-    metrics = rollout_mismatch_metrics(old_logprobs, rollout_logprobs, response_mask)
-    if vllm_cfg.correction == "none":
-        return None, metrics
-    weights, correction = rollout_importance_weights(
-        old_logprobs,
-        rollout_logprobs,
-        response_mask,
-        mode=vllm_cfg.correction,
-        clip_min=vllm_cfg.correction_clip_min,
-        clip_max=vllm_cfg.correction_clip_max,
-    )
-    return weights, {**metrics, **correction}
-
-
-def apply_rollout_correction(vllm_cfg: Any, batch: Any, metrics: dict[str, float]) -> None:
-    """With the engine's logprobs and the trainer's old logprobs in the batch: log their mismatch,
-    and set `batch.rollout_weights` (the importance-sampling correction) unless it is off. (A
-    single on-policy update needs no old-logprob pass: the update's own detached logprobs are the
-    old ones, and the recipe calls `rollout_correction` per micro-batch instead.)"""
-    if batch.rollout_logprobs is None or batch.old_logprobs is None:
-        return
-    batch.rollout_weights, found = rollout_correction(
-        vllm_cfg, batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
-    )
-    metrics.update({k: float(v) for k, v in found.items()})
-
-
-def engine_for_model(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, seed: int = 0
-) -> VllmRollout:
-    """A synced engine for a plain (not training) model, for the sampling tools (the diversity
-    evaluation, the cDPO sampler)."""
-    from rlhf.config import RolloutConfig
-
-    holder = SimpleNamespace(
-        module=model, gathered_parameters=lambda parameters=None: contextlib.nullcontext()
-    )
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    engine = VllmRollout(
-        RolloutConfig(engine="vllm", max_new_tokens=max_new_tokens), holder, tokenizer, seed, dtype
-    )
-    engine.sync_weights(holder, 0)
-    return engine
+def request_seeds(seed: int, prompts: int) -> list[int]:
+    """One vLLM request seed per prompt, derived from the rollout's seed."""
+    return [seed * 100_003 + i for i in range(prompts)]

@@ -11,13 +11,13 @@ import sys
 
 import torch
 
-from recipes.grpo import _update
 from rlhf.config import DistributedConfig, GRPOConfig, OptimConfig, plan_grpo_batches
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.losses.kl import k3
 from rlhf.losses.reduce import get_reduction
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 from rlhf.types import RolloutBatch
+from rlhf.update import PolicyGradientObjective, UpdatePlan, run_update
 
 ROWS, PROMPT, RESPONSE = 8, 5, 6
 
@@ -73,15 +73,10 @@ def main() -> None:
         .select(range(env.rank * share, (env.rank + 1) * share))
         .to(engine.device)
     )
-    _update(
-        engine,
-        batch,
-        plan,
-        cfg,
-        get_reduction(aggregation),
-        k3,
-        {"temperature": 1.0, "top_k": 0, "top_p": 1.0},
-    )
+    reduction = get_reduction(aggregation)
+    warp = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    objective = PolicyGradientObjective(cfg, engine, reduction, warp, kl_estimator=k3)
+    run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction)
     weights = engine.full_state_dict()
     if env.is_main:
         torch.save({k: v.detach().cpu().float() for k, v in weights.items()}, out)

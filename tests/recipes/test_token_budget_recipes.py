@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 
-import rlhf.runtime
+import rlhf.update
 from recipes import aligndistil, dpo, ppo, reward_model, sft
 
 ROWS = [
@@ -57,12 +57,16 @@ def test_token_budget_gives_more_micro_batches_and_the_same_update(
     module = importlib.import_module(f"recipes.{recipe}")
     splits: list[int] = []
 
+    split = rlhf.update.micro_batches
+
     def counted(*args, **kwargs):
-        parts = rlhf.runtime.micro_batches(*args, **kwargs)
+        parts = split(*args, **kwargs)
         splits.append(len(parts))
         return parts
 
+    # the recipes' own splits and the shared update loop's
     monkeypatch.setattr(module, "micro_batches", counted)
+    monkeypatch.setattr(rlhf.update, "micro_batches", counted)
     rows = train(make_config(recipe, *overrides, run_dir=str(tmp_path / "rows")))
     by_rows, splits[:] = list(splits), []
     tokens = train(

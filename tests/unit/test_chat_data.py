@@ -23,7 +23,7 @@ from rlhf.data.chat import (
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import DataError, load_task_data
 from rlhf.models.tiny import build_char_tokenizer
-from rlhf.rollout.hf import prompt_inputs
+from rlhf.rollout.sampling import prompt_inputs
 from tests.chat_model import build_chatml_tokenizer
 
 SYSTEM = {"role": "system", "content": "Be concise."}

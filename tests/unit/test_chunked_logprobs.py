@@ -9,7 +9,9 @@ import torch
 from rlhf.config import ConfigError, LoraConfig, ModelConfig, TinyModelConfig
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_policy, load_tokenizer
-from rlhf.rollout.hf import SamplingParams, generate_rollouts
+from rlhf.rollout.engine import generate_rollouts
+from rlhf.rollout.hf import TransformersEngine
+from rlhf.rollout.sampling import SamplingParams
 
 
 def _model(arch: str, chunk: int, shared_prefix: bool = False, lora: bool = False):
@@ -28,8 +30,7 @@ def _sampled(model, tokenizer, group_size: int):
     """((prompt ids, prompt mask, response ids, response mask), response mask) of a seeded rollout."""
     torch.manual_seed(0)
     batch = generate_rollouts(
-        model,
-        tokenizer,
+        TransformersEngine.for_model(model, tokenizer),
         ["12+34=", "5+6=", "99+1="],
         {},
         group_size=group_size,
@@ -84,7 +85,11 @@ def test_chunked_with_lora_and_the_head_restored_after():
     chunked, _ = _model("llama", 2, lora=True)
     chunked.load_state_dict(plain.state_dict())
     batch = generate_rollouts(
-        plain, tokenizer, ["1+2="], {}, group_size=2, sampling=SamplingParams(max_new_tokens=5)
+        TransformersEngine.for_model(plain, tokenizer),
+        ["1+2="],
+        {},
+        group_size=2,
+        sampling=SamplingParams(max_new_tokens=5),
     )
     tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     with torch.no_grad():

@@ -20,8 +20,12 @@ LIBRARY_MODULES = MATH_MODULES + [
     "rlhf.models.load",
     "rlhf.models.forward",
     "rlhf.models.reference",
+    "rlhf.rollout.engine",
+    "rlhf.rollout.sampling",
     "rlhf.rollout.hf",
     "rlhf.rollout.vllm",
+    "rlhf.update",
+    "rlhf.distributed.collectives",
     "rlhf.data.chat",
     "rlhf.data.load",
     "rlhf.data.collate",
@@ -57,3 +61,21 @@ def test_library_never_loads_hydra_or_recipes():
     roots = _loaded_roots(LIBRARY_MODULES)
     assert "hydra" not in roots and "recipes" not in roots
     assert "vllm" not in roots  # imported only when rollout.engine=vllm asks for it
+
+
+def test_no_engine_branches_outside_the_rollout_package():
+    """Recipes, evaluation and the library hold a RolloutEngine and never ask which one it is."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    branch = re.compile(r"\bvllm\s*=|\bvllm is (not )?None|\bengine is (not )?None|start_engine\(")
+    offenders = []
+    for folder in ("rlhf", "recipes"):
+        for path in (root / folder).rglob("*.py"):
+            if path.parent.name == "rollout" or path.name == "config.py":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if branch.search(line):
+                    offenders.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -59,7 +59,7 @@ def test_recorder_sees_the_processed_distribution_during_generation():
 
     from rlhf.models.forward import response_logits
     from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
-    from rlhf.rollout.hf import response_mask_from_ids
+    from rlhf.rollout.sampling import response_mask_from_ids
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_causal_lm(TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2), tokenizer).eval()

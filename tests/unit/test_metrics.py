@@ -3,10 +3,11 @@ rule across ranks (mean_over_ranks)."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
+from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.metrics import MetricAccumulator
-from rlhf.runtime import mean_over_ranks
 
 
 def test_means_are_weighted_and_maxima_are_maxima():
@@ -26,6 +27,25 @@ def test_ranks_average_means_and_keep_the_largest_maximum():
         theirs[1] = torch.tensor([other_rank[k] for k in sorted(other_rank)], dtype=rows.dtype)
         return rows + theirs
 
-    engine = SimpleNamespace(world_size=2, rank=0, device=torch.device("cpu"), all_reduce_sum=all_reduce_sum)
+    engine = SimpleNamespace(
+        world_size=2,
+        rank=0,
+        device=torch.device("cpu"),
+        all_reduce_sum=all_reduce_sum,
+        all_gather_object=lambda keys: [keys, sorted(other_rank)],
+    )
     out = mean_over_ranks({"loss": 1.0, "rollout/logprob_diff_max": 0.2}, engine)
     assert out == {"loss": 2.0, "rollout/logprob_diff_max": 0.9}  # not the mean 0.55
+
+
+def test_ranks_with_different_metric_keys_are_refused():
+    """A key missing on one rank would shift every value after it in the stacked rows."""
+    engine = SimpleNamespace(
+        world_size=2,
+        rank=0,
+        device=torch.device("cpu"),
+        all_reduce_sum=lambda rows: rows,
+        all_gather_object=lambda keys: [keys, ["eval/accuracy", "loss"]],
+    )
+    with pytest.raises(RuntimeError, match=r"only on rank 1: \['eval/accuracy'\]"):
+        mean_over_ranks({"loss": 1.0}, engine)

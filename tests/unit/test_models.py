@@ -8,13 +8,9 @@ from rlhf.config import ConfigError, ModelConfig, TinyModelConfig
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_tokenizer
 from rlhf.models.tiny import build_char_tokenizer
-from rlhf.rollout.hf import (
-    SamplingParams,
-    generate_rollouts,
-    pad_prompts,
-    response_mask_from_ids,
-    stop_string_ends,
-)
+from rlhf.rollout.engine import generate_rollouts
+from rlhf.rollout.hf import TransformersEngine
+from rlhf.rollout.sampling import SamplingParams, pad_prompts, response_mask_from_ids, stop_string_ends
 
 
 def test_char_tokenizer_round_trip_and_specials(tokenizer, tmp_path):
@@ -120,8 +116,7 @@ def test_logprob_pass_matches_sampling_distribution(model_name, warp, request, t
 
 def test_rollout_groups_and_columns(tiny_llama, tokenizer):
     batch = generate_rollouts(
-        tiny_llama,
-        tokenizer,
+        TransformersEngine.for_model(tiny_llama, tokenizer),
         ["1+1=", "22+3="],
         {"answer": ["2", "25"]},
         group_size=3,
@@ -161,7 +156,13 @@ def test_reward_is_read_at_the_last_valid_token_even_when_it_is_the_pad_id(token
 def test_stop_strings_end_the_response_where_the_string_completes(tiny_llama, tokenizer):
     torch.manual_seed(0)
     sampling = SamplingParams(max_new_tokens=12, temperature=1.5, stop=("5", "+"))
-    batch = generate_rollouts(tiny_llama, tokenizer, ["1+1=", "22+3="], {}, group_size=8, sampling=sampling)
+    batch = generate_rollouts(
+        TransformersEngine.for_model(tiny_llama, tokenizer),
+        ["1+1=", "22+3="],
+        {},
+        group_size=8,
+        sampling=sampling,
+    )
     stopped = 0
     for row, completion in enumerate(batch.completions):
         cut = [i for i, ch in enumerate(completion) if ch in "5+"]

@@ -13,14 +13,9 @@ from rlhf.config import ConfigError, ModelConfig, RolloutConfig, TinyModelConfig
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer
 from rlhf.ops import first_seen_positions, seen_in_context, warp_logits
-from rlhf.rollout.hf import (
-    ContextRepetitionPenalty,
-    SamplingParams,
-    generate_groups,
-    generate_rollouts,
-    pad_prompts,
-    response_mask_from_ids,
-)
+from rlhf.rollout.engine import generate_rollouts
+from rlhf.rollout.hf import ContextRepetitionPenalty, TransformersEngine, generate_groups
+from rlhf.rollout.sampling import SamplingParams, pad_prompts, response_mask_from_ids
 
 PROMPTS = ["12+34=", "5+6=", "999+1="]  # three lengths: two rows are left-padded
 
@@ -98,7 +93,9 @@ def test_generate_samples_from_the_distribution_the_logprob_pass_scores(chunk):
     assert (unpenalized - sampled)[mask].abs().max() > 0.1  # the penalty moves the distribution
     # the recipes' rollout goes through the same pieces: the same seed draws the same tokens
     torch.manual_seed(0)
-    batch = generate_rollouts(model, tokenizer, PROMPTS, {}, group_size=group, sampling=sampling)
+    batch = generate_rollouts(
+        TransformersEngine.for_model(model, tokenizer), PROMPTS, {}, group_size=group, sampling=sampling
+    )
     assert torch.equal(batch.response_ids, torch.where(mask, response_ids, tokenizer.pad_token_id))
 
 
@@ -108,7 +105,9 @@ def test_a_models_generation_defaults_do_not_reach_the_rollout():
 
     def rollout() -> torch.Tensor:
         torch.manual_seed(0)
-        return generate_rollouts(model, tokenizer, PROMPTS, {}, group_size=3, sampling=sampling).response_ids
+        return generate_rollouts(
+            TransformersEngine.for_model(model, tokenizer), PROMPTS, {}, group_size=3, sampling=sampling
+        ).response_ids
 
     plain = rollout()
     # what a chat model's generation_config.json can hold; transformers fills unset fields from it
@@ -131,7 +130,9 @@ def test_nthr_scores_tokens_under_the_penalised_distribution(monkeypatch):
     model, tokenizer = _policy()
     sampling = SamplingParams(max_new_tokens=8, temperature=0.9, repetition_penalty=1.8)
     torch.manual_seed(0)
-    batch = generate_rollouts(model, tokenizer, PROMPTS[:1], {}, group_size=4, sampling=sampling)
+    batch = generate_rollouts(
+        TransformersEngine.for_model(model, tokenizer), PROMPTS[:1], {}, group_size=4, sampling=sampling
+    )
     seen_by_nthr = []
     monkeypatch.setattr(token_scorers, "nthr_scores", lambda residual, *a: seen_by_nthr.append(residual) or 0)
     monkeypatch.setattr(token_scorers, "nthr_advantage_scale", lambda scores, mask, *a, **k: mask.float())
@@ -158,12 +159,18 @@ def test_the_top_k_gate_reads_the_penalised_distribution():
     model, tokenizer = _policy()
     sampling = SamplingParams(max_new_tokens=12, top_k=1, repetition_penalty=4.0)
     torch.manual_seed(0)
-    batch = generate_rollouts(model, tokenizer, PROMPTS, {}, group_size=2, sampling=sampling, record_topk=1)
+    batch = generate_rollouts(
+        TransformersEngine.for_model(model, tokenizer),
+        PROMPTS,
+        {},
+        group_size=2,
+        sampling=sampling,
+        record_topk=1,
+    )
     assert not batch.outside_topk.any()
     torch.manual_seed(0)
     plain = generate_rollouts(
-        model,
-        tokenizer,
+        TransformersEngine.for_model(model, tokenizer),
         PROMPTS,
         {},
         group_size=2,

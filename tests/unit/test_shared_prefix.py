@@ -265,12 +265,12 @@ def test_bad_inputs_are_named():
 def test_grpo_loss_and_one_optimizer_step_equal():
     """The GRPO update (policy logprobs with gradient, KL to the reference, Adam step) is the same
     with the packed layout; groups of 4 rows share a prompt, as in a rollout."""
-    from recipes.grpo import _update
     from rlhf.config import GRPOConfig, OptimConfig, plan_grpo_batches
     from rlhf.distributed import build_engine
     from rlhf.losses.kl import k3
     from rlhf.losses.reduce import get_reduction
     from rlhf.types import RolloutBatch
+    from rlhf.update import PolicyGradientObjective, UpdatePlan, run_update
 
     prompt_ids, prompt_mask, response_ids, response_mask = grouped_batch(
         [0, 0, 0, 0, 1, 1, 1, 1], [4, 8], [7, 2, 5, 0, 3, 7, 6, 1], seed=9
@@ -296,7 +296,9 @@ def test_grpo_loss_and_one_optimizer_step_equal():
         ).to(engine.device)  # the rollout hands the update its batch on the engine's device
         torch.manual_seed(0)  # the minibatch order
         warp = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-        stats = _update(engine, batch, plan, cfg, get_reduction("token_mean"), k3, warp)
+        reduction = get_reduction("token_mean")
+        objective = PolicyGradientObjective(cfg, engine, reduction, warp, kl_estimator=k3)
+        stats = run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction)
         weights.append(({n: p.detach().clone() for n, p in model.named_parameters()}, stats))
     (plain, plain_stats), (shared, shared_stats) = weights
     for name, value in plain.items():

@@ -27,7 +27,9 @@ from rlhf.models.forward import response_logprobs  # noqa: E402
 from rlhf.models.load import load_causal_lm, load_tokenizer, model_shape  # noqa: E402
 from rlhf.models.lora import apply_lora  # noqa: E402
 from rlhf.rollout import vllm as vllm_rollout  # noqa: E402
-from rlhf.rollout.hf import SamplingParams, generate_rollouts  # noqa: E402
+from rlhf.rollout.engine import engine_for_model, generate_rollouts  # noqa: E402
+from rlhf.rollout.hf import TransformersEngine  # noqa: E402
+from rlhf.rollout.sampling import SamplingParams  # noqa: E402
 
 MODEL = ModelConfig(
     source="tiny", tiny=TinyModelConfig(hidden_size=64, num_heads=2, num_layers=2, intermediate_size=128)
@@ -53,9 +55,9 @@ def trainer(tokenizer):
 def engine(trainer, tokenizer):
     # compiled, as by default (torch.compile on CPU): the path a user's run takes
     rollout = RolloutConfig(engine="vllm", vllm=VllmConfig(max_model_len=128))
-    started = vllm_rollout.VllmRollout(rollout, trainer, tokenizer, seed=0, dtype="float32")
+    started = vllm_rollout.VllmEngine(rollout, trainer, tokenizer, seed=0, dtype="float32")
     yield started
-    started.shutdown()
+    started.close()
 
 
 def _train_steps(trainer, tokenizer, steps: int) -> None:
@@ -78,26 +80,27 @@ def test_synced_engine_matches_the_trainer_after_optimizer_steps(trainer, engine
         assert engine.sync_weights(trainer, version) == 0.0  # once per version
         greedy = SamplingParams(max_new_tokens=10)
         ours = generate_rollouts(
-            trainer.module,
-            tokenizer,
+            engine,
             PROMPTS,
             {},
             group_size=1,
             sampling=greedy,
             do_sample=False,
-            vllm=engine,
         )
         theirs = generate_rollouts(
-            trainer.module, tokenizer, PROMPTS, {}, group_size=1, sampling=greedy, do_sample=False
+            TransformersEngine.for_model(trainer.module, tokenizer),
+            PROMPTS,
+            {},
+            group_size=1,
+            sampling=greedy,
+            do_sample=False,
         )
         assert ours.completions == theirs.completions
         assert torch.equal(ours.response_mask, theirs.response_mask) and torch.equal(
             ours.truncated, theirs.truncated
         )
         sampling = SamplingParams(max_new_tokens=10, temperature=0.8, top_k=6, top_p=0.95)
-        batch = generate_rollouts(
-            trainer.module, tokenizer, PROMPTS, {}, group_size=4, sampling=sampling, vllm=engine, seed=version
-        )
+        batch = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=version)
         with torch.no_grad():
             logprobs, _ = response_logprobs(
                 trainer.module,
@@ -117,9 +120,7 @@ def test_a_stale_engine_is_detectably_different(trainer, engine, tokenizer):
     engine.sync_weights(trainer, 100)
     _train_steps(trainer, tokenizer, 3)
     sampling = SamplingParams(max_new_tokens=10, temperature=1.0)
-    batch = generate_rollouts(
-        trainer.module, tokenizer, PROMPTS, {}, group_size=4, sampling=sampling, vllm=engine, seed=1
-    )
+    batch = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=1)
     with torch.no_grad():
         logprobs, _ = response_logprobs(
             trainer.module, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
@@ -130,9 +131,7 @@ def test_a_stale_engine_is_detectably_different(trainer, engine, tokenizer):
 def test_the_repetition_penalty_is_scored_as_the_engine_samples_it(trainer, engine, tokenizer):
     engine.sync_weights(trainer, 300)
     sampling = SamplingParams(max_new_tokens=12, temperature=0.9, repetition_penalty=1.8)
-    batch = generate_rollouts(
-        trainer.module, tokenizer, PROMPTS, {}, group_size=4, sampling=sampling, vllm=engine, seed=3
-    )
+    batch = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=3)
     rows = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     with torch.no_grad():
         scored, _ = response_logprobs(trainer.module, *rows, **sampling.warp())
@@ -147,15 +146,9 @@ def test_the_repetition_penalty_is_scored_as_the_engine_samples_it(trainer, engi
 def test_seeds_reproduce_a_rollout_and_stop_strings_end_it(trainer, engine, tokenizer):
     engine.sync_weights(trainer, 101)
     sampling = SamplingParams(max_new_tokens=12, temperature=1.5, stop=("5", "+"))
-    first = generate_rollouts(
-        trainer.module, tokenizer, PROMPTS, {}, group_size=4, sampling=sampling, vllm=engine, seed=3
-    )
-    again = generate_rollouts(
-        trainer.module, tokenizer, PROMPTS, {}, group_size=4, sampling=sampling, vllm=engine, seed=3
-    )
-    other = generate_rollouts(
-        trainer.module, tokenizer, PROMPTS, {}, group_size=4, sampling=sampling, vllm=engine, seed=4
-    )
+    first = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=3)
+    again = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=3)
+    other = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=4)
     assert first.completions == again.completions and first.completions != other.completions
     for row, completion in enumerate(first.completions):
         cut = [i for i, ch in enumerate(completion) if ch in "5+"]
@@ -167,7 +160,7 @@ def test_seeds_reproduce_a_rollout_and_stop_strings_end_it(trainer, engine, toke
 def test_async_scheduling_draws_the_same_samples(trainer, tokenizer):
     # two eager engines (quick to start), one scheduling step by step, one asynchronously
     engines = [
-        vllm_rollout.VllmRollout(
+        vllm_rollout.VllmEngine(
             RolloutConfig(
                 engine="vllm",
                 vllm=VllmConfig(max_model_len=128, enforce_eager=True, async_scheduling=asynchronous),
@@ -186,13 +179,11 @@ def test_async_scheduling_draws_the_same_samples(trainer, tokenizer):
             engine.sync_weights(trainer, 102)
             outs.append(
                 generate_rollouts(
-                    trainer.module,
-                    tokenizer,
+                    engine,
                     PROMPTS,
                     {},
                     group_size=4,
                     sampling=sampling,
-                    vllm=engine,
                     seed=5,
                 )
             )
@@ -204,7 +195,7 @@ def test_async_scheduling_draws_the_same_samples(trainer, tokenizer):
         )
     finally:
         for engine in engines:
-            engine.shutdown()
+            engine.close()
 
 
 def test_lora_syncs_the_merged_weights(tokenizer):
@@ -215,7 +206,7 @@ def test_lora_syncs_the_merged_weights(tokenizer):
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # adapters that change the outputs
     trainer = build_engine(model, OptimConfig(), DistributedConfig(), 10)
-    started = vllm_rollout.VllmRollout(  # eager: quick to start (the shared engine is compiled)
+    started = vllm_rollout.VllmEngine(  # eager: quick to start (the shared engine is compiled)
         RolloutConfig(engine="vllm", vllm=VllmConfig(enforce_eager=True)),
         trainer,
         tokenizer,
@@ -225,9 +216,7 @@ def test_lora_syncs_the_merged_weights(tokenizer):
     try:
         started.sync_weights(trainer, 1)
         greedy = SamplingParams(max_new_tokens=10)
-        ours = generate_rollouts(
-            model, tokenizer, PROMPTS, {}, group_size=1, sampling=greedy, do_sample=False, vllm=started
-        )
+        ours = generate_rollouts(started, PROMPTS, {}, group_size=1, sampling=greedy, do_sample=False)
         with torch.no_grad():
             logprobs, _ = response_logprobs(
                 model, ours.prompt_ids, ours.prompt_mask, ours.response_ids, ours.response_mask
@@ -241,7 +230,7 @@ def test_lora_syncs_the_merged_weights(tokenizer):
             )
         assert (base - ours.rollout_logprobs)[mask].abs().max() > 1e-3  # the adapters are in the engine
     finally:
-        started.shutdown()
+        started.close()
 
 
 def test_bad_configurations_are_refused_before_any_model_loads(monkeypatch):
@@ -251,9 +240,15 @@ def test_bad_configurations_are_refused_before_any_model_loads(monkeypatch):
     shape = model_shape(MODEL)
     short = RolloutConfig(engine="vllm", max_new_tokens=16, vllm=VllmConfig(max_model_len=20))
     with pytest.raises(
-        ConfigError, match=r"max_model_len=20 is shorter than the longest prompt \(10 tokens\) plus"
+        ConfigError, match=r"max_model_len=20 is shorter than the longest training prompt \(10 tokens\) plus"
     ):
         vllm_rollout.check_vllm_config(short, shape, 10)
+    # evaluation completions are checked too: vLLM would cut them at max_model_len without a word
+    vllm_rollout.check_vllm_config(short, shape, 4, eval_prompt_tokens=4, eval_max_new_tokens=16)
+    with pytest.raises(
+        ConfigError, match=r"longest evaluation prompt \(5 tokens\) plus eval.max_new_tokens \(16\) = 21"
+    ):
+        vllm_rollout.check_vllm_config(short, shape, 4, eval_prompt_tokens=5, eval_max_new_tokens=16)
     with pytest.raises(ConfigError, match="vLLM applies min-p before top-p"):
         vllm_rollout.check_vllm_config(RolloutConfig(engine="vllm", min_p=0.1, top_p=0.9), shape, 10)
     with pytest.raises(ConfigError, match="sleep=true needs a GPU"):
@@ -280,18 +275,16 @@ def test_sampling_tools_run_on_the_engine(trainer, tokenizer):
     from rewards import exact_match
 
     rows = Dataset.from_dict({"prompt": PROMPTS, "answer": ["46", "11", "100", "77"]})
-    started = vllm_rollout.engine_for_model(trainer.module, tokenizer, max_new_tokens=6, seed=0)
+    started = engine_for_model("vllm", trainer.module, tokenizer, max_new_tokens=6, seed=0)
     try:
         result = evaluate_diversity(
-            trainer.module,
-            tokenizer,
+            started,
             rows,
             exact_match,
             samples=4,
             sampling=SamplingParams(max_new_tokens=6),
-            vllm=started,
             seed=1,
         )
     finally:
-        started.shutdown()
-    assert 0.0 <= result["reward"] <= 1.0 and {"diversity", "ead", "self_bleu"} <= set(result)
+        started.close()
+    assert {"reward", "diversity", "ead", "self_bleu"} <= set(result)
