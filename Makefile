@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export WANDB_SILENT := true
 
-.PHONY: setup vllm demo pipeline test lint format bench clean
+.PHONY: setup vllm demo pipeline test test-fast lint format bench clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -x --timeout 600 tests
+
+# The inner loop: unit, config and parity tests (a few minutes); `make test` runs every tier.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -x --timeout 600 -m "not recipe and not distributed and not vllm" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

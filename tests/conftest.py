@@ -16,7 +16,15 @@ from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_cau
 torch.set_num_threads(2)
 
 
+# the slow tiers, by folder: `make test-fast` deselects them (pytest -m "not recipe and ...")
+FOLDER_MARKERS = {"recipes": "recipe", "distributed": "distributed", "vllm": "vllm"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = item.path.parent.name
+        if folder in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[folder])
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
