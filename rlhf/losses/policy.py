@@ -386,7 +386,11 @@ def policy_gradient_loss(
         "rollout_weights": rollout_weights,
     }
     # a clip bound left None takes the objective's own default (GSPO's band is not PPO's)
-    kwargs = {name: value for name, value in given.items() if name in loss.parameters and value is not None}
+    kwargs = {
+        name: value
+        for name, value in given.items()
+        if name in loss.parameters and not (name in CLIP_BAND and value is None)
+    }
     for name in ("token_weights", "entropy"):
         if name in kwargs and kwargs[name] is None:
             raise ValueError(f"policy loss {policy_loss!r} needs {name}")
