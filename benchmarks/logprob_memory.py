@@ -79,13 +79,13 @@ def measure(side: str, vocab: int, tokens: int, chunk: int = CHUNK) -> dict[str,
             return out.log_probs[:, -tokens:], out.entropy[:, -tokens:]
     else:
         from rlhf.models.forward import response_logprobs
+        from rlhf.models.options import ForwardOptions
 
-        if side == "ours_chunked":
-            model.logprob_chunk_tokens = chunk
+        options = ForwardOptions(logprob_chunk_tokens=chunk if side == "ours_chunked" else 0)
 
         def run():
             return response_logprobs(
-                model, prompt_ids, prompt_mask, response_ids, response_mask, with_entropy=True
+                model, prompt_ids, prompt_mask, response_ids, response_mask, options, with_entropy=True
             )
 
     before = _rss_mb()

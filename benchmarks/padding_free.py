@@ -62,6 +62,7 @@ def main() -> None:
     import torch
 
     from rlhf.models.forward import response_logprobs
+    from rlhf.models.options import ForwardOptions
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=8)
@@ -75,7 +76,6 @@ def main() -> None:
     prompt_ids, prompt_mask, response_ids, response_mask = batch
     max_len = prompt_ids.shape[1] + response_ids.shape[1] + 8
     padded, packed, trl = _model(max_len), _model(max_len), _model(max_len)
-    packed.padding_free = True
     from trl.trainer.utils import add_fused_lm_head
 
     add_fused_lm_head(trl, outputs=("log_probs", "entropy"))
@@ -85,7 +85,8 @@ def main() -> None:
     labels[:, : prompt_ids.shape[1]] = -100
 
     def ours(model):
-        logprobs, _ = response_logprobs(model, *batch, with_entropy=True)
+        options = ForwardOptions(padding_free=model is packed, logprob_chunk_tokens=0)
+        logprobs, _ = response_logprobs(model, *batch, options, with_entropy=True)
         torch.where(response_mask, logprobs, 0.0).sum().backward()
         return logprobs
 

@@ -73,10 +73,13 @@ SHAPES = {
 SHAPE, PROMPTS, NEW_TOKENS, DEVICE = SHAPES["small"], 2, 64, "cpu"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
+# the sides without a chunk keep the whole-logits pass (logprob_chunk_tokens=0), as measured before
+# the chunk became automatic by size
+WHOLE = "model.logprob_chunk_tokens=0"
 GRPO_SIDES = {
-    "ours padded": [],
-    "ours padding-free": ["model.padding_free=true"],
-    "ours shared prefix": ["model.shared_prefix=true"],
+    "ours padded": [WHOLE],
+    "ours padding-free": ["model.padding_free=true", WHOLE],
+    "ours shared prefix": ["model.shared_prefix=true", WHOLE],
     "ours shared prefix + padding-free + chunked": [
         "model.shared_prefix=true",
         "model.padding_free=true",
@@ -84,9 +87,9 @@ GRPO_SIDES = {
     ],
 }
 DPO_SIDES = {
-    "ours padded": [],
-    "ours padding-free": ["model.padding_free=true"],
-    "ours shared prefix": ["model.shared_prefix=true"],
+    "ours padded": [WHOLE],
+    "ours padding-free": ["model.padding_free=true", WHOLE],
+    "ours shared prefix": ["model.shared_prefix=true", WHOLE],
 }
 
 

@@ -45,6 +45,7 @@ def measure(args: argparse.Namespace, prefix: int, suffix: int, group: int, shar
     from rlhf.config import ModelConfig
     from rlhf.models.forward import response_logprobs
     from rlhf.models.load import load_causal_lm
+    from rlhf.models.options import ForwardOptions
     from rlhf.models.tiny import build_char_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -70,7 +71,7 @@ def measure(args: argparse.Namespace, prefix: int, suffix: int, group: int, shar
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        logprobs, _ = response_logprobs(model, *batch)
+        logprobs, _ = response_logprobs(model, *batch, ForwardOptions.from_config(cfg))
         logprobs.sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()

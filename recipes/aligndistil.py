@@ -44,6 +44,7 @@ from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import chunked_token_loss, response_head_inputs
 from rlhf.models.load import load_frozen, load_policy, load_reference, load_tokenizer, model_context
+from rlhf.models.options import ForwardOptions
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.sampling import SamplingParams, pad_prompts, pad_targets
@@ -179,6 +180,7 @@ class Distillation:
 
     def __init__(self, cfg: AlignDistilConfig, policy, dpo, other):
         self.cfg, self.policy, self.dpo, self.other = cfg, policy, dpo, other
+        self.options = ForwardOptions.from_config(cfg.model)  # the layout of every model's pass
         self.reduction = get_reduction("sequence_mean_token_mean")
         self.token_loss = partial(
             distill_token_loss,
@@ -191,9 +193,11 @@ class Distillation:
 
     def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask, *, normalizer):
         tensors = (prompt_ids, prompt_mask, response_ids, response_mask)
-        hidden = [response_head_inputs(self.policy.model, *tensors)]
+        hidden = [response_head_inputs(self.policy.model, *tensors, self.options)]
         with torch.no_grad():
-            hidden += [response_head_inputs(model, *tensors) for model in (self.dpo, self.other)]
+            hidden += [
+                response_head_inputs(model, *tensors, self.options) for model in (self.dpo, self.other)
+            ]
         per_token, stats = chunked_token_loss(
             [self.policy.model, self.dpo, self.other], hidden, self.cfg.loss.chunk_tokens, self.token_loss
         )

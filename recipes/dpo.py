@@ -58,6 +58,7 @@ from rlhf.losses.preference import (
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_frozen, load_policy, load_reference, load_tokenizer, model_context
+from rlhf.models.options import ForwardOptions
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import PairTokenScorer
 from rlhf.plots import plot_metrics
@@ -140,7 +141,9 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
             for split, rows in (("train", train_rows), ("eval", eval_rows)):
                 if rows is not None:
                     pairs.caches[split] = _precompute(cfg, split, rows, pairs, run.dir)
-            pairs.scorer = PairTokenScorer()  # the frozen models are no longer needed
+            pairs.scorer = PairTokenScorer(
+                options=pairs.scorer.options
+            )  # the frozen models are no longer needed
         if run.start_step == 0:
             before = evaluate()
             result.update({f"{k}_before": v for k, v in before.items()})
@@ -217,7 +220,7 @@ class PairLoss:
         cfg, w = self.cfg, self.cfg.token_weights
         prompts, tensors = self.collate(rows)
         mask = tensors[3]
-        logprobs, _ = response_logprobs(self.policy.model, *tensors)
+        logprobs, _ = response_logprobs(self.policy.model, *tensors, self.scorer.options)
         values = self.token_values(split, row_ids, tensors, prompts)
         p = len(row_ids)
         c, r = slice(0, p), slice(p, 2 * p)
@@ -343,7 +346,7 @@ def _build_scorer(
 ) -> PairTokenScorer:
     w = cfg.token_weights
     reference = load_reference(cfg.model, tokenizer, policy, seed=cfg.seed) if needs_reference else None
-    scorer = PairTokenScorer(reference=reference)
+    scorer = PairTokenScorer(reference=reference, options=ForwardOptions.from_config(cfg.model))
     if w.method == "tgdpo":
         scorer.guide = load_frozen(policy, w.guide_model, tokenizer, cfg.model)
     if w.method == "cdpo":

@@ -44,6 +44,7 @@ from rlhf.losses.kl import get_kl_estimator
 from rlhf.losses.reduce import get_reduction
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference
+from rlhf.models.options import ForwardOptions
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_sum
@@ -99,16 +100,10 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     if cfg.reference.sync:
         reference_sync = ReferenceSync(engine, reference, cfg.reference.mixup_alpha, cfg.reference.sync_steps)
     sampling = SamplingParams.from_config(cfg.rollout)
-    warp = sampling.warp()
+    options = ForwardOptions.from_config(cfg.model, sampling.warp())  # every logprob pass's layout and warp
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     remembered: dict[str, float] = {}  # run-level values kept in checkpoints (GTPO's initial entropy)
-    entropy_coef = EntropyCoefficient(
-        cfg.loss.entropy_coef,
-        cfg.loss.entropy_target,
-        cfg.loss.entropy_coef_delta,
-        cfg.loss.entropy_coef_min,
-        cfg.loss.entropy_coef_max,
-    )
+    entropy_coef = EntropyCoefficient.from_config(cfg.loss)  # the entropy bonus, adaptive with a target
     state = run.attach(
         engine,
         tokenizer,
@@ -148,13 +143,17 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
 
             # 3 logprob passes (no grad): old policy when it will drift, reference when KL is on
             passes_started = time.perf_counter()
-            token_penalty = _logprob_passes(cfg, engine, reference, batch, plan, kl_estimator, metrics)
+            token_penalty = _logprob_passes(
+                cfg, engine, reference, batch, plan, kl_estimator, options, metrics
+            )
             metrics["time/logprob_passes"] = time.perf_counter() - passes_started
 
             # 4 advantages (advantage.estimator); rows without signal can leave the loss mask
             rollout_mask = batch.response_mask  # the sample log shows dropped groups' tokens too
             reward_weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)
-            _advantages(cfg, engine, batch, scores, valid, token_penalty, metrics, per_reward, reward_weights)
+            _advantages(
+                cfg, engine, batch, scores, valid, token_penalty, options, metrics, per_reward, reward_weights
+            )
 
             # 5 update: minibatches x epochs optimizer steps, micro-batches accumulate
             update_started = time.perf_counter()
@@ -162,9 +161,9 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
                 cfg,
                 engine,
                 reduction,
-                warp,
+                options,
                 kl_estimator=kl_estimator if cfg.loss.kl_placement == "loss" else None,
-                loss_args=_policy_loss_args(cfg, engine, batch, plan, warp, remembered, metrics),
+                loss_args=_policy_loss_args(cfg, engine, batch, plan, options, remembered, metrics),
                 entropy_coef=entropy_coef,
             )
             metrics.update(run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction))
@@ -180,7 +179,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
                 run.log(metrics, step)
                 sampled = dataclasses.replace(batch, response_mask=rollout_mask)
-                _log_sample(run.loggers, cfg, sampled, tokenizer, step, raw_scores, engine, warp)
+                _log_sample(run.loggers, cfg, sampled, tokenizer, step, raw_scores, engine, options)
         run.finish()
         result.update(heldout.after(run, metrics))
     if env.is_main:
@@ -274,11 +273,10 @@ def _groups_with_signal(parts, groups: int, g: int, pad_token_id: int):
 
 
 @torch.no_grad()
-def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimator, metrics: dict):
+def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimator, options, metrics: dict):
     """Old logprobs when the rollout is trained on more than once (then a vLLM engine's mismatch is
     measured and corrected here; with one update, in the update itself), reference logprobs when KL
     is on; with the KL in the reward, returns each token's penalty kl_coef * KL_t [B, T] (else None)."""
-    warp = SamplingParams.from_config(cfg.rollout).warp()
     micro = rollout_micro_batches(
         engine,
         batch,
@@ -287,16 +285,16 @@ def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimato
         cfg.train.max_tokens_per_micro_batch,
     )
     if cfg.train.num_minibatches * cfg.train.epochs > 1:
-        batch.old_logprobs = _batched_logprobs(engine.model, batch, micro, warp)
+        batch.old_logprobs = _batched_logprobs(engine.model, batch, micro, options)
         apply_rollout_correction(cfg.rollout.vllm, batch, metrics)
     if reference is None:
         return None
-    batch.ref_logprobs = _batched_logprobs(reference, batch, micro, warp)
+    batch.ref_logprobs = _batched_logprobs(reference, batch, micro, options)
     if cfg.loss.kl_placement != "reward":
         return None
     behaviour = batch.old_logprobs
     if behaviour is None:
-        behaviour = _batched_logprobs(engine.model, batch, micro, warp)
+        behaviour = _batched_logprobs(engine.model, batch, micro, options)
     penalty, kl_metrics = kl_token_penalty(
         behaviour,
         batch.ref_logprobs,
@@ -316,6 +314,7 @@ def _advantages(
     scores,
     valid,
     token_penalty,
+    options,
     metrics: dict,
     per_reward=None,
     reward_weights=None,
@@ -358,7 +357,7 @@ def _advantages(
                 batch.advantages,
                 group_size=g,
                 beta=cfg.advantage.nthr_beta,
-                warp=SamplingParams.from_config(cfg.rollout).warp(),
+                options=options,
             )
         advantages = batch.advantages
         batch.advantages = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages) * scale
@@ -374,7 +373,7 @@ def _advantages(
     batch.response_mask = batch.response_mask & keep.unsqueeze(-1)
 
 
-def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, engine, warp: dict) -> None:
+def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, engine, options) -> None:
     """A sample of the rollout for rollouts.jsonl and wandb, with per-token logprobs: those of the
     rollout when they were computed, else a pass over the sampled rows on every rank (ZeRO-3 gathers
     need all of them)."""
@@ -384,7 +383,7 @@ def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, e
     if logprobs is None:
         rows = sample_rows(batch.batch_size, cfg.logger.rollout_samples, step)
         with torch.no_grad():
-            sampled = _batched_logprobs(engine.model, batch.select(rows), [torch.arange(len(rows))], warp)
+            sampled = _batched_logprobs(engine.model, batch.select(rows), [torch.arange(len(rows))], options)
         logprobs = torch.zeros_like(batch.response_mask, dtype=sampled.dtype)
         logprobs[torch.as_tensor(rows, device=logprobs.device)] = sampled
     kl = None if batch.ref_logprobs is None else logprobs - batch.ref_logprobs
@@ -404,19 +403,19 @@ def _log_sample(loggers, cfg: GRPOConfig, batch, tokenizer, step: int, scores, e
     log_rollout_sample(loggers, cfg.logger, batch, tokenizer, step, scores, per_token)
 
 
-def _batched_logprobs(model, batch, micro_batches: list[torch.Tensor], warp: dict) -> torch.Tensor:
+def _batched_logprobs(model, batch, micro_batches: list[torch.Tensor], options) -> torch.Tensor:
     """No-grad per-token logprobs of the whole rollout, micro-batch by micro-batch (in row order)."""
-    return torch.cat([_logprobs(model, batch.select(rows), **warp)[0] for rows in micro_batches])
+    return torch.cat([_logprobs(model, batch.select(rows), options)[0] for rows in micro_batches])
 
 
-def _logprobs(model, rows, **options):
+def _logprobs(model, rows, options, **entropy):
     """`response_logprobs` of a (selected) rollout's rows."""
     return response_logprobs(
-        model, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask, **options
+        model, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask, options, **entropy
     )
 
 
-def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remembered: dict, metrics: dict):
+def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, options, remembered: dict, metrics: dict):
     """The chosen objective's `loss.args`. GTPO with `advantage.gtpo.entropy_filter=initial` (the
     paper): the filter is off for the whole run when the starting policy's mean token entropy,
     measured once on the first rollout (all ranks) and remembered in checkpoints, is above the
@@ -435,7 +434,7 @@ def _policy_loss_args(cfg: GRPOConfig, engine, batch, plan, warp: dict, remember
                 cfg.train.max_tokens_per_micro_batch,
             ):
                 mb = batch.select(rows)
-                _, entropy = _logprobs(engine.model, mb, with_entropy=True, **warp)
+                _, entropy = _logprobs(engine.model, mb, options, with_entropy=True)
                 total += torch.stack(
                     [(entropy * mb.response_mask).sum().double(), mb.response_mask.sum().double()]
                 )

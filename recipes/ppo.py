@@ -44,6 +44,7 @@ from rlhf.models.load import (
     load_reference,
     load_scorer,
 )
+from rlhf.models.options import ForwardOptions
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
@@ -80,6 +81,7 @@ class PPOModels:
     curiosity: Curiosity | None
     segmenter: Any
     split: Any  # batch -> its rows in micro-batches (`_splitter`)
+    options: ForwardOptions  # every pass's layout (model.*) and the sampling warp (rollout.*)
 
 
 def train(cfg: PPOConfig) -> dict[str, float | str]:
@@ -170,7 +172,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 cfg,
                 policy,
                 reduction,
-                SamplingParams.from_config(cfg.rollout).warp(),
+                models.options,
                 ratio_logprobs=_macro_ratio
                 if cfg.advantage.macro.ratio == "macro" and models.segmenter
                 else None,
@@ -233,14 +235,13 @@ def _build_models(cfg: PPOConfig, policy, tokenizer, plan, optimizer_steps: int)
                 f"reward_model.name_or_path={cfg.reward_model.name_or_path!r} has a vocabulary of {reward_model.config.vocab_size}; the policy tokenizer has {len(tokenizer)} tokens: they must share a tokenizer"
             )
     split = _splitter(cfg, policy, plan.micro_batch_size)
-    dense_sources = _dense_sources(
-        cfg, policy, tokenizer, split, SamplingParams.from_config(cfg.rollout).warp()
-    )
+    options = ForwardOptions.from_config(cfg.model, SamplingParams.from_config(cfg.rollout).warp())
+    dense_sources = _dense_sources(cfg, policy, tokenizer, split, options)
     curiosity = _curiosity(cfg, policy, reference)
     if curiosity:
         dense_sources.append(curiosity)
     segmenter = make_segmenter(cfg.advantage.macro, tokenizer, seed=cfg.seed)
-    return PPOModels(critic, reference, reward_model, dense_sources, curiosity, segmenter, split)
+    return PPOModels(critic, reference, reward_model, dense_sources, curiosity, segmenter, split, options)
 
 
 def _score(
@@ -262,7 +263,9 @@ def _score(
             metrics["accuracy"] = float((per_reward[cfg.reward.accuracy_reward] >= 1.0).float().mean())
     if reward_model is not None:
         with torch.no_grad():
-            rm_scores = _batched(lambda *rows: sequence_scores(reward_model, *rows), batch, models.split)
+            rm_scores = _batched(
+                lambda *rows: sequence_scores(reward_model, *rows, models.options), batch, models.split
+            )
         scores += cfg.reward_model.weight * rm_scores
         metrics["reward/model_mean"] = float(rm_scores.mean())
     metrics["reward/mean"] = float(scores[valid].mean()) if valid.any() else 0.0
@@ -274,14 +277,14 @@ def _score(
 def _passes(cfg: PPOConfig, policy, models: PPOModels, batch, metrics: dict):
     """Old and reference logprobs into the batch (with the curiosity states when on); returns the
     critic's values and the dense token rewards by source name."""
-    warp = SamplingParams.from_config(cfg.rollout).warp()
+    options = models.options
     batch.old_logprobs = _batched(
-        lambda *rows: response_logprobs(policy.model, *rows, **warp)[0], batch, models.split
+        lambda *rows: response_logprobs(policy.model, *rows, options)[0], batch, models.split
     )
     apply_rollout_correction(cfg.rollout.vllm, batch, metrics)  # with the engine's own logprobs
     if models.curiosity:  # the reference pass also yields the curiosity module's states
         parts = [
-            response_logprobs_and_states(models.reference, *_tensors(batch, rows), **warp)
+            response_logprobs_and_states(models.reference, *_tensors(batch, rows), options)
             for rows in models.split(batch)
         ]
         batch.ref_logprobs, batch.ref_states, batch.ref_next_states = (
@@ -289,9 +292,11 @@ def _passes(cfg: PPOConfig, policy, models: PPOModels, batch, metrics: dict):
         )
     else:
         batch.ref_logprobs = _batched(
-            lambda *rows: response_logprobs(models.reference, *rows, **warp)[0], batch, models.split
+            lambda *rows: response_logprobs(models.reference, *rows, options)[0], batch, models.split
         )
-    old_values = _batched(lambda *rows: token_values(models.critic.model, *rows), batch, models.split)
+    old_values = _batched(
+        lambda *rows: token_values(models.critic.model, *rows, options), batch, models.split
+    )
     dense = {}
     for source in models.dense_sources:  # RTO's DPO token reward, CD-RLHF's curiosity
         dense[source.name], source_metrics = source(batch)
@@ -376,7 +381,7 @@ def _curiosity(cfg: PPOConfig, policy, reference) -> Curiosity | None:
     )
 
 
-def _dense_sources(cfg: PPOConfig, policy, tokenizer, split, warp: dict) -> list:
+def _dense_sources(cfg: PPOConfig, policy, tokenizer, split, options: ForwardOptions) -> list:
     """Dense token-reward sources for the shaping step: RTO's DPO token reward when configured."""
     if not cfg.rto.dpo_model:
         return []
@@ -388,7 +393,7 @@ def _dense_sources(cfg: PPOConfig, policy, tokenizer, split, warp: dict) -> list
     def frozen_logprobs(path: str):
         model_cfg = cfg.model.pretrained_like(path)
         model = policy.prepare_frozen(lambda: load_causal_lm(model_cfg, tokenizer))
-        return lambda batch: _batched(lambda *rows: response_logprobs(model, *rows, **warp)[0], batch, split)
+        return lambda batch: _batched(lambda *rows: response_logprobs(model, *rows, options)[0], batch, split)
 
     reference = frozen_logprobs(cfg.rto.dpo_reference_model) if cfg.rto.reference == "dpo_reference" else None
     return [DPOTokenReward(frozen_logprobs(cfg.rto.dpo_model), reference, cfg.rto.scale, cfg.rto.clip)]

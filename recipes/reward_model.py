@@ -30,6 +30,7 @@ from rlhf.losses.preference import bradley_terry_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import sequence_scores
 from rlhf.models.load import load_scorer, load_tokenizer, model_context
+from rlhf.models.options import ForwardOptions
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import drop_launcher_arguments, pair_tokens, rank_slice
@@ -67,7 +68,7 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
 
     def pair_scores(rows) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = collate_pairs(rows, tokenizer.pad_token_id, engine.device)
-        scores = sequence_scores(engine.model, *tensors)
+        scores = sequence_scores(engine.model, *tensors, ForwardOptions.from_config(cfg.model))
         return scores[: len(rows)], scores[len(rows) :]
 
     @torch.no_grad()

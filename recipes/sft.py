@@ -37,6 +37,7 @@ from rlhf.losses.sft import nll_loss
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer, model_context
+from rlhf.models.options import ForwardOptions
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import TransformersEngine
 from rlhf.run import Run, recipe_config
@@ -107,7 +108,12 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
                 engine, torch.arange(len(rows)), plan.micro_batch_size, budget, tokens
             ):
                 logprobs, _ = response_logprobs(
-                    engine.model, prompt_ids[micro], prompt_mask[micro], target_ids[micro], target_mask[micro]
+                    engine.model,
+                    prompt_ids[micro],
+                    prompt_mask[micro],
+                    target_ids[micro],
+                    target_mask[micro],
+                    ForwardOptions.from_config(cfg.model),
                 )
                 out = nll_loss(logprobs, target_mask[micro], reduction=reduction, normalizer=normalizer)
                 engine.backward(out.loss)
@@ -177,7 +183,10 @@ def _eval_loss(engine, rows, collate, cfg: SFTConfig) -> float:
         start = engine.rank * shard + offset
         ids = list(range(start, min(start + cfg.eval.batch_size, (engine.rank + 1) * shard, len(rows))))
         prompt_ids, prompt_mask, target_ids, target_mask = collate(rows.select(ids or [0]))
-        logprobs, _ = response_logprobs(engine.model, prompt_ids, prompt_mask, target_ids, target_mask)
+        options = ForwardOptions.from_config(cfg.model)
+        logprobs, _ = response_logprobs(
+            engine.model, prompt_ids, prompt_mask, target_ids, target_mask, options
+        )
         if ids:
             total += torch.stack([-(logprobs * target_mask).sum(), target_mask.sum().float()])
     total = engine.all_reduce_sum(total)

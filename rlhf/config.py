@@ -103,7 +103,9 @@ class ModelConfig:
     # response tokens at a time, each chunk recomputed in the backward, so [rows, tokens, vocab]
     # logits never exist at once (at 152k vocabulary, 2.5 GB per 4k-token row in fp32). Same
     # values and gradients; the head runs twice per chunk with gradient. 0: the plain computation.
-    logprob_chunk_tokens: int = 0
+    # null (default): chosen per pass from its size (rlhf/models/options.py): whole while its fp32
+    # logits fit in 512 MB, else chunks of at most 256 MB of logits.
+    logprob_chunk_tokens: int | None = None
     # Padding-free passes (logprobs, reward-model scores, critic values): a micro-batch's rows go
     # through the model packed, their valid tokens only (positions restarting per row,
     # block-diagonal causal attention built by transformers from the positions), so pads cost nothing. Same values; Llama, Qwen2, Qwen3,

@@ -32,6 +32,7 @@ from rlhf.data.chat import encode_prompt
 from rlhf.loggers import read_metrics, read_rollouts
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_tokenizer
+from rlhf.models.options import ForwardOptions
 from rlhf.rollout.engine import generate_rollouts
 from rlhf.rollout.hf import TransformersEngine
 from rlhf.rollout.sampling import SamplingParams, pad_prompts
@@ -232,7 +233,7 @@ class Run:
         columns = {}
         for name, model in (("policy_logprob", self.policy), ("reference_logprob", self.reference)):
             logprobs, _ = response_logprobs(
-                model, prompt_ids, prompt_mask, ids, mask, temperature=temperature
+                model, prompt_ids, prompt_mask, ids, mask, ForwardOptions(warp={"temperature": temperature})
             )
             columns[name] = logprobs[0].tolist()
         frame = pd.DataFrame({"token": [tokenizer.decode([i]) for i in ids[0].tolist()], **columns})

@@ -272,6 +272,17 @@ class EntropyCoefficient:
         )
         self.last_entropy = math.inf
 
+    @classmethod
+    def from_config(cls, loss: Any) -> EntropyCoefficient:
+        """From a loss config's entropy_coef, entropy_target, entropy_coef_delta / _min / _max."""
+        return cls(
+            loss.entropy_coef,
+            loss.entropy_target,
+            loss.entropy_coef_delta,
+            loss.entropy_coef_min,
+            loss.entropy_coef_max,
+        )
+
     @property
     def applied(self) -> float:
         if self.target is None:

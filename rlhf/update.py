@@ -32,6 +32,7 @@ from rlhf.losses.reduce import Reduction
 from rlhf.losses.rollout_correction import rollout_importance_weights, rollout_mismatch_metrics
 from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
+from rlhf.models.options import ForwardOptions
 from rlhf.ops import masked_mean, masked_sum
 from rlhf.shaping import EntropyCoefficient
 from rlhf.types import RolloutBatch
@@ -212,7 +213,8 @@ def behaviour_logprobs(
 @dataclass
 class PolicyGradientObjective:
     """The policy side of GRPO and PPO from a recipe config (`loss.*`, `rollout.*`): per
-    micro-batch, the current logprobs (with entropy) under the sampling `warp`, and the registered
+    micro-batch, the current logprobs (with entropy) under the forward `options` (layout and
+    sampling warp), and the registered
     policy loss with KL, token masks and weights; the entropy bonus (GRPO's adaptive coefficient, a
     share of the step's mean token entropy) or PPO's entropy term. `ratio_logprobs` (PPO's macro
     ratio) maps (logprobs, micro-batch rows) to the logprobs the ratio is taken of."""
@@ -220,7 +222,7 @@ class PolicyGradientObjective:
     cfg: Any
     engine: Any
     reduction: Reduction
-    warp: dict[str, float]
+    options: ForwardOptions
     kl_estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     loss_args: dict[str, float] | None = None
     entropy_coef: EntropyCoefficient | None = None
@@ -275,9 +277,9 @@ class PolicyGradientObjective:
             mb.prompt_mask,
             mb.response_ids,
             mb.response_mask,
+            self.options,
             with_entropy=True,
             entropy_grad=entropy_grad,
-            **self.warp,
         )
         tokens = float(mb.response_mask.sum())
         old, rollout_weights = behaviour_logprobs(self.cfg.rollout.vllm, mb, logprobs, accumulator)
@@ -375,7 +377,14 @@ class ActorCriticObjective(PolicyGradientObjective):
                 entropy, mb.response_mask, normalizer=step.normalizer
             )
         value_out = clipped_value_loss(
-            token_values(self.critic.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask),
+            token_values(
+                self.critic.model,
+                mb.prompt_ids,
+                mb.prompt_mask,
+                mb.response_ids,
+                mb.response_mask,
+                self.options,
+            ),
             mb.old_values,
             mb.returns,
             mb.response_mask,

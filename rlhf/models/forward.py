@@ -1,4 +1,4 @@
-"""Per-token log-probabilities of responses under a causal LM.
+"""Per-token log-probabilities, values and scores of responses: every forward pass of training.
 
 Input rows are [left-padded prompt; right-padded response]. Position ids count only real tokens
 (as `generate` does for left padding), and the LM head runs only on the positions that predict
@@ -6,15 +6,12 @@ response tokens. Logits are warped exactly as in sampling (repetition penalty, t
 top-p, min-p) before the log-softmax, so log pi(a_t) is the probability of the distribution the
 token was drawn from.
 
-A model loaded with `model.shared_prefix=true` packs rows that repeat a prompt into one sequence
-per prompt (rlhf.models.shared_prefix); every function here returns the same values either way.
-A model loaded with `model.padding_free=true` (policy, reference, reward model, critic) runs rows
-without pads (`PackedRows`), where no prompt repeats; again the same values.
-
-A model loaded with `model.logprob_chunk_tokens=n` gets its logprobs (and entropy) n response tokens
-at a time: the forward stops at the LM head's input, and each chunk's head, warp, log-softmax and
-gather run under activation checkpointing, so only one chunk's [rows, n, vocab] logits exist at a
-time, in the forward and in the backward.
+Every pass takes a `ForwardOptions` (rlhf/models/options.py) that says how its rows go through
+the model: packed per shared prompt (Prefix Grouper, rlhf.models.shared_prefix), packed without
+pads (`PackedRows`), or padded; and for logprobs whether the LM head, warp and log-softmax run a
+chunk of response tokens at a time (each chunk under activation checkpointing, so only one
+chunk's [rows, n, vocab] logits exist at a time, in the forward and in the backward). Every
+layout returns the same values. Nothing about the layout is read from the model.
 """
 
 from __future__ import annotations
@@ -27,7 +24,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from rlhf.models.shared_prefix import SharedPrefixLayout, build_layout, uses_shared_prefix
+from rlhf.models.options import DEFAULT, ForwardOptions
+from rlhf.models.shared_prefix import SUPPORTED_FAMILIES, SharedPrefixLayout, build_layout, model_config
 from rlhf.ops import entropy_from_logits, logprobs_from_logits, penalty_context, penalty_mask, warp_logits
 
 
@@ -37,27 +35,26 @@ def response_logprobs(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    options: ForwardOptions = DEFAULT,
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(response_t | prompt, response_<t) [B, T] in float32, and optionally the entropy [B, T].
+    """log pi(response_t | prompt, response_<t) [B, T] in float32 under `options.warp`, and
+    optionally the entropy [B, T] (with gradient only with `entropy_grad`).
 
     Values at masked response positions are finite but meaningless; mask them downstream.
     """
-    warp = dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
+    warp = options.warp
+    first_seen = penalty_context(
+        prompt_ids, prompt_mask, response_ids, response_mask, warp.get("repetition_penalty", 1.0)
     )
-    first_seen = penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty)
-    chunk = getattr(_head_owner(model), "logprob_chunk_tokens", 0)
+    chunk = _chunk(model, options, response_ids)
     if chunk:
         with _head_as_identity(model):  # the "logits" are the head's inputs
-            hidden = _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
+            hidden = _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, options)[
+                0
+            ]
         return chunked_logprobs(
             output_head(model),
             hidden,
@@ -69,7 +66,7 @@ def response_logprobs(
             entropy_grad=entropy_grad,
             first_seen=first_seen,
         )
-    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, options)
     logits = warp_logits(logits, **warp, seen=penalty_mask(first_seen, logits))
     # Tokens outside the kept support (possible only at masked positions) would give -inf.
     safe_ids = torch.where(response_mask, response_ids, logits.argmax(-1))
@@ -87,10 +84,11 @@ def response_logits(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    options: ForwardOptions = DEFAULT,
 ) -> torch.Tensor:
     """[B, T, V] raw next-token logits at the positions that predict each response token (for
     scores that combine two models' distributions, such as cDPO's contrastive estimation)."""
-    return _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
+    return _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, options)[0]
 
 
 def response_logprobs_and_states(
@@ -99,24 +97,19 @@ def response_logprobs_and_states(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
+    options: ForwardOptions = DEFAULT,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log pi(response_t) [B, T], states [B, T, h], next states [B, T, h]) from one forward: the
     last hidden state (the LM head's input) where token t is predicted, and where it is read.
-    With `model.logprob_chunk_tokens` the logprobs come from those states a chunk at a time."""
-    warp = dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
+    With a logprob chunk the logprobs come from those states a chunk at a time."""
+    warp = options.warp
+    first_seen = penalty_context(
+        prompt_ids, prompt_mask, response_ids, response_mask, warp.get("repetition_penalty", 1.0)
     )
-    first_seen = penalty_context(prompt_ids, prompt_mask, response_ids, response_mask, repetition_penalty)
-    chunk = getattr(_head_owner(model), "logprob_chunk_tokens", 0)
+    chunk = _chunk(model, options, response_ids)
     with _head_as_identity(model) if chunk else contextlib.nullcontext():
         logits, (states, next_states) = _response_forward(
-            model, prompt_ids, prompt_mask, response_ids, response_mask, with_states=True
+            model, prompt_ids, prompt_mask, response_ids, response_mask, options, with_states=True
         )
     if chunk:  # the "logits" are the head's inputs
         logprobs, _ = chunked_logprobs(
@@ -128,9 +121,23 @@ def response_logprobs_and_states(
     return logprobs_from_logits(logits, safe_ids), states, next_states
 
 
-def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, with_states: bool = False):
+def _chunk(model: torch.nn.Module, options: ForwardOptions, response_ids: torch.Tensor) -> int:
+    owner = _head_owner(model)
+    vocab = owner.get_output_embeddings().weight.shape[0]
+    return options.chunk_tokens(response_ids.shape[0], response_ids.shape[1], vocab, owner.config)
+
+
+def _response_forward(
+    model,
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    response_mask,
+    options: ForwardOptions,
+    with_states: bool = False,
+):
     """Logits predicting each response token, and with `with_states` the hidden states around it."""
-    layout = _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    layout = _shared_layout(options, prompt_ids, prompt_mask, response_ids, response_mask)
     with _head_inputs(model, with_states) as hidden:
         if layout is not None:
             # only columns from the earliest prefix end on can predict a response token
@@ -139,7 +146,7 @@ def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mas
             rows = layout.group_of_row[:, None]
             predict, token = layout.predict_index - first_kept, layout.token_index - first_kept
             logits = logits[rows, predict]
-        elif _padding_free(model) and not with_states:
+        elif options.padding_free and not with_states:
             logits = _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
         else:
             input_ids, attention_mask, position_ids = _joined(
@@ -205,11 +212,12 @@ def response_head_inputs(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    options: ForwardOptions = DEFAULT,
 ) -> torch.Tensor:
     """[B, T, h] the LM head's inputs at the positions that predict each response token (the
     model's forward with the head passed through, so no [B, T, V] logits are made)."""
     with _head_as_identity(model):
-        return _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
+        return _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, options)[0]
 
 
 def chunked_token_loss(
@@ -309,22 +317,30 @@ def _head_inputs(model: torch.nn.Module, active: bool) -> Iterator[list[torch.Te
         handle.remove()
 
 
-def _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask) -> SharedPrefixLayout | None:
-    """The packed layout when `model` runs shared-prefix attention and some prompt repeats."""
-    if not uses_shared_prefix(model):
+def _shared_layout(
+    options: ForwardOptions, prompt_ids, prompt_mask, response_ids, response_mask
+) -> SharedPrefixLayout | None:
+    """The packed layout when the options ask for it and some prompt repeats."""
+    if not options.shared_prefix:
         return None
     layout = build_layout(prompt_ids, prompt_mask, response_ids, response_mask)
     return layout if layout.num_groups < response_ids.shape[0] else None
 
 
 def _packed_forward(model, layout: SharedPrefixLayout, **kwargs):
-    return model(
+    outputs = model(
         input_ids=layout.input_ids,
         position_ids=layout.position_ids,
         use_cache=False,
         shared_prefix_layout=layout,
         **kwargs,
     )
+    if not layout.attended:  # another attention ignored the layout: rows attended to each other
+        raise ValueError(
+            "the forward options ask for the shared-prefix layout, but this model's attention does not "
+            "take it: load the model with model.shared_prefix=true"
+        )
+    return outputs
 
 
 @dataclass
@@ -350,13 +366,25 @@ class PackedRows:
         return columns.clamp(max=self.capacity - 1)
 
     def forward(self, model, **kwargs):
-        return model(
+        return _packable(model)(
             input_ids=self.input_ids,
             position_ids=self.position_ids,
             attention_mask=None,
             use_cache=False,
             **kwargs,
         )
+
+
+def _packable(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`, after refusing a family whose attention does not build the block-diagonal mask
+    from restarting positions (packed rows would attend to each other)."""
+    family = getattr(model_config(model), "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"the forward options ask for padding-free rows, which the {family!r} family does not support "
+            f"(tested: {', '.join(SUPPORTED_FAMILIES)}); set model.padding_free=false"
+        )
+    return model
 
 
 def pack_rows(prompt_ids, prompt_mask, response_ids, response_mask) -> PackedRows:
@@ -391,10 +419,6 @@ def pack_rows(prompt_ids, prompt_mask, response_ids, response_mask) -> PackedRow
     return PackedRows(packed_ids, positions, bin_of_row, start_of_row, prompt_mask.sum(-1), capacity)
 
 
-def _padding_free(model) -> bool:
-    return getattr(_head_owner(model), "padding_free", False)
-
-
 def _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
     """`_response_forward`'s logits [B, T, V] without computing pads (`PackedRows`); the head runs
     only where a response token is predicted."""
@@ -418,6 +442,7 @@ def sequence_scores(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    options: ForwardOptions = DEFAULT,
 ) -> torch.Tensor:
     """[B] scalar score of a sequence-classification model (reward model) for prompt + response.
 
@@ -426,12 +451,12 @@ def sequence_scores(
     that is not the pad id, which misreads a response that ends in EOS when EOS is the pad token,
     or one that sampled the pad id.
     """
-    layout = _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    layout = _shared_layout(options, prompt_ids, prompt_mask, response_ids, response_mask)
     with _head_outputs(model) as per_column:
         if layout is not None:
             _packed_forward(model, layout)
             rows, columns = layout.group_of_row, layout.last_index
-        elif _padding_free(model):
+        elif options.padding_free:
             packed = pack_rows(prompt_ids, prompt_mask, response_ids, response_mask)
             packed.forward(model)
             rows = packed.bin_of_row
@@ -454,14 +479,15 @@ def token_values(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    options: ForwardOptions = DEFAULT,
 ) -> torch.Tensor:
     """[B, T] value V(s_t) of a token-classification model (critic) for each response token:
     read at the position whose hidden state predicts that token, as the logprobs are."""
-    layout = _shared_layout(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    layout = _shared_layout(options, prompt_ids, prompt_mask, response_ids, response_mask)
     if layout is not None:
         logits = _packed_forward(model, layout).logits
         return logits[layout.group_of_row[:, None], layout.predict_index, 0].float()
-    if _padding_free(model):
+    if options.padding_free:
         packed = pack_rows(prompt_ids, prompt_mask, response_ids, response_mask)
         logits = packed.forward(model).logits
         return logits[packed.bin_of_row[:, None], packed.response_columns(response_ids.shape[1]), 0].float()

@@ -25,6 +25,7 @@ from transformers import (
 from rlhf.checkpoint import CHECKPOINT_DIR, export_dir, list_checkpoints
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.models.lora import AdapterDisabledView, apply_lora
+from rlhf.models.options import CHUNKABLE_FAMILIES, chunkable
 from rlhf.models.shared_prefix import SUPPORTED_FAMILIES, check_family, shared_prefix_attention
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
@@ -90,7 +91,6 @@ def _from_pretrained(loader, field: str, path: str, **kwargs):
 
 
 # Families whose forward returns lm_head(hidden) unchanged (no logit scaling or soft-capping).
-CHUNKABLE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
 
 
 def model_shape(cfg: ModelConfig) -> Any:
@@ -186,27 +186,23 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
 def _checked_family(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     """With `model.shared_prefix`, only families the equivalence tests cover (a clear error, not
     silently wrong numbers); with `model.logprob_chunk_tokens`, only heads that are a plain linear
-    map (the chunked pass applies the head itself), and the chunk size noted on the model."""
+    map (the chunked pass applies the head itself); with `model.padding_free`, only families whose
+    attention builds the packed mask from positions. The layout itself travels in ForwardOptions."""
     if cfg.shared_prefix:
         try:
             check_family(model)
         except ValueError as error:
             raise ConfigError(str(error)) from error
-    if cfg.logprob_chunk_tokens:
-        family = getattr(model.config, "model_type", None)
-        if family not in CHUNKABLE_FAMILIES or getattr(model.config, "final_logit_softcapping", None):
-            raise ConfigError(
-                f"model.logprob_chunk_tokens: the {family!r} family is not supported (tested: "
-                f"{', '.join(CHUNKABLE_FAMILIES)}, whose logits are the LM head's output as it is)"
-            )
-        model.logprob_chunk_tokens = cfg.logprob_chunk_tokens
-    if cfg.padding_free:
-        family = getattr(model.config, "model_type", None)
-        if family not in SUPPORTED_FAMILIES:
-            raise ConfigError(
-                f"model.padding_free: the {family!r} family is not supported (tested: {', '.join(SUPPORTED_FAMILIES)})"
-            )
-        model.padding_free = True
+    family = getattr(model.config, "model_type", None)
+    if cfg.logprob_chunk_tokens and not chunkable(model.config):
+        raise ConfigError(
+            f"model.logprob_chunk_tokens: the {family!r} family is not supported (tested: "
+            f"{', '.join(CHUNKABLE_FAMILIES)}, whose logits are the LM head's output as it is)"
+        )
+    if cfg.padding_free and family not in SUPPORTED_FAMILIES:
+        raise ConfigError(
+            f"model.padding_free: the {family!r} family is not supported (tested: {', '.join(SUPPORTED_FAMILIES)})"
+        )
     return model
 
 
@@ -259,7 +255,6 @@ def load_scorer(
         # construction context `from_config` builds a partitioned backbone that cannot be copied into;
         # the tiny model is whole and deepspeed.initialize partitions it like the policy.
         setattr(model, model.base_model_prefix, lm.base_model)
-        model.padding_free = cfg.padding_free  # the backbone is the checked causal LM's
         return _checkpointed(_without_dropout(model).to(_dtype(cfg)), cfg)
     model = _from_pretrained(
         auto,

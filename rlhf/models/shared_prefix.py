@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers.modeling_flash_attention_utils as flash_utils
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.flash_attention import get_target_dtype
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -71,6 +71,9 @@ class SharedPrefixLayout:
     predict_index: torch.Tensor  # [N, T] packed column whose output predicts response token t
     token_index: torch.Tensor  # [N, T] packed column of response token t itself (clamped past the end)
     last_index: torch.Tensor  # [N] packed column of each row's last valid token
+    # set by the shared-prefix attention when it takes the layout: a forward whose attention left it
+    # unset attended across rows (the model was not loaded with model.shared_prefix=true)
+    attended: bool = False
 
     @property
     def num_groups(self) -> int:
@@ -411,6 +414,7 @@ def _make_attention(base: str) -> AttentionFn:
         attend = _base_attention(base, module)
         if layout is None:
             return attend(module, query, key, value, attention_mask, **kwargs)
+        layout.attended = True
         # Mistral and Phi3 pass the window as an argument; Qwen2/3 also set it on their sliding layers
         window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
         if kwargs.get("softcap") is not None:
@@ -460,7 +464,7 @@ def model_config(model: torch.nn.Module):
     seen = 0
     while model is not None and seen < 8:
         config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
+        if isinstance(config, PretrainedConfig):
             return config
         model = getattr(model, "module", None) or getattr(model, "peft_model", None)
         seen += 1
@@ -476,8 +480,3 @@ def check_family(model: torch.nn.Module) -> None:
             f"model.shared_prefix supports the model families {list(SUPPORTED_FAMILIES)} (tested equal to the "
             f"repeated layout), not {family!r}; set model.shared_prefix=false for this model"
         )
-
-
-def uses_shared_prefix(model: torch.nn.Module) -> bool:
-    config = model_config(model)
-    return config is not None and str(config._attn_implementation).startswith(PREFIX)

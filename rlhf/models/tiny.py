@@ -85,6 +85,7 @@ def build_tiny_causal_lm(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        attn_implementation=attn_implementation,
     )
     if spec.arch == "llama":
         config, model_class = LlamaConfig(**common), LlamaForCausalLM
@@ -92,7 +93,6 @@ def build_tiny_causal_lm(
         config, model_class = Qwen2Config(**common), Qwen2ForCausalLM
     else:
         raise ValueError(f"model.tiny.arch={spec.arch!r} is not one of ['llama', 'qwen2']")
-    config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)

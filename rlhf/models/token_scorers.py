@@ -15,7 +15,7 @@ hidden states and sampling distribution.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from rlhf.models.forward import (
     response_logits,
     response_logprobs,
 )
+from rlhf.models.options import ForwardOptions
 from rlhf.ops import penalty_context, penalty_mask, warp_logits
 
 PromptRewriter = Callable[[list[Any], str], tuple[torch.Tensor, torch.Tensor]]
@@ -47,6 +48,7 @@ class PairTokenScorer:
     worse_template: str = "{prompt}"
     # (raw prompts, template) -> left-padded (ids, mask) of each prompt rewritten by the template
     rewrite_prompts: PromptRewriter | None = None
+    options: ForwardOptions = field(default_factory=ForwardOptions)  # the frozen models' layout
 
     @property
     def columns(self) -> list[str]:
@@ -62,14 +64,16 @@ class PairTokenScorer:
         return names
 
     def _contrast_scores(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """cDPO's scores [B, T]; with `model.logprob_chunk_tokens`, both models' heads a chunk of
-        tokens at a time (no [B, T, V] logits)."""
+        """cDPO's scores [B, T]; with a logprob chunk (the forward options'), both models' heads a
+        chunk of tokens at a time (no [B, T, V] logits)."""
         models, ids = (self.positive, self.negative), tensors[2]
-        chunk = getattr(_head_owner(self.positive), "logprob_chunk_tokens", 0)
+        owner = _head_owner(self.positive)
+        vocab = owner.get_output_embeddings().weight.shape[0]
+        chunk = self.options.chunk_tokens(ids.shape[0], ids.shape[1], vocab, owner.config)
         if not chunk:
-            logits = [response_logits(m, *tensors) for m in models]
+            logits = [response_logits(m, *tensors, self.options) for m in models]
             return contrastive_token_scores(*logits, ids, beta=self.contrast_beta)
-        hidden = [response_head_inputs(m, *tensors) for m in models]
+        hidden = [response_head_inputs(m, *tensors, self.options) for m in models]
         scores, _ = chunked_token_loss(
             list(models),
             hidden,
@@ -95,17 +99,17 @@ class PairTokenScorer:
         tensors = (prompt_ids, prompt_mask, completion_ids, completion_mask)
         out: dict[str, torch.Tensor] = {}
         if self.reference is not None:
-            out["ref_logprobs"] = response_logprobs(self.reference, *tensors)[0]
+            out["ref_logprobs"] = response_logprobs(self.reference, *tensors, self.options)[0]
         if self.guide is not None:
-            out["guide_logprobs"] = response_logprobs(self.guide, *tensors)[0]
+            out["guide_logprobs"] = response_logprobs(self.guide, *tensors, self.options)[0]
         if self.positive is not None:
             out["contrast_scores"] = self._contrast_scores(tensors)
         if self.treg_model is not None:
             better = self.rewrite_prompts(prompts, self.better_template)
             worse = self.rewrite_prompts(prompts, self.worse_template)
             out["treg_rewards"] = contrastive_prompt_token_rewards(
-                response_logprobs(self.treg_model, *better, completion_ids, completion_mask)[0],
-                response_logprobs(self.treg_model, *worse, completion_ids, completion_mask)[0],
+                response_logprobs(self.treg_model, *better, completion_ids, completion_mask, self.options)[0],
+                response_logprobs(self.treg_model, *worse, completion_ids, completion_mask, self.options)[0],
             )
         return out
 
@@ -118,7 +122,7 @@ def nthr_token_scale(
     *,
     group_size: int,
     beta: float = 1.0,
-    warp: dict[str, float] | None = None,
+    options: ForwardOptions | None = None,
     chunk_tokens: int = 128,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """NTHR's per-token advantage multipliers [B, T] for a GRPO rollout (rlhf.advantages.nthr_*),
@@ -126,7 +130,8 @@ def nthr_token_scale(
     distribution over the group's vocabulary (the tokens its responses contain). Positive rows are
     those with a positive advantage (the correct ones under a 0/1 reward)."""
     scales, damped = [], 0.0
-    warp = warp or {}
+    options = options or ForwardOptions()
+    warp = options.warp
     mask_all = batch.response_mask
     for start in range(0, batch.batch_size, group_size):
         rows = torch.arange(start, start + group_size, device=mask_all.device)
@@ -136,7 +141,7 @@ def nthr_token_scale(
         if not ((group_advantages > 0).any() and (group_advantages < 0).any()):
             scales.append(torch.ones(mask.shape, dtype=torch.float32, device=mask.device))
             continue
-        hidden = response_head_inputs(model, prompt_ids, prompt_mask, response_ids, mask)
+        hidden = response_head_inputs(model, prompt_ids, prompt_mask, response_ids, mask, options)
         head = output_head(model)
         vocab = torch.unique(response_ids[mask])
         # the sampling distribution over the group's vocabulary, a chunk of tokens at a time (no

@@ -29,25 +29,35 @@ from transformers import (
 )
 
 from rlhf.intrinsic import TopKRecorder
-from rlhf.models.shared_prefix import uses_shared_prefix
+from rlhf.models.options import ForwardOptions
 from rlhf.ops import first_seen_positions, seen_in_context, warp_logits
 from rlhf.rollout.engine import FrozenPolicy
 from rlhf.rollout.sampling import Samples, SamplingParams, pad_prompts
 
 
 class TransformersEngine:
-    """Samples with the policy's own `generate` (`policy`: a TrainEngine or FrozenPolicy)."""
+    """Samples with the policy's own `generate` (`policy`: a TrainEngine or FrozenPolicy); with
+    the forward options' shared prefix, each prompt is prefilled once per group."""
 
-    def __init__(self, policy: Any, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self, policy: Any, tokenizer: PreTrainedTokenizerBase, options: ForwardOptions | None = None
+    ):
         self.policy, self.tokenizer = policy, tokenizer
+        self.options = options or ForwardOptions()
 
     @classmethod
     def from_config(cls, cfg: Any, policy: Any, tokenizer: PreTrainedTokenizerBase, rank: int):
-        return cls(policy, tokenizer)
+        return cls(policy, tokenizer, ForwardOptions.from_config(cfg.model))
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, **unused: Any):
-        return cls(FrozenPolicy(model), tokenizer)
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        options: ForwardOptions | None = None,
+        **unused: Any,
+    ):
+        return cls(FrozenPolicy(model), tokenizer, options)
 
     @contextlib.contextmanager
     def ready(self, weights_version: int) -> Iterator[dict[str, float]]:
@@ -95,6 +105,7 @@ class TransformersEngine:
                 prompt_mask,
                 group_size,
                 sampling.generation_config(tokenizer, do_sample),
+                shared_prefix=self.options.shared_prefix,
                 **extra,
             )
         finally:
@@ -124,16 +135,18 @@ def generate_groups(
     prompt_mask: torch.Tensor,
     group_size: int,
     generation_config: GenerationConfig,
+    shared_prefix: bool = False,
     **generate_kwargs,
 ):
     """`group_size` continuations of each (left-padded) prompt, rows of one prompt contiguous.
 
-    With a shared-prefix model (`model.shared_prefix`), each prompt but its last token is prefilled
-    once and its key/value cache repeated for the group, instead of prefilling G copies; generate
-    then feeds the last prompt token, so the first sampled token sees the same logits."""
+    With `shared_prefix` (the forward options' shared-prefix layout), each prompt but its last
+    token is prefilled once and its key/value cache repeated for the group, instead of prefilling G
+    copies; generate then feeds the last prompt token, so the first sampled token sees the same
+    logits. (A plain prefill: any model can take it.)"""
     repeated_ids = prompt_ids.repeat_interleave(group_size, dim=0)
     repeated_mask = prompt_mask.repeat_interleave(group_size, dim=0).long()
-    if group_size > 1 and prompt_ids.shape[1] > 1 and uses_shared_prefix(model):
+    if shared_prefix and group_size > 1 and prompt_ids.shape[1] > 1:
         head_mask = prompt_mask[:, :-1].long()
         prefill = model(
             input_ids=prompt_ids[:, :-1],

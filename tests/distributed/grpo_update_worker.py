@@ -15,6 +15,7 @@ from rlhf.config import DistributedConfig, GRPOConfig, OptimConfig, plan_grpo_ba
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.losses.kl import k3
 from rlhf.losses.reduce import get_reduction
+from rlhf.models.options import ForwardOptions
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 from rlhf.types import RolloutBatch
 from rlhf.update import PolicyGradientObjective, UpdatePlan, run_update
@@ -74,8 +75,8 @@ def main() -> None:
         .to(engine.device)
     )
     reduction = get_reduction(aggregation)
-    warp = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    objective = PolicyGradientObjective(cfg, engine, reduction, warp, kl_estimator=k3)
+    options = ForwardOptions(warp={"temperature": 1.0, "top_k": 0, "top_p": 1.0})
+    objective = PolicyGradientObjective(cfg, engine, reduction, options, kl_estimator=k3)
     run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction)
     weights = engine.full_state_dict()
     if env.is_main:

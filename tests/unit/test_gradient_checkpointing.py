@@ -11,13 +11,20 @@ import torch
 from rlhf.config import LoraConfig
 from rlhf.models.forward import response_logprobs, token_values
 from rlhf.models.load import load_policy, load_scorer
+from rlhf.models.options import ForwardOptions
 from tests.unit.test_shared_prefix import MIXED, TOKENIZER, model_config
 
+PLAIN = ForwardOptions()
 
-def _gradients(model, value_head: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+
+def _gradients(
+    model, value_head: bool = False, options: ForwardOptions = PLAIN
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     mask = MIXED[3]
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
-    values = token_values(model, *MIXED) if value_head else response_logprobs(model, *MIXED)[0]
+    values = (
+        token_values(model, *MIXED, options) if value_head else response_logprobs(model, *MIXED, options)[0]
+    )
     (values * weights * mask).sum().backward()
     return values, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
@@ -63,8 +70,9 @@ def test_checkpointed_gradients_equal_the_plain_ones(shared_prefix, lora, value_
     for model in (plain, checkpointed):  # count the first MLP's forwards (torch skips hooks in a recompute)
         mlp = next(m for name, m in model.named_modules() if name.endswith("layers.0.mlp"))
         mlp.forward = _counted(mlp.forward, calls, id(model))
-    plain_values, plain_grads = _gradients(plain, value_head)
-    values, grads = _gradients(checkpointed, value_head)
+    options = ForwardOptions.from_config(plain_cfg)
+    plain_values, plain_grads = _gradients(plain, value_head, options)
+    values, grads = _gradients(checkpointed, value_head, options)
     assert (calls[id(plain)], calls[id(checkpointed)]) == (1, 2)  # the layer's MLP ran again in the backward
     torch.testing.assert_close(values, plain_values, rtol=0, atol=0)  # the same forward
     assert plain_grads.keys() == grads.keys() and grads

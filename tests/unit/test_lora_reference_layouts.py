@@ -15,6 +15,7 @@ from rlhf.config import DistributedConfig, LoraConfig, ModelConfig, OptimConfig,
 from rlhf.distributed import build_engine
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_policy, load_reference, load_tokenizer
+from rlhf.models.options import ForwardOptions
 from tests.unit.test_shared_prefix import grouped_batch
 
 TARGETS = [
@@ -59,10 +60,10 @@ def test_lora_reference_equals_the_base_model_in_every_layout(shared, packed, ch
     base = load_causal_lm(_config(shared, packed, chunk, lora=False), tokenizer, seed=5).eval()
     tensors = grouped_batch([0, 0, 0, 1, 1], [4, 7], [5, 2, 0, 6, 3], seed=2)
     mask = tensors[3]
-    warp = {"temperature": 0.8}
+    options = ForwardOptions.from_config(cfg, warp={"temperature": 0.8})
     with torch.no_grad():
-        expected, _ = response_logprobs(base, *tensors, **warp)
-        got, _ = response_logprobs(reference, *tensors, **warp)
-        adapted, _ = response_logprobs(engine.model, *tensors, **warp)
+        expected, _ = response_logprobs(base, *tensors, options)
+        got, _ = response_logprobs(reference, *tensors, options)
+        adapted, _ = response_logprobs(engine.model, *tensors, options)
     torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5)
     assert (adapted - expected)[mask].abs().max() > 1e-2  # the adapters do change the policy

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf.config import ConfigError, ModelConfig, TinyModelConfig
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_tokenizer
+from rlhf.models.options import ForwardOptions
 from rlhf.models.tiny import build_char_tokenizer
 from rlhf.rollout.engine import generate_rollouts
 from rlhf.rollout.hf import TransformersEngine
@@ -109,7 +110,7 @@ def test_logprob_pass_matches_sampling_distribution(model_name, warp, request, t
         ],
         1,
     )
-    ours, _ = response_logprobs(model, prompt_ids, prompt_mask, response, mask, **warp)
+    ours, _ = response_logprobs(model, prompt_ids, prompt_mask, response, mask, ForwardOptions(warp=warp))
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours[mask], from_generate[mask], rtol=1e-4, atol=1e-5)
 

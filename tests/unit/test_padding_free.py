@@ -9,19 +9,17 @@ import pytest
 import torch
 
 from rlhf.models.forward import response_logprobs
+from rlhf.models.options import ForwardOptions
 from tests.unit.test_shared_prefix_windows import BATCH, FAMILIES, _model, _weighted_backward
 
-
-def _padding_free(model):
-    model.padding_free = True
-    return model
+PACKED = ForwardOptions(padding_free=True)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_packed_rows_equal_the_padded_batch(family, attention):
     plain_logprobs, plain_grads = _weighted_backward(_model(family, attention))
-    packed_logprobs, packed_grads = _weighted_backward(_padding_free(_model(family, attention)))
+    packed_logprobs, packed_grads = _weighted_backward(_model(family, attention), options=PACKED)
     mask = BATCH[3]
     # fp32: the same attention terms, summed over other padded widths (measured: below 2e-6)
     torch.testing.assert_close(packed_logprobs[mask], plain_logprobs[mask], rtol=1e-5, atol=1e-5)
@@ -31,11 +29,12 @@ def test_packed_rows_equal_the_padded_batch(family, attention):
 
 def test_padding_free_with_chunked_logprobs_and_entropy():
     plain = _model("qwen2", "sdpa")
-    packed = _padding_free(_model("qwen2", "sdpa"))
-    packed.logprob_chunk_tokens = 2
+    packed = _model("qwen2", "sdpa")
     mask = BATCH[3]
     a, entropy_a = response_logprobs(plain, *BATCH, with_entropy=True)
-    b, entropy_b = response_logprobs(packed, *BATCH, with_entropy=True)
+    b, entropy_b = response_logprobs(
+        packed, *BATCH, ForwardOptions(padding_free=True, logprob_chunk_tokens=2), with_entropy=True
+    )
     torch.testing.assert_close(b[mask], a[mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy_b[mask], entropy_a[mask], rtol=1e-5, atol=1e-5)
 
@@ -58,8 +57,9 @@ def test_padding_free_with_the_shared_prefix(repeats, monkeypatch):
             lambda *a, _original=original, _path=path, **k: taken.append(_path) or _original(*a, **k),
         )
     batch = BATCH if repeats else grouped_batch([0, 1, 2], [6, 2, 9], [7, 3, 0], seed=3)
-    both = _padding_free(_model("mistral", shared_prefix_attention("sdpa")))
-    both_logprobs, both_grads = _weighted_backward(both, batch)
+    both = _model("mistral", shared_prefix_attention("sdpa"))
+    both_options = ForwardOptions(shared_prefix=True, padding_free=True)
+    both_logprobs, both_grads = _weighted_backward(both, batch, both_options)
     assert taken == ["_packed_forward" if repeats else "_padding_free_logits"]
     plain_logprobs, plain_grads = _weighted_backward(_model("mistral", "sdpa"), batch)
     mask = batch[3]
@@ -81,8 +81,8 @@ def test_reward_model_and_critic_passes_equal_the_padded_batch(family):
     mask = BATCH[3]
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
     for auto, score in (
-        (AutoModelForSequenceClassification, lambda m: sequence_scores(m, *BATCH)),
-        (AutoModelForTokenClassification, lambda m: token_values(m, *BATCH) * weights * mask),
+        (AutoModelForSequenceClassification, lambda m, o: sequence_scores(m, *BATCH, o)),
+        (AutoModelForTokenClassification, lambda m, o: token_values(m, *BATCH, o) * weights * mask),
     ):
         found = []
         for padding_free in (False, True):
@@ -90,8 +90,7 @@ def test_reward_model_and_critic_passes_equal_the_padded_batch(family):
             config.num_labels = 1
             torch.manual_seed(0)
             model = auto.from_config(config, attn_implementation="sdpa").float().eval()  # no dropout
-            model.padding_free = padding_free
-            values = score(model)
+            values = score(model, ForwardOptions(padding_free=padding_free))
             values.sum().backward()
             found.append((values.detach(), {n: p.grad for n, p in model.named_parameters()}))
         (plain, plain_grads), (packed, packed_grads) = found
@@ -99,3 +98,13 @@ def test_reward_model_and_critic_passes_equal_the_padded_batch(family):
         torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
         for name, grad in plain_grads.items():
             torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_free_on_an_untested_family_is_refused():
+    """Packed rows rely on the attention building its mask from restarting positions: a family
+    whose attention is not tested that way raises instead of letting rows attend to each other."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    with pytest.raises(ValueError, match="padding-free rows, which the 'gpt2' family does not support"):
+        response_logprobs(model, *BATCH, PACKED)

@@ -12,6 +12,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from rlhf.config import ConfigError, ModelConfig, RolloutConfig, TinyModelConfig
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer
+from rlhf.models.options import ForwardOptions
 from rlhf.ops import first_seen_positions, seen_in_context, warp_logits
 from rlhf.rollout.engine import generate_rollouts
 from rlhf.rollout.hf import ContextRepetitionPenalty, TransformersEngine, generate_groups
@@ -57,7 +58,6 @@ def _policy(seed: int = 0):
 @pytest.mark.parametrize("chunk", [0, 3])
 def test_generate_samples_from_the_distribution_the_logprob_pass_scores(chunk):
     model, tokenizer = _policy()
-    model.logprob_chunk_tokens = chunk
     # padding with the EOS token, as many models ship: transformers' own processor would penalise
     # EOS in left-padded rows (it reads pads as context), which this comparison would show
     tokenizer.pad_token = tokenizer.eos_token
@@ -85,8 +85,11 @@ def test_generate_samples_from_the_distribution_the_logprob_pass_scores(chunk):
     sampled = torch.stack(out.scores, dim=1).log_softmax(-1).gather(-1, response_ids[..., None])[..., 0]
     rows = (prompt_ids.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0))
     with torch.no_grad():
-        scored, _ = response_logprobs(model, *rows, response_ids, mask, **sampling.warp())
-        unpenalized, _ = response_logprobs(model, *rows, response_ids, mask, temperature=0.8, top_p=0.95)
+        options = ForwardOptions(logprob_chunk_tokens=chunk, warp=sampling.warp())
+        scored, _ = response_logprobs(model, *rows, response_ids, mask, options)
+        unpenalized, _ = response_logprobs(
+            model, *rows, response_ids, mask, ForwardOptions(warp=dict(temperature=0.8, top_p=0.95))
+        )
     # the same float32 operations in another batch layout: 4.8e-7 measured, 0.016 with pads as
     # context; the bound leaves room for other BLAS kernels and stays far below that error
     torch.testing.assert_close(scored[mask], sampled[mask], rtol=0, atol=1e-5)
@@ -138,11 +141,11 @@ def test_nthr_scores_tokens_under_the_penalised_distribution(monkeypatch):
     monkeypatch.setattr(token_scorers, "nthr_advantage_scale", lambda scores, mask, *a, **k: mask.float())
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
     token_scorers.nthr_token_scale(
-        model, batch, advantages, group_size=4, warp=sampling.warp(), chunk_tokens=3
+        model, batch, advantages, group_size=4, options=ForwardOptions(warp=sampling.warp()), chunk_tokens=3
     )
     rows, mask = (batch.prompt_ids, batch.prompt_mask, batch.response_ids), batch.response_mask
     with torch.no_grad():
-        scored, _ = response_logprobs(model, *rows, mask, **sampling.warp())
+        scored, _ = response_logprobs(model, *rows, mask, ForwardOptions(warp=sampling.warp()))
     vocab = torch.unique(batch.response_ids[mask])
     onehot = (batch.response_ids.unsqueeze(-1) == vocab).float()
     # NTHR gets (one-hot - probabilities) over the group's vocabulary: the sampled token's probability

@@ -15,10 +15,12 @@ import transformers.modeling_flash_attention_utils as flash_utils
 from rlhf.config import ModelConfig
 from rlhf.models.forward import response_logits, response_logprobs, sequence_scores, token_values
 from rlhf.models.load import load_causal_lm, load_scorer
-from rlhf.models.shared_prefix import build_layout, shared_prefix_attention, uses_shared_prefix
+from rlhf.models.options import ForwardOptions
+from rlhf.models.shared_prefix import build_layout, shared_prefix_attention
 from rlhf.models.tiny import build_char_tokenizer
 
 TOKENIZER = build_char_tokenizer()
+PLAIN, SHARED = ForwardOptions(), ForwardOptions(shared_prefix=True)
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
 
 
@@ -54,11 +56,11 @@ MIXED = grouped_batch([0, 2, 0, 1, 2, 0], [5, 1, 9], [7, 3, 0, 4, 1, 5])
 CASES = [(arch, attention) for arch in ("llama", "qwen2") for attention in ("sdpa", "eager")]
 
 
-def weighted_backward(model, batch=MIXED) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def weighted_backward(model, batch=MIXED, options=PLAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Log-probs of `batch`, and every parameter's gradient of a fixed random weighting of them."""
     mask = batch[3]
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
-    logprobs, _ = response_logprobs(model, *batch)
+    logprobs, _ = response_logprobs(model, *batch, options)
     (logprobs * weights * mask).sum().backward()
     return logprobs, {name: p.grad for name, p in model.named_parameters()}
 
@@ -69,7 +71,7 @@ def assert_same_gradients(shared: dict[str, torch.Tensor], plain: dict[str, torc
         torch.testing.assert_close(shared[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def generate_groups_of_three(model, prompt_ids, prompt_mask):
+def generate_groups_of_three(model, prompt_ids, prompt_mask, shared_prefix=False):
     """Greedy rollout of 3 samples per prompt, 4 tokens, with the logits of every step."""
     from transformers import GenerationConfig
 
@@ -79,7 +81,14 @@ def generate_groups_of_three(model, prompt_ids, prompt_mask):
         do_sample=False, max_new_tokens=4, pad_token_id=TOKENIZER.pad_token_id, eos_token_id=-1
     )
     return generate_groups(
-        model, prompt_ids, prompt_mask, 3, config, output_logits=True, return_dict_in_generate=True
+        model,
+        prompt_ids,
+        prompt_mask,
+        3,
+        config,
+        shared_prefix=shared_prefix,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
 
 
@@ -87,12 +96,13 @@ def generate_groups_of_three(model, prompt_ids, prompt_mask):
 def test_logits_and_every_gradient_equal_the_repeated_layout(arch, attention):
     plain = load_causal_lm(model_config(arch, attention, False), TOKENIZER, seed=3)
     shared = load_causal_lm(model_config(arch, attention, True), TOKENIZER, seed=3)
-    assert uses_shared_prefix(shared) and not uses_shared_prefix(plain)
+    with pytest.raises(ValueError, match="load the model with model.shared_prefix=true"):
+        response_logits(plain, *MIXED, SHARED)  # its attention would let rows attend to each other
     mask = MIXED[3]
-    plain_logits, shared_logits = (response_logits(model, *MIXED) for model in (plain, shared))
+    plain_logits, shared_logits = response_logits(plain, *MIXED), response_logits(shared, *MIXED, SHARED)
     # fp32: the packed layout adds the same attention terms in another order (a few ulps apart)
     torch.testing.assert_close(shared_logits[mask], plain_logits[mask], rtol=1e-5, atol=1e-5)
-    assert_same_gradients(weighted_backward(shared)[1], weighted_backward(plain)[1])
+    assert_same_gradients(weighted_backward(shared, options=SHARED)[1], weighted_backward(plain)[1])
 
 
 def reference_flash_varlen(
@@ -165,9 +175,9 @@ def test_varlen_sequences_repeat_the_prefix_keys_for_each_suffix():
 def test_flash_attention_path_equals_the_repeated_layout(arch, reference_flash_kernels):
     plain = load_causal_lm(model_config(arch, "sdpa", False), TOKENIZER, seed=3)
     shared = load_causal_lm(model_config(arch, "flash_attention_2", True), TOKENIZER, seed=3)
-    assert uses_shared_prefix(shared)
     mask = MIXED[3]
-    (plain_logprobs, plain_grads), (shared_logprobs, shared_grads) = map(weighted_backward, (plain, shared))
+    plain_logprobs, plain_grads = weighted_backward(plain)
+    shared_logprobs, shared_grads = weighted_backward(shared, options=SHARED)
     # fp32: per-sequence attention against SDPA over the padded rows, same terms in another order
     torch.testing.assert_close(shared_logprobs[mask], plain_logprobs[mask], rtol=1e-5, atol=1e-5)
     assert_same_gradients(shared_grads, plain_grads)
@@ -176,9 +186,8 @@ def test_flash_attention_path_equals_the_repeated_layout(arch, reference_flash_k
     prompt_ids, prompt_mask, _, _ = grouped_batch([0, 1], [3, 6], [0, 0])
     kwargs = dict(attention_mask=prompt_mask.long(), max_new_tokens=5, do_sample=False)
     assert torch.equal(shared.generate(prompt_ids, **kwargs), plain.generate(prompt_ids, **kwargs))
-    plain_out, shared_out = (
-        generate_groups_of_three(m.eval(), prompt_ids, prompt_mask) for m in (plain, shared)
-    )
+    plain_out = generate_groups_of_three(plain.eval(), prompt_ids, prompt_mask)
+    shared_out = generate_groups_of_three(shared.eval(), prompt_ids, prompt_mask, shared_prefix=True)
     # fp32, unpadded per-sequence attention against padded SDPA: the same sums in another order
     torch.testing.assert_close(shared_out.logits[0], plain_out.logits[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(shared_out.sequences, plain_out.sequences)
@@ -220,7 +229,7 @@ def test_groups_of_one_equal_the_plain_forward():
     ).logits[layout.group_of_row[:, None], layout.predict_index]
     expected = response_logits(plain, *batch)
     torch.testing.assert_close(packed[mask], expected[mask], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(response_logits(shared, *batch)[mask], expected[mask])
+    torch.testing.assert_close(response_logits(shared, *batch, SHARED)[mask], expected[mask])
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -233,11 +242,14 @@ def test_critic_values_and_reward_scores_equal(attention):
         )  # eval: the token-classification head has dropout
         if per_token:
             torch.testing.assert_close(
-                token_values(shared, *MIXED)[mask], token_values(plain, *MIXED)[mask], rtol=1e-5, atol=1e-5
+                token_values(shared, *MIXED, SHARED)[mask],
+                token_values(plain, *MIXED)[mask],
+                rtol=1e-5,
+                atol=1e-5,
             )
         else:
             torch.testing.assert_close(
-                sequence_scores(shared, *MIXED), sequence_scores(plain, *MIXED), rtol=1e-5, atol=1e-5
+                sequence_scores(shared, *MIXED, SHARED), sequence_scores(plain, *MIXED), rtol=1e-5, atol=1e-5
             )
 
 
@@ -297,7 +309,8 @@ def test_grpo_loss_and_one_optimizer_step_equal():
         torch.manual_seed(0)  # the minibatch order
         warp = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
         reduction = get_reduction("token_mean")
-        objective = PolicyGradientObjective(cfg, engine, reduction, warp, kl_estimator=k3)
+        options = ForwardOptions(shared_prefix=shared, warp=warp)
+        objective = PolicyGradientObjective(cfg, engine, reduction, options, kl_estimator=k3)
         stats = run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction)
         weights.append(({n: p.detach().clone() for n, p in model.named_parameters()}, stats))
     (plain, plain_stats), (shared, shared_stats) = weights
@@ -317,7 +330,10 @@ def test_rollout_prefills_each_prompt_once_with_the_same_first_step_logits(arch)
     hook = shared.model.register_forward_pre_hook(
         lambda _m, _a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
     )
-    outputs = [generate_groups_of_three(model, prompt_ids, prompt_mask) for model in (plain, shared)]
+    outputs = [
+        generate_groups_of_three(plain, prompt_ids, prompt_mask),
+        generate_groups_of_three(shared, prompt_ids, prompt_mask, shared_prefix=True),
+    ]
     hook.remove()
     assert calls[0] == (3, prompt_ids.shape[1] - 1)  # one prefill row per prompt, not per sample
     assert all(shape[1] == 1 for shape in calls[1:])  # then one token at a time for 9 rows
@@ -348,7 +364,7 @@ def test_bf16_on_gpu_matches_the_repeated_layout(attention):
         cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.tiny.intermediate_size = 256, 4, 512
         cfg.dtype = "bfloat16"
         model = load_causal_lm(cfg, TOKENIZER, seed=5).cuda()
-        logprobs, _ = response_logprobs(model, *batch)
+        logprobs, _ = response_logprobs(model, *batch, ForwardOptions(shared_prefix=shared))
         (logprobs * mask).sum().backward()
         results.append((logprobs.float(), {n: p.grad.float() for n, p in model.named_parameters()}))
     (plain, plain_grads), (shared, shared_grads) = results
@@ -376,8 +392,8 @@ def test_states_for_curiosity_come_with_the_logprob_pass():
     width = prompt_ids.shape[1]
     expected_states = hidden[:, width - 1 : -1]
     expected_next = hidden[:, width:]
-    for model in (plain, shared):
-        logprobs, states, next_states = response_logprobs_and_states(model, *MIXED)
+    for model, options in ((plain, PLAIN), (shared, SHARED)):
+        logprobs, states, next_states = response_logprobs_and_states(model, *MIXED, options)
         torch.testing.assert_close(
             logprobs[mask], response_logprobs(plain, *MIXED)[0][mask], rtol=1e-5, atol=1e-5
         )

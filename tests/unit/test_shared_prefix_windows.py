@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from rlhf.models.forward import response_logprobs
+from rlhf.models.options import ForwardOptions
 from rlhf.models.shared_prefix import check_family, shared_prefix_attention
 from tests.unit.test_shared_prefix import TOKENIZER, grouped_batch
 
@@ -46,21 +47,21 @@ FAMILIES = {
         **SHAPE, head_dim=8, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
     ),
 }
+PLAIN = ForwardOptions()
 # groups of 5, 1 and 2 rows; prompts of 6, 2 and 9 tokens (left-padded to 9); responses up to 7
 BATCH = grouped_batch([0, 0, 1, 0, 2, 0, 2, 0], [6, 2, 9], [7, 3, 5, 1, 6, 7, 0, 4], seed=5)
 
 
 def _model(family: str, attention: str) -> torch.nn.Module:
     config = FAMILIES[family]()
-    config._attn_implementation = attention
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attention).float()
 
 
-def _weighted_backward(model, batch=BATCH):
+def _weighted_backward(model, batch=BATCH, options=PLAIN):
     mask = batch[3]
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
-    logprobs, _ = response_logprobs(model, *batch)
+    logprobs, _ = response_logprobs(model, *batch, options)
     (logprobs * weights * mask).sum().backward()
     return logprobs, {n: p.grad for n, p in model.named_parameters()}
 
@@ -72,7 +73,7 @@ def test_windows_are_kept_in_the_packed_layout(family, attention):
     shared = _model(family, shared_prefix_attention(attention))
     check_family(shared)
     plain_logprobs, plain_grads = _weighted_backward(plain)
-    shared_logprobs, shared_grads = _weighted_backward(shared)
+    shared_logprobs, shared_grads = _weighted_backward(shared, options=ForwardOptions(shared_prefix=True))
     mask = BATCH[3]
     # fp32: the packed layout adds the same attention terms in another order
     torch.testing.assert_close(shared_logprobs[mask], plain_logprobs[mask], rtol=1e-5, atol=1e-5)
@@ -106,7 +107,7 @@ def test_soft_capping_and_unknown_families_are_refused():
     with pytest.raises(ValueError, match=r"supports the model families .* not 'gemma2'"):
         check_family(gemma)
     with pytest.raises(ValueError, match="soft-capping"):
-        response_logprobs(gemma, *BATCH)
+        response_logprobs(gemma, *BATCH, ForwardOptions(shared_prefix=True))
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
@@ -118,7 +119,8 @@ def test_prefill_once_generation_keeps_the_window(family):
     prompt_ids, prompt_mask, _, _ = grouped_batch([0, 1], [7, 4], [0, 0], seed=2)
     plain = _model(family, "sdpa").eval()
     shared = _model(family, shared_prefix_attention("sdpa")).eval()
-    plain_out, shared_out = (generate_groups_of_three(m, prompt_ids, prompt_mask) for m in (plain, shared))
+    plain_out = generate_groups_of_three(plain, prompt_ids, prompt_mask)
+    shared_out = generate_groups_of_three(shared, prompt_ids, prompt_mask, shared_prefix=True)
     torch.testing.assert_close(shared_out.logits[0], plain_out.logits[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(shared_out.sequences, plain_out.sequences)
 

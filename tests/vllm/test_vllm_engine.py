@@ -26,6 +26,7 @@ from rlhf.distributed import build_engine  # noqa: E402
 from rlhf.models.forward import response_logprobs  # noqa: E402
 from rlhf.models.load import load_causal_lm, load_tokenizer, model_shape  # noqa: E402
 from rlhf.models.lora import apply_lora  # noqa: E402
+from rlhf.models.options import ForwardOptions  # noqa: E402
 from rlhf.rollout import vllm as vllm_rollout  # noqa: E402
 from rlhf.rollout.engine import engine_for_model, generate_rollouts  # noqa: E402
 from rlhf.rollout.hf import TransformersEngine  # noqa: E402
@@ -108,7 +109,7 @@ def test_synced_engine_matches_the_trainer_after_optimizer_steps(trainer, engine
                 batch.prompt_mask,
                 batch.response_ids,
                 batch.response_mask,
-                **sampling.warp(),
+                ForwardOptions(warp=sampling.warp()),
             )
         mask = batch.response_mask
         # the issue's bound for fp32: vLLM's kernels differ from transformers' (measured: 7e-7)
@@ -134,8 +135,8 @@ def test_the_repetition_penalty_is_scored_as_the_engine_samples_it(trainer, engi
     batch = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=3)
     rows = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     with torch.no_grad():
-        scored, _ = response_logprobs(trainer.module, *rows, **sampling.warp())
-        unpenalized, _ = response_logprobs(trainer.module, *rows, temperature=0.9)
+        scored, _ = response_logprobs(trainer.module, *rows, ForwardOptions(warp=sampling.warp()))
+        unpenalized, _ = response_logprobs(trainer.module, *rows, ForwardOptions(warp=dict(temperature=0.9)))
     mask = batch.response_mask
     # vLLM applies the penalty in its own kernel before the temperature, as the pass does
     # (measured: 8e-7); the bound is the issue's for fp32
