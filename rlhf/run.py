@@ -33,6 +33,7 @@ Only rank 0 writes files other than its checkpoint shards.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -40,6 +41,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -311,7 +313,8 @@ class Run:
     # -- before any model loads ------------------------------------------------------------------
     @classmethod
     def open(cls, recipe: str, cfg: Any, env: Any, total_steps: int | None = None) -> Run:
-        """Check the run directory or the resume target (writes nothing) and seed this rank.
+        """Check the run directory or the resume target, claim it (rank 0 writes its lock file, nothing
+        else) and seed this rank.
         `total_steps`: the length of training when derived (from train.epochs), else train.steps."""
         check_model_paths(cfg)
         checkpoint = manifest = None
@@ -335,6 +338,8 @@ class Run:
         run = cls(
             recipe, cfg, env, checkpoint, manifest, cfg.train.steps if total_steps is None else total_steps
         )
+        if env.rank == 0:  # two starts in one directory: the second is refused before any model loads
+            run._closers.append(claim_run_dir(run_dir if cfg.resume else cfg.run_dir))
         seed_everything(cfg.seed + env.rank)  # ranks sample different completions
         return run
 
@@ -542,6 +547,65 @@ class Run:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+LOCK_FILE = ".lock"
+
+
+def claim_run_dir(run_dir: str) -> Callable[[], None]:
+    """Claim `run_dir` for this process with an exclusive create of its lock file (pid, host, time),
+    so that of two runs started at once in one directory the second is refused instead of both
+    writing there; returns the release (also run at exit). A lock whose process is gone (killed,
+    or this very process in an earlier run) is taken over."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _live_holder(path)
+            if holder is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            raise ConfigError(
+                f"run_dir={run_dir!r} is in use: a run started there by process {holder.get('pid')} on "
+                f"{holder.get('host')} is still running. To continue that run once it stops: resume={run_dir}. "
+                f"To start fresh: pass another run_dir. (If that process is gone, delete {path}.)"
+            ) from None
+        with os.fdopen(handle, "w") as out:
+            json.dump(mine, out)
+
+        def release() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(open(path).read()).get("pid") == mine["pid"]:
+                    os.remove(path)
+
+        atexit.register(release)
+        return release
+    raise ConfigError(f"run_dir={run_dir!r}: could not claim {path}")
+
+
+def _live_holder(path: str) -> dict[str, Any] | None:
+    """The lock's holder while it may still run: another host's process (which cannot be checked),
+    or a live process of this host other than this one; None for a stale lock."""
+    try:
+        holder = json.loads(open(path).read())
+    except (OSError, ValueError):
+        return None  # half-written by a process killed while claiming
+    if holder.get("host") != socket.gethostname():
+        return holder
+    pid = holder.get("pid")
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, TypeError):
+        pass
+    return holder
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -343,3 +343,44 @@ def test_a_model_path_with_the_tiny_model_selected_is_an_error(make_config):
         make_config("grpo", "model=pretrained", "model.name_or_path=runs/sft/x/hf").model.source
         == "pretrained"
     )
+
+
+def test_two_runs_started_at_once_in_one_directory_the_second_is_refused(tmp_path):
+    """Both pass the empty-directory check (the run files come later, after the model loads): the
+    exclusive lock file decides, and the loser stops with a message before training anything."""
+    run_dir = tmp_path / "race"
+    args = [*SMALL_MODEL, *FAST, "train.steps=3", f"run_dir={run_dir}"]
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", WANDB_SILENT="true")
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "recipes.grpo", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outcomes = [process.communicate(timeout=300) + (process.returncode,) for process in started]
+    codes = sorted(code for _, _, code in outcomes)
+    assert codes[0] == 0 and codes[1] != 0, [err[-1500:] for _, err, _ in outcomes]
+    (refused,) = [err for _, err, code in outcomes if code != 0]
+    # usually both pass the directory check and the lock refuses; a start that comes late enough
+    # finds the run files already there
+    assert f"run_dir='{run_dir}' is in use" in refused or "already holds a run" in refused, refused[-1500:]
+    assert sorted(_trained(run_dir)) == [1, 2, 3]  # one run's steps, once each
+    assert not (run_dir / ".lock").exists()  # released when the run ended
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(make_config, tmp_path):
+    run_dir = tmp_path / "stale"
+    run_dir.mkdir()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    import socket
+
+    (run_dir / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    result = grpo.train(make_config("grpo", *FAST, "train.steps=1", run_dir=str(run_dir)))
+    assert result["step"] == 1 and not (run_dir / ".lock").exists()
