@@ -515,7 +515,8 @@ def prepare_splits(
 
     train = prepare(train, tokenizer, cfg, where(cfg.train_split), **options)
     if evaluation is not None:
-        evaluation = prepare(evaluation, tokenizer, cfg, where(cfg.eval_split), **options)
+        split = str(evaluation.split) if evaluation.split else cfg.eval_split  # `test` when it stood in
+        evaluation = prepare(evaluation, tokenizer, cfg, where(split), **options)
     return train, evaluation
 
 

@@ -175,13 +175,43 @@ def load_task_data(
     if needs_pairs:
         train = drop_tied_pairs(train, cfg, f"data.source={cfg.source!r} split {cfg.train_split!r}")
     evaluation = None
-    if cfg.eval_split and cfg.eval_split in splits:
-        evaluation = splits[cfg.eval_split]
-        where = f"data.source={cfg.source!r} split {cfg.eval_split!r}"
+    split = evaluation_split(cfg, list(splits))
+    if split is not None:
+        evaluation = splits[split]
+        where = f"data.source={cfg.source!r} split {split!r}"
         validate_rows(evaluation, columns, prompt_column, where)
         if needs_pairs:
             evaluation = drop_tied_pairs(evaluation, cfg, where)
     return train, evaluation
+
+
+# what Hugging Face datasets call the held-out split, tried when the default `eval` is missing
+EVAL_SPLIT_NAMES = ("test", "validation")
+
+
+def evaluation_split(cfg: DataConfig, names: list[str]) -> str | None:
+    """The split held-out evaluation uses, said once: `data.eval_split` (default `eval`); when the
+    default is missing, `test` or else `validation`; none when the data has none of them (or
+    `data.eval_split=null`). A split named explicitly that the data lacks is an error."""
+    chosen = None
+    if cfg.eval_split in names:
+        chosen = cfg.eval_split
+    elif cfg.eval_split == "eval":
+        chosen = next((name for name in EVAL_SPLIT_NAMES if name in names), None)
+    elif cfg.eval_split is not None:
+        raise DataError(
+            f"data.eval_split={cfg.eval_split!r}: data.source={cfg.source!r} has the splits {names}"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        if chosen is not None:
+            print(f"[data] held-out evaluation on split {chosen!r} of data.source={cfg.source!r}", flush=True)
+        else:
+            print(
+                f"[data] no held-out evaluation: data.source={cfg.source!r} has the splits {names} and none is "
+                f"data.eval_split={cfg.eval_split!r}, 'test' or 'validation'",
+                flush=True,
+            )
+    return chosen
 
 
 def drop_tied_pairs(dataset: Dataset, cfg: DataConfig, where: str) -> Dataset:

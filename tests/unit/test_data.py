@@ -163,3 +163,24 @@ def test_characters_the_tokenizer_cannot_see_are_a_warning_with_an_example():
     rows = Dataset.from_dict({"prompt": ["12+3=", "x+1=", "4+4=", "ÿ"]})
     with pytest.warns(UserWarning, match=r"2 texts in the first 4 rows .* row 1 column 'prompt': 'x\+1='"):
         assert warn_unknown_tokens(build_char_tokenizer(), rows, ["prompt"]) == 2
+
+
+@pytest.mark.parametrize("name", ["test", "validation"])
+def test_a_test_or_validation_split_evaluates_when_there_is_no_eval_split(tmp_path, capsys, name):
+    """Hugging Face datasets call the held-out split `test` (or `validation`): it evaluates, and the
+    run says which split does."""
+    _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    _write_jsonl(
+        tmp_path / f"{name}.jsonl", [{"prompt": "3+3=", "answer": "6"}, {"prompt": "4+4=", "answer": "8"}]
+    )
+    _, evaluation = load_task_data(DataConfig(source=str(tmp_path)))
+    assert len(evaluation) == 2
+    assert f"held-out evaluation on split {name!r}" in capsys.readouterr().out
+
+
+def test_no_evaluation_split_is_said_and_a_named_missing_one_is_an_error(tmp_path, capsys):
+    _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    _, evaluation = load_task_data(DataConfig(source=str(tmp_path / "train.jsonl")))
+    assert evaluation is None and "no held-out evaluation" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"data.eval_split='dev': .* has the splits \['train'\]"):
+        load_task_data(DataConfig(source=str(tmp_path), eval_split="dev"))
