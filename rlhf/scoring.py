@@ -2,9 +2,15 @@
 
 score_b = sum_i w_i * r_i(b) over the rewards that scored row b. A row that no reward could score
 (all None) is invalid: it is excluded from group statistics and from the loss. Each reward is also
-returned on its own so it can be logged separately. A reward that raises or returns NaN either stops
-the run with an error naming the function and the row (on_error="raise"), or is counted in the
-metric `reward/<name>/errors` and its affected rows treated as None (on_error="skip").
+returned on its own so it can be logged separately. A reward that raises, returns NaN or (with a
+timeout) does not return in time either stops the run with an error naming the function and the
+row (on_error="raise"), or is counted in the metric `reward/<name>/errors` with exactly the rows
+that failed treated as None (on_error="skip": a batch call that fails is retried row by row, so
+one bad row does not unscore the others).
+
+Timeouts (`timeout_s`) run each call in a daemon thread and stop waiting for it: Python cannot
+stop a running function, so a reward that truly hangs keeps its thread (idle CPU, no progress)
+while training goes on. Rewards that run untrusted code belong in a sandboxed process.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import importlib
 import inspect
 import math
 import numbers
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,14 +73,46 @@ def check_reward_columns(name: str, fn: RewardFn, columns: list[str], where: str
         )
 
 
-def _row_failure(fn: RewardFn, prompts, completions, columns) -> tuple[int, BaseException] | None:
-    """Re-run a failing reward row by row to find the first row that raises."""
-    for index in range(len(completions)):
+class RewardTimeout(RewardError):
+    """A reward call did not return within `reward.timeout_s`."""
+
+
+def _with_timeout(fn: Callable[..., Any], timeout_s: float | None, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), or RewardTimeout when it has not returned after `timeout_s` seconds (the
+    call goes on in its daemon thread; nobody waits for it)."""
+    if timeout_s is None:
+        return fn(*args, **kwargs)
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
         try:
-            fn([prompts[index]], [completions[index]], **{k: [v[index]] for k, v in columns.items()})
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=call, daemon=True, name="reward-call")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise RewardTimeout(f"did not return within reward.timeout_s={timeout_s}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _row_by_row(
+    reward: WeightedReward, prompts, completions, columns, timeout_s: float | None
+) -> list[tuple[float | None, BaseException | None]]:
+    """Each row's value alone, or the exception its call raised (a timeout included)."""
+    results: list[tuple[float | None, BaseException | None]] = []
+    for index in range(len(completions)):
+        row = {k: [v[index]] for k, v in columns.items()}
+        try:
+            values = _with_timeout(reward.fn, timeout_s, [prompts[index]], [completions[index]], **row)
+            results.append((list(values)[0], None))
         except Exception as exc:  # noqa: BLE001 - we report whatever the user's function raised
-            return index, exc
-    return None
+            results.append((None, exc))
+    return results
 
 
 def _call_reward(
@@ -82,26 +121,37 @@ def _call_reward(
     completions: list[str],
     columns: dict[str, list[Any]],
     on_error: str,
+    timeout_s: float | None = None,
 ) -> tuple[list[float | None], int]:
     """The reward's values (None where unscorable) and how many rows failed."""
     count = len(completions)
     try:
-        values = list(reward.fn(prompts, completions, **columns))
+        values = list(_with_timeout(reward.fn, timeout_s, prompts, completions, **columns))
     except Exception as exc:  # noqa: BLE001
-        if on_error == "skip":
-            return [None] * count, count
-        found = _row_failure(reward.fn, prompts, completions, columns)
+        rows = _row_by_row(reward, prompts, completions, columns, timeout_s)
+        failed = [(index, error) for index, (_, error) in enumerate(rows) if error is not None]
+        if on_error == "skip":  # exactly the rows that fail alone go unscored
+            values = [value for value, _ in rows]
+            return _checked_values(reward, values, prompts, completions, on_error, len(failed))
         where = (
-            f"row {found[0]} (prompt {prompts[found[0]]!r}): {found[1]!r}"
-            if found
+            f"row {failed[0][0]} (prompt {prompts[failed[0][0]]!r}): {failed[0][1]!r}"
+            if failed
             else f"a batch of {count}: {exc!r}"
         )
-        raise RewardError(f"reward function {reward.name!r} raised on {where}") from exc
+        raise RewardError(f"reward function {reward.name!r} failed on {where}") from exc
+    return _checked_values(reward, values, prompts, completions, on_error, 0)
+
+
+def _checked_values(
+    reward: WeightedReward, values: list[Any], prompts, completions, on_error: str, failures: int
+) -> tuple[list[float | None], int]:
+    """`values` as floats (None kept), refusing non-numbers; NaN or inf raise, or with skip count as
+    failures. Returns them and the total failure count."""
+    count = len(completions)
     if len(values) != count:
         raise RewardError(
             f"reward function {reward.name!r} returned {len(values)} values for {count} completions"
         )
-    failures = 0
     for index, value in enumerate(values):
         if value is None:
             continue
@@ -133,15 +183,17 @@ def score_completions(
     columns: dict[str, list[Any]],
     *,
     on_error: str = "raise",
+    timeout_s: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
-    """(scores [B], valid [B] bool, per-reward values [B] with NaN for None, metrics)."""
+    """(scores [B], valid [B] bool, per-reward values [B] with NaN for None, metrics). `timeout_s`:
+    the longest a reward call may take (None: no limit)."""
     count = len(completions)
     total = torch.zeros(count)
     scored = torch.zeros(count, dtype=torch.bool)
     per_reward: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
     for reward in rewards:
-        values, failures = _call_reward(reward, prompts, completions, columns, on_error)
+        values, failures = _call_reward(reward, prompts, completions, columns, on_error, timeout_s)
         tensor = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
         present = ~torch.isnan(tensor)
         total = total + torch.where(present, reward.weight * tensor, torch.zeros_like(tensor))

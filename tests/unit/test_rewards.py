@@ -56,12 +56,38 @@ def test_raising_reward_names_function_and_row():
     )
 
 
-def test_raising_reward_can_be_skipped_and_counted():
+def test_a_raising_row_is_skipped_alone():
+    """reward.on_error=skip: the batch call raises on row 1; rows 0 and 2 keep their scores."""
     scores, valid, _, metrics = score_completions(
         [WeightedReward("fragile", _raises_on_b, 1.0)], ["p"] * 3, ["a", "b", "c"], {}, on_error="skip"
     )
-    assert not valid.any()
-    assert metrics["reward/fragile/errors"] == 3
+    assert valid.tolist() == [True, False, True] and scores[[0, 2]].tolist() == [1.0, 1.0]
+    assert metrics["reward/fragile/errors"] == 1
+
+
+def _hangs_on_b(prompts, completions, **_):
+    import time
+
+    if "b" in completions:
+        time.sleep(30)  # a reward that never comes back in time
+    return [1.0] * len(completions)
+
+
+def test_a_hanging_reward_times_out_and_names_the_row():
+    """reward.timeout_s: the hanging row is a failure, the run is not held."""
+    import time
+
+    started = time.monotonic()
+    reward = [WeightedReward("slow", _hangs_on_b, 1.0)]
+    scores, valid, _, metrics = score_completions(
+        reward, ["p"] * 3, ["a", "b", "c"], {}, on_error="skip", timeout_s=0.5
+    )
+    assert valid.tolist() == [True, False, True] and metrics["reward/slow/errors"] == 1
+    with pytest.raises(
+        RewardError, match=r"'slow' failed on row 1 .*did not return within reward.timeout_s=0.5"
+    ):
+        score_completions(reward, ["p0", "p1", "p2"], ["a", "b", "c"], {}, timeout_s=0.5)
+    assert time.monotonic() - started < 10
 
 
 def test_nan_reward_names_function_and_row():
