@@ -45,6 +45,7 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import chunked_token_loss, response_head_inputs
 from rlhf.models.load import load_frozen, load_policy, load_reference, load_tokenizer, model_context
 from rlhf.models.options import ForwardOptions
+from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.sampling import SamplingParams, pad_prompts, pad_targets
@@ -266,4 +267,7 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
+    refuse_unknown_keys(
+        AlignDistilConfig, sys.argv[1:], __file__
+    )  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

@@ -61,6 +61,7 @@ from rlhf.models.load import load_frozen, load_policy, load_reference, load_toke
 from rlhf.models.options import ForwardOptions
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import PairTokenScorer
+from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import TransformersEngine
 from rlhf.rollout.sampling import pad_prompts
@@ -421,4 +422,5 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
+    refuse_unknown_keys(DPOConfig, sys.argv[1:], __file__)  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

@@ -42,12 +42,14 @@ from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.losses.kl import get_kl_estimator
 from rlhf.losses.reduce import get_reduction
+from rlhf.metrics import token_mean_weights
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_reference
 from rlhf.models.options import ForwardOptions
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_sum
+from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.records import sample_rows
@@ -174,7 +176,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             # 6 log, evaluate (checkpoints, time limit and preemption: between steps, in run.steps)
             metrics["time/step"] = time.perf_counter() - started
             metrics["tokens_per_s"] = rollout_tokens * env.world_size / metrics["time/step"]
-            metrics = mean_over_ranks(metrics, engine)
+            metrics = mean_over_ranks(metrics, engine, token_mean_weights(metrics, rollout_mask.sum()))
             heldout.during(run, step, metrics)
             if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
                 run.log(metrics, step)
@@ -217,7 +219,12 @@ def _sample(cfg: GRPOConfig, env, rollout, train_rows, sampler, sampling, reward
         )
         elapsed = time.perf_counter() - started
         scores, valid, per_reward, reward_metrics = score_completions(
-            rewards, batch.prompts, batch.reward_completions(), batch.columns, on_error=cfg.reward.on_error
+            rewards,
+            batch.prompts,
+            batch.reward_completions(),
+            batch.columns,
+            on_error=cfg.reward.on_error,
+            timeout_s=cfg.reward.timeout_s,
         )
         device = rollout.policy.device
         scores, valid = scores.to(device), valid.to(device)
@@ -462,4 +469,5 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
+    refuse_unknown_keys(GRPOConfig, sys.argv[1:], __file__)  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

@@ -37,6 +37,7 @@ from rlhf.distributed.collectives import gathered_values, mean_over_ranks
 from rlhf.intrinsic import Curiosity, CuriosityModel
 from rlhf.losses.kl import k1
 from rlhf.losses.reduce import get_reduction
+from rlhf.metrics import token_mean_weights
 from rlhf.models.forward import response_logprobs, response_logprobs_and_states, sequence_scores, token_values
 from rlhf.models.load import (
     load_causal_lm,
@@ -47,6 +48,7 @@ from rlhf.models.load import (
 from rlhf.models.options import ForwardOptions
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
+from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.sampling import SamplingParams
@@ -187,7 +189,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
 
             # 6 log, adapt the KL coefficient, evaluate (checkpoints and stops: in run.steps)
             metrics["time/step"] = time.perf_counter() - started
-            metrics = mean_over_ranks(metrics, policy)
+            metrics = mean_over_ranks(metrics, policy, token_mean_weights(metrics, batch.response_mask.sum()))
             kl_controller.update(metrics["kl/sequence_mean"], cfg.train.prompts_per_step * g)
             heldout.during(run, step, metrics)
             if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
@@ -254,7 +256,12 @@ def _score(
     valid = torch.ones(batch.batch_size, dtype=torch.bool, device=policy.device)
     if rewards:
         function_scores, scored, per_reward, reward_metrics = score_completions(
-            rewards, batch.prompts, batch.reward_completions(), batch.columns, on_error=cfg.reward.on_error
+            rewards,
+            batch.prompts,
+            batch.reward_completions(),
+            batch.columns,
+            on_error=cfg.reward.on_error,
+            timeout_s=cfg.reward.timeout_s,
         )
         scores += function_scores.to(policy.device)
         valid = scored.to(policy.device) | (reward_model is not None)
@@ -443,4 +450,5 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
+    refuse_unknown_keys(PPOConfig, sys.argv[1:], __file__)  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

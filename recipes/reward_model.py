@@ -31,6 +31,7 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import sequence_scores
 from rlhf.models.load import load_scorer, load_tokenizer, model_context
 from rlhf.models.options import ForwardOptions
+from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import drop_launcher_arguments, pair_tokens, rank_slice
@@ -147,4 +148,7 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
+    refuse_unknown_keys(
+        RewardModelConfig, sys.argv[1:], __file__
+    )  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

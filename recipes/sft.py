@@ -38,6 +38,7 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer, model_context
 from rlhf.models.options import ForwardOptions
+from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import TransformersEngine
 from rlhf.run import Run, recipe_config
@@ -207,4 +208,5 @@ register_configs()
 
 if __name__ == "__main__":
     sys.argv = drop_launcher_arguments(sys.argv)
+    refuse_unknown_keys(SFTConfig, sys.argv[1:], __file__)  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

@@ -200,6 +200,9 @@ class RewardConfig:
     # "raise": stop with an error naming the function and row; "skip": count the failure in a
     # metric and treat the affected completions as unscorable (None).
     on_error: str = "raise"
+    # seconds a reward call may take before its rows count as failed (then as on_error says);
+    # null: no limit
+    timeout_s: float | None = None
     # The reward whose value 1.0 means "correct"; logged as `accuracy`. None: no accuracy metric.
     accuracy_reward: str | None = "exact_match"
     # DAPO's soft overlong punishment: responses longer than max_new_tokens - overlong_buffer lose up
@@ -209,6 +212,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         check_choice("reward.on_error", self.on_error, ("raise", "skip"))
+        check_range("reward.timeout_s", self.timeout_s, 0, low_open=True)
         check_range("reward.overlong_buffer", self.overlong_buffer, 0)
         check_range("reward.overlong_penalty", self.overlong_penalty, 0)
 
@@ -418,9 +422,12 @@ class RolloutConfig:
     repetition_penalty: float = 1.0
     # Generation ends at EOS or at the first of these strings (kept in the completion and trained on,
     # as EOS is). Stopping does not change any token's distribution, so logprob passes ignore it.
+    # Written escaped on a command line (rollout.stop=["\n\n"] arrives as backslash-n), \n, \t and \r
+    # are read as the characters.
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.stop = [unescaped(s) if isinstance(s, str) else s for s in self.stop]
         check_choice("rollout.engine", self.engine, ("hf", "vllm"))
         check_range("rollout.group_size", self.group_size, 1)
         check_range("rollout.min_p", self.min_p, 0, 1)
@@ -431,6 +438,17 @@ class RolloutConfig:
         check_range("rollout.top_p", self.top_p, 0, 1, low_open=True)
         check_range("rollout.top_k", self.top_k, 0)
         check_range("rollout.repetition_penalty", self.repetition_penalty, 0, low_open=True)
+
+
+COMMAND_LINE_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r"}
+
+
+def unescaped(text: str) -> str:
+    """`text` with the escapes a shell passes through literally (backslash-n, -t, -r) made the
+    characters they name."""
+    for escape, character in COMMAND_LINE_ESCAPES.items():
+        text = text.replace(escape, character)
+    return text
 
 
 @dataclass

@@ -131,7 +131,8 @@ def run_update(
             for name, total in sums.items():
                 losses[name].append(float(main.all_reduce_sum(total)))
             objective.end_step(step)
-    metrics = {**accumulator.compute(), **step_stats, "update/skipped_steps": float(skipped)}
+    # token-weighted means over the whole step on every rank, not each rank's mean
+    metrics = {**accumulator.compute_over_ranks(main), **step_stats, "update/skipped_steps": float(skipped)}
     for key in objective.reported:
         metrics.setdefault(key, 0.0)
     metrics.update({name: sum(values) / len(values) if values else 0.0 for name, values in losses.items()})

@@ -9,10 +9,14 @@ from typing import Any
 import torch
 
 
-def mean_over_ranks(metrics: dict[str, float], engine: Any) -> dict[str, float]:
+def mean_over_ranks(
+    metrics: dict[str, float], engine: Any, weights: dict[str, float] | None = None
+) -> dict[str, float]:
     """Average scalar metrics over ranks, except maxima (`*_max`, as MetricAccumulator keeps them),
-    which take the largest rank's value. Ranks must report the same keys: a rank missing a key
-    would silently shift every value after it, so differing keys are refused, naming them."""
+    which take the largest rank's value, and the metrics named in `weights` (this rank's weight of
+    each: its token count for a token mean), which are weighted means over ranks. Ranks must report
+    the same keys: a rank missing a key would silently shift every value after it, so differing
+    keys are refused, naming them."""
     if engine.world_size == 1:
         return metrics
     keys = sorted(metrics)
@@ -26,11 +30,16 @@ def mean_over_ranks(metrics: dict[str, float], engine: Any) -> dict[str, float]:
             )
     if not keys:
         return metrics
-    # each rank fills its own row of zeros: the sum over ranks holds every rank's values
-    per_rank = torch.zeros(engine.world_size, len(keys), dtype=torch.float64, device=engine.device)
-    per_rank[engine.rank] = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    weights = weights or {}
+    # each rank fills its own row of zeros: the sum over ranks holds every rank's values (and, after
+    # them, its weight for each key: 1 where none is given)
+    row = [float(metrics[k]) for k in keys] + [float(weights.get(k, 1.0)) for k in keys]
+    per_rank = torch.zeros(engine.world_size, 2 * len(keys), dtype=torch.float64, device=engine.device)
+    per_rank[engine.rank] = torch.tensor(row, dtype=torch.float64)
     per_rank = engine.all_reduce_sum(per_rank)
-    means, maxima = per_rank.mean(0).tolist(), per_rank.max(0).values.tolist()
+    values, weight = per_rank[:, : len(keys)], per_rank[:, len(keys) :]
+    means = ((values * weight).sum(0) / weight.sum(0).clamp(min=1e-12)).tolist()
+    maxima = values.max(0).values.tolist()
     return {k: maxima[i] if k.endswith("_max") else means[i] for i, k in enumerate(keys)}
 
 

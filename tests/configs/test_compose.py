@@ -207,3 +207,9 @@ def test_response_budgets_are_chat_sized_outside_the_arithmetic_presets(recipe):
     chat = _compose(recipe, ["data=jsonl", "data.source=train.jsonl"])
     assert chat.rollout.max_new_tokens == 256 and chat.eval.max_new_tokens == 256  # TRL's default
     assert _compose("sft", ["data=jsonl", "data.source=train.jsonl"]).eval.max_new_tokens == 256
+
+
+def test_escaped_stop_strings_from_the_command_line_are_the_characters():
+    """A shell passes rollout.stop=["\\n\\n"] through as backslash-n: it means two newlines."""
+    cfg = _compose("grpo", ['rollout.stop=["\\n\\n","END"]'])
+    assert cfg.rollout.stop == ["\n\n", "END"]

@@ -1,12 +1,14 @@
 """One GRPO optimizer step on a fixed synthetic rollout, for the data-parallel invariance tests.
 
 Run under torchrun (each rank takes its contiguous share of the rollout) or as one process (the
-whole rollout). Rank 0 writes the full updated weights to OUT. Usage:
+whole rollout). Rank 0 writes the full updated weights to OUT and the update's metrics to
+OUT.metrics.json. Usage:
     python tests/distributed/grpo_update_worker.py OUT DISTRIBUTED MICRO_BATCH [AGGREGATION [TOP_ENTROPY_QUANTILE]]
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
@@ -77,10 +79,12 @@ def main() -> None:
     reduction = get_reduction(aggregation)
     options = ForwardOptions(warp={"temperature": 1.0, "top_k": 0, "top_p": 1.0})
     objective = PolicyGradientObjective(cfg, engine, reduction, options, kl_estimator=k3)
-    run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction)
+    metrics = run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction)
     weights = engine.full_state_dict()
     if env.is_main:
         torch.save({k: v.detach().cpu().float() for k, v in weights.items()}, out)
+        with open(out + ".metrics.json", "w") as handle:
+            json.dump(metrics, handle)
 
 
 if __name__ == "__main__":

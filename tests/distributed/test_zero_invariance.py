@@ -7,6 +7,7 @@ accumulation split must give the same as none.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,9 @@ def single(args: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
+GRPO_SINGLE: list[str] = []  # the single-process run's output path, for its metrics
+
+
 def _assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -79,6 +83,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 def grpo_reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("grpo") / "single.pt"
     single([WORKER, str(path), "single", "8"])
+    GRPO_SINGLE[:] = [str(path)]
     return torch.load(path)
 
 
@@ -87,6 +92,11 @@ def test_grpo_step_two_ranks_equals_one_process(stage, grpo_reference, tmp_path)
     out = tmp_path / f"{stage}.pt"
     torchrun([WORKER, str(out), stage, "2"])  # 2 ranks x 2 micro-batches of 2 rows
     _assert_same_weights(torch.load(out), grpo_reference)
+    # the logged token means are the whole step's (the ranks hold different token counts), not the
+    # mean of each rank's mean
+    two, one = (json.loads(open(f"{p}.metrics.json").read()) for p in (out, GRPO_SINGLE[0]))
+    for key in ("kl/mean", "entropy", "ratio/mean", "loss/policy_token_mean"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
 
 
 def test_top_entropy_quantile_is_taken_over_both_ranks(tmp_path):
