@@ -133,11 +133,10 @@ def _evaluate(job: tuple[str, str, int, int, int, bool, str], threads: int) -> t
     torch.set_num_threads(threads)
     from datasets import concatenate_datasets
 
-    from recipes.diversity_eval import evaluate_diversity
     from rewards import REWARD_FUNCTIONS
     from rlhf.config import DataConfig, ModelConfig
     from rlhf.data.load import load_splits
-    from rlhf.eval.diversity import load_minilm
+    from rlhf.eval.diversity import evaluate_diversity, load_minilm
     from rlhf.models.load import load_causal_lm, load_tokenizer
     from rlhf.rollout.hf import TransformersEngine
     from rlhf.rollout.sampling import SamplingParams

@@ -20,44 +20,11 @@ from rewards import REWARD_FUNCTIONS
 from rlhf.config import DataConfig, ModelConfig
 from rlhf.data.chat import prepare_prompts
 from rlhf.data.load import load_splits
-from rlhf.eval.diversity import diversity_metrics, load_minilm
+from rlhf.eval.diversity import evaluate_diversity, load_minilm
 from rlhf.models.load import load_causal_lm, load_tokenizer
-from rlhf.rollout.engine import RolloutEngine, closing_engine, engine_for_model, generate_rollouts
-from rlhf.rollout.sampling import SamplingParams, prompt_inputs
+from rlhf.rollout.engine import closing_engine, engine_for_model
+from rlhf.rollout.sampling import SamplingParams
 from rlhf.scoring import resolve_reward
-
-
-@torch.no_grad()
-def evaluate_diversity(
-    engine: RolloutEngine,
-    rows,
-    reward_fn,
-    *,
-    samples: int = 10,
-    sampling: SamplingParams | None = None,
-    encoder=None,
-    prompt_column: str = "prompt",
-    batch_prompts: int = 32,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Mean reward and the diversity metrics of `samples` completions for every row of `rows`,
-    sampled by `engine` (rlhf.rollout.engine: one holding the model's weights)."""
-    sampling = sampling or SamplingParams(max_new_tokens=16)
-    groups, rewards = [], []
-    with engine.ready(0):
-        for start in range(0, len(rows), batch_prompts):
-            chunk = rows.select(range(start, min(start + batch_prompts, len(rows))))
-            batch = generate_rollouts(
-                engine,
-                **prompt_inputs(chunk, prompt_column),
-                group_size=samples,
-                sampling=sampling,
-                seed=seed * 1_000_003 + start,
-            )
-            scores = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
-            rewards += [s for s in scores if s is not None]
-            groups += [batch.completions[i : i + samples] for i in range(0, len(batch.completions), samples)]
-    return {"reward": sum(rewards) / max(len(rewards), 1), **diversity_metrics(groups, encoder)}
 
 
 def main() -> None:

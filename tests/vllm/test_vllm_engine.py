@@ -272,8 +272,8 @@ def test_sampling_tools_run_on_the_engine(trainer, tokenizer):
     """The diversity evaluation (and the cDPO sampler, which calls the same generation) with vLLM."""
     from datasets import Dataset
 
-    from recipes.diversity_eval import evaluate_diversity
     from rewards import exact_match
+    from rlhf.eval.diversity import evaluate_diversity
 
     rows = Dataset.from_dict({"prompt": PROMPTS, "answer": ["46", "11", "100", "77"]})
     started = engine_for_model("vllm", trainer.module, tokenizer, max_new_tokens=6, seed=0)
