@@ -65,5 +65,8 @@ def test_lora_reference_equals_the_base_model_in_every_layout(shared, packed, ch
         expected, _ = response_logprobs(base, *tensors, options)
         got, _ = response_logprobs(reference, *tensors, options)
         adapted, _ = response_logprobs(engine.model, *tensors, options)
+    # measured: equal bit for bit in all 8 layouts (the same weights, the same kernels); the bound
+    # leaves room for BLAS kernels that round a chunk-shaped matmul another way, while the lm_head
+    # adapter left on moved logprobs by up to 28.7 nats
     torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5)
     assert (adapted - expected)[mask].abs().max() > 1e-2  # the adapters do change the policy
