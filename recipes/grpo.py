@@ -63,7 +63,7 @@ from rlhf.runtime import (
     rank_slice,
     rl_prompts,
 )
-from rlhf.scoring import score_completions, score_metrics
+from rlhf.scoring import score_metrics, score_rollout
 from rlhf.shaping import EntropyCoefficient, kl_token_penalty, overlong_penalty
 from rlhf.types import RolloutBatch
 from rlhf.update import (
@@ -218,14 +218,7 @@ def _sample(cfg: GRPOConfig, env, rollout, train_rows, sampler, sampling, reward
             seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank + round_index * 998_244_353,
         )
         elapsed = time.perf_counter() - started
-        scores, valid, per_reward, reward_metrics = score_completions(
-            rewards,
-            batch.prompts,
-            batch.reward_completions(),
-            batch.columns,
-            on_error=cfg.reward.on_error,
-            timeout_s=cfg.reward.timeout_s,
-        )
+        scores, valid, per_reward, reward_metrics = score_rollout(rewards, batch, cfg.reward)
         device = rollout.policy.device
         scores, valid = scores.to(device), valid.to(device)
         per_reward_values = torch.stack([per_reward[r.name] for r in rewards], -1).to(device)

@@ -61,7 +61,7 @@ from rlhf.runtime import (
     rank_slice,
     rl_prompts,
 )
-from rlhf.scoring import score_completions
+from rlhf.scoring import score_rollout
 from rlhf.segments import macro_ratio_logprobs, make_segmenter, num_segments
 from rlhf.shaping import (
     DPOTokenReward,
@@ -255,14 +255,7 @@ def _score(
     scores = torch.zeros(batch.batch_size, device=policy.device)
     valid = torch.ones(batch.batch_size, dtype=torch.bool, device=policy.device)
     if rewards:
-        function_scores, scored, per_reward, reward_metrics = score_completions(
-            rewards,
-            batch.prompts,
-            batch.reward_completions(),
-            batch.columns,
-            on_error=cfg.reward.on_error,
-            timeout_s=cfg.reward.timeout_s,
-        )
+        function_scores, scored, per_reward, reward_metrics = score_rollout(rewards, batch, cfg.reward)
         scores += function_scores.to(policy.device)
         valid = scored.to(policy.device) | (reward_model is not None)
         metrics.update(reward_metrics)

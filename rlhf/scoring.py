@@ -207,6 +207,21 @@ def score_completions(
     return total, scored, per_reward, metrics
 
 
+def score_rollout(
+    rewards: list[WeightedReward], batch: Any, reward_cfg: Any
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    """`score_completions` of a RolloutBatch's rows (completions as TRL's GRPOTrainer passes them)
+    under the config's `reward.on_error` and `reward.timeout_s`."""
+    return score_completions(
+        rewards,
+        batch.prompts,
+        batch.reward_completions(),
+        batch.columns,
+        on_error=reward_cfg.on_error,
+        timeout_s=reward_cfg.timeout_s,
+    )
+
+
 def score_metrics(
     scores: torch.Tensor,
     valid: torch.Tensor,

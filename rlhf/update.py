@@ -30,8 +30,9 @@ from rlhf.distributed.collectives import gathered_values
 from rlhf.losses.policy import high_entropy_mask, off_policy_sequence_mask, policy_gradient_loss
 from rlhf.losses.reduce import Reduction
 from rlhf.losses.rollout_correction import rollout_importance_weights, rollout_mismatch_metrics
+from rlhf.losses.value import clipped_value_loss
 from rlhf.metrics import MetricAccumulator
-from rlhf.models.forward import response_logprobs
+from rlhf.models.forward import response_logprobs, token_values
 from rlhf.models.options import ForwardOptions
 from rlhf.ops import masked_mean, masked_sum
 from rlhf.shaping import EntropyCoefficient
@@ -369,9 +370,6 @@ class ActorCriticObjective(PolicyGradientObjective):
     def micro_batch(
         self, mb: RolloutBatch, step: Minibatch, accumulator: MetricAccumulator
     ) -> dict[str, torch.Tensor]:
-        from rlhf.losses.value import clipped_value_loss
-        from rlhf.models.forward import token_values
-
         loss, entropy = self.policy_loss(mb, step, accumulator, entropy_grad=self.ppo_entropy_coef != 0)
         if self.ppo_entropy_coef:
             loss = loss - self.ppo_entropy_coef * self.reduction.reduce(

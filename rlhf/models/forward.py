@@ -49,7 +49,7 @@ def response_logprobs(
     first_seen = penalty_context(
         prompt_ids, prompt_mask, response_ids, response_mask, warp.get("repetition_penalty", 1.0)
     )
-    chunk = _chunk(model, options, response_ids)
+    chunk = logprob_chunk(model, options, response_ids)
     if chunk:
         with _head_as_identity(model):  # the "logits" are the head's inputs
             hidden = _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, options)[
@@ -106,7 +106,7 @@ def response_logprobs_and_states(
     first_seen = penalty_context(
         prompt_ids, prompt_mask, response_ids, response_mask, warp.get("repetition_penalty", 1.0)
     )
-    chunk = _chunk(model, options, response_ids)
+    chunk = logprob_chunk(model, options, response_ids)
     with _head_as_identity(model) if chunk else contextlib.nullcontext():
         logits, (states, next_states) = _response_forward(
             model, prompt_ids, prompt_mask, response_ids, response_mask, options, with_states=True
@@ -121,7 +121,8 @@ def response_logprobs_and_states(
     return logprobs_from_logits(logits, safe_ids), states, next_states
 
 
-def _chunk(model: torch.nn.Module, options: ForwardOptions, response_ids: torch.Tensor) -> int:
+def logprob_chunk(model: torch.nn.Module, options: ForwardOptions, response_ids: torch.Tensor) -> int:
+    """The response-token chunk `options` give a pass of `model` over `response_ids` (0: whole)."""
     owner = _head_owner(model)
     vocab = owner.get_output_embeddings().weight.shape[0]
     return options.chunk_tokens(response_ids.shape[0], response_ids.shape[1], vocab, owner.config)

@@ -23,8 +23,8 @@ import torch
 from rlhf.advantages import nthr_advantage_scale, nthr_scores
 from rlhf.losses.preference import contrastive_prompt_token_rewards, contrastive_token_scores
 from rlhf.models.forward import (
-    _head_owner,
     chunked_token_loss,
+    logprob_chunk,
     output_head,
     response_head_inputs,
     response_logits,
@@ -67,9 +67,7 @@ class PairTokenScorer:
         """cDPO's scores [B, T]; with a logprob chunk (the forward options'), both models' heads a
         chunk of tokens at a time (no [B, T, V] logits)."""
         models, ids = (self.positive, self.negative), tensors[2]
-        owner = _head_owner(self.positive)
-        vocab = owner.get_output_embeddings().weight.shape[0]
-        chunk = self.options.chunk_tokens(ids.shape[0], ids.shape[1], vocab, owner.config)
+        chunk = logprob_chunk(self.positive, self.options, ids)
         if not chunk:
             logits = [response_logits(m, *tensors, self.options) for m in models]
             return contrastive_token_scores(*logits, ids, beta=self.contrast_beta)
