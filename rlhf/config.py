@@ -157,7 +157,7 @@ class DataConfig:
     # true also wraps plain-string prompts as one user turn (and completions as the assistant's).
     apply_chat_template: bool = False
     chat_template: str | None = None  # a Jinja file or string replacing the tokenizer's template
-    messages_column: str = "messages"  # SFT: a whole conversation, learned from its last assistant turn
+    messages_column: str = "messages"  # SFT: a whole conversation, learned from its last assistant turn (every one: train.assistant_only_loss)
     # Length policy, in tokens, checked before training: prompts over max_prompt_length, and
     # prompt + completion over max_length (SFT, DPO, reward models), are truncated (prompts from the
     # left, completions from the right) or dropped ("truncate" | "drop"); null: no limit.
@@ -608,6 +608,17 @@ class SFTTrainConfig(RowsTrainConfig):
     check_size: int = 200
     # TRL's completion_only_loss: the loss on completion tokens only; false trains on every token.
     completion_only_loss: bool = True
+    # TRL's assistant_only_loss: conversations train every assistant turn (user and tool turns between
+    # them are context); false learns a `messages` conversation's last assistant turn only.
+    assistant_only_loss: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.assistant_only_loss and not self.completion_only_loss:
+            raise ConfigError(
+                "train.assistant_only_loss=true trains assistant turns only and train.completion_only_loss=false "
+                "trains every token: set one of them"
+            )
 
 
 @dataclass

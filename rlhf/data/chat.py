@@ -33,11 +33,20 @@ from trl.data_utils import apply_chat_template, maybe_extract_prompt
 
 from rlhf.config import DataConfig
 from rlhf.data.load import DataError
+from rlhf.data.messages import (
+    ToolRenderingCheck,
+    assistant_token_mask,
+    clean_tool_calls,
+    message_text,
+    parse_tools,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_IDS, PROMPT_TEXT = "_prompt_ids", "_prompt_text"
 COMPLETION_IDS, CHOSEN_IDS, REJECTED_IDS = "_completion_ids", "_chosen_ids", "_rejected_ids"
 CONVERSATIONAL = "_conversational"
+COMPLETION_MASK = "_completion_mask"  # SFT with train.assistant_only_loss: 1 on assistant turns' tokens
+SYSTEM_COLUMN, TOOLS_COLUMN = "system", "tools"  # TRL's optional columns, rendered by the template
 
 Messages = list[dict[str, Any]]
 
@@ -70,16 +79,18 @@ def _clean_message(message: Any, column: str, row: int, where: str) -> dict[str,
     if not isinstance(message, dict):
         raise DataError(f"{where}: row {row} column {column!r} holds {message!r}, not a message dict")
     message = {k: v for k, v in message.items() if v is not None}
-    role, content = message.get("role"), message.get("content")
-    if role is None or content is None:
-        missing = [k for k in ("role", "content") if message.get(k) is None]
+    role = message.get("role")
+    if "tool_calls" in message:  # an assistant turn calling tools: content may be null (OpenAI's format)
+        message["tool_calls"] = clean_tool_calls(message, column, row, where)
+        message.setdefault("content", "")
+    if role is None or "content" not in message:
+        missing = [k for k in ("role", "content") if k not in message]
         raise DataError(f"{where}: row {row} column {column!r} has a message without {missing}: {message!r}")
     if role not in ROLES:
         raise DataError(
             f"{where}: row {row} column {column!r} has a message with role {role!r}; use one of {list(ROLES)}"
         )
-    if not isinstance(content, str):
-        raise DataError(f"{where}: row {row} column {column!r} has non-text content {content!r}")
+    message["content"] = message_text(message["content"], column, row, where)
     return message
 
 
@@ -128,7 +139,11 @@ def use_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> No
 
 
 def _render(
-    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, row: int, where: str
+    example: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    row: int,
+    where: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
@@ -136,13 +151,37 @@ def _render(
             "no chat template; set data.chat_template to a template file or string"
         )
     try:
-        return apply_chat_template(example, tokenizer)
+        return apply_chat_template(example, tokenizer, tools=tools)
     except Exception as exc:  # noqa: BLE001 - a user's template can raise anything
         raise DataError(f"{where}: the chat template failed to render row {row}: {exc!r}") from exc
 
 
-def _as_conversation(value: Any, role: str) -> Messages:
-    return value if isinstance(value, list) else [{"role": role, "content": value}]
+def _as_conversation(value: Any, role: str, system: Any = None) -> Messages:
+    """A message list as it is, or a string as one turn of `role`; a `system` column's text goes
+    first unless the conversation opens with its own system turn."""
+    messages = value if isinstance(value, list) else [{"role": role, "content": value}]
+    if system and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def row_extras(dataset: Dataset, templated: bool, where: str) -> tuple[list[Any], list[Any]]:
+    """Each row's `system` text and `tools` (parsed), from TRL's optional columns of those names
+    (None where absent). Unrendered (plain-text) data cannot use them: said once."""
+    names = dataset.column_names
+    unused = [c for c in (SYSTEM_COLUMN, TOOLS_COLUMN) if c in names and not templated]
+    if unused:
+        print(
+            f"[data] {where}: column(s) {unused} unused: the prompts are plain text "
+            "(data.apply_chat_template=true renders them with the chat template)",
+            flush=True,
+        )
+    count = len(dataset)
+    system = list(dataset[SYSTEM_COLUMN]) if SYSTEM_COLUMN in names and templated else [None] * count
+    tools = [None] * count
+    if TOOLS_COLUMN in names and templated:
+        tools = [parse_tools(v, TOOLS_COLUMN, row, where) for row, v in enumerate(dataset[TOOLS_COLUMN])]
+    return system, tools
 
 
 # -- tokenization and lengths ----------------------------------------------------------------------
@@ -243,12 +282,19 @@ def encode_prompt(
     row: int = 0,
     where: str = "prompt",
     column: str = "prompt",
+    *,
+    system: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    check: ToolRenderingCheck | None = None,
 ) -> tuple[list[int], str]:
     """(token ids, text fed) of one prompt: a message list (or, with `templated`, a string as one
-    user turn) rendered with the chat template and its generation prompt, or plain text."""
+    user turn) rendered with the chat template and its generation prompt, with the row's `system`
+    turn and `tools` schemas; or plain text."""
     if templated or isinstance(prompt, list):
-        messages = clean_messages(_as_conversation(prompt, "user"), column, row, where)
-        text = _render({"prompt": messages}, tokenizer, row, where)["prompt"]
+        messages = clean_messages(_as_conversation(prompt, "user", system), column, row, where)
+        text = _render({"prompt": messages}, tokenizer, row, where, tools)["prompt"]
+        if check is not None:
+            check.check(row, messages, tools, text)
         return _ids(tokenizer, text, special=False), text
     return _ids(tokenizer, prompt, special=True), prompt
 
@@ -270,9 +316,21 @@ def prepare_prompts(
     conversational = column_kind(raw, cfg.prompt_column, where) == "messages"
     templated = conversational or cfg.apply_chat_template
     policy = LengthPolicy(cfg, where)
+    systems, tools = row_extras(dataset, templated, where)
+    check = ToolRenderingCheck(where)
     ids_column, texts = [], []
     for row, value in enumerate(raw):
-        full, text = encode_prompt(tokenizer, value, templated, row, where, cfg.prompt_column)
+        full, text = encode_prompt(
+            tokenizer,
+            value,
+            templated,
+            row,
+            where,
+            cfg.prompt_column,
+            system=systems[row],
+            tools=tools[row],
+            check=check,
+        )
         ids = policy.prompt(full, row)
         if ids is not None and context is not None and len(ids) + response_budget > context:
             raise DataError(
@@ -281,6 +339,7 @@ def prepare_prompts(
             )
         ids_column.append(ids or [])
         texts.append("" if ids is None else _prompt_text(tokenizer, text, ids, full))
+    check.warn()
     return _finish(
         dataset,
         {PROMPT_IDS: ids_column, PROMPT_TEXT: texts, CONVERSATIONAL: [conversational] * len(raw)},
@@ -312,68 +371,121 @@ def _check_context(row: int, lengths: list[int], context: int | None, where: str
         )
 
 
+def _sft_format(dataset: Dataset, cfg: DataConfig, where: str) -> bool:
+    """Whether SFT rows are conversational: a messages column, or message lists in both the prompt
+    and completion columns (strings in both: plain text; a mix is an error)."""
+    if cfg.messages_column in dataset.column_names and cfg.prompt_column not in dataset.column_names:
+        column_kind(list(dataset[cfg.messages_column]), cfg.messages_column, where)
+        return True
+    prompt_kind = column_kind(list(dataset[cfg.prompt_column]), cfg.prompt_column, where)
+    completion_kind = column_kind(
+        [v if isinstance(v, list) else str(v) for v in dataset[cfg.completion_column]],
+        cfg.completion_column,
+        where,
+    )
+    if prompt_kind != completion_kind:
+        raise DataError(
+            f"{where}: {cfg.prompt_column!r} holds {prompt_kind} and {cfg.completion_column!r} holds "
+            f"{completion_kind}; use message lists in both or strings in both"
+        )
+    return prompt_kind == "messages"
+
+
+def _sft_tokens(
+    row: dict[str, Any], index: int, context: dict[str, Any]
+) -> tuple[list[int], str, list[int], Any]:
+    """(prompt ids, prompt text, completion ids, assistant mask or None) of one SFT row, as
+    `prepare_sft` set up `context` (tokenizer, cfg, where, templated, assistant_only, system,
+    tools, check)."""
+    c = context
+    tokenizer, cfg, where, system, tools = (
+        c["tokenizer"],
+        c["cfg"],
+        c["where"],
+        c["system"][index],
+        c["tools"][index],
+    )
+    if c["assistant_only"]:  # the whole conversation; every assistant turn is learned
+        if cfg.messages_column in row and cfg.prompt_column not in row:
+            turns = row[cfg.messages_column]
+        else:
+            turns = list(row[cfg.prompt_column]) + list(row[cfg.completion_column])
+        messages = clean_messages(_as_conversation(turns, "user", system), cfg.messages_column, index, where)
+        ids, mask, text = assistant_token_mask(tokenizer, messages, tools, index, where)
+        c["check"].check(index, messages, tools, text)
+        if 1 not in mask:
+            raise DataError(
+                f"{where}: row {index} has no assistant turn after another turn (nothing to learn)"
+            )
+        first = mask.index(1)
+        return ids[:first], tokenizer.decode(ids[:first]), ids[first:], mask[first:]
+    prompt, completion = _sft_example(row, cfg, index, where)
+    if not c["templated"]:
+        return (
+            _ids(tokenizer, prompt, special=True),
+            prompt,
+            _completion_ids(tokenizer, str(completion), False),
+            None,
+        )
+    completion = completion if isinstance(completion, list) else str(completion)
+    example = {
+        "prompt": clean_messages(_as_conversation(prompt, "user", system), cfg.prompt_column, index, where),
+        "completion": clean_messages(
+            _as_conversation(completion, "assistant"),
+            cfg.completion_column or cfg.messages_column,
+            index,
+            where,
+        ),
+    }
+    rendered = _render(example, tokenizer, index, where, tools)
+    c["check"].check(
+        index, example["prompt"] + example["completion"], tools, rendered["prompt"] + rendered["completion"]
+    )
+    prompt_ids = _ids(tokenizer, rendered["prompt"], special=False)
+    return prompt_ids, rendered["prompt"], _completion_ids(tokenizer, rendered["completion"], True), None
+
+
 def prepare_sft(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
     cfg: DataConfig,
     where: str,
     context: int | None = None,
+    assistant_only: bool = False,
 ) -> Dataset:
-    """SFT rows: `_prompt_ids`, `_prompt_text`, `_completion_ids`."""
+    """SFT rows: `_prompt_ids`, `_prompt_text`, `_completion_ids`; with `assistant_only` (TRL's
+    assistant_only_loss) the completion is the rest of the conversation from its first assistant
+    turn, and `_completion_mask` marks the tokens of every assistant turn (the others are context)."""
     use_chat_template(tokenizer, cfg)
-    messages_format = (
-        cfg.messages_column in dataset.column_names and cfg.prompt_column not in dataset.column_names
-    )
-    if messages_format:
-        column_kind(list(dataset[cfg.messages_column]), cfg.messages_column, where)
-        conversational = True
-    else:
-        prompt_kind = column_kind(list(dataset[cfg.prompt_column]), cfg.prompt_column, where)
-        completion_kind = column_kind(
-            [v if isinstance(v, list) else str(v) for v in dataset[cfg.completion_column]],
-            cfg.completion_column,
-            where,
+    conversational = _sft_format(dataset, cfg, where)
+    if assistant_only and not conversational:
+        raise DataError(
+            f"{where}: train.assistant_only_loss needs conversations (a {cfg.messages_column!r} column, or "
+            f"message lists in {cfg.prompt_column!r} and {cfg.completion_column!r})"
         )
-        if prompt_kind != completion_kind:
-            raise DataError(
-                f"{where}: {cfg.prompt_column!r} holds {prompt_kind} and {cfg.completion_column!r} holds "
-                f"{completion_kind}; use message lists in both or strings in both"
-            )
-        conversational = prompt_kind == "messages"
     templated = conversational or cfg.apply_chat_template
+    system, tools = row_extras(dataset, templated, where)
+    setup = dict(
+        tokenizer=tokenizer, cfg=cfg, where=where, templated=templated, assistant_only=assistant_only
+    )
+    setup.update(system=system, tools=tools, check=ToolRenderingCheck(where))
     policy = LengthPolicy(cfg, where)
-    prompts, texts, completions = [], [], []
+    columns: dict[str, list[Any]] = {PROMPT_IDS: [], PROMPT_TEXT: [], COMPLETION_IDS: [], COMPLETION_MASK: []}
     for index, row in enumerate(dataset):
-        prompt, completion = _sft_example(row, cfg, index, where)
-        if templated:
-            example = {
-                "prompt": clean_messages(_as_conversation(prompt, "user"), cfg.prompt_column, index, where),
-                "completion": clean_messages(
-                    _as_conversation(
-                        str(completion) if not isinstance(completion, list) else completion, "assistant"
-                    ),
-                    cfg.completion_column or cfg.messages_column,
-                    index,
-                    where,
-                ),
-            }
-            rendered = _render(example, tokenizer, index, where)
-            prompt_text, completion_text = rendered["prompt"], rendered["completion"]
-        else:
-            prompt_text, completion_text = prompt, str(completion)
-        full = _ids(tokenizer, prompt_text, special=not templated)
+        full, prompt_text, completion, mask = _sft_tokens(row, index, setup)
         prompt_ids = policy.prompt(full, index)
-        completion_ids = None
-        if prompt_ids is not None:
-            completion_ids = policy.completion(
-                prompt_ids, _completion_ids(tokenizer, completion_text, templated), index
-            )
-        prompts.append(prompt_ids or [])
-        texts.append("" if prompt_ids is None else _prompt_text(tokenizer, prompt_text, prompt_ids, full))
-        if completion_ids is not None:
-            _check_context(index, [len(prompt_ids) + len(completion_ids)], context, where)
-        completions.append(completion_ids or [])
-    columns = {PROMPT_IDS: prompts, PROMPT_TEXT: texts, COMPLETION_IDS: completions}
+        kept = None if prompt_ids is None else policy.completion(prompt_ids, completion, index)
+        if kept is not None:
+            _check_context(index, [len(prompt_ids) + len(kept)], context, where)
+        columns[PROMPT_IDS].append(prompt_ids or [])
+        columns[PROMPT_TEXT].append(
+            "" if prompt_ids is None else _prompt_text(tokenizer, prompt_text, prompt_ids, full)
+        )
+        columns[COMPLETION_IDS].append(kept or [])
+        columns[COMPLETION_MASK].append(mask[: len(kept)] if mask is not None and kept else [])
+    setup["check"].warn()
+    if not assistant_only:
+        del columns[COMPLETION_MASK]
     return _finish(dataset, {**columns, CONVERSATIONAL: [conversational] * len(dataset)}, policy)
 
 

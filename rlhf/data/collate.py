@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.data.chat import CHOSEN_IDS, COMPLETION_IDS, PROMPT_IDS, REJECTED_IDS
+from rlhf.data.chat import CHOSEN_IDS, COMPLETION_IDS, COMPLETION_MASK, PROMPT_IDS, REJECTED_IDS
 from rlhf.rollout.sampling import pad_prompts, pad_targets
 
 
@@ -21,6 +21,17 @@ def collate_sft(
     prompt_ids, prompt_mask = pad_prompts(prompts, pad_token_id, device)
     target_ids, target_mask = pad_targets(completions, pad_token_id, device)
     return prompt_ids, prompt_mask, target_ids, target_mask
+
+
+def sft_loss_mask(rows, target_mask: torch.Tensor) -> torch.Tensor:
+    """The target tokens the SFT loss covers: all of `target_mask`, or with rows prepared under
+    train.assistant_only_loss only the assistant turns' tokens (the user and tool turns between
+    them stay in `target_mask`, attended to but not learned)."""
+    names = rows.column_names if hasattr(rows, "column_names") else list(rows)
+    if COMPLETION_MASK not in names:
+        return target_mask
+    learned, _ = pad_targets([list(m) for m in rows[COMPLETION_MASK]], 0, target_mask.device)
+    return target_mask & learned[:, : target_mask.shape[1]].bool()
 
 
 def collate_pairs(
