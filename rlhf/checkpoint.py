@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ EXPORT_DIR = "hf"
 ENGINE_DIR = "engine"
 MANIFEST_FILE = "manifest.json"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE_BYTES = 16 * 2**20  # a write that fails with less free than this ran out of space
 
 
 class CheckpointError(RuntimeError):
@@ -207,27 +209,27 @@ def save_checkpoint(
     # full weights first: gathering them is collective under ZeRO-3, so no rank may skip it on an error
     weights = engine.full_state_dict()
     extra = {name: (e, e.full_state_dict()) for name, e in (extra_engines or {}).items()}
-    failure: OSError | None = None
+    failure: WriteFailure | None = None
     if engine.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     engine.barrier()
     try:
         _write_rank_files(staging, step, engine, tokenizer, training_state, weights, extra)
-    except OSError as exc:
-        failure = exc
+    except Exception as exc:  # torch.save reports a full disk as RuntimeError, safetensors as its own
+        failure = WriteFailure(exc, free_bytes(root))
     failed_ranks = engine.all_reduce_sum(torch.tensor(float(failure is not None), device=engine.device))
     if float(failed_ranks) == 0 and engine.is_main:
         try:
             write_manifest(staging, step, engine.world_size)
-        except OSError as exc:
-            failure = exc
+        except Exception as exc:
+            failure = WriteFailure(exc, free_bytes(root))
     failed_ranks = engine.all_reduce_sum(torch.tensor(float(failure is not None), device=engine.device))
     if float(failed_ranks):
         engine.barrier()
         if engine.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-        raise _save_error(final, failure, int(failed_ranks))
+        raise _save_error(final, failure, int(failed_ranks)) from (failure.error if failure else None)
     if engine.is_main:
         if os.path.exists(final):  # re-saving a step after a resume: swap the whole directory
             retired = f"{final}.old"
@@ -245,18 +247,57 @@ def save_checkpoint(
     return final
 
 
-def _save_error(final: str, failure: OSError | None, failed_ranks: int) -> CheckpointError:
+@dataclass(frozen=True)
+class WriteFailure:
+    """An exception raised while writing a checkpoint, with the free space measured right then
+    (before the partial files are removed, which frees space again)."""
+
+    error: BaseException
+    free: int
+
+    @property
+    def disk_full(self) -> bool:
+        """ENOSPC / EDQUOT however it is reported: as an OSError, in the message of safetensors'
+        error, or (torch.save says only "unexpected pos ...") by the space left when it failed."""
+        return (
+            getattr(self.error, "errno", None) in DISK_FULL
+            or "No space left on device" in str(self.error)
+            or "Disk quota exceeded" in str(self.error)
+            or self.free < LOW_SPACE_BYTES
+        )
+
+
+def free_bytes(path: str) -> int:
+    """Free space for an unprivileged writer on the filesystem holding `path` (its nearest existing
+    parent)."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path or ".").free
+
+
+def _save_error(final: str, failure: WriteFailure | None, failed_ranks: int) -> CheckpointError:
     where = os.path.dirname(final)
     if failure is None:  # this rank wrote its part; another did not
         return CheckpointError(f"saving {final} failed on {failed_ranks} other rank(s); nothing was kept")
-    if failure.errno in DISK_FULL:
-        free = shutil.disk_usage(where).free if os.path.isdir(where) else 0
+    if failure.disk_full:
         return CheckpointError(
-            f"the disk is full: saving {final} failed ({failure.strerror}; {free / 2**20:.0f} MiB free in {where}). "
-            "The partial checkpoint was removed; the previous checkpoint is intact. Free space or set "
-            "checkpoint.keep_last lower, then resume."
+            f"the disk is full: saving {final} failed with {failure.free / 2**20:.1f} MiB free in {where} "
+            f"({type(failure.error).__name__}: {failure.error}). The partial checkpoint was removed; the "
+            "previous checkpoint is intact. Free space (or set checkpoint.keep_last lower), then resume."
         )
-    return CheckpointError(f"saving {final} failed: {failure!r}; the partial checkpoint was removed")
+    return CheckpointError(f"saving {final} failed: {failure.error!r}; the partial checkpoint was removed")
+
+
+def remove_partial_saves(run_dir: str) -> list[str]:
+    """Staging directories (`step-N.tmp`, `step-N.old`) left by a save that was killed: never
+    checkpoints (the manifest is written last), only disk space. Removed; returns their names."""
+    root = os.path.join(run_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    partial = sorted(n for n in os.listdir(root) if n.startswith("step-") and n.endswith((".tmp", ".old")))
+    for name in partial:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return partial
 
 
 def load_checkpoint(
