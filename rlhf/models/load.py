@@ -7,7 +7,10 @@ or a local directory such as the `hf` export inside one of our checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -256,18 +259,60 @@ def load_scorer(
         # the tiny model is whole and deepspeed.initialize partitions it like the policy.
         setattr(model, model.base_model_prefix, lm.base_model)
         return _checkpointed(_without_dropout(model).to(_dtype(cfg)), cfg)
-    model = _from_pretrained(
-        auto,
-        "model.name_or_path",
-        cfg.name_or_path,
-        num_labels=1,
-        dtype=_dtype(cfg),
-        attn_implementation=_attention(cfg),
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    with _quiet_load_report():
+        model, info = _from_pretrained(
+            auto,
+            "model.name_or_path",
+            cfg.name_or_path,
+            num_labels=1,
+            dtype=_dtype(cfg),
+            attn_implementation=_attention(cfg),
+            trust_remote_code=cfg.trust_remote_code,
+            output_loading_info=True,
+        )
+    _say_what_was_initialised(cfg.name_or_path, info)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return _checkpointed(_checked_family(_without_dropout(model), cfg), cfg)
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers' boxed LOAD REPORT off: a scalar head missing from a causal-LM checkpoint is
+    the expected case, said once in a line by `_say_what_was_initialised`."""
+    # at a raised level transformers also checks tensor-parallel plans, whose logger then warns
+    loggers = [
+        logging.getLogger(f"transformers.{name}")
+        for name in ("modeling_utils", "distributed.tensor_parallel")
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _say_what_was_initialised(path: str, info: dict[str, Any]) -> None:
+    """One line for the new scalar head; a warning for any other weight the checkpoint lacked or
+    held in a shape the model does not have (those would train from random values)."""
+    missing = sorted(info.get("missing_keys") or [])
+    head = [key for key in missing if key.split(".")[0] == "score"]
+    if head:
+        print(
+            f"[model] {path}: new scalar head initialised ({', '.join(head)}; the checkpoint has none)",
+            flush=True,
+        )
+    others = [key for key in missing if key not in head] + sorted(
+        str(key) for key in (info.get("mismatched_keys") or [])
+    )
+    if others:
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        warnings.warn(
+            f"{path}: weights not in the checkpoint, newly initialised: {others[:5]}{more}", stacklevel=3
+        )
 
 
 def _without_dropout(model: PreTrainedModel) -> PreTrainedModel:

@@ -179,3 +179,21 @@ def test_stop_strings_end_the_response_where_the_string_completes(tiny_llama, to
     mask, truncated = response_mask_from_ids(ids, tokenizer.eos_token_id, ends)
     assert mask.tolist() == [[True, True, True, True]] and not truncated[0]
     assert stop_string_ends(ids, tokenizer, ()) is None
+
+
+def test_a_scorer_from_a_causal_lm_says_its_new_head_in_one_line(tokenizer, tmp_path, capfd):
+    """transformers' boxed LOAD REPORT (score.weight MISSING) is replaced by one line; a scorer
+    loaded from a reward model's own export initialises nothing and says nothing."""
+    from rlhf.models.load import load_scorer
+
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32))
+    load_causal_lm(cfg, tokenizer).save_pretrained(tmp_path / "lm")
+    capfd.readouterr()
+    reward_model = load_scorer(cfg.pretrained_like(str(tmp_path / "lm"), None), tokenizer)
+    said = capfd.readouterr()
+    assert "LOAD REPORT" not in said.out + said.err and "not sharded" not in said.out + said.err
+    assert said.out.count("new scalar head initialised (score.weight; the checkpoint has none)") == 1
+    reward_model.save_pretrained(tmp_path / "rm")
+    load_scorer(cfg.pretrained_like(str(tmp_path / "rm"), None), tokenizer)
+    said = capfd.readouterr()
+    assert "initialised" not in said.out and "LOAD REPORT" not in said.out + said.err
