@@ -97,16 +97,16 @@ def trl_accuracy(cfg) -> tuple[float, float]:
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlhf.config import DistributedConfig
     from rlhf.data.load import load_task_data
-    from rlhf.distributed import build_engine
     from rlhf.eval.accuracy import heldout_accuracy
-    from rlhf.runtime import build_rewards, rl_prompts, task_reward
+    from rlhf.rollout.engine import engine_for_model
+    from rlhf.runtime import rl_prompts, task_reward
+    from rlhf.scoring import build_rewards
 
     aggregation = {"token_mean": "dapo", "sequence_mean_token_mean": "grpo"}[cfg.loss.aggregation]
     train_rows, eval_rows = load_task_data(cfg.data)
     tokenizer, _, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
-    rewards = build_rewards(cfg.reward)
+    rewards = build_rewards(cfg.reward, cfg.data, {"train": train_rows})
     args = GRPOConfig(
         output_dir=os.path.join(cfg.run_dir, "trl"),
         per_device_train_batch_size=cfg.train.prompts_per_step * cfg.rollout.group_size,
@@ -152,9 +152,9 @@ def trl_accuracy(cfg) -> tuple[float, float]:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    engine = build_engine(trainer.model, cfg.optim, DistributedConfig(backend="single"), 1, 1)
     accuracy = task_reward(cfg.reward.accuracy_reward)
-    return heldout_accuracy(engine, tokenizer, eval_rows, accuracy, cfg.data, cfg.eval), seconds
+    rollout = engine_for_model("hf", trainer.model, tokenizer, cfg.eval.max_new_tokens, cfg.seed)
+    return heldout_accuracy(rollout, eval_rows, accuracy, cfg.data, cfg.eval), seconds
 
 
 def main() -> None:

@@ -97,9 +97,7 @@ def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
     distill = Distillation(cfg, policy, dpo, other)
     sampling = SamplingParams.from_config(cfg.rollout)
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    state = run.attach(policy, tokenizer, lambda: {"sampler": sampler.state_dict()})
-    if state:
-        sampler.load_state_dict(state["sampler"])
+    run.attach(policy, tokenizer, {"sampler": sampler})
     # samples on-policy responses and the held-out completions (the transformers engine off-policy)
     rollout = build_rollout_engine(cfg, policy, tokenizer, env.rank)
 

@@ -118,18 +118,9 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
     if cfg.reference.sync:  # TR-DPO: the reference moves toward the policy
         r = cfg.reference
         reference_sync = ReferenceSync(policy, pairs.scorer.reference, r.mixup_alpha, r.sync_steps)
-    state = run.attach(
-        policy,
-        tokenizer,
-        lambda: {
-            "sampler": sampler.state_dict(),
-            **({"reference": reference_sync.state_dict()} if reference_sync else {}),
-        },
+    run.attach(
+        policy, tokenizer, {"sampler": sampler, **({"reference": reference_sync} if reference_sync else {})}
     )
-    if state:
-        sampler.load_state_dict(state["sampler"])
-        if reference_sync:
-            reference_sync.load_state_dict(state["reference"])
 
     def evaluate() -> dict[str, float]:
         return _evaluate(cfg, pairs, eval_rows, accuracy_fn)

@@ -40,6 +40,7 @@ from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import mean_over_ranks
+from rlhf.eval.heldout import HeldoutEvaluation
 from rlhf.losses.kl import get_kl_estimator
 from rlhf.losses.reduce import get_reduction
 from rlhf.metrics import token_mean_weights
@@ -54,16 +55,14 @@ from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.records import sample_rows
 from rlhf.rollout.sampling import SamplingParams
-from rlhf.run import Run, recipe_config
+from rlhf.run import Run, RunValues, recipe_config
 from rlhf.runtime import (
-    HeldoutAccuracy,
-    build_rewards,
     drop_launcher_arguments,
     log_rollout_sample,
     rank_slice,
     rl_prompts,
 )
-from rlhf.scoring import score_metrics, score_rollout
+from rlhf.scoring import build_rewards, score_metrics, score_rollout
 from rlhf.shaping import EntropyCoefficient, kl_token_penalty, overlong_penalty
 from rlhf.types import RolloutBatch
 from rlhf.update import (
@@ -80,10 +79,10 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     # Setup: validate batch arithmetic, rewards and data before any model loads.
     env = launcher_env()
     plan = plan_grpo_batches(cfg, env.world_size)
-    rewards = build_rewards(cfg.reward)
     reduction = get_reduction(cfg.loss.aggregation)
     kl_estimator = get_kl_estimator(cfg.loss.kl_estimator)
     train_rows, eval_rows = load_task_data(cfg.data)
+    rewards = build_rewards(cfg.reward, cfg.data, {"train": train_rows, "eval": eval_rows})
     run = Run.open("grpo", cfg, env)
     tokenizer, train_rows, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
@@ -104,29 +103,20 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     sampling = SamplingParams.from_config(cfg.rollout)
     options = ForwardOptions.from_config(cfg.model, sampling.warp())  # every logprob pass's layout and warp
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    remembered: dict[str, float] = {}  # run-level values kept in checkpoints (GTPO's initial entropy)
+    remembered = RunValues()  # run-level values kept in checkpoints (GTPO's initial entropy)
     entropy_coef = EntropyCoefficient.from_config(cfg.loss)  # the entropy bonus, adaptive with a target
-    state = run.attach(
-        engine,
-        tokenizer,
-        lambda: {
-            "sampler": sampler.state_dict(),
-            "entropy_coef": entropy_coef.state_dict(),
-            **({"reference": reference_sync.state_dict()} if reference_sync else {}),
-            **remembered,
-        },
-    )
-    if state:
-        sampler.load_state_dict(state["sampler"])
-        if "entropy_coef" in state:
-            entropy_coef.load_state_dict(state["entropy_coef"])
-        if reference_sync:
-            reference_sync.load_state_dict(state["reference"])
-        remembered.update(
-            {k: v for k, v in state.items() if k not in ("sampler", "entropy_coef", "reference")}
-        )
+    stateful = {"sampler": sampler, "entropy_coef": entropy_coef, "remembered": remembered}
+    if reference_sync:
+        stateful["reference"] = reference_sync
+    run.attach(engine, tokenizer, stateful)  # restores all of them when resuming
     rollout = build_rollout_engine(cfg, engine, tokenizer, env.rank)  # rollout.engine
-    heldout = HeldoutAccuracy(eval_rows, rewards, cfg, rollout)
+    heldout = HeldoutEvaluation(
+        eval_rows,
+        cfg,
+        rollout,
+        lambda batch: score_rollout(rewards, batch, cfg.reward)[:3],
+        [r.name for r in rewards],
+    )
     metrics: dict[str, float] = {}
     with run:
         run.on_close(rollout.close)
@@ -177,8 +167,8 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             metrics["time/step"] = time.perf_counter() - started
             metrics["tokens_per_s"] = rollout_tokens * env.world_size / metrics["time/step"]
             metrics = mean_over_ranks(metrics, engine, token_mean_weights(metrics, rollout_mask.sum()))
-            heldout.during(run, step, metrics)
-            if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
+            evaluated = heldout.during(run, step, metrics)
+            if step % cfg.logger.log_every == 0 or evaluated:
                 run.log(metrics, step)
                 sampled = dataclasses.replace(batch, response_mask=rollout_mask)
                 _log_sample(run.loggers, cfg, sampled, tokenizer, step, raw_scores, engine, options)

@@ -34,6 +34,7 @@ from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import gathered_values, mean_over_ranks
+from rlhf.eval.heldout import HeldoutEvaluation
 from rlhf.intrinsic import Curiosity, CuriosityModel
 from rlhf.losses.kl import k1
 from rlhf.losses.reduce import get_reduction
@@ -54,14 +55,12 @@ from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.sampling import SamplingParams
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
-    HeldoutAccuracy,
-    build_rewards,
     drop_launcher_arguments,
     log_rollout_sample,
     rank_slice,
     rl_prompts,
 )
-from rlhf.scoring import score_rollout
+from rlhf.scoring import build_rewards, score_rollout
 from rlhf.segments import macro_ratio_logprobs, make_segmenter, num_segments
 from rlhf.shaping import (
     DPOTokenReward,
@@ -91,9 +90,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     # Setup: validate batch arithmetic, rewards and data before any model loads.
     env = launcher_env()
     plan = plan_ppo_batches(cfg, env.world_size)
-    rewards = build_rewards(cfg.reward)
     reduction = get_reduction(cfg.loss.aggregation)
     train_rows, eval_rows = load_task_data(cfg.data)
+    rewards = build_rewards(cfg.reward, cfg.data, {"train": train_rows, "eval": eval_rows})
     run = Run.open("ppo", cfg, env)
     tokenizer, train_rows, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
     optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
@@ -115,15 +114,16 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     stateful = {"sampler": sampler, "kl_controller": kl_controller, "score_moments": score_moments}
     if models.curiosity:
         stateful["curiosity"] = models.curiosity
-    state = run.attach(
-        policy, tokenizer, lambda: {k: v.state_dict() for k, v in stateful.items()}, {"critic": models.critic}
-    )
-    for name, holder in stateful.items():
-        if state:
-            holder.load_state_dict(state[name])
+    run.attach(policy, tokenizer, stateful, {"critic": models.critic})  # restores them when resuming
     d, g = cfg.data, cfg.rollout.group_size
     rollout = build_rollout_engine(cfg, policy, tokenizer, env.rank)  # rollout.engine
-    heldout = HeldoutAccuracy(eval_rows, rewards, cfg, rollout)
+    heldout = HeldoutEvaluation(
+        eval_rows,
+        cfg,
+        rollout,
+        lambda batch: _score(cfg, rewards, models, batch, policy, {}),
+        [r.name for r in rewards] + (["reward_model"] if models.reward_model is not None else []),
+    )
     metrics: dict[str, float] = {}
     with run:
         run.on_close(rollout.close)
@@ -150,7 +150,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
 
             # 2 score: reward functions and/or the reward model, normalised; unscored rows not trained
             passes_started = time.perf_counter()
-            raw_scores, valid = _score(cfg, rewards, models, batch, policy, metrics)
+            raw_scores, valid, _ = _score(cfg, rewards, models, batch, policy, metrics)
             scores = raw_scores
             if cfg.shaping.normalize:
                 score_moments.update(gathered_values(raw_scores[valid], policy))
@@ -191,8 +191,8 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, policy, token_mean_weights(metrics, batch.response_mask.sum()))
             kl_controller.update(metrics["kl/sequence_mean"], cfg.train.prompts_per_step * g)
-            heldout.during(run, step, metrics)
-            if step % cfg.logger.log_every == 0 or "eval/accuracy" in metrics:
+            evaluated = heldout.during(run, step, metrics)
+            if step % cfg.logger.log_every == 0 or evaluated:
                 run.log(metrics, step)
                 per_token = {"logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "kl": kl}
                 per_token.update(rewards=token_rewards, values=old_values, advantages=batch.advantages)
@@ -248,12 +248,14 @@ def _build_models(cfg: PPOConfig, policy, tokenizer, plan, optimizer_steps: int)
 
 def _score(
     cfg: PPOConfig, rewards, models: PPOModels, batch, policy, metrics: dict
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [B], valid [B]): reward functions plus the weighted reward model. A row is valid when
-    the reward model or at least one reward function scored it; the others are not trained on."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(scores [B], valid [B], each reward's values [B] with `reward_model`'s): reward functions
+    plus the weighted reward model. A row is valid when the reward model or at least one reward
+    function scored it; the others are not trained on."""
     reward_model = models.reward_model
     scores = torch.zeros(batch.batch_size, device=policy.device)
     valid = torch.ones(batch.batch_size, dtype=torch.bool, device=policy.device)
+    per_reward: dict[str, torch.Tensor] = {}
     if rewards:
         function_scores, scored, per_reward, reward_metrics = score_rollout(rewards, batch, cfg.reward)
         scores += function_scores.to(policy.device)
@@ -267,10 +269,11 @@ def _score(
                 lambda *rows: sequence_scores(reward_model, *rows, models.options), batch, models.split
             )
         scores += cfg.reward_model.weight * rm_scores
+        per_reward["reward_model"] = rm_scores.float()
         metrics["reward/model_mean"] = float(rm_scores.mean())
     metrics["reward/mean"] = float(scores[valid].mean()) if valid.any() else 0.0
     metrics["reward/unscored_fraction"] = float((~valid).float().mean())
-    return scores, valid
+    return scores, valid, per_reward
 
 
 @torch.no_grad()

@@ -62,9 +62,7 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
         cfg.train.precision,
     )
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
-    state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict()})
-    if state:
-        sampler.load_state_dict(state["sampler"])
+    run.attach(engine, tokenizer, {"sampler": sampler})
     d = cfg.data
 
     def pair_scores(rows) -> tuple[torch.Tensor, torch.Tensor]:

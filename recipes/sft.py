@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from rewards import REWARD_FUNCTIONS
 from rlhf.config import ConfigError, SFTConfig, plan_sft_batches, register_configs
 from rlhf.data.chat import PROMPT_TEXT, prepare_splits
-from rlhf.data.collate import collate_sft
+from rlhf.data.collate import collate_sft, sft_loss_mask
 from rlhf.data.load import load_task_data, warn_unknown_tokens
 from rlhf.data.sampler import EpochSampler
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
@@ -58,7 +58,13 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     run = Run.open("sft", cfg, env, total_steps)
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows = prepare_splits(
-        "sft", train_rows, eval_rows, tokenizer, cfg.data, context=model_context(cfg.model)
+        "sft",
+        train_rows,
+        eval_rows,
+        tokenizer,
+        cfg.data,
+        context=model_context(cfg.model),
+        assistant_only=cfg.train.assistant_only_loss,
     )
     warn_unknown_tokens(tokenizer, train_rows, [PROMPT_TEXT, cfg.data.completion_column])
     engine = build_engine(
@@ -74,9 +80,7 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
     check_rows = train_rows.select(
         random.Random(cfg.seed).sample(range(len(train_rows)), min(cfg.train.check_size, len(train_rows)))
     )
-    state = run.attach(engine, tokenizer, lambda: {"sampler": sampler.state_dict()})
-    if state:
-        sampler.load_state_dict(state["sampler"])
+    run.attach(engine, tokenizer, {"sampler": sampler})
     d = cfg.data
 
     def accuracy_on(rows) -> float:
@@ -99,7 +103,8 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
             )
             # 2 collate the prepared token ids: [left-padded prompt; right-padded target]
             prompt_ids, prompt_mask, target_ids, target_mask = collate(rows)
-            normalizer = engine.all_reduce_sum(reduction.count(target_mask).float())
+            loss_mask = sft_loss_mask(rows, target_mask)  # assistant turns only with assistant_only_loss
+            normalizer = engine.all_reduce_sum(reduction.count(loss_mask).float())
             # 3 forward/backward per micro-batch, one optimizer step
             accumulator = MetricAccumulator()
             step_loss = torch.zeros((), device=engine.device)
@@ -116,10 +121,10 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
                     target_mask[micro],
                     ForwardOptions.from_config(cfg.model),
                 )
-                out = nll_loss(logprobs, target_mask[micro], reduction=reduction, normalizer=normalizer)
+                out = nll_loss(logprobs, loss_mask[micro], reduction=reduction, normalizer=normalizer)
                 engine.backward(out.loss)
                 step_loss += out.loss.detach() * engine.world_size
-                accumulator.add(out.metrics, weight=float(target_mask[micro].sum()))
+                accumulator.add(out.metrics, weight=float(loss_mask[micro].sum()))
             metrics = {"loss": float(step_loss), **accumulator.compute(), **engine.step()}
             metrics["time/step"] = time.perf_counter() - started
             metrics["tokens_per_s"] = (
@@ -183,13 +188,15 @@ def _eval_loss(engine, rows, collate, cfg: SFTConfig) -> float:
     for offset in range(0, shard, cfg.eval.batch_size):
         start = engine.rank * shard + offset
         ids = list(range(start, min(start + cfg.eval.batch_size, (engine.rank + 1) * shard, len(rows))))
-        prompt_ids, prompt_mask, target_ids, target_mask = collate(rows.select(ids or [0]))
+        batch = rows.select(ids or [0])
+        prompt_ids, prompt_mask, target_ids, target_mask = collate(batch)
+        loss_mask = sft_loss_mask(batch, target_mask)
         options = ForwardOptions.from_config(cfg.model)
         logprobs, _ = response_logprobs(
             engine.model, prompt_ids, prompt_mask, target_ids, target_mask, options
         )
         if ids:
-            total += torch.stack([-(logprobs * target_mask).sum(), target_mask.sum().float()])
+            total += torch.stack([-(logprobs * loss_mask).sum(), loss_mask.sum().float()])
     total = engine.all_reduce_sum(total)
     return float(total[0] / total[1].clamp(min=1))
 

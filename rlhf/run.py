@@ -58,6 +58,7 @@ from rlhf.checkpoint import (
     checkpoint_step,
     find_resumable,
     load_checkpoint,
+    remove_partial_saves,
     run_dir_of,
     save_checkpoint,
 )
@@ -304,7 +305,7 @@ class Run:
         self._untimed_s = 0.0
         self.loggers: Any = None
         self._engine: Any = None
-        self._save_state: Callable[[], dict[str, Any]] = dict
+        self._stateful: dict[str, Any] = {}
         self._tokenizer: Any = None
         self._extra_engines: dict[str, Any] = {}
         self._signal_received: str | None = None
@@ -348,18 +349,26 @@ class Run:
         self,
         engine: Any,
         tokenizer: Any,
-        training_state: Callable[[], dict[str, Any]],
+        stateful: dict[str, Any] | None = None,
         extra_engines: dict[str, Any] | None = None,
-    ) -> dict[str, Any] | None:
-        """Restore the checkpoint being resumed (returns its training state, or None for a new run),
-        write config.yaml and run.json, rewind the logs to the checkpoint, open the loggers."""
+    ) -> bool:
+        """Restore the checkpoint being resumed: the engines' weights and optimizer states, and each
+        of `stateful` (name -> object with state_dict / load_state_dict: samplers, controllers,
+        run-level values) from its entry; write config.yaml and run.json, rewind the logs to the
+        checkpoint, open the loggers. Every checkpoint saves the same mapping. True when resumed."""
         self._engine, self._tokenizer = engine, tokenizer
-        self._save_state, self._extra_engines = training_state, extra_engines or {}
+        self._stateful, self._extra_engines = stateful or {}, extra_engines or {}
         self.dir = self._agree_on_dir(self.dir)
-        state = None
         if self.checkpoint:
             state = load_checkpoint(self.checkpoint, engine, self._extra_engines)
             self.elapsed = state.get("elapsed_s", 0.0)
+            for name, holder in self._stateful.items():
+                if name not in state:
+                    raise CheckpointError(
+                        f"{self.checkpoint} holds no {name!r} state (it has {sorted(state)}): it was "
+                        "saved by a run with other options; resume with the options it was trained with"
+                    )
+                holder.load_state_dict(state[name])
         if engine.is_main:
             self._write_run_files()
         engine.barrier()
@@ -373,7 +382,7 @@ class Run:
         )
         if self.checkpoint:
             self.message(f"resumed from {self.checkpoint} at step {self.start_step}")
-        return state
+        return self.checkpoint is not None
 
     def _agree_on_dir(self, run_dir: str) -> str:
         """Rank 0's run directory on every rank (a `${now:}` default can differ by a second)."""
@@ -397,6 +406,9 @@ class Run:
             os.makedirs(history, exist_ok=True)
             shutil.copyfile(config_path, os.path.join(history, f"config-{len(os.listdir(history)):03d}.yaml"))
             self._retire_later_checkpoints()
+            removed = remove_partial_saves(self.dir)
+            if removed:
+                self.message(f"removed what interrupted saves left (never checkpoints): {', '.join(removed)}")
             rewind_jsonl(os.path.join(self.dir, METRICS_FILE), self.start_step)
             rewind_jsonl(os.path.join(self.dir, ROLLOUTS_FILE), self.start_step)
         info["starts"].append(
@@ -484,7 +496,8 @@ class Run:
 
     def save(self) -> str:
         """A checkpoint of the current step (collective)."""
-        state = {**self._save_state(), "elapsed_s": self.elapsed}
+        state = {name: holder.state_dict() for name, holder in self._stateful.items()}
+        state["elapsed_s"] = self.elapsed
         self.last_checkpoint = save_checkpoint(
             self.dir,
             self.step,
@@ -550,6 +563,18 @@ class Run:
 
 
 LOCK_FILE = ".lock"
+
+
+class RunValues(dict):
+    """Run-level values kept in checkpoints (GTPO's initial entropy): a dict in `Run.attach`'s
+    stateful mapping, saved and restored whole."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clear()
+        self.update(state)
 
 
 def claim_run_dir(run_dir: str) -> Callable[[], None]:

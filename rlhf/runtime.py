@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from rlhf.config import LoggerConfig, RewardConfig
+from rlhf.config import LoggerConfig
 from rlhf.data.chat import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 from rlhf.rollout.records import rollout_records, sample_rows
-from rlhf.scoring import WeightedReward, resolve_reward
+from rlhf.scoring import resolve_reward
 
 
 def rl_prompts(cfg: Any, train_rows: Any, eval_rows: Any) -> tuple[Any, Any, Any]:
@@ -40,15 +40,6 @@ def rl_prompts(cfg: Any, train_rows: Any, eval_rows: Any) -> tuple[Any, Any, Any
         cfg, shape, train_rows[PROMPT_IDS], eval_rows[PROMPT_IDS] if eval_rows is not None else None
     )
     return tokenizer, train_rows, eval_rows
-
-
-def build_rewards(cfg: RewardConfig) -> list[WeightedReward]:
-    from rewards import REWARD_FUNCTIONS
-
-    return [
-        WeightedReward(term.name, resolve_reward(term.name, REWARD_FUNCTIONS), term.weight)
-        for term in cfg.functions
-    ]
 
 
 def task_reward(name: str | None):
@@ -118,46 +109,3 @@ def log_rollout_sample(
         distributions["advantage"] = advantages.float().cpu().tolist()
     records = rollout_records(batch, tokenizer, rows, step, scores, per_token)
     loggers.log_rollouts(records, step, distributions)
-
-
-class HeldoutAccuracy:
-    """Greedy accuracy of an RL run's policy on the held-out split, sampled by its rollout engine:
-    before training (a new run), every `eval.every` steps, and at the end; logged as
-    eval/accuracy. Off when no reward function is the configured accuracy reward or the data has no
-    eval split."""
-
-    def __init__(
-        self,
-        eval_rows: Any,
-        rewards: list[WeightedReward],
-        cfg: Any,
-        rollout: Any,
-    ):
-        from rlhf.eval.accuracy import heldout_accuracy
-
-        accuracy_fn = next((r.fn for r in rewards if r.name == cfg.reward.accuracy_reward), None)
-        self.enabled = accuracy_fn is not None and eval_rows is not None
-        self.every = cfg.eval.every
-        # `version`: updates so far, so a vLLM engine syncs once per set of weights
-        self._evaluate = lambda version: heldout_accuracy(
-            rollout, eval_rows, accuracy_fn, cfg.data, cfg.eval, cfg.eval.num_samples, weights_version=version
-        )
-
-    def before(self, run: Any) -> dict[str, float]:
-        if not self.enabled or run.start_step != 0:
-            return {}
-        accuracy = self._evaluate(0)
-        run.log({"eval/accuracy": accuracy}, 0)
-        return {"eval/accuracy_before": accuracy}
-
-    def during(self, run: Any, step: int, metrics: dict[str, float]) -> None:
-        if self.enabled and self.every and step % self.every == 0:
-            with run.untimed():  # evaluation does not count toward train.time_limit_s
-                metrics["eval/accuracy"] = self._evaluate(step)
-
-    def after(self, run: Any, metrics: dict[str, float]) -> dict[str, float]:
-        if not self.enabled:
-            return {}
-        accuracy = metrics["eval/accuracy"] if "eval/accuracy" in metrics else self._evaluate(run.step)
-        run.log({"eval/accuracy": accuracy}, run.step)
-        return {"eval/accuracy": accuracy}

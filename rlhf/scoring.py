@@ -73,6 +73,37 @@ def check_reward_columns(name: str, fn: RewardFn, columns: list[str], where: str
         )
 
 
+def build_rewards(reward_cfg: Any, data_cfg: Any, splits: dict[str, Any]) -> list[WeightedReward]:
+    """`reward.functions` resolved and weighted, each checked against the columns of every split it
+    will score (name -> rows, None for a missing split) before any model loads: a reward needing a
+    column the data lacks would otherwise fail after the first generation."""
+    from rewards import REWARD_FUNCTIONS
+
+    rewards = [
+        WeightedReward(term.name, resolve_reward(term.name, REWARD_FUNCTIONS), term.weight)
+        for term in reward_cfg.functions
+    ]
+    for split, rows in splits.items():
+        if rows is None:
+            continue
+        for reward in rewards:
+            try:
+                check_reward_columns(
+                    reward.name,
+                    reward.fn,
+                    rows.column_names,
+                    f"data.source={data_cfg.source!r} ({split} split)",
+                )
+            except RewardError as exc:
+                names = [term.name for term in reward_cfg.functions]
+                raise RewardError(
+                    f"{exc}. reward.functions is {names}: score your data with your own function "
+                    f"(reward.functions='[{{name: my_package.rewards:my_reward}}]', it gets the data's columns "
+                    f"as keyword arguments) or one of {sorted(REWARD_FUNCTIONS)}"
+                ) from None
+    return rewards
+
+
 class RewardTimeout(RewardError):
     """A reward call did not return within `reward.timeout_s`."""
 

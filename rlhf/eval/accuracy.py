@@ -1,8 +1,11 @@
-"""Held-out accuracy: greedy completions scored by a 0/1 reward function, sharded over ranks."""
+"""Greedy evaluation on held-out prompts: completions sampled by a rollout engine without sampling,
+scored by reward functions (or a reward model), reduced over ranks. `greedy_accuracy` is the 0/1
+case: the fraction of rows a reward scores 1.0."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,8 +15,78 @@ from rlhf.rollout.engine import RolloutEngine, generate_rollouts
 from rlhf.rollout.sampling import SamplingParams, prompt_inputs
 from rlhf.types import RewardFn
 
+# batch -> (weighted total [B], scored [B] bool, per-reward values [B] with NaN where unscored)
+BatchScorer = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
 
 @torch.no_grad()
+def greedy_evaluation(
+    rollout: RolloutEngine,
+    dataset: Dataset,
+    score: BatchScorer,
+    *,
+    accuracy_reward: str | None = None,
+    prompt_column: str = "prompt",
+    batch_size: int = 250,
+    max_new_tokens: int = 8,
+    weights_version: int = 0,
+) -> dict[str, float]:
+    """Greedy completions of every row of `dataset` by `rollout` (holding the policy's weights after
+    `weights_version` updates), scored by `score`: `eval/reward` is the mean weighted total over the
+    rows some reward scored, `eval/reward/<name>` each reward's mean over the rows it scored, and
+    with `accuracy_reward`, `eval/accuracy` the fraction of all rows where that reward is 1.0.
+
+    Each rank takes a contiguous shard, padded to the same length on every rank by repeating rows
+    that are then left out of every sum: all ranks run the same batches inside one `ready` block
+    (ZeRO-3 gathers parameters, and a partitioned reward model runs its forward, in step).
+    """
+    policy, total_rows = rollout.policy, len(dataset)
+    shard = math.ceil(total_rows / policy.world_size)
+    positions = range(policy.rank * shard, (policy.rank + 1) * shard)
+    sums: dict[str, list[float]] = {}  # key -> [sum, count]
+
+    def add(key: str, values: torch.Tensor, counted: torch.Tensor) -> None:
+        entry = sums.setdefault(key, [0.0, 0.0])
+        entry[0] += float(values[counted].sum())
+        entry[1] += float(counted.sum())
+
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    with rollout.ready(weights_version):
+        for offset in range(0, shard, batch_size):
+            chunk = positions[offset : offset + batch_size]
+            real = torch.tensor([p < total_rows for p in chunk])
+            rows = dataset[[p % total_rows for p in chunk]]
+            batch = generate_rollouts(
+                rollout,
+                **prompt_inputs(rows, prompt_column),
+                group_size=1,
+                sampling=sampling,
+                do_sample=False,
+            )
+            total, scored, per_reward = score(batch)
+            add("eval/reward", total.float().cpu(), scored.cpu() & real)
+            for name, values in per_reward.items():
+                values = values.float().cpu()
+                add(f"eval/reward/{name}", values, ~torch.isnan(values) & real)
+            if accuracy_reward in per_reward:
+                add("eval/accuracy", (per_reward[accuracy_reward].cpu() >= 1.0).float(), real)
+    keys = sorted(sums)  # the same on every rank: the scorer's names do not depend on the rows
+    reduced = policy.all_reduce_sum(torch.tensor([sums[k] for k in keys], device=policy.device).view(-1, 2))
+    return {key: float(s) / max(float(n), 1.0) for key, (s, n) in zip(keys, reduced.cpu().tolist())}
+
+
+def reward_scorer(reward_fn: RewardFn, name: str = "accuracy") -> BatchScorer:
+    """A BatchScorer of one reward function (None values are unscored)."""
+
+    def score(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        values = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
+        tensor = torch.tensor([math.nan if v is None else float(v) for v in values])
+        scored = ~torch.isnan(tensor)
+        return torch.nan_to_num(tensor), scored, {name: tensor}
+
+    return score
+
+
 def greedy_accuracy(
     rollout: RolloutEngine,
     dataset: Dataset,
@@ -24,34 +97,19 @@ def greedy_accuracy(
     max_new_tokens: int = 8,
     weights_version: int = 0,
 ) -> float:
-    """Fraction of rows whose greedy completion by `rollout` (an engine of rlhf/rollout/engine.py,
-    holding the policy's weights after `weights_version` updates) gets reward 1.0, over the whole
-    dataset.
-
-    Each rank scores a contiguous shard inside one `ready` block of the engine, which every rank
-    enters together (ZeRO-3 parameters are gathered there, in step on all ranks).
-    """
-    policy = rollout.policy
-    shard_size = math.ceil(len(dataset) / policy.world_size)
-    start, stop = policy.rank * shard_size, min((policy.rank + 1) * shard_size, len(dataset))
-    sampling = SamplingParams(max_new_tokens=max_new_tokens)
-    correct = 0
-    with rollout.ready(weights_version):
-        for offset in range(start, stop, batch_size):
-            rows = dataset[offset : min(offset + batch_size, stop)]
-            if not rows[prompt_column]:
-                continue
-            batch = generate_rollouts(
-                rollout,
-                **prompt_inputs(rows, prompt_column),
-                group_size=1,
-                sampling=sampling,
-                do_sample=False,
-            )
-            scores = reward_fn(batch.prompts, batch.reward_completions(), **batch.columns)
-            correct += sum(1 for s in scores if s is not None and s >= 1.0)
-    total = policy.all_reduce_sum(torch.tensor(float(correct), device=policy.device))
-    return float(total) / max(len(dataset), 1)
+    """Fraction of rows whose greedy completion gets reward 1.0 from `reward_fn`, over the whole
+    dataset (rows the reward cannot score count as wrong)."""
+    results = greedy_evaluation(
+        rollout,
+        dataset,
+        reward_scorer(reward_fn),
+        accuracy_reward="accuracy",
+        prompt_column=prompt_column,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        weights_version=weights_version,
+    )
+    return results.get("eval/accuracy", 0.0)
 
 
 def heldout_accuracy(

@@ -73,8 +73,11 @@ def engine_class(name: str) -> Any:
 def build_rollout_engine(
     cfg: Any, policy: Any, tokenizer: PreTrainedTokenizerBase, rank: int
 ) -> RolloutEngine:
-    """This rank's engine for a recipe config (`cfg.rollout.engine`), sampling `policy`'s weights."""
-    return engine_class(cfg.rollout.engine).from_config(cfg, policy, tokenizer, rank)
+    """This rank's engine for a recipe config (`cfg.rollout.engine`), sampling `policy`'s weights.
+    Starting an engine leaves the training RNG where it was (vLLM draws from torch's generator while
+    it starts, which a resumed run, restored before the engine starts, would otherwise not match)."""
+    with torch.random.fork_rng():
+        return engine_class(cfg.rollout.engine).from_config(cfg, policy, tokenizer, rank)
 
 
 def check_rollout_engine(

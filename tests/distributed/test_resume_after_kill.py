@@ -22,6 +22,7 @@ from rlhf.checkpoint import list_checkpoints
 from rlhf.loggers import read_metrics
 from rlhf.run import PREEMPTED_EXIT_CODE
 from tests.distributed.test_zero_invariance import ROOT, SMALL, _env, _free_port, torchrun
+from tests.resume_checks import assert_learned, assert_resumed_at, assert_same_training_state
 
 COMPARED = ("loss", "reward/mean", "ratio/mean", "optim/grad_norm", "response/length_mean")
 
@@ -33,7 +34,7 @@ def _args(run_dir, data, steps: int = 10) -> list[str]:
         f"run_dir={run_dir}",
         f"data.source={data}",
         "data.eval_split=null",
-        "reward.functions=[{name: 'tests.distributed.slow_reward:slow_exact_match', weight: 1.0}]",
+        "reward.functions=[{name: 'tests.distributed.slow_reward:slow_digit_sum', weight: 1.0}]",
         "reward.accuracy_reward=null",
         "train.prompts_per_step=4",
         "rollout.group_size=2",
@@ -120,22 +121,30 @@ def straight_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("straight")
     data = _six_prompts(directory / "six.jsonl")
     torchrun(["-m", "recipes.grpo", *_args(directory / "run", data)])
-    return {r["step"]: r for r in read_metrics(str(directory / "run")) if "loss" in r}, data
+    assert_learned(str(directory / "run"), list(range(1, 11)))
+    rows = {r["step"]: r for r in read_metrics(str(directory / "run")) if "loss" in r}
+    return rows, data, str(directory / "run")
 
 
-def _assert_continues(run_dir, expected: dict, first_step: int) -> None:
+def _assert_continues(run_dir, straight_run, first_step: int) -> None:
+    """The resumed job began at `first_step`, its metrics and its final training state (both ranks'
+    weights and optimizer shards, samplers, RNG) equal the uninterrupted job's."""
+    expected, _, straight_dir = straight_run
+    assert_resumed_at(str(run_dir), first_step - 1, 10)
     resumed = {r["step"]: r for r in read_metrics(str(run_dir)) if "loss" in r}
-    assert sorted(resumed) == list(range(1, 11)), "each step logged once"
     for step in range(first_step, 11):
         for key in COMPARED:
             # gloo sums the two ranks' gradients in the same order every run; the tolerance covers
             # only the sum order inside DeepSpeed's flattened buckets
             assert resumed[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert_same_training_state(
+        list_checkpoints(str(run_dir))[-1], list_checkpoints(straight_dir)[-1], rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_sigkill_of_the_whole_job_then_resume_matches_uninterrupted(tmp_path, straight_run, launcher):
-    expected, data = straight_run
+    data = straight_run[1]
     killed = tmp_path / "killed"
     with open(tmp_path / "log.txt", "w") as log:
         process = _start(LAUNCHERS[launcher](_args(killed, data)), log)
@@ -157,7 +166,7 @@ def test_sigkill_of_the_whole_job_then_resume_matches_uninterrupted(tmp_path, st
     assert max(r["step"] for r in read_metrics(str(killed)) if "loss" in r) < 10, "finished before the kill"
 
     torchrun(["-m", "recipes.grpo", f"resume={killed}"])  # the run's saved config does the rest
-    _assert_continues(killed, expected, 4)
+    _assert_continues(killed, straight_run, 4)
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
@@ -166,7 +175,7 @@ def test_sigterm_saves_on_every_rank_and_exits_with_the_preemption_code(tmp_path
     PREEMPTED_EXIT_CODE; the resumed run matches the uninterrupted one. torchrun forwards the
     signal itself; DeepSpeed's single-node `deepspeed` command does not (its runner installs no
     handler there), so the test signals every process of that job, as SLURM and Kubernetes do."""
-    expected, data = straight_run
+    data = straight_run[1]
     run_dir = tmp_path / "preempted"
     with open(tmp_path / "log.txt", "w") as log:
         process = _start(LAUNCHERS[launcher](_args(run_dir, data)), log)
@@ -189,7 +198,7 @@ def test_sigterm_saves_on_every_rank_and_exits_with_the_preemption_code(tmp_path
     assert sorted(os.listdir(saved[-1])).count("rng-rank1.pt") == 1  # rank 1 wrote its part too
 
     torchrun(["-m", "recipes.grpo", f"resume={run_dir}"])
-    _assert_continues(run_dir, expected, stopped_at + 1)
+    _assert_continues(run_dir, straight_run, stopped_at + 1)
 
 
 def _rows(run_dir) -> list[dict]:

@@ -15,6 +15,7 @@ from rlhf.checkpoint import export_dir
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.loggers import read_metrics
 from rlhf.models.load import load_tokenizer
+from tests.resume_checks import assert_resume_matches
 
 FAST = [
     "train.steps=4",
@@ -171,6 +172,7 @@ def test_dpo_resumes_exactly(make_config, tmp_path):
     dpo.train(make_config("dpo", *FAST, "train.steps=2", "checkpoint.every=2", run_dir=str(tmp_path / "b")))
     resumed = dpo.train(make_config("dpo", *FAST, "checkpoint.every=2", f"resume={tmp_path / 'b'}"))
     assert losses(resumed)[3] == losses(full)[3] and losses(resumed)[4] == losses(full)[4]
+    assert_resume_matches(full, resumed, 2, 4)
 
 
 @pytest.mark.parametrize(

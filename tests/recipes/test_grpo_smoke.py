@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -13,6 +14,8 @@ from recipes import grpo
 from rlhf.checkpoint import CheckpointError, export_dir, list_checkpoints
 from rlhf.loggers import read_metrics
 from rlhf.models.load import load_causal_lm, load_tokenizer
+from rlhf.scoring import RewardError
+from tests.resume_checks import assert_resume_matches
 
 FAST = [
     "train.prompts_per_step=2",
@@ -65,12 +68,21 @@ def test_grpo_runs_changes_parameters_and_exports(make_config):
     ]
     assert os.path.exists(os.path.join(result["run_dir"], "grpo_curves.png"))
     assert os.path.exists(os.path.join(result["run_dir"], "config.yaml"))
+    # held-out evaluation scores every configured reward, before training and at the end
+    evaluations = [r for r in rows if "eval/reward" in r]
+    assert [r["step"] for r in evaluations] == [0, 3]
+    for row in evaluations:
+        means = [row[f"eval/reward/{name}"] for name in ("exact_match", "answer_format", DIGIT_SUM)]
+        assert row["eval/reward"] == pytest.approx(means[0] + 0.1 * means[1] + 0.1 * means[2], abs=1e-5)
+        assert row["eval/accuracy"] == row["eval/reward/exact_match"]  # exact_match is 0/1
+    assert result["eval/reward_before"] == evaluations[0]["eval/reward"]
 
 
 def test_resume_continues_exactly(make_config, tmp_path):
     """Stopping after step 2 and resuming with only `resume=<dir> train.steps=4` (the run's saved
     config supplies the rest) gives exactly the step-3 and step-4 metrics of one run."""
-    common = [*FAST, "checkpoint.every=2", "eval.every=0", "train.num_minibatches=2", "train.epochs=2"]
+    common = [*FAST, *VARIED_REWARD, "checkpoint.every=2", "eval.every=0", "train.num_minibatches=2"]
+    common.append("train.epochs=2")
     straight = grpo.train(make_config("grpo", *common, "train.steps=4", run_dir=str(tmp_path / "straight")))
     grpo.train(make_config("grpo", *common, "train.steps=2", run_dir=str(tmp_path / "split")))
     cfg = make_config("grpo", "train.steps=4", f"resume={tmp_path / 'split'}")
@@ -83,6 +95,7 @@ def test_resume_continues_exactly(make_config, tmp_path):
     for step in (3, 4):
         for key in ("loss", "reward/mean", "ratio/mean", "optim/grad_norm"):
             assert first[step][key] == second[step][key], (step, key)
+    assert_resume_matches(straight, resumed, 2, 4)
 
 
 def test_failing_reward_keeps_the_last_checkpoint(make_config, tmp_path):
@@ -105,6 +118,7 @@ def test_failing_reward_keeps_the_last_checkpoint(make_config, tmp_path):
             "checkpoint.every=2",
             "reward.functions=[{name: flaky_for_test, weight: 1.0}]",
             "reward.accuracy_reward=null",
+            "data.eval_split=null",  # the reward counts its calls: training's only
         )
         with pytest.raises(Exception, match="flaky_for_test"):
             grpo.train(cfg)
@@ -123,6 +137,7 @@ def digit_sum(prompts, completions, **_):
     return [float(sum(int(c) for c in text if c.isdigit())) for text in completions]
 
 
+DIGIT_SUM = "tests.recipes.test_grpo_smoke:digit_sum"
 VARIED_REWARD = [
     "reward.functions=[{name: 'tests.recipes.test_grpo_smoke:digit_sum', weight: 1.0}]",
     "reward.accuracy_reward=null",
@@ -151,6 +166,8 @@ def test_kl_in_reward_and_dr_grpo_presets_run(make_config, tmp_path):
     kl_cfg, kl_run = runs["grpo_kl_reward"]
     assert kl_cfg.loss.kl_placement == "reward" and kl_run["reward_kl/sequence_mean"] >= 0
     assert "kl/mean" not in kl_run  # nothing of the KL in the loss
+    # a custom reward without an accuracy reward is still evaluated on the held-out prompts
+    assert f"eval/reward/{DIGIT_SUM}" in kl_run and "eval/accuracy" not in kl_run
     dr_cfg, dr_run = runs["grpo_dr_grpo"]
     assert dr_cfg.loss.aggregation == "sequence_mean_token_sum_norm" and not dr_cfg.advantage.scale_by_std
     assert torch.isfinite(torch.tensor(dr_run["loss"]))
@@ -310,3 +327,20 @@ def test_bf16_mixed_precision_trains_float32_weights(make_config, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(export_dir(bf16["checkpoint"])).state_dict()
     assert all(tensor.dtype == torch.float32 for tensor in exported.values())
     assert all(not torch.equal(exported[name], initial[name]) for name in exported)
+
+
+def test_a_reward_needing_a_column_the_data_lacks_is_refused_before_loading(
+    make_config, tmp_path, monkeypatch
+):
+    """The default rewards (exact_match, answer_format) on prompts without an `answer` column: the
+    run stops before any model loads, naming the reward, the column and how to set one."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {n}"}) + "\n" for n in range(8)))
+    cfg = make_config("grpo", *FAST, "data=jsonl", f"data.source={data}")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(grpo, "load_policy", no_model)
+    with pytest.raises(RewardError, match=r"'exact_match' needs column\(s\) \['answer'\].*reward.functions="):
+        grpo.train(cfg)

@@ -13,6 +13,7 @@ from rlhf.checkpoint import export_dir
 from rlhf.config import ConfigError, ModelConfig, TinyModelConfig
 from rlhf.loggers import read_metrics
 from rlhf.models.load import load_causal_lm, load_scorer, load_tokenizer
+from tests.resume_checks import assert_resume_matches
 
 FAST = [
     "train.prompts_per_step=4",
@@ -73,6 +74,12 @@ def test_ppo_with_reward_model_moves_policy_and_critic(make_config, reward_model
     assert all(not torch.equal(policy[k], initial_policy[k]) for k in policy)
     assert any(not torch.equal(critic[k], initial_critic[k]) for k in critic)
     assert not torch.equal(critic["score.weight"], initial_critic["score.weight"])
+    # scored by the reward model alone, the run is still evaluated on held-out prompts by it
+    evaluations = [r for r in read_metrics(result["run_dir"]) if "eval/reward/reward_model" in r]
+    assert [r["step"] for r in evaluations] == [0, 3]
+    assert all(
+        r["eval/reward"] == r["eval/reward/reward_model"] for r in evaluations
+    )  # reward_model.weight 1
 
 
 def test_ppo_with_reward_functions_resumes_exactly(make_config, tmp_path):
@@ -92,6 +99,7 @@ def test_ppo_with_reward_functions_resumes_exactly(make_config, tmp_path):
     for step in (3, 4):
         for key in ("loss", "loss/value", "kl/sequence_mean", "value/mean", "kl/coef"):
             assert first[step][key] == second[step][key], (step, key)
+    assert_resume_matches(straight, resumed, 2, 4)  # the critic's weights and optimizer too
 
 
 def test_ppo_needs_a_score(make_config):
@@ -220,6 +228,7 @@ def test_curiosity_ppo_runs_and_resumes_exactly(make_config, tmp_path):
     for step in (3, 4):
         for key in ("loss", "curiosity/loss", "curiosity/error_mean"):
             assert first[step][key] == second[step][key], (step, key)
+    assert_resume_matches(straight, resumed, 2, 4)  # the curiosity model's state too
 
 
 def test_padding_free_gives_the_same_ppo_run(make_config, reward_model_dir, tmp_path):

@@ -15,6 +15,7 @@ from tests.recipes.test_dpo import FAST as DPO_FAST
 from tests.recipes.test_dpo import losses
 from tests.recipes.test_grpo_smoke import FAST as GRPO_FAST
 from tests.recipes.test_grpo_smoke import VARIED_REWARD
+from tests.resume_checks import assert_resume_matches
 
 HARD_SYNC = ["reference.sync=true", "reference.sync_steps=1", "reference.mixup_alpha=1.0"]
 GRPO_KL = [*GRPO_FAST, "loss.kl_coef=0.1", "optim.lr=1e-2", "eval.every=0"]
@@ -47,6 +48,7 @@ def test_grpo_resume_restores_the_moved_reference(make_config, tmp_path):
     for step in (3, 4):
         for key in ("loss", "kl/mean", "reward/mean"):
             assert first[step][key] == second[step][key], (step, key)
+    assert_resume_matches(straight, resumed, 2, 4)  # the moved reference is in the state compared
 
 
 def test_dpo_hard_sync_keeps_every_log_ratio_at_zero(make_config, tmp_path):
@@ -67,6 +69,7 @@ def test_dpo_resume_restores_the_moved_reference(make_config, tmp_path):
     dpo.train(make_config("dpo", *common, "train.steps=2", run_dir=str(tmp_path / "b")))
     resumed = dpo.train(make_config("dpo", *common, f"resume={tmp_path / 'b'}"))
     assert losses(resumed)[3] == losses(full)[3] and losses(resumed)[4] == losses(full)[4]
+    assert_resume_matches(full, resumed, 2, 4)
 
 
 @pytest.mark.parametrize(

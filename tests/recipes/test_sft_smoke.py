@@ -13,6 +13,8 @@ from rlhf.checkpoint import export_dir
 from rlhf.config import ConfigError
 from rlhf.loggers import read_metrics
 from rlhf.scoring import RewardError
+from tests.chat_model import save_chat_model
+from tests.resume_checks import assert_resume_matches
 
 
 def test_sft_loss_falls_and_exports(make_config):
@@ -57,6 +59,7 @@ def test_sft_resume(make_config, tmp_path):
     first = {r["step"]: r["loss"] for r in read_metrics(straight["run_dir"]) if "loss" in r}
     second = {r["step"]: r["loss"] for r in read_metrics(resumed["run_dir"]) if "loss" in r}
     assert [first[s] for s in (4, 5, 6)] == [second[s] for s in (4, 5, 6)]
+    assert_resume_matches(straight, resumed, 3, 6)
 
 
 def _jsonl(path, rows):
@@ -93,3 +96,27 @@ def test_sft_accuracy_check_needs_a_reward_and_its_columns(make_config, tmp_path
                 "sft", "data=jsonl", f"data.source={tmp_path / 'data'}", "accuracy_reward=exact_match"
             )
         )
+
+
+def test_assistant_only_loss_reaches_the_recipes_loss(make_config, tmp_path):
+    """Two-exchange conversations: with train.assistant_only_loss the first answer is learned and
+    evaluated too, so the eval loss differs from the last-turn-only run's."""
+    save_chat_model(str(tmp_path / "model"))
+    turns = [("Hi", "Hello!"), ("What is 12 + 30?", "42.")]
+    conversation = [
+        m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+    ]
+    for split in ("train", "eval"):
+        _jsonl(tmp_path / "data" / f"{split}.jsonl", [{"messages": conversation}] * 4)
+    common = ["model=pretrained", f"model.name_or_path={tmp_path / 'model'}", "data=jsonl"]
+    common += [
+        f"data.source={tmp_path / 'data'}",
+        "train.steps=1",
+        "train.batch_size=4",
+        "train.check_every=0",
+    ]
+    last_turn = sft.train(make_config("sft", *common, run_dir=str(tmp_path / "last")))
+    every_turn = sft.train(
+        make_config("sft", *common, "train.assistant_only_loss=true", run_dir=str(tmp_path / "every"))
+    )
+    assert every_turn["eval/loss"] != pytest.approx(last_turn["eval/loss"], rel=1e-3)

@@ -12,6 +12,7 @@ from rlhf.config import ConfigError  # noqa: E402
 from rlhf.loggers import read_metrics  # noqa: E402
 from tests.distributed.test_zero_invariance import torchrun  # noqa: E402
 from tests.recipes.conftest import compose_recipe_config  # noqa: E402
+from tests.resume_checks import assert_resume_matches
 
 # head_dim 32: the smallest vLLM's CPU attention takes
 SHAPE = [
@@ -95,6 +96,7 @@ def test_grpo_with_vllm_resumes_exactly(tmp_path):
         # importance weights: the update agrees to float precision, not bit for bit
         assert first[step]["loss"] == pytest.approx(second[step]["loss"], abs=1e-6)
         assert first[step]["optim/grad_norm"] == pytest.approx(second[step]["optim/grad_norm"], rel=1e-4)
+    assert_resume_matches(straight, resumed, 2, 4, rel=1e-4)
 
 
 def test_grpo_with_vllm_dynamic_sampling_and_vespo(tmp_path):

@@ -1,0 +1,75 @@
+"""Held-out evaluation of a GRPO or PPO run, as TRL evaluates: greedy completions of the eval split
+scored by every reward the run trains on (functions and reward model), before training, every
+`eval.every` steps and at the end. The run says at its start what is evaluated, or why nothing is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf.eval.accuracy import BatchScorer, greedy_evaluation
+
+
+class HeldoutEvaluation:
+    """`eval/reward`, `eval/reward/<name>` and (with `reward.accuracy_reward` among the rewards)
+    `eval/accuracy` of the policy on the first `eval.num_samples` eval rows. `score` is the
+    recipe's own scoring of a batch; `reward_names` are the names it returns."""
+
+    def __init__(self, eval_rows: Any, cfg: Any, rollout: Any, score: BatchScorer, reward_names: list[str]):
+        self.every = cfg.eval.every
+        self.enabled = eval_rows is not None and len(eval_rows) > 0 and bool(reward_names)
+        accuracy = cfg.reward.accuracy_reward if cfg.reward.accuracy_reward in reward_names else None
+        if eval_rows is not None:
+            eval_rows = eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
+        self._evaluate = lambda version: greedy_evaluation(
+            rollout,
+            eval_rows,
+            score,
+            accuracy_reward=accuracy,
+            prompt_column=cfg.data.prompt_column,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            weights_version=version,  # updates so far: a vLLM engine syncs once per set of weights
+        )
+        self.description = _describe(eval_rows, cfg, reward_names, accuracy, self.enabled)
+
+    def before(self, run: Any) -> dict[str, float]:
+        """A new run's scores before training (logged at step 0), as `<key>_before`."""
+        if run.env.is_main:
+            print(self.description, flush=True)
+        if not self.enabled or run.start_step != 0:
+            return {}
+        results = self._evaluate(0)
+        run.log(results, 0)
+        return {f"{key}_before": value for key, value in results.items()}
+
+    def during(self, run: Any, step: int, metrics: dict[str, float]) -> bool:
+        """Every `eval.every` steps: the scores join this step's metrics; True when they did."""
+        if not (self.enabled and self.every and step % self.every == 0):
+            return False
+        with run.untimed():  # evaluation does not count toward train.time_limit_s
+            metrics.update(self._evaluate(step))
+        return True
+
+    def after(self, run: Any, metrics: dict[str, float]) -> dict[str, float]:
+        """The final scores (this step's when it just evaluated), logged at the last step."""
+        if not self.enabled:
+            return {}
+        evaluated = {key: value for key, value in metrics.items() if key.startswith("eval/")}
+        results = evaluated or self._evaluate(run.step)
+        run.log(results, run.step)
+        return results
+
+
+def _describe(eval_rows: Any, cfg: Any, reward_names: list[str], accuracy: str | None, enabled: bool) -> str:
+    if eval_rows is None or len(eval_rows) == 0:
+        return "evaluation: none (the data has no eval split)"
+    if not enabled:
+        return "evaluation: none (no reward function or reward model to score completions)"
+    cadence = (
+        f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "before and after training"
+    )
+    scored = ", ".join(reward_names)
+    text = f"evaluation: {len(eval_rows)} held-out prompts {cadence}, greedy, scored by {scored} (eval/reward"
+    if accuracy:
+        text += f"; eval/accuracy: fraction where {accuracy} is 1"
+    return text + ")"
