@@ -132,7 +132,7 @@ def trl_accuracy(cfg) -> tuple[float, float]:
         adam_epsilon=cfg.optim.eps,
         max_steps=cfg.train.steps,
         gradient_accumulation_steps=1,
-        num_iterations=cfg.train.epochs,
+        num_iterations=cfg.train.updates_per_rollout,
         seed=cfg.seed,
         bf16=False,
         use_cpu=True,

@@ -4,7 +4,7 @@ Papers: GRPO, DeepSeekMath (arXiv 2402.03300); Dr.GRPO (arXiv 2503.20783); DAPO 
 clip-higher, token-mean aggregation, dynamic sampling, overlong shaping). Each step samples G
 completions for each of P prompts, scores them with the reward functions, computes advantages with
 the registered `advantage.estimator` (group_relative for GRPO / Dr.GRPO, rloo, reinforce_pp,
-reinforce_pp_baseline; rlhf/advantages.py), and takes `num_minibatches x epochs` policy-gradient
+reinforce_pp_baseline; rlhf/advantages.py), and takes `num_minibatches x updates_per_rollout` policy-gradient
 steps on the rollout (old logprobs kept) with the registered `loss.policy_loss` (clipped, gspo,
 gspo_token, luspo, cispo, sapo, vespo, gtpo; rlhf/losses/policy.py). Options (all in config): loss
 aggregation token_mean / sequence_mean_token_mean / sequence_mean_token_sum_norm /
@@ -83,9 +83,9 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     kl_estimator = get_kl_estimator(cfg.loss.kl_estimator)
     train_rows, eval_rows = load_task_data(cfg.data)
     rewards = build_rewards(cfg.reward, cfg.data, {"train": train_rows, "eval": eval_rows})
-    run = Run.open("grpo", cfg, env)
+    run = Run.open("grpo", cfg, env, cfg.train.total_steps(len(train_rows)))
     tokenizer, train_rows, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
-    optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
+    optimizer_steps = run.total_steps * cfg.train.num_minibatches * cfg.train.updates_per_rollout
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
         cfg.optim,
@@ -147,7 +147,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
                 cfg, engine, batch, scores, valid, token_penalty, options, metrics, per_reward, reward_weights
             )
 
-            # 5 update: minibatches x epochs optimizer steps, micro-batches accumulate
+            # 5 update: minibatches x updates_per_rollout optimizer steps, micro-batches accumulate
             update_started = time.perf_counter()
             objective = PolicyGradientObjective(
                 cfg,
@@ -274,7 +274,7 @@ def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimato
         plan.micro_batch_size,
         cfg.train.max_tokens_per_micro_batch,
     )
-    if cfg.train.num_minibatches * cfg.train.epochs > 1:
+    if cfg.train.num_minibatches * cfg.train.updates_per_rollout > 1:
         batch.old_logprobs = _batched_logprobs(engine.model, batch, micro, options)
         apply_rollout_correction(cfg.rollout.vllm, batch, metrics)
     if reference is None:

@@ -6,7 +6,7 @@ normalised score on each row's last valid token, plus dense sources: RTO's DPO t
 with `rto.dpo_model`, arXiv 2404.18922), runs GAE with the
 critic's values (`advantage.estimator=gae`; over tokens, or over macro actions with
 `advantage.macro.segmenter`: MA-RLHF, arXiv 2410.02743), whitens the advantages over all ranks,
-and takes `num_minibatches x epochs` policy steps (the registered `loss.policy_loss`, clipped by
+and takes `num_minibatches x updates_per_rollout` policy steps (the registered `loss.policy_loss`, clipped by
 default; rlhf/losses/policy.py) and clipped value steps on the rollout. Policy and critic have their own engines
 and optimizers. The KL coefficient is fixed or adaptive (proportional control to a target KL).
 Defaults follow DeepSpeed-Chat / the MA-RLHF and CD-RLHF code: gamma 1, lambda 0.95, clip 0.2,
@@ -93,9 +93,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     reduction = get_reduction(cfg.loss.aggregation)
     train_rows, eval_rows = load_task_data(cfg.data)
     rewards = build_rewards(cfg.reward, cfg.data, {"train": train_rows, "eval": eval_rows})
-    run = Run.open("ppo", cfg, env)
+    run = Run.open("ppo", cfg, env, cfg.train.total_steps(len(train_rows)))
     tokenizer, train_rows, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
-    optimizer_steps = cfg.train.steps * cfg.train.num_minibatches * cfg.train.epochs
+    optimizer_steps = run.total_steps * cfg.train.num_minibatches * cfg.train.updates_per_rollout
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
         cfg.optim,
@@ -168,7 +168,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             )
             batch.old_values = old_values
 
-            # 5 update: policy and critic, minibatches x epochs, micro-batches accumulate
+            # 5 update: policy and critic, minibatches x updates_per_rollout, micro-batches accumulate
             update_started = time.perf_counter()
             objective = ActorCriticObjective(
                 cfg,

@@ -581,20 +581,39 @@ class RowsTrainConfig(TrainLoopConfig):
     def total_steps(self, num_rows: int) -> int:
         """Optimizer steps of the run: ceil(epochs * rows / batch_size) when `epochs` is set (printed),
         else `steps`."""
-        if self.epochs is None:
-            return self.steps
-        steps = max(1, math.ceil(self.epochs * num_rows / self.batch_size))
-        print(f"[train] train.epochs={self.epochs:g} over {num_rows} rows: {steps} steps", flush=True)
+        return _steps_from_epochs(self.epochs, self.steps, num_rows, self.batch_size, "rows")
+
+
+def _steps_from_epochs(epochs: float | None, steps: int, num_rows: int, per_step: int, what: str) -> int:
+    if epochs is None:
         return steps
+    total = max(1, math.ceil(epochs * num_rows / per_step))
+    print(f"[train] train.epochs={epochs:g} over {num_rows} {what}: {total} steps", flush=True)
+    return total
 
 
 @dataclass
 class GRPOTrainConfig(TrainLoopConfig):
     steps: int = 100
     prompts_per_step: int = 8
-    num_minibatches: int = 1  # optimizer steps per rollout per epoch
+    num_minibatches: int = 1  # optimizer steps per rollout per pass over it
     micro_batch_size: int = 64  # rollouts per forward/backward
-    epochs: int = 1  # passes over each rollout
+    updates_per_rollout: int = 1  # passes over each rollout (TRL's num_iterations)
+    # passes over the training prompts (TRL's num_train_epochs); sets `steps` when given
+    epochs: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("train.epochs", self.epochs, 0, low_open=True)
+
+    def total_steps(self, num_prompts: int) -> int:
+        """Rollout steps of the run: ceil(epochs * prompts / prompts_per_step) when `epochs` is set
+        (printed, with the name of the other kind of pass), else `steps`."""
+        if self.epochs is not None:
+            print(
+                "[train] train.epochs passes over the prompts; over each rollout: train.updates_per_rollout"
+            )
+        return _steps_from_epochs(self.epochs, self.steps, num_prompts, self.prompts_per_step, "prompts")
 
 
 @dataclass
@@ -977,7 +996,7 @@ def plan_rollout_batches(train: GRPOTrainConfig, group_size: int, world_size: in
         ("rollout.group_size", g),
         ("train.num_minibatches", t.num_minibatches),
         ("train.micro_batch_size", t.micro_batch_size),
-        ("train.epochs", t.epochs),
+        ("train.updates_per_rollout", t.updates_per_rollout),
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")

@@ -30,7 +30,7 @@ TRL_NAMES = {
     "max_grad_norm": "optim.max_grad_norm",
     "max_steps": "train.steps",
     "num_train_epochs": "train.epochs",
-    "num_iterations": "train.epochs (passes over each rollout in GRPO/PPO)",
+    "num_iterations": "train.updates_per_rollout",
     "per_device_train_batch_size": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.micro_batch_size (the step's batch is split into micro-batches)",
     "epsilon": "loss.clip_low",

@@ -183,6 +183,14 @@ def resume_target(resume: str) -> tuple[str, dict[str, Any], str]:
     return checkpoint, manifest, run_dir_of(checkpoint)
 
 
+def _migrate(saved: dict[str, Any]) -> None:
+    """A GRPO or PPO config saved when `train.epochs` counted passes over each rollout: that is
+    `train.updates_per_rollout` now (`train.epochs` counts passes over the prompts)."""
+    train = saved.get("train") or {}
+    if "prompts_per_step" in train and "updates_per_rollout" not in train and "epochs" in train:
+        train["updates_per_rollout"] = train.pop("epochs")
+
+
 def resume_config(
     schema: type, composed: dict[str, Any], defaults: dict[str, Any], overrides: list[str]
 ) -> tuple[Any, list[str]]:
@@ -198,6 +206,7 @@ def resume_config(
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), composed)), []
     _, _, run_dir = resume_target(composed["resume"])
     saved, _ = saved_run(run_dir)
+    _migrate(saved)
     new, old, flat_saved = flatten(composed), flatten(defaults), flatten(saved)
     named = override_keys(overrides)
     changed = sorted(

@@ -1,6 +1,6 @@
 """Step 5 of the RL loop: one policy-update loop, shared by GRPO and PPO.
 
-`run_update` takes the optimizer steps over a rollout: `epochs` passes, each a random order of the
+`run_update` takes the optimizer steps over a rollout: `updates_per_rollout` passes, each a random order of the
 rows cut into minibatches of `minibatch_rows` (one optimizer step each), each minibatch cut into
 micro-batches of at most `micro_batch_rows` rows or, with a token budget, of at most that many
 tokens (as many on every rank as the most any rank needs). Per minibatch it computes, once and
@@ -52,17 +52,17 @@ class Minibatch:
 class UpdatePlan:
     """The loop's shape on this rank."""
 
-    epochs: int
+    updates_per_rollout: int
     minibatch_rows: int
     micro_batch_rows: int
     max_tokens_per_micro_batch: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any, batch_plan: Any) -> UpdatePlan:
-        """From an RL recipe's config (`train.epochs` passes, `train.max_tokens_per_micro_batch`)
+        """From an RL recipe's config (`train.updates_per_rollout` passes, `train.max_tokens_per_micro_batch`)
         and its batch plan (rows per minibatch and micro-batch on this rank)."""
         return cls(
-            cfg.train.epochs,
+            cfg.train.updates_per_rollout,
             batch_plan.minibatch_per_rank,
             batch_plan.micro_batch_size,
             cfg.train.max_tokens_per_micro_batch,
@@ -104,7 +104,7 @@ def run_update(
     step_stats: dict[str, float] = {}
     losses: dict[str, list[float]] = {e.loss_name: [] for e in objective.engines}
     skipped = 0
-    for _ in range(plan.epochs):
+    for _ in range(plan.updates_per_rollout):
         for rows in torch.randperm(batch.batch_size).split(plan.minibatch_rows):
             mask = batch.response_mask[rows]
             normalizer = main.all_reduce_sum(reduction.count(mask).float())

@@ -222,3 +222,28 @@ def test_a_users_own_model_trains_in_float32_by_default(recipe):
     short of float32 on the demo task (benchmarks/precision.py, RESULTS.md)."""
     cfg = _compose(recipe, ["model=pretrained", "model.name_or_path=my-model"])
     assert cfg.model.dtype == "float32" and cfg.train.precision == "fp32"
+
+
+def test_grpo_and_ppo_epochs_count_passes_over_the_prompts(capsys):
+    """`train.epochs` means passes over the data in every recipe (TRL's num_train_epochs); GRPO's
+    and PPO's passes over each rollout are `train.updates_per_rollout` (TRL's num_iterations)."""
+    for recipe in ("grpo", "ppo"):
+        cfg = _compose(
+            recipe, ["train.epochs=1.5", "train.prompts_per_step=4", "train.updates_per_rollout=2"]
+        )
+        assert cfg.train.total_steps(10) == 4  # ceil(1.5 * 10 / 4)
+        assert (
+            "passes over the prompts; over each rollout: train.updates_per_rollout" in capsys.readouterr().out
+        )
+        assert _compose(recipe, ["train.steps=7"]).train.total_steps(10) == 7  # without epochs: train.steps
+
+
+def test_a_run_saved_when_epochs_meant_passes_over_each_rollout_resumes_with_that_meaning():
+    from rlhf.run import _migrate
+
+    saved = {"train": {"steps": 9, "prompts_per_step": 4, "epochs": 2}}
+    _migrate(saved)
+    assert saved["train"] == {"steps": 9, "prompts_per_step": 4, "updates_per_rollout": 2}
+    sft = {"train": {"batch_size": 4, "epochs": 2}}
+    _migrate(sft)
+    assert sft["train"] == {"batch_size": 4, "epochs": 2}

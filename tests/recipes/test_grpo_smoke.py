@@ -82,7 +82,7 @@ def test_resume_continues_exactly(make_config, tmp_path):
     """Stopping after step 2 and resuming with only `resume=<dir> train.steps=4` (the run's saved
     config supplies the rest) gives exactly the step-3 and step-4 metrics of one run."""
     common = [*FAST, *VARIED_REWARD, "checkpoint.every=2", "eval.every=0", "train.num_minibatches=2"]
-    common.append("train.epochs=2")
+    common.append("train.updates_per_rollout=2")
     straight = grpo.train(make_config("grpo", *common, "train.steps=4", run_dir=str(tmp_path / "straight")))
     grpo.train(make_config("grpo", *common, "train.steps=2", run_dir=str(tmp_path / "split")))
     cfg = make_config("grpo", "train.steps=4", f"resume={tmp_path / 'split'}")
@@ -344,3 +344,12 @@ def test_a_reward_needing_a_column_the_data_lacks_is_refused_before_loading(
     monkeypatch.setattr(grpo, "load_policy", no_model)
     with pytest.raises(RewardError, match=r"'exact_match' needs column\(s\) \['answer'\].*reward.functions="):
         grpo.train(cfg)
+
+
+def test_epochs_set_the_number_of_rollout_steps(make_config, tmp_path):
+    data = tmp_path / "six.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{n}+1=", "answer": str(n + 1)}) + "\n" for n in range(6)))
+    cfg = make_config("grpo", *FAST, "data=jsonl", f"data.source={data}", "train.epochs=2", "eval.every=0")
+    result = grpo.train(cfg)
+    assert result["step"] == 6  # 2 passes over 6 prompts, 2 per step
+    assert [r["step"] for r in read_metrics(result["run_dir"]) if "loss" in r] == [1, 2, 3, 4, 5, 6]

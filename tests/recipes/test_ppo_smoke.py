@@ -42,7 +42,7 @@ def test_ppo_with_reward_model_moves_policy_and_critic(make_config, reward_model
         f"reward_model.name_or_path={reward_model_dir}",
         "train.steps=3",
         "train.num_minibatches=2",
-        "train.epochs=2",
+        "train.updates_per_rollout=2",
         "optim.lr=1e-2",
         "critic.optim.lr=1e-2",
         "loss.entropy_coef=0.01",

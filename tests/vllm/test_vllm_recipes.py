@@ -63,7 +63,7 @@ def test_grpo_with_vllm_trains_and_the_engine_matches_the_trainer(tmp_path):
 
 
 def test_grpo_with_vllm_and_two_updates_per_rollout(tmp_path):
-    """With old logprobs from a separate pass (two epochs over the rollout), the correction is
+    """With old logprobs from a separate pass (two passes over the rollout), the correction is
     computed there; with one update it comes from the update's own forward (test above). A
     repetition penalty reaches the engine and every logprob pass alike."""
     result = grpo.train(
@@ -73,7 +73,7 @@ def test_grpo_with_vllm_and_two_updates_per_rollout(tmp_path):
             *VLLM,
             *GRPO_FAST,
             "train.steps=2",
-            "train.epochs=2",
+            "train.updates_per_rollout=2",
             "rollout.repetition_penalty=1.3",
         )
     )
