@@ -18,6 +18,7 @@ Models load lazily, once, on CPU unless `device` says otherwise.
 from __future__ import annotations
 
 import html
+import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -28,8 +29,8 @@ import yaml
 
 from rlhf.checkpoint import STATE_FILE, export_dir, list_checkpoints
 from rlhf.config import LoraConfig, ModelConfig, TinyModelConfig
-from rlhf.data.chat import encode_prompt
-from rlhf.loggers import read_metrics, read_rollouts
+from rlhf.data.chat import encode_prompt, render_completion
+from rlhf.loggers import ROLLOUTS_FILE, read_metrics, read_rollouts
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_causal_lm, load_tokenizer
 from rlhf.models.options import ForwardOptions
@@ -196,7 +197,11 @@ class Run:
         """Token ids and fed text of prompts (strings or message lists) as the run's recipe feeds them:
         with the checkpoint's chat template for messages, or for strings when the run set
         data.apply_chat_template."""
-        encoded = [encode_prompt(self.tokenizer, p, self._chat(), row) for row, p in enumerate(prompts)]
+        templated = self._chat()
+        if not templated and self._conversational() and any(isinstance(p, str) for p in prompts):
+            templated = True  # fed as the run's own prompts were: rendered by the chat template
+            print("[inspect] this run's prompts were conversations: strings are fed as one user turn")
+        encoded = [encode_prompt(self.tokenizer, p, templated, row) for row, p in enumerate(prompts)]
         return [ids for ids, _ in encoded], [text for _, text in encoded]
 
     @torch.no_grad()
@@ -219,11 +224,15 @@ class Run:
         return batch.completions
 
     @torch.no_grad()
-    def compare_logprobs(self, prompt: Any, completion: str, temperature: float = 1.0) -> pd.DataFrame:
-        """Per completion token: policy and reference logprobs and their difference (the k1 KL term)."""
+    def compare_logprobs(self, prompt: Any, completion: Any, temperature: float = 1.0) -> pd.DataFrame:
+        """Per completion token: policy and reference logprobs and their difference (the k1 KL term).
+        The completion is text, or assistant messages (rendered as the chat template writes them
+        after the prompt, its end-of-turn marker included)."""
         tokenizer = self.tokenizer
         ids, _ = self._encode([prompt])
         prompt_ids, prompt_mask = pad_prompts(ids, tokenizer.pad_token_id, torch.device(self.device))
+        if not isinstance(completion, str):
+            completion = render_completion(tokenizer, prompt, completion)
         ids = tokenizer(completion, add_special_tokens=False, return_tensors="pt")["input_ids"].to(
             self.device
         )
@@ -252,8 +261,10 @@ class Run:
         else:
             fields_ = dict(record)
             values = fields_.get(quantity)
-            if not isinstance(values, list):
-                available = [k for k, v in fields_.items() if isinstance(v, list) and k != "tokens"]
+            if not _per_token(values, fields_["tokens"]):
+                available = [
+                    k for k, v in fields_.items() if k != "tokens" and _per_token(v, fields_["tokens"])
+                ]
                 raise KeyError(f"{quantity!r} is not a per-token quantity of this record; it has {available}")
             score = fields_.get("score")
             shown = "none" if score is None or score != score else f"{score:.4g}"
@@ -268,18 +279,37 @@ class Run:
     def _launch_relative(self, path: str | None) -> str | None:
         """A relative path in config.yaml is relative to where the run was launched: recover that
         directory from the run directory's path and its recorded (relative) `run_dir`."""
-        if not path or os.path.isabs(path) or os.path.exists(path):
+        if not path or os.path.isabs(path):
             return path
         recorded = os.path.normpath(self.config.get("run_dir") or "")
         here = os.path.normpath(self.path)
         if recorded and not os.path.isabs(recorded) and here.endswith(os.sep + recorded):
             candidate = os.path.join(here[: -len(recorded)], path)
-            if os.path.exists(candidate):
+            if os.path.exists(candidate):  # before the current directory, which may hold another
                 return candidate
         return path
 
     def _chat(self) -> bool:
         return bool((self.config.get("data") or {}).get("apply_chat_template", False))
+
+    def _conversational(self) -> bool:
+        """Whether the run sampled from message-list prompts (its rollout records keep them)."""
+        path = os.path.join(self.path, ROLLOUTS_FILE)
+        if not os.path.exists(path):
+            return False
+        with open(path) as handle:
+            first = handle.readline()
+        return bool(first.strip()) and isinstance(json.loads(first).get("raw_prompt"), list)
+
+
+def _per_token(values: Any, tokens: Any) -> bool:
+    """A list of one number per token (not the raw prompt's messages, not a scalar)."""
+    return (
+        isinstance(values, list)
+        and isinstance(tokens, list)
+        and len(values) == len(tokens)
+        and all(v is None or isinstance(v, (int, float)) for v in values)
+    )
 
 
 def load_run(path: str, device: str = "cpu") -> Run:

@@ -299,6 +299,18 @@ def encode_prompt(
     return _ids(tokenizer, prompt, special=True), prompt
 
 
+def render_completion(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: Any) -> str:
+    """The text of assistant `completion` messages (a list, or one message) as the chat template
+    writes them after `prompt` (messages, or a string as one user turn)."""
+    where = "completion"
+    turns = completion if isinstance(completion, list) else [completion]
+    example = {
+        "prompt": clean_messages(_as_conversation(prompt, "user"), "prompt", 0, where),
+        "completion": clean_messages(turns, "completion", 0, where),
+    }
+    return _render(example, tokenizer, 0, where)["completion"]
+
+
 def prepare_prompts(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,

@@ -147,6 +147,14 @@ def test_grpo_with_own_reward_on_conversations(pipeline):
         run.heatmap(record, "values")
     completions = run.generate([[SYSTEM, {"role": "user", "content": "Hi"}]], max_new_tokens=4)
     assert len(completions) == 1
+    with pytest.raises(KeyError) as missing:  # the raw prompt's messages are not a per-token quantity
+        run.heatmap(record, "raw_prompt")
+    assert "advantages" in str(missing.value) and "raw_prompt" not in str(missing.value).split("it has")[1]
+    # a string on a conversational run is fed as the run's prompts were: one user turn, templated
+    user = [{"role": "user", "content": "Hi"}]
+    assert run.generate(["Hi"], max_new_tokens=4) == run.generate([user], max_new_tokens=4)
+    frame = run.compare_logprobs(user, [{"role": "assistant", "content": "Hello!"}])
+    assert "".join(frame["token"]).startswith("Hello!<|im_end|>") and (frame["policy_logprob"] <= 0).all()
 
 
 def test_dpo_on_conversational_pairs(pipeline):
