@@ -24,7 +24,12 @@ Launch:  python -m recipes.aligndistil model=pretrained model.name_or_path=<sft 
 
 from __future__ import annotations
 
-import sys
+from rlhf.overrides import check_recipe_command_line
+
+if __name__ == "__main__":  # a wrong key is refused in seconds, before the heavy imports below
+    check_recipe_command_line("aligndistil", __file__)
+
+
 import time
 from functools import partial
 
@@ -45,13 +50,11 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import chunked_token_loss, response_head_inputs
 from rlhf.models.load import load_frozen, load_policy, load_reference, load_tokenizer, model_context
 from rlhf.models.options import ForwardOptions
-from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.sampling import SamplingParams, pad_prompts, pad_targets
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
-    drop_launcher_arguments,
     rank_slice,
     rl_prompts,
     task_reward,
@@ -264,8 +267,4 @@ def main(dict_cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
-    sys.argv = drop_launcher_arguments(sys.argv)
-    refuse_unknown_keys(
-        AlignDistilConfig, sys.argv[1:], __file__
-    )  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

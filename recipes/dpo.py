@@ -23,9 +23,14 @@ Launch:  python -m recipes.dpo model=pretrained model.name_or_path=<sft export> 
 
 from __future__ import annotations
 
+from rlhf.overrides import check_recipe_command_line
+
+if __name__ == "__main__":  # a wrong key is refused in seconds, before the heavy imports below
+    check_recipe_command_line("dpo", __file__)
+
+
 import dataclasses
 import os
-import sys
 import time
 
 import hydra
@@ -61,13 +66,11 @@ from rlhf.models.load import load_frozen, load_policy, load_reference, load_toke
 from rlhf.models.options import ForwardOptions
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import PairTokenScorer
-from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import TransformersEngine
 from rlhf.rollout.sampling import pad_prompts
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
-    drop_launcher_arguments,
     pair_tokens,
     rank_slice,
     task_reward,
@@ -412,6 +415,4 @@ def main(dict_cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
-    sys.argv = drop_launcher_arguments(sys.argv)
-    refuse_unknown_keys(DPOConfig, sys.argv[1:], __file__)  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

@@ -25,9 +25,14 @@ Launch:  python -m recipes.grpo [overrides...]
 
 from __future__ import annotations
 
+from rlhf.overrides import check_recipe_command_line
+
+if __name__ == "__main__":  # a wrong key is refused in seconds, before the heavy imports below
+    check_recipe_command_line("grpo", __file__)
+
+
 import dataclasses
 import math
-import sys
 import time
 
 import hydra
@@ -50,14 +55,12 @@ from rlhf.models.options import ForwardOptions
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_sum
-from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.records import sample_rows
 from rlhf.rollout.sampling import SamplingParams
 from rlhf.run import Run, RunValues, recipe_config
 from rlhf.runtime import (
-    drop_launcher_arguments,
     log_rollout_sample,
     rank_slice,
     rl_prompts,
@@ -451,6 +454,4 @@ def main(dict_cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
-    sys.argv = drop_launcher_arguments(sys.argv)
-    refuse_unknown_keys(GRPOConfig, sys.argv[1:], __file__)  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

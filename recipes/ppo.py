@@ -19,8 +19,13 @@ Launch:  python -m recipes.ppo reward_model.name_or_path=<rm export> model=pretr
 
 from __future__ import annotations
 
+from rlhf.overrides import check_recipe_command_line
+
+if __name__ == "__main__":  # a wrong key is refused in seconds, before the heavy imports below
+    check_recipe_command_line("ppo", __file__)
+
+
 import dataclasses
-import sys
 import time
 from typing import Any
 
@@ -49,13 +54,11 @@ from rlhf.models.load import (
 from rlhf.models.options import ForwardOptions
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
-from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.sampling import SamplingParams
 from rlhf.run import Run, recipe_config
 from rlhf.runtime import (
-    drop_launcher_arguments,
     log_rollout_sample,
     rank_slice,
     rl_prompts,
@@ -445,6 +448,4 @@ def main(dict_cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
-    sys.argv = drop_launcher_arguments(sys.argv)
-    refuse_unknown_keys(PPOConfig, sys.argv[1:], __file__)  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

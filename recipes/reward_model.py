@@ -12,7 +12,12 @@ Launch:  python -m recipes.reward_model [overrides...]
 
 from __future__ import annotations
 
-import sys
+from rlhf.overrides import check_recipe_command_line
+
+if __name__ == "__main__":  # a wrong key is refused in seconds, before the heavy imports below
+    check_recipe_command_line("reward_model", __file__)
+
+
 import time
 
 import hydra
@@ -31,10 +36,9 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import sequence_scores
 from rlhf.models.load import load_scorer, load_tokenizer, model_context
 from rlhf.models.options import ForwardOptions
-from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, pair_tokens, rank_slice
+from rlhf.runtime import pair_tokens, rank_slice
 from rlhf.update import micro_batches
 
 
@@ -145,8 +149,4 @@ def main(dict_cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
-    sys.argv = drop_launcher_arguments(sys.argv)
-    refuse_unknown_keys(
-        RewardModelConfig, sys.argv[1:], __file__
-    )  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

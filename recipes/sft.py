@@ -15,8 +15,13 @@ Launch:  python -m recipes.sft [overrides...]
 
 from __future__ import annotations
 
+from rlhf.overrides import check_recipe_command_line
+
+if __name__ == "__main__":  # a wrong key is refused in seconds, before the heavy imports below
+    check_recipe_command_line("sft", __file__)
+
+
 import random
-import sys
 import time
 
 import hydra
@@ -38,11 +43,10 @@ from rlhf.metrics import MetricAccumulator
 from rlhf.models.forward import response_logprobs
 from rlhf.models.load import load_policy, load_tokenizer, model_context
 from rlhf.models.options import ForwardOptions
-from rlhf.overrides import refuse_unknown_keys
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import TransformersEngine
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import drop_launcher_arguments, rank_slice
+from rlhf.runtime import rank_slice
 from rlhf.scoring import check_reward_columns, resolve_reward
 from rlhf.update import micro_batches
 
@@ -214,6 +218,4 @@ def main(dict_cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
-    sys.argv = drop_launcher_arguments(sys.argv)
-    refuse_unknown_keys(SFTConfig, sys.argv[1:], __file__)  # before Hydra (which would drop +unknown=...)
     run_entry_point(main)

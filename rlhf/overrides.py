@@ -114,3 +114,41 @@ def refuse_unknown_keys(schema: type, argv: list[str], recipe_file: str) -> None
         check_command_line(schema, argv, config_dir)
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def drop_launcher_arguments(argv: list[str]) -> list[str]:
+    """argv without the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK is in the
+    environment too); Hydra would reject it as an override."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip_next = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+RECIPE_SCHEMAS = {
+    "grpo": "GRPOConfig",
+    "ppo": "PPOConfig",
+    "sft": "SFTConfig",
+    "dpo": "DPOConfig",
+    "reward_model": "RewardModelConfig",
+    "aligndistil": "AlignDistilConfig",
+}
+
+
+def check_recipe_command_line(recipe: str, recipe_file: str) -> None:
+    """Run first thing by a recipe started as a script, before its heavy imports (transformers,
+    deepspeed, about 10 s): the launcher's `--local_rank` dropped from sys.argv, and an unknown key
+    refused in the time it takes to import the config schemas."""
+    import sys
+
+    from rlhf import config
+
+    sys.argv = drop_launcher_arguments(sys.argv)
+    refuse_unknown_keys(getattr(config, RECIPE_SCHEMAS[recipe]), sys.argv[1:], recipe_file)

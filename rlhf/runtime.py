@@ -67,22 +67,6 @@ def pair_tokens(rows) -> torch.Tensor:
     )
 
 
-def drop_launcher_arguments(argv: list[str]) -> list[str]:
-    """argv without the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK is in the
-    environment too); Hydra would reject it as an override."""
-    kept, skip_next = [], False
-    for arg in argv:
-        if skip_next:
-            skip_next = False
-        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
-            continue
-        elif arg in ("--local_rank", "--local-rank"):
-            skip_next = True
-        else:
-            kept.append(arg)
-    return kept
-
-
 def log_rollout_sample(
     loggers: Any,
     cfg: LoggerConfig,

@@ -50,7 +50,15 @@ def test_the_recipe_refuses_before_anything_starts(tmp_path):
     """Following Hydra's own hint (+key=value) used to start a default run with the key dropped."""
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "recipes.grpo", "+rollout.num_generations=8", f"run_dir={run_dir}"],
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "recipes.grpo",
+            "+rollout.num_generations=8",
+            f"run_dir={run_dir}",
+        ],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1"),
         capture_output=True,
@@ -60,3 +68,10 @@ def test_the_recipe_refuses_before_anything_starts(tmp_path):
     assert done.returncode != 0
     assert "TRL's num_generations is rollout.group_size here" in done.stderr, done.stderr[-2000:]
     assert not run_dir.exists()
+    # refused before the recipe's heavy imports: only the config schemas (and torch) were loaded
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "torch" in imported and not {"transformers", "deepspeed", "hydra", "datasets"} & imported
