@@ -223,8 +223,8 @@ def _heldout(checkpoints: dict, export_dir) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from recipes.rlhf_pipeline import heldout_gold
     from rlhf.config import register_configs
+    from rlhf.eval.accuracy import heldout_gold
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):

@@ -100,8 +100,8 @@ def trl_accuracy(cfg) -> tuple[float, float]:
     from rlhf.data.load import load_task_data
     from rlhf.eval.accuracy import heldout_accuracy
     from rlhf.rollout.engine import engine_for_model
-    from rlhf.runtime import rl_prompts, task_reward
-    from rlhf.scoring import build_rewards
+    from rlhf.rollout.prompts import rl_prompts
+    from rlhf.scoring import build_rewards, task_reward
 
     aggregation = {"token_mean": "dapo", "sequence_mean_token_mean": "grpo"}[cfg.loss.aggregation]
     train_rows, eval_rows = load_task_data(cfg.data)

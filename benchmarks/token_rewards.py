@@ -125,7 +125,7 @@ def train_dpo(job: tuple[str, int, str, dict], threads: int) -> str:
 
     torch.set_num_threads(threads)
     from recipes import dpo
-    from recipes.rlhf_pipeline import heldout_gold
+    from rlhf.eval.accuracy import heldout_gold
     from rlhf.loggers import read_metrics
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -158,7 +158,7 @@ def heldout_of_ppo_run(job: tuple[str, int], threads: int) -> float:
         import torch
 
         torch.set_num_threads(threads)
-        from recipes.rlhf_pipeline import heldout_gold
+        from rlhf.eval.accuracy import heldout_gold
 
         data = _sort_data()
         run_dir = os.path.dirname(path)
@@ -487,7 +487,7 @@ def main() -> None:
 
 
 def heldout_of_start(start: str) -> float:
-    from recipes.rlhf_pipeline import heldout_gold
+    from rlhf.eval.accuracy import heldout_gold
 
     return heldout_gold(start, _sort_data(), max_new_tokens=34)["exact_match"]
 

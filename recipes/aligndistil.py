@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from rlhf.config import AlignDistilConfig, ConfigError, plan_sft_batches, register_configs
 from rlhf.data.chat import CHOSEN_IDS, PROMPT_IDS, PROMPT_TEXT, prepare_splits
 from rlhf.data.load import load_task_data
-from rlhf.data.sampler import EpochSampler
+from rlhf.data.sampler import EpochSampler, rank_slice
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.eval.accuracy import heldout_accuracy
@@ -52,13 +52,10 @@ from rlhf.models.load import load_frozen, load_policy, load_reference, load_toke
 from rlhf.models.options import ForwardOptions
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
+from rlhf.rollout.prompts import rl_prompts
 from rlhf.rollout.sampling import SamplingParams, pad_prompts, pad_targets
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import (
-    rank_slice,
-    rl_prompts,
-    task_reward,
-)
+from rlhf.scoring import task_reward
 from rlhf.types import LossOutput
 from rlhf.update import micro_batches
 

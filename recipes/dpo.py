@@ -45,9 +45,9 @@ from rlhf.data.chat import (
     rewritten_prompt_ids,
     swap_chosen_rejected,
 )
-from rlhf.data.collate import collate_pairs
+from rlhf.data.collate import collate_pairs, pair_tokens
 from rlhf.data.load import load_task_data, warn_unknown_tokens
-from rlhf.data.sampler import EpochSampler
+from rlhf.data.sampler import EpochSampler, rank_slice
 from rlhf.data.token_cache import cached_token_values, pad_token_values, token_cache_key
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import mean_over_ranks
@@ -70,11 +70,7 @@ from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import TransformersEngine
 from rlhf.rollout.sampling import pad_prompts
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import (
-    pair_tokens,
-    rank_slice,
-    task_reward,
-)
+from rlhf.scoring import task_reward
 from rlhf.update import micro_batches
 
 

@@ -42,7 +42,7 @@ from omegaconf import DictConfig
 from rlhf import advantages as adv
 from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
 from rlhf.data.load import load_task_data
-from rlhf.data.sampler import EpochSampler
+from rlhf.data.sampler import EpochSampler, rank_slice
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.eval.heldout import HeldoutEvaluation
@@ -57,14 +57,10 @@ from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_sum
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
-from rlhf.rollout.records import sample_rows
+from rlhf.rollout.prompts import rl_prompts
+from rlhf.rollout.records import log_rollout_sample, sample_rows
 from rlhf.rollout.sampling import SamplingParams
 from rlhf.run import Run, RunValues, recipe_config
-from rlhf.runtime import (
-    log_rollout_sample,
-    rank_slice,
-    rl_prompts,
-)
 from rlhf.scoring import build_rewards, score_metrics, score_rollout
 from rlhf.shaping import EntropyCoefficient, kl_token_penalty, overlong_penalty
 from rlhf.types import RolloutBatch

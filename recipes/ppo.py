@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from rlhf.advantages import CriticInputs, get_advantage_estimator
 from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, register_configs
 from rlhf.data.load import load_task_data
-from rlhf.data.sampler import EpochSampler
+from rlhf.data.sampler import EpochSampler, rank_slice
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import gathered_values, mean_over_ranks
 from rlhf.eval.heldout import HeldoutEvaluation
@@ -56,13 +56,10 @@ from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
+from rlhf.rollout.prompts import rl_prompts
+from rlhf.rollout.records import log_rollout_sample
 from rlhf.rollout.sampling import SamplingParams
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import (
-    log_rollout_sample,
-    rank_slice,
-    rl_prompts,
-)
 from rlhf.scoring import build_rewards, score_rollout
 from rlhf.segments import macro_ratio_logprobs, make_segmenter, num_segments
 from rlhf.shaping import (

@@ -26,9 +26,9 @@ from omegaconf import DictConfig
 
 from rlhf.config import RewardModelConfig, plan_sft_batches, register_configs
 from rlhf.data.chat import PROMPT_TEXT, prepare_splits
-from rlhf.data.collate import collate_pairs
+from rlhf.data.collate import collate_pairs, pair_tokens
 from rlhf.data.load import load_task_data, warn_unknown_tokens
-from rlhf.data.sampler import EpochSampler
+from rlhf.data.sampler import EpochSampler, rank_slice
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.losses.preference import bradley_terry_loss
@@ -38,7 +38,6 @@ from rlhf.models.load import load_scorer, load_tokenizer, model_context
 from rlhf.models.options import ForwardOptions
 from rlhf.plots import plot_metrics
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import pair_tokens, rank_slice
 from rlhf.update import micro_batches
 
 

@@ -33,11 +33,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from recipes import dpo, ppo, reward_model, sft
-from rewards import digit_match, exact_match
+from rewards import digit_match
 from rlhf.checkpoint import export_dir
 from rlhf.config import ModelConfig, register_configs
 from rlhf.data.load import load_task_data
 from rlhf.data.preferences import label_pairs
+from rlhf.eval.accuracy import heldout_gold
 from rlhf.loggers import read_metrics
 from rlhf.models.load import load_causal_lm, load_tokenizer
 from rlhf.plots import plot_metrics
@@ -277,32 +278,6 @@ def _report(
         f"[pipeline] {summary['seconds']:.0f}s; plots: {run_dir}/*/pipeline.png, {run_dir}/*/dpo_curves.png"
     )
     return summary
-
-
-@torch.no_grad()
-def heldout_gold(
-    model_dir: str, data_cfg, batch_size: int = 500, max_new_tokens: int = 5
-) -> dict[str, float]:
-    """Greedy answers of the model at `model_dir` to every held-out problem of the task: the mean
-    exact match and the mean gold score (fraction of correct digits)."""
-    model_cfg = ModelConfig(source="pretrained", name_or_path=model_dir)
-    tokenizer = load_tokenizer(model_cfg)
-    model = load_causal_lm(model_cfg, tokenizer).eval()
-    _, eval_rows = load_task_data(data_cfg)
-    exact, digits = [], []
-    for start in range(0, len(eval_rows), batch_size):
-        chunk = eval_rows[start : start + batch_size]
-        batch = generate_rollouts(
-            TransformersEngine.for_model(model, tokenizer),
-            chunk["prompt"],
-            {"answer": chunk["answer"]},
-            group_size=1,
-            sampling=SamplingParams(max_new_tokens=max_new_tokens),
-            do_sample=False,
-        )
-        exact += exact_match(batch.prompts, batch.completions, answer=chunk["answer"])
-        digits += digit_match(batch.prompts, batch.completions, answer=chunk["answer"])
-    return {"exact_match": sum(exact) / len(exact), "digit_match": sum(digits) / len(digits)}
 
 
 def summarize(ppo_dir: str, window: int = 20) -> dict[str, float]:

@@ -33,7 +33,7 @@ from rlhf.config import ConfigError, SFTConfig, plan_sft_batches, register_confi
 from rlhf.data.chat import PROMPT_TEXT, prepare_splits
 from rlhf.data.collate import collate_sft, sft_loss_mask
 from rlhf.data.load import load_task_data, warn_unknown_tokens
-from rlhf.data.sampler import EpochSampler
+from rlhf.data.sampler import EpochSampler, rank_slice
 from rlhf.distributed import build_engine, launcher_env, run_entry_point
 from rlhf.distributed.collectives import mean_over_ranks
 from rlhf.eval.accuracy import heldout_accuracy
@@ -46,7 +46,6 @@ from rlhf.models.options import ForwardOptions
 from rlhf.plots import plot_metrics
 from rlhf.rollout.hf import TransformersEngine
 from rlhf.run import Run, recipe_config
-from rlhf.runtime import rank_slice
 from rlhf.scoring import check_reward_columns, resolve_reward
 from rlhf.update import micro_batches
 

@@ -269,3 +269,12 @@ def score_metrics(
     if accuracy_reward in per_reward:
         metrics["accuracy"] = float((per_reward[accuracy_reward] >= 1.0).float().mean())
     return metrics
+
+
+def task_reward(name: str | None):
+    """The reward function named `name` (built in or "package.module:function"), or None."""
+    if not name:
+        return None
+    from rewards import REWARD_FUNCTIONS
+
+    return resolve_reward(name, REWARD_FUNCTIONS)

@@ -73,3 +73,13 @@ def token_budget_micro_batches(
             half = (len(parts[largest]) + 1) // 2
             parts[largest : largest + 1] = [parts[largest][:half], parts[largest][half:]]
     return [torch.tensor(part, dtype=torch.long) for part in parts]
+
+
+def pair_tokens(rows) -> torch.Tensor:
+    """Valid tokens of each preference pair's two sequences (prompt + chosen, prompt + rejected)."""
+    return torch.tensor(
+        [
+            2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(rows[PROMPT_IDS], rows[CHOSEN_IDS], rows[REJECTED_IDS], strict=True)
+        ]
+    )

@@ -47,3 +47,9 @@ class EpochSampler:
         self.epoch = state["epoch"]
         self.offset = state["offset"]
         self._order = self._permutation(self.epoch)
+
+
+def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous share of a global batch of row indices (groups stay whole)."""
+    per_rank = len(indices) // world_size
+    return indices[rank * per_rank : (rank + 1) * per_rank]

@@ -133,3 +133,38 @@ def heldout_accuracy(
         max_new_tokens=eval_cfg.max_new_tokens,
         weights_version=weights_version,
     )
+
+
+def heldout_gold(
+    model_dir: str, data_cfg: Any, batch_size: int = 500, max_new_tokens: int = 5
+) -> dict[str, float]:
+    """Greedy answers of the model exported at `model_dir` to every held-out problem of a task with
+    an `answer` column: the mean exact match and the mean gold score (fraction of correct digits),
+    as the synthetic pipeline and its benchmarks report them."""
+    from rewards import digit_match, exact_match
+    from rlhf.config import ModelConfig
+    from rlhf.data.load import load_task_data
+    from rlhf.models.load import load_causal_lm, load_tokenizer
+    from rlhf.rollout.engine import engine_for_model
+    from rlhf.scoring import WeightedReward, score_completions
+
+    model_cfg = ModelConfig(source="pretrained", name_or_path=model_dir)
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_causal_lm(model_cfg, tokenizer).eval()
+    _, eval_rows = load_task_data(data_cfg)
+    rewards = [
+        WeightedReward("exact_match", exact_match, 1.0),
+        WeightedReward("digit_match", digit_match, 0.0),
+    ]
+
+    def score(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        return score_completions(rewards, batch.prompts, batch.completions, batch.columns)[:3]
+
+    results = greedy_evaluation(
+        engine_for_model("hf", model, tokenizer, max_new_tokens),
+        eval_rows,
+        score,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    return {name: results[f"eval/reward/{name}"] for name in ("exact_match", "digit_match")}

@@ -62,3 +62,31 @@ def rollout_records(
                 record[name] = value[mask.cpu()].tolist()
         records.append(record)
     return records
+
+
+def log_rollout_sample(
+    loggers: Any,
+    cfg: Any,
+    batch: Any,
+    tokenizer: Any,
+    step: int,
+    scores: torch.Tensor,
+    per_token: dict[str, torch.Tensor | None],
+) -> None:
+    """Save `logger.rollout_samples` rows of this step's rollout (rank 0; other ranks have no sinks)
+    with the distributions of the whole rollout's scores, advantages and response lengths."""
+    if not loggers.sinks or cfg.rollout_samples <= 0:
+        return
+    rows = sample_rows(batch.batch_size, cfg.rollout_samples, step)
+    mask = batch.response_mask.bool()
+    advantages = batch.advantages
+    if advantages is not None and advantages.dim() == 2:  # per token: one value per trained token
+        advantages = advantages[mask]
+    distributions = {
+        "reward": scores.float().cpu().tolist(),
+        "response_length": mask.sum(-1).float().cpu().tolist(),
+    }
+    if advantages is not None:
+        distributions["advantage"] = advantages.float().cpu().tolist()
+    records = rollout_records(batch, tokenizer, rows, step, scores, per_token)
+    loggers.log_rollouts(records, step, distributions)

@@ -34,7 +34,10 @@ LIBRARY_MODULES = MATH_MODULES + [
     "rlhf.metrics",
     "rlhf.loggers",
     "rlhf.plots",
-    "rlhf.runtime",
+    "rlhf.rollout.prompts",
+    "rlhf.rollout.records",
+    "rlhf.eval.heldout",
+    "rlhf.overrides",
     "rlhf.distributed",
     "rlhf.eval.accuracy",
 ]
