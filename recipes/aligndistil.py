@@ -127,7 +127,7 @@ def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
                     group_size=1,
                     sampling=sampling,
                     weights_version=step - 1,
-                    seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank,
+                    seed=run.sampling_seed(step),
                 )
                 metrics.pop("rollout/tokens")
                 tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)

@@ -127,7 +127,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             #   are excluded); with dynamic sampling, groups without signal are replaced by groups of
             #   new prompts
             batch, scores, valid, per_reward, metrics = _sample(
-                cfg, env, rollout, train_rows, sampler, sampling, rewards, step
+                cfg, run, rollout, train_rows, sampler, sampling, rewards, step
             )
             raw_scores = torch.where(valid, scores, torch.nan)
             rollout_tokens = metrics.pop("rollout/tokens")
@@ -183,7 +183,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     return run.result(metrics, result)
 
 
-def _sample(cfg: GRPOConfig, env, rollout, train_rows, sampler, sampling, rewards, step: int):
+def _sample(cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, rewards, step: int):
     """Rollout rounds of this rank's share of `prompts_per_step` new prompts, scored (with DAPO's
     overlong penalty when set). One round, or with `advantage.dynamic_sampling` rounds until every
     rank holds its share of groups whose scores differ (all ranks run the same rounds), at most
@@ -195,7 +195,7 @@ def _sample(cfg: GRPOConfig, env, rollout, train_rows, sampler, sampling, reward
     for round_index in range(rounds):
         started = time.perf_counter()
         rows = train_rows.select(
-            rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
+            rank_slice(sampler.next_indices(cfg.train.prompts_per_step), run.env.rank, run.env.world_size)
         )
         batch, rollout_metrics = rollout_rows(
             rollout,
@@ -204,7 +204,7 @@ def _sample(cfg: GRPOConfig, env, rollout, train_rows, sampler, sampling, reward
             group_size=g,
             sampling=sampling,
             weights_version=step - 1,
-            seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank + round_index * 998_244_353,
+            seed=run.sampling_seed(step, round_index),
         )
         elapsed = time.perf_counter() - started
         scores, valid, per_reward, reward_metrics = score_rollout(rewards, batch, cfg.reward)

@@ -143,7 +143,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 sampling=sampling,
                 record_topk=cfg.curiosity.top_k if models.curiosity else None,
                 weights_version=step - 1,
-                seed=(cfg.seed * 1_000_003 + step) * env.world_size + env.rank,
+                seed=run.sampling_seed(step),
             )
             metrics["time/generate"] = time.perf_counter() - started
             metrics.pop("rollout/tokens")

@@ -331,11 +331,18 @@ def nthr_advantage_scale(
 class AdvantageEstimator:
     """A registered estimator. `needs`: "groups" (critic-free; the GRPO recipe) or "critic" (PPO).
     `compute(inputs, options)` adapts the common inputs (`OutcomeInputs` or `CriticInputs`) and the
-    `advantage` config to the function: advantages [B] or [B, T], or (advantages, returns) with a critic."""
+    `advantage` config to the function: advantages [B] or [B, T], or (advantages, returns) with a critic.
+    What the config checks read (rlhf/config/plans.py): `single_sample`, a baseline that needs no
+    group (one sample per prompt works); `one_per_response`, one advantage per response whose sign
+    GTPO reads; `normalises_each_reward`, scores normalised per reward function (a KL in the
+    reward would be normalised away)."""
 
     name: str
     needs: str
     compute: Callable[[Any, Any], Any]
+    single_sample: bool = False
+    one_per_response: bool = False
+    normalises_each_reward: bool = False
 
 
 @dataclass
@@ -393,8 +400,14 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
                 eps=o.eps,
                 batch_std=batch_std(x.scores, x.valid, x.all_reduce_sum) if o.std_scope == "batch" else None,
             ),
+            one_per_response=True,
         ),
-        AdvantageEstimator("rloo", "groups", lambda x, o: rloo(x.scores, x.valid, group_size=x.group_size)),
+        AdvantageEstimator(
+            "rloo",
+            "groups",
+            lambda x, o: rloo(x.scores, x.valid, group_size=x.group_size),
+            one_per_response=True,
+        ),
         AdvantageEstimator(
             "reinforce_pp",
             "groups",
@@ -405,6 +418,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
                 token_penalty=x.token_penalty,
                 all_reduce_sum=x.all_reduce_sum,
             ),
+            single_sample=True,
         ),
         AdvantageEstimator(
             "gdpo",
@@ -417,6 +431,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
                 eps=o.eps,
                 all_reduce_sum=x.all_reduce_sum,
             ),
+            normalises_each_reward=True,
         ),
         AdvantageEstimator(
             "reinforce_pp_baseline",

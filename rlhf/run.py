@@ -446,6 +446,13 @@ class Run:
                     f"checkpoint {name} is after the resumed step {self.start_step}: moved to {target}"
                 )
 
+    def sampling_seed(self, step: int, round_index: int = 0) -> int:
+        """The seed of this rank's rollout at `step` (and dynamic-sampling round), for engines that
+        take per-request seeds: distinct per run seed, step, rank and round, and the same when the
+        step is trained again after a resume."""
+        rank, ranks = self.env.rank, self.env.world_size
+        return (self.cfg.seed * 1_000_003 + step) * ranks + rank + round_index * 998_244_353
+
     # -- the loop ----------------------------------------------------------------------------------
     def steps(self) -> Iterator[int]:
         """Steps start_step+1 .. total_steps (train.steps unless derived). Between steps: a periodic checkpoint, then a stop for

@@ -247,3 +247,26 @@ def test_a_run_saved_when_epochs_meant_passes_over_each_rollout_resumes_with_tha
     sft = {"train": {"batch_size": 4, "epochs": 2}}
     _migrate(sft)
     assert sft["train"] == {"batch_size": 4, "epochs": 2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["rollout.group_size=1"],
+            "advantage.estimator=group_relative .* needs at least 2 samples per prompt",
+        ),
+        (["loss=gtpo", "advantage.estimator=reinforce_pp_baseline"], r"in \['group_relative', 'rloo'\]"),
+        (
+            ["advantage.estimator=gdpo", "loss.kl_coef=0.1", "loss.kl_placement=reward"],
+            "advantage.estimator=gdpo normalises each reward function",
+        ),
+    ],
+)
+def test_what_an_estimator_allows_comes_from_its_registry_entry(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_grpo_batches(_compose("grpo", overrides))
+
+
+def test_one_sample_per_prompt_is_fine_for_an_estimator_without_groups():
+    plan_grpo_batches(_compose("grpo", ["rollout.group_size=1", "advantage.estimator=reinforce_pp"]))
