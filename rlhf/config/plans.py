@@ -101,14 +101,16 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
 
 def check_vespo_correction(cfg) -> None:
     """VESPO folds the rollout engine's token weights into its sequence weight (as TRL does)."""
+    from rlhf.losses.policy import POLICY_LOSSES
+
     modes = ("token_truncate", "token_mask", "none")
     if (
-        cfg.loss.policy_loss == "vespo"
+        POLICY_LOSSES[cfg.loss.policy_loss].token_corrections_only
         and cfg.rollout.engine == "vllm"
         and cfg.rollout.vllm.correction not in modes
     ):
         raise ConfigError(
-            f"loss.policy_loss=vespo takes token-level rollout corrections {modes}, got "
+            f"loss.policy_loss={cfg.loss.policy_loss} takes token-level rollout corrections {modes}, got "
             f"rollout.vllm.correction={cfg.rollout.vllm.correction}"
         )
 

@@ -85,8 +85,8 @@ def check_policy_loss(loss, recipe: str) -> None:
         raise ConfigError(
             f"loss.policy_loss={loss.policy_loss} is defined with loss.aggregation={needed}, got {loss.aggregation}"
         )
-    if loss.policy_loss == "gtpo" and recipe != "grpo":
-        raise ConfigError("loss.policy_loss=gtpo needs groups of samples: use recipes.grpo")
+    if POLICY_LOSSES[loss.policy_loss].needs_groups and recipe != "grpo":
+        raise ConfigError(f"loss.policy_loss={loss.policy_loss} needs groups of samples: use recipes.grpo")
 
 
 @dataclass
@@ -126,6 +126,7 @@ class LossConfig(_PolicyLossChoice):
 
     def __post_init__(self) -> None:
         from rlhf.losses.kl import KL_ESTIMATORS
+        from rlhf.losses.policy import POLICY_LOSSES
         from rlhf.losses.reduce import REDUCTIONS
 
         check_choice("loss.aggregation", self.aggregation, REDUCTIONS)
@@ -140,13 +141,14 @@ class LossConfig(_PolicyLossChoice):
         check_range("loss.delta", self.delta, 1, low_open=True)
         check_range("loss.top_entropy_quantile", self.top_entropy_quantile, 0, 1)
         check_range("loss.entropy_coef", self.entropy_coef, 0)
-        if self.delta is not None and self.policy_loss not in ("clipped", "gspo", "gspo_token", "luspo"):
+        objective = POLICY_LOSSES[self.policy_loss]
+        if self.delta is not None and "delta" not in objective.parameters:
             raise ConfigError(
                 f"loss.delta caps a clipped ratio: loss.policy_loss={self.policy_loss} has none"
             )
-        if self.policy_loss == "gtpo" and self.kl_coef != 0.0:
+        if not objective.has_kl and self.kl_coef != 0.0:
             raise ConfigError(
-                "loss.policy_loss=gtpo has no KL term and no reference model: set loss.kl_coef=0"
+                f"loss.policy_loss={self.policy_loss} has no KL term and no reference model: set loss.kl_coef=0"
             )
 
 

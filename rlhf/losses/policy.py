@@ -279,11 +279,19 @@ def gtpo(
 
 @dataclass(frozen=True)
 class PolicyLoss:
-    """A registered objective. `aggregation`: the reduction it is defined with, if it needs one."""
+    """A registered objective. `aggregation`: the reduction it is defined with, if it needs one.
+    What the config checks read (rlhf/config/): `needs_groups`, it reads a group of samples per
+    prompt (the GRPO recipe only); `has_kl`, whether it takes a KL term to a reference;
+    `token_corrections_only`, it folds the rollout engine's per-token correction weights into its
+    own (sequence-level correction modes do not apply). Whether it caps a clipped ratio
+    (`loss.delta`) is read from its signature."""
 
     name: str
     per_token: PerTokenLoss
     aggregation: str | None = None
+    needs_groups: bool = False
+    has_kl: bool = True
+    token_corrections_only: bool = False
     parameters: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -314,8 +322,8 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
         PolicyLoss("luspo", gspo, aggregation="sequence_mean_token_sum"),
         PolicyLoss("cispo", cispo),
         PolicyLoss("sapo", sapo),
-        PolicyLoss("vespo", vespo),
-        PolicyLoss("gtpo", gtpo),
+        PolicyLoss("vespo", vespo, token_corrections_only=True),
+        PolicyLoss("gtpo", gtpo, needs_groups=True, has_kl=False),
     )
 }
 

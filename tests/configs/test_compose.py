@@ -270,3 +270,16 @@ def test_what_an_estimator_allows_comes_from_its_registry_entry(overrides, messa
 
 def test_one_sample_per_prompt_is_fine_for_an_estimator_without_groups():
     plan_grpo_batches(_compose("grpo", ["rollout.group_size=1", "advantage.estimator=reinforce_pp"]))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        ("ppo", ["loss.policy_loss=gtpo", "loss.kl_coef=0"], "policy_loss=gtpo needs groups of samples"),
+        ("grpo", ["loss.policy_loss=gtpo", "loss.kl_coef=0.1"], "gtpo has no KL term"),
+        ("grpo", ["loss.policy_loss=cispo", "loss.delta=3"], "cispo has none"),
+    ],
+)
+def test_what_an_objective_allows_comes_from_its_registry_entry(recipe, overrides, message):
+    with pytest.raises((ConfigError, ValidationError), match=message):
+        _compose(recipe, overrides)
