@@ -101,18 +101,13 @@ def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
     # samples on-policy responses and the held-out completions (the transformers engine off-policy)
     rollout = build_rollout_engine(cfg, policy, tokenizer, env.rank)
 
-    def evaluate() -> dict[str, float]:
-        return _evaluate(cfg, distill, rollout, eval_rows, accuracy_fn, run.step)
-
-    result: dict[str, float | str] = {}
+    run.evaluate_with(
+        lambda step: _evaluate(cfg, distill, rollout, eval_rows, accuracy_fn, step), cfg.eval.every
+    )
     metrics: dict[str, float] = {}
     with run:
         run.on_close(rollout.close)
-        if run.start_step == 0:
-            before = evaluate()
-            result.update({f"{k}_before": v for k, v in before.items()})
-            if before:
-                run.log(before, 0)
+        result: dict[str, float | str] = dict(run.evaluate_before())
         for step in run.steps():
             started = time.perf_counter()
             # 1 responses: this rank's share of the step's rows; the chosen responses (off-policy)
@@ -152,16 +147,9 @@ def train(cfg: AlignDistilConfig) -> dict[str, float | str]:
             )
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, policy)
-            if cfg.eval.every and step % cfg.eval.every == 0:
-                with run.untimed():
-                    metrics.update(evaluate())
-            if step % cfg.logger.log_every == 0 or any(k.startswith("eval/") for k in metrics):
-                run.log(metrics, step)
+            run.end_step(step, metrics)  # evaluated every eval.every steps, logged by logger.log_every
         run.finish()
-        final = {k: v for k, v in metrics.items() if k.startswith("eval/")} or evaluate()
-        if final:
-            result.update(final)
-            run.log(final, run.step)
+        result.update(run.evaluate_after(metrics))
     if env.is_main:
         plot_metrics(
             run.dir,

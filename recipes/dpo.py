@@ -121,10 +121,7 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
         policy, tokenizer, {"sampler": sampler, **({"reference": reference_sync} if reference_sync else {})}
     )
 
-    def evaluate() -> dict[str, float]:
-        return _evaluate(cfg, pairs, eval_rows, accuracy_fn)
-
-    result: dict[str, float | str] = {}
+    run.evaluate_with(lambda step: _evaluate(cfg, pairs, eval_rows, accuracy_fn), cfg.eval.every)
     metrics: dict[str, float] = {}
     with run:
         # Frozen models' token values: precomputed once (then the models are dropped) or per micro-batch.
@@ -135,11 +132,7 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
             pairs.scorer = PairTokenScorer(
                 options=pairs.scorer.options
             )  # the frozen models are no longer needed
-        if run.start_step == 0:
-            before = evaluate()
-            result.update({f"{k}_before": v for k, v in before.items()})
-            if before:
-                run.log(before, 0)
+        result: dict[str, float | str] = dict(run.evaluate_before())
         for step in run.steps():
             started = time.perf_counter()
             # 1 batch: this rank's share of the step's pairs; one normalizer for the whole step
@@ -155,16 +148,9 @@ def train(cfg: DPOConfig) -> dict[str, float | str]:
             }
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, policy)
-            if cfg.eval.every and step % cfg.eval.every == 0:
-                with run.untimed():
-                    metrics.update(evaluate())
-            if step % cfg.logger.log_every == 0 or any(k.startswith("eval/") for k in metrics):
-                run.log(metrics, step)
+            run.end_step(step, metrics)  # evaluated every eval.every steps, logged by logger.log_every
         run.finish()
-        final = {k: v for k, v in metrics.items() if k.startswith("eval/")} or evaluate()
-        if final:
-            result.update(final)
-            run.log(final, run.step)
+        result.update(run.evaluate_after(metrics))
     if env.is_main:
         plot_metrics(
             run.dir,

@@ -116,10 +116,12 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         lambda batch: score_rollout(rewards, batch, cfg.reward)[:3],
         [r.name for r in rewards],
     )
+    run.evaluate_with(heldout if heldout.enabled else None, cfg.eval.every)
     metrics: dict[str, float] = {}
     with run:
         run.on_close(rollout.close)
-        result = heldout.before(run)
+        run.message(heldout.description)
+        result = run.evaluate_before()
         for step in run.steps():
             started = time.perf_counter()
             # 1-2 rollout and score: G samples for each of this rank's prompts with the policy's
@@ -166,13 +168,11 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             metrics["time/step"] = time.perf_counter() - started
             metrics["tokens_per_s"] = rollout_tokens * env.world_size / metrics["time/step"]
             metrics = mean_over_ranks(metrics, engine, token_mean_weights(metrics, rollout_mask.sum()))
-            evaluated = heldout.during(run, step, metrics)
-            if step % cfg.logger.log_every == 0 or evaluated:
-                run.log(metrics, step)
+            if run.end_step(step, metrics):  # evaluated every eval.every steps, logged by logger.log_every
                 sampled = dataclasses.replace(batch, response_mask=rollout_mask)
                 _log_sample(run.loggers, cfg, sampled, tokenizer, step, raw_scores, engine, options)
         run.finish()
-        result.update(heldout.after(run, metrics))
+        result.update(run.evaluate_after(metrics))
     if env.is_main:
         plot_metrics(
             run.dir,

@@ -124,10 +124,12 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         lambda batch: _score(cfg, rewards, models, batch, policy, {}),
         [r.name for r in rewards] + (["reward_model"] if models.reward_model is not None else []),
     )
+    run.evaluate_with(heldout if heldout.enabled else None, cfg.eval.every)
     metrics: dict[str, float] = {}
     with run:
         run.on_close(rollout.close)
-        result = heldout.before(run)
+        run.message(heldout.description)
+        result = run.evaluate_before()
         for step in run.steps():
             started = time.perf_counter()
             # 1 rollout: this rank's prompts, G samples each, with the policy's weights after the
@@ -191,15 +193,13 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, policy, token_mean_weights(metrics, batch.response_mask.sum()))
             kl_controller.update(metrics["kl/sequence_mean"], cfg.train.prompts_per_step * g)
-            evaluated = heldout.during(run, step, metrics)
-            if step % cfg.logger.log_every == 0 or evaluated:
-                run.log(metrics, step)
+            if run.end_step(step, metrics):  # evaluated every eval.every steps, logged by logger.log_every
                 per_token = {"logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "kl": kl}
                 per_token.update(rewards=token_rewards, values=old_values, advantages=batch.advantages)
                 per_token["segment_ids"] = batch.segment_ids
                 log_rollout_sample(run.loggers, cfg.logger, batch, tokenizer, step, raw_scores, per_token)
         run.finish()
-        result.update(heldout.after(run, metrics))
+        result.update(run.evaluate_after(metrics))
     if policy.is_main:
         plot_metrics(run.dir, PLOTTED, "ppo_curves.png", "PPO")
     return run.result(metrics, result)

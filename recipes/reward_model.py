@@ -85,9 +85,9 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
         return float(engine.all_reduce_sum(correct)) / len(rows)
 
     metrics: dict[str, float] = {}
-    evaluation = (
-        eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows)))) if eval_rows is not None else None
-    )
+    if eval_rows is not None:
+        evaluation = eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
+        run.evaluate_with(lambda step: {"eval/pair_accuracy": pair_accuracy(evaluation)}, cfg.eval.every)
     with run:
         for step in run.steps():
             started = time.perf_counter()
@@ -121,13 +121,9 @@ def train(cfg: RewardModelConfig) -> dict[str, float | str]:
             metrics = {"loss": float(step_loss), **accumulator.compute(), **engine.step()}
             metrics["time/step"] = time.perf_counter() - started
             metrics = mean_over_ranks(metrics, engine)
-            if evaluation is not None and cfg.eval.every and step % cfg.eval.every == 0:
-                metrics["eval/pair_accuracy"] = pair_accuracy(evaluation)
-            run.log(metrics, step)
+            run.end_step(step, metrics)  # evaluated every eval.every steps, logged by logger.log_every
         run.finish()
-        if evaluation is not None:
-            metrics["eval/pair_accuracy"] = pair_accuracy(evaluation)
-            run.log({"eval/pair_accuracy": metrics["eval/pair_accuracy"]}, run.step)
+        metrics.update(run.evaluate_after(metrics))
     if env.is_main:
         plot_metrics(
             run.dir, ["loss", "rm/accuracy", "eval/pair_accuracy"], "reward_model_curves.png", "Reward model"

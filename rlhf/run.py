@@ -315,6 +315,8 @@ class Run:
         self.loggers: Any = None
         self._engine: Any = None
         self._stateful: dict[str, Any] = {}
+        self._evaluate: Callable[[int], dict[str, float]] | None = None
+        self._eval_every = 0
         self._tokenizer: Any = None
         self._extra_engines: dict[str, Any] = {}
         self._signal_received: str | None = None
@@ -503,6 +505,48 @@ class Run:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.loggers.log(metrics, step)
+
+    # -- evaluation and logging cadence ------------------------------------------------------------
+    def evaluate_with(self, evaluate: Callable[[int], dict[str, float]] | None, every: int) -> None:
+        """The run's held-out evaluation: `evaluate(step)` gives its `eval/...` scores after `step`
+        updates (None: the run has none), every `every` steps (0: before and after training only)."""
+        self._evaluate, self._eval_every = evaluate, every
+
+    def evaluate_before(self) -> dict[str, float]:
+        """A new run's scores before training, logged at step 0, returned as `<key>_before`."""
+        if self._evaluate is None or self.start_step != 0:
+            return {}
+        with self.untimed():
+            scores = self._evaluate(0)
+        if scores:
+            self.log(scores, 0)
+        return {f"{key}_before": value for key, value in scores.items()}
+
+    def end_step(self, step: int, metrics: dict[str, float]) -> bool:
+        """After a step: at every `every`-th step the scores join its metrics (evaluation does not
+        count toward train.time_limit_s); the metrics are logged every logger.log_every steps and
+        whenever they hold scores. True when they were logged."""
+        evaluated = bool(self._evaluate and self._eval_every and step % self._eval_every == 0)
+        if evaluated:
+            with self.untimed():
+                metrics.update(self._evaluate(step))
+        if evaluated or step % self.cfg.logger.log_every == 0:
+            self.log(metrics, step)
+            return True
+        return False
+
+    def evaluate_after(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The final scores, after `finish`: the last step's when it evaluated, else new ones;
+        logged at the last step."""
+        if self._evaluate is None:
+            return {}
+        final = {key: value for key, value in metrics.items() if key.startswith("eval/")}
+        if not final:
+            with self.untimed():
+                final = self._evaluate(self.step)
+        if final:
+            self.log(final, self.step)
+        return final
 
     def message(self, text: str) -> None:
         if self.loggers is not None:

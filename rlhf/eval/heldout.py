@@ -1,6 +1,7 @@
 """Held-out evaluation of a GRPO or PPO run, as TRL evaluates: greedy completions of the eval split
-scored by every reward the run trains on (functions and reward model), before training, every
-`eval.every` steps and at the end. The run says at its start what is evaluated, or why nothing is."""
+scored by every reward the run trains on (functions and reward model). The run (rlhf/run.py) calls
+it before training, every `eval.every` steps and at the end; the recipe prints `description` at
+its start: what is evaluated, or why nothing is."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ class HeldoutEvaluation:
     recipe's own scoring of a batch; `reward_names` are the names it returns."""
 
     def __init__(self, eval_rows: Any, cfg: Any, rollout: Any, score: BatchScorer, reward_names: list[str]):
-        self.every = cfg.eval.every
         self.enabled = eval_rows is not None and len(eval_rows) > 0 and bool(reward_names)
         accuracy = cfg.reward.accuracy_reward if cfg.reward.accuracy_reward in reward_names else None
         if eval_rows is not None:
@@ -32,32 +32,9 @@ class HeldoutEvaluation:
         )
         self.description = _describe(eval_rows, cfg, reward_names, accuracy, self.enabled)
 
-    def before(self, run: Any) -> dict[str, float]:
-        """A new run's scores before training (logged at step 0), as `<key>_before`."""
-        if run.env.is_main:
-            print(self.description, flush=True)
-        if not self.enabled or run.start_step != 0:
-            return {}
-        results = self._evaluate(0)
-        run.log(results, 0)
-        return {f"{key}_before": value for key, value in results.items()}
-
-    def during(self, run: Any, step: int, metrics: dict[str, float]) -> bool:
-        """Every `eval.every` steps: the scores join this step's metrics; True when they did."""
-        if not (self.enabled and self.every and step % self.every == 0):
-            return False
-        with run.untimed():  # evaluation does not count toward train.time_limit_s
-            metrics.update(self._evaluate(step))
-        return True
-
-    def after(self, run: Any, metrics: dict[str, float]) -> dict[str, float]:
-        """The final scores (this step's when it just evaluated), logged at the last step."""
-        if not self.enabled:
-            return {}
-        evaluated = {key: value for key, value in metrics.items() if key.startswith("eval/")}
-        results = evaluated or self._evaluate(run.step)
-        run.log(results, run.step)
-        return results
+    def __call__(self, step: int) -> dict[str, float]:
+        """The scores of the policy after `step` updates (what `Run.evaluate_with` calls)."""
+        return self._evaluate(step)
 
 
 def _describe(eval_rows: Any, cfg: Any, reward_names: list[str], accuracy: str | None, enabled: bool) -> str:
