@@ -542,7 +542,8 @@ def prepare_pairs(
     context: int | None = None,
 ) -> Dataset:
     """Preference rows: `_prompt_ids`, `_prompt_text`, `_chosen_ids`, `_rejected_ids`, and the raw
-    prompt column (extracted for the implicit-prompt format)."""
+    prompt column (extracted for the implicit-prompt format, with a `system` column's turn). Rendered
+    rows take the `system` and `tools` columns as prompts do."""
     use_chat_template(tokenizer, cfg)
     kinds = {
         column: column_kind(list(dataset[column]), column, where)
@@ -555,23 +556,27 @@ def prepare_pairs(
         conversational = column_kind(list(dataset[cfg.prompt_column]), cfg.prompt_column, where) == "messages"
     templated = conversational or cfg.apply_chat_template
     policy = LengthPolicy(cfg, where)
+    systems, tools = row_extras(dataset, templated, where)
     raw_prompts, prompts, texts, chosen, rejected = [], [], [], [], []
     for index, row in enumerate(dataset):
         example = _pair_example(row, cfg, index, where)
-        raw_prompts.append(example["prompt"])
         if templated:
+            # the prompt as rendered, the row's system turn included, so a re-render (T-REG) keeps it
+            example["prompt"] = _as_conversation(example["prompt"], "user", systems[index])
             rendered = _render(
                 {
-                    "prompt": _as_conversation(example["prompt"], "user"),
+                    "prompt": example["prompt"],
                     "chosen": _as_conversation(example["chosen"], "assistant"),
                     "rejected": _as_conversation(example["rejected"], "assistant"),
                 },
                 tokenizer,
                 index,
                 where,
+                tools[index],
             )
         else:
             rendered = {k: str(v) for k, v in example.items()}
+        raw_prompts.append(example["prompt"])
         full = _ids(tokenizer, rendered["prompt"], special=not templated)
         prompt_ids = policy.prompt(full, index)
         pair = [None, None]
@@ -597,7 +602,7 @@ def prepare_pairs(
         REJECTED_IDS: rejected,
         CONVERSATIONAL: [conversational] * len(dataset),
     }
-    if conversational:  # the extracted prompt and the completions without it, as rewards expect them
+    if conversational or any(systems):  # the extracted prompt (with its system turn), as rendered
         columns[cfg.prompt_column] = raw_prompts
     return _finish(dataset, columns, policy)
 

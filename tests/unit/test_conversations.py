@@ -17,8 +17,10 @@ from rlhf.data.chat import (
     COMPLETION_MASK,
     PROMPT_IDS,
     PROMPT_TEXT,
+    prepare_pairs,
     prepare_prompts,
     prepare_sft,
+    rewritten_prompt_ids,
 )
 from rlhf.data.collate import collate_sft, sft_loss_mask
 from rlhf.data.load import DataError
@@ -133,6 +135,21 @@ def test_system_column_is_the_system_turn_of_a_templated_string_prompt(tokenizer
         "<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\nAdd 1 + 2"
     )
     prepare_prompts(dataset, tokenizer, data(), "t", response_budget=4)  # plain text: said, not silent
+    assert "column(s) ['system'] unused: the prompts are plain text" in capsys.readouterr().out
+
+
+def test_system_and_tools_columns_are_rendered_in_preference_pairs(tokenizer, capsys):
+    pair = {"prompt": "Add 1 + 2", "chosen": "3", "rejected": "4", "system": "Answer with a number."}
+    rows = prepare_pairs(Dataset.from_list([pair]), tokenizer, data(apply_chat_template=True), "t")
+    system_turn = "<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\nAdd 1 + 2"
+    assert rows[0][PROMPT_TEXT].startswith(system_turn)
+    # the stored prompt carries the system turn, so T-REG's re-rendered prompt keeps it
+    rewritten = rewritten_prompt_ids(tokenizer, rows[0]["prompt"], lambda text: text + "!", True)
+    assert tokenizer.decode(rewritten).startswith(system_turn + "!")
+    conversational = {**pair, "prompt": [{"role": "user", "content": "Add 1 + 2"}], "tools": [WEATHER]}
+    rows = prepare_pairs(Dataset.from_list([conversational]), tokenizer, data(), "t")
+    assert rows[0][PROMPT_TEXT].startswith("<|im_start|>system\nTools: get_weather<|im_end|>\n" + system_turn)
+    prepare_pairs(Dataset.from_list([pair]), tokenizer, data(), "t")  # plain text: said, not silent
     assert "column(s) ['system'] unused: the prompts are plain text" in capsys.readouterr().out
 
 
