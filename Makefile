@@ -46,10 +46,14 @@ demo: $(STAMP)
 pipeline: $(STAMP)
 	$(BIN)/python -m recipes.rlhf_pipeline
 
+# Single-process tests run two at a time (pytest-xdist, one torch thread each: most of their time is
+# Python, not matrix work); the tiers that start several ranks or a vLLM engine run alone after them,
+# since they size their own threads and memory and time their ranks' heartbeats.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -x --timeout 600 tests
+	$(BIN)/python -m pytest -q -x --timeout 600 -n 2 -m "not distributed and not vllm" tests
+	$(BIN)/python -m pytest -q -x --timeout 600 -m "distributed or vllm" tests
 
 # The inner loop: unit, config and parity tests (a few minutes); `make test` runs every tier.
 test-fast: $(STAMP)
@@ -66,13 +70,13 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/grpo_step.py
-	$(BIN)/python benchmarks/dpo_step.py
-	$(BIN)/python benchmarks/demo_accuracy.py
-	$(BIN)/python benchmarks/precision.py
-	$(BIN)/python benchmarks/zero_memory.py
-	$(BIN)/python benchmarks/logprob_memory.py
-	$(BIN)/python benchmarks/rlhf_pipeline.py
+	$(BIN)/python benchmarks/speed/grpo_step.py
+	$(BIN)/python benchmarks/speed/dpo_step.py
+	$(BIN)/python benchmarks/learning/demo_accuracy.py
+	$(BIN)/python benchmarks/learning/precision.py
+	$(BIN)/python benchmarks/speed/zero_memory.py
+	$(BIN)/python benchmarks/speed/logprob_memory.py
+	$(BIN)/python benchmarks/learning/rlhf_pipeline.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

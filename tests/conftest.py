@@ -13,7 +13,8 @@ import torch  # noqa: E402
 
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm  # noqa: E402
 
-torch.set_num_threads(2)
+# two threads on these two cores; one per worker when pytest-xdist runs two tests at a time
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 # the slow tiers, by folder: `make test-fast` deselects them (pytest -m "not recipe and ...")

@@ -306,7 +306,7 @@ class VllmEngine:
                 seed=seed,
                 skip_special_tokens=True,
                 # only token ids are read; text is needed for stop strings alone (skipping it:
-                # benchmarks/vllm_generation.py, compiled_ids against compiled)
+                # benchmarks/speed/vllm_generation.py, compiled_ids against compiled)
                 detokenize=bool(sampling.stop),
             )
             requests.append((ids, params))

@@ -219,7 +219,7 @@ def test_escaped_stop_strings_from_the_command_line_are_the_characters():
 def test_a_users_own_model_trains_in_float32_by_default(recipe):
     """The default precision of `model=pretrained`: float32 weights and compute. bf16 mixed
     precision is `train.precision=bf16`; pure bf16 weights (`model.dtype=bfloat16`) fell 6.4 points
-    short of float32 on the demo task (benchmarks/precision.py, RESULTS.md)."""
+    short of float32 on the demo task (benchmarks/learning/precision.py, RESULTS.md)."""
     cfg = _compose(recipe, ["model=pretrained", "model.name_or_path=my-model"])
     assert cfg.model.dtype == "float32" and cfg.train.precision == "fp32"
 

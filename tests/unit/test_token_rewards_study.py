@@ -1,11 +1,11 @@
-"""The TGDPO anatomy in benchmarks/token_rewards.py splits each pair into its shared prefix, the
+"""The TGDPO anatomy in benchmarks/studies/token_rewards.py splits each pair into its shared prefix, the
 first differing token and the rest; checked here on hand-built pairs."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.token_rewards import pair_regions
+from benchmarks.studies.token_rewards import pair_regions
 
 
 def test_pair_regions_split_at_the_first_differing_token():

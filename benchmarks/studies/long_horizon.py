@@ -28,10 +28,10 @@ evaluation interval), so a study can be stopped and rerun, or widened with more 
 token_rewards.py and curiosity_ppo.py --task group): training wall time per seed, from the first and
 last timestamps of each run's metrics.
 
-Usage: python benchmarks/long_horizon.py --study macro [--methods ppo ma_fixed5] [--seeds 1 2 3 4 5]
+Usage: python benchmarks/studies/long_horizon.py --study macro [--methods ppo ma_fixed5] [--seeds 1 2 3 4 5]
        [--steps 120] [--eval-every 20] [--jobs 2] [--no-record]
-       python benchmarks/long_horizon.py --cost [--no-record]
-       python benchmarks/long_horizon.py --warm-starts [--no-record]
+       python benchmarks/studies/long_horizon.py --cost [--no-record]
+       python benchmarks/studies/long_horizon.py --warm-starts [--no-record]
 
 `--warm-starts` measures the shared warm start on each long task's held-out lists with that task's
 verifier (sort: exact match; group: any correct grouping), greedy and at T = 1.
@@ -47,7 +47,7 @@ import os
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import compose_config, moving_average, report, save_figure  # noqa: E402
 

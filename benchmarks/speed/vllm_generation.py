@@ -2,7 +2,7 @@
 
 One rollout: 2 prompts x G samples of exactly 32 new tokens (min_tokens = max_tokens, so every setting
 does the same work), seeded, processed logprobs of the sampled tokens, prefix caching on, on the tiny
-Llama of benchmarks/grpo_step.py --engine vllm (hidden 64, 4 layers, 2 heads: head_dim 32), fp32,
+Llama of benchmarks/speed/grpo_step.py --engine vllm (hidden 64, 4 layers, 2 heads: head_dim 32), fp32,
 2 threads, the in-process engine. The settings, as rlhf/rollout/vllm.py passes them:
   eager            enforce_eager=true, text detokenized (the engine's defaults until this benchmark)
   compiled         enforce_eager=false (vLLM's default: torch.compile on CPU)
@@ -12,7 +12,7 @@ Llama of benchmarks/grpo_step.py --engine vllm (hidden 64, 4 layers, 2 heads: he
 Each setting starts its own engine in a fresh process (start time reported, not counted); settings
 are interleaved over `--repeats`, each timing 6 rollouts per shape with the first dropped.
 
-Usage: python benchmarks/vllm_generation.py [--repeats 2] [--no-record]
+Usage: python benchmarks/speed/vllm_generation.py [--repeats 2] [--no-record]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results, median_range  # noqa: E402
 
 SETTINGS = {
@@ -142,7 +142,7 @@ def main() -> None:
         )
         append_results(
             "vLLM rollout time on CPU by engine setting",
-            "python benchmarks/vllm_generation.py"
+            "python benchmarks/speed/vllm_generation.py"
             + (f" --repeats {args.repeats}" if args.repeats != 2 else ""),
             f"{settings}\n\n{table}",
         )

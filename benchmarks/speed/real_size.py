@@ -24,7 +24,7 @@ second (prompt and response tokens of the step's rows) and the step's model FLOP
 6 x parameters x tokens (one forward and backward; generation and the frozen passes are not
 counted, so it understates the work done) over the GPU's dense bf16 peak (989 TFLOP/s, H100/H200).
 
-Usage: python benchmarks/real_size.py [--recipes grpo dpo] [--repeats 2] [--steps 4] [--no-record]
+Usage: python benchmarks/speed/real_size.py [--recipes grpo dpo] [--repeats 2] [--steps 4] [--no-record]
        [--prompt-lengths 1024 2048] [--device cpu|cuda] [--shape small|qwen2-0.5b|qwen2-1.5b]
        [--prompts 2] [--new-tokens 64]
 """
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results, median_range, step_timer  # noqa: E402
 
 GROUP, PAIRS = 8, 4
@@ -71,7 +71,7 @@ SHAPES = {
 }
 # set from the command line in main(): the model's shape, prompts per GRPO step, new tokens per response
 SHAPE, PROMPTS, NEW_TOKENS, DEVICE = SHAPES["small"], 2, 64, "cpu"
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 # the sides without a chunk keep the whole-logits pass (logprob_chunk_tokens=0), as measured before
 # the chunk became automatic by size
@@ -366,7 +366,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if not args.no_record:
-        command = "python benchmarks/real_size.py " + " ".join(sys.argv[1:])
+        command = "python benchmarks/speed/real_size.py " + " ".join(sys.argv[1:])
         shape = f"{args.shape} shape ({SHAPE.hidden} hidden, vocabulary {SHAPE.vocab:,})"
         append_results(
             f"GRPO and DPO steps at the {shape}, on {DEVICE}, prompts {args.prompt_lengths[0]}-{args.prompt_lengths[1]} tokens",

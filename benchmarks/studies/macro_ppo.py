@@ -2,7 +2,7 @@
 the ablation of the authors' mean aggregation against the paper's sum.
 
 For each seed the SFT policy and the reward model of a synthetic-pipeline run are reused (run them
-with `python benchmarks/rlhf_pipeline.py`, or this script runs the pipeline's first stages itself),
+with `python benchmarks/learning/rlhf_pipeline.py`, or this script runs the pipeline's first stages itself),
 and three PPO runs start from the same policy with the same budget (300 steps x 32 prompts):
   ppo       token-level GAE (the pipeline's PPO preset)
   ma_mean   GAE over fixed 5-grams, token rewards and values averaged per segment (authors' code)
@@ -10,7 +10,7 @@ and three PPO runs start from the same policy with the same budget (300 steps x 
 Reported: the RM reward and the gold score on the rollouts (20-step moving averages), the first step at
 which each run reaches vanilla PPO's final RM reward, held-out exact match of each final policy.
 
-Usage: python benchmarks/macro_ppo.py [--seeds 1 2 3] [--jobs 3] [--pipeline-runs DIR] [--no-record]
+Usage: python benchmarks/studies/macro_ppo.py [--seeds 1 2 3] [--jobs 3] [--pipeline-runs DIR] [--no-record]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import append_results, moving_average, save_figure  # noqa: E402
 
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument(
-        "--pipeline-runs", help="a benchmarks/rlhf_pipeline.py run directory (seed<N>/ inside)"
+        "--pipeline-runs", help="a benchmarks/learning/rlhf_pipeline.py run directory (seed<N>/ inside)"
     )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -211,7 +211,7 @@ def main() -> None:
     if not args.no_record:
         append_results(
             "MA-PPO (fixed 5-gram macro actions) against PPO on the synthetic RLHF pipeline",
-            "python benchmarks/macro_ppo.py --seeds " + " ".join(map(str, args.seeds)),
+            "python benchmarks/studies/macro_ppo.py --seeds " + " ".join(map(str, args.seeds)),
             "Each seed: the SFT policy and reward model of a synthetic-pipeline run; three PPO runs from the same "
             "start, 300 steps x 32 prompts, KL 0.05, critic from the RM: token-level PPO, MA-PPO with the authors' "
             "mean aggregation, MA-PPO with rewards summed per segment (the paper). 'Steps to reach' counts the "

@@ -6,7 +6,7 @@ reward model, then PPO, RTO, DPO and TGDPO from the SFT policy). PPO curves: gol
 correct answer digits on the rollouts; proxy = the reward model's score; both are moving averages
 over 20 steps. Held-out: every final model answers the task's 1000 held-out problems greedily.
 
-Usage: python benchmarks/rlhf_pipeline.py [--seeds 1 2 3] [--jobs 3] [--no-record] [overrides...]
+Usage: python benchmarks/learning/rlhf_pipeline.py [--seeds 1 2 3] [--jobs 3] [--no-record] [overrides...]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results  # noqa: E402
 
 
@@ -161,14 +161,14 @@ def main() -> None:
         spread = f", sd {statistics.stdev(gains):.1f}" if len(gains) > 1 else ""
         means.append(f"{m.upper()} {statistics.mean(gains):+.1f}{spread}")
     lines.append("\nHeld-out exact match change from SFT, points (mean over seeds): " + "; ".join(means))
-    figure = plot_comparison(results, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots"))
+    figure = plot_comparison(results, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plots"))
     lines.append(f"\nPlot: benchmarks/plots/{os.path.basename(figure)}; runs under {root}")
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
         append_results(
             "Synthetic RLHF pipeline: PPO, RTO, DPO and TGDPO against a learned reward model",
-            f"python benchmarks/rlhf_pipeline.py --seeds {' '.join(map(str, args.seeds))}",
+            f"python benchmarks/learning/rlhf_pipeline.py --seeds {' '.join(map(str, args.seeds))}",
             "SFT (tiny Llama, 2-digit addition, stop at 35%) → 4 samples per prompt on 9000 prompts, every two with "
             "different gold scores (fraction of correct digits) make a pair → Bradley-Terry RM (2000 steps x 64 pairs, "
             "lr 1e-3, cosine) from the SFT model trained on to 90% → from the SFT policy: PPO (32 prompts/step, 300 steps, KL "

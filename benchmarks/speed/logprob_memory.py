@@ -11,7 +11,7 @@ entropies, and the backward of their sum. Sides:
 Each measurement runs in a fresh process; memory is the peak resident set size during the pass
 minus the resident size just before it (the model and inputs already built). 2 repeats, medians.
 
-Usage: python benchmarks/logprob_memory.py [--vocab 32000 151936] [--tokens 2048 4096] [--chunk 512] [--no-record]
+Usage: python benchmarks/speed/logprob_memory.py [--vocab 32000 151936] [--tokens 2048 4096] [--chunk 512] [--no-record]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 PROMPT, HIDDEN, CHUNK = 16, 256, 512
 
@@ -157,7 +157,7 @@ def main() -> None:
         )
         append_results(
             "Per-token logprob pass with gradient: peak memory and time against TRL",
-            "python benchmarks/logprob_memory.py " + " ".join(sys.argv[1:]),
+            "python benchmarks/speed/logprob_memory.py " + " ".join(sys.argv[1:]),
             f"{settings}\n\n{table}",
         )
 

@@ -2,12 +2,12 @@
 
 Each configuration loads a ~136M-parameter Llama (545 MB of fp32 weights) with from_pretrained, as
 a run does (under ZeRO-3 it is partitioned while it loads), and runs one training step in a fresh
-set of processes (benchmarks/zero_memory_worker.py) and reports what rank 0 holds, as
+set of processes (benchmarks/speed/zero_memory_worker.py) and reports what rank 0 holds, as
 ratios to one process without DeepSpeed. Byte counts come from the tensors each rank holds
 (parameters, or ZeRO-3's partitions; gradients right after backward; Adam moments plus any fp32
 master copy); peak RSS is the whole process. A GPU run adds a single-GPU ZeRO-3 offload figure.
 
-Usage: python benchmarks/zero_memory.py [--no-record]
+Usage: python benchmarks/speed/zero_memory.py [--no-record]
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "benchmarks", "zero_memory_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(ROOT, "benchmarks", "speed", "zero_memory_worker.py")
 
 
 def _port() -> int:
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="zero_memory_")
-    from benchmarks.zero_memory_worker import save_model
+    from benchmarks.speed.zero_memory_worker import save_model
 
     model_dir = os.path.join(workdir, "model")
     save_model(model_dir)
@@ -84,7 +84,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
-        append_results("ZeRO memory per rank, 2 CPU ranks", "python benchmarks/zero_memory.py", table)
+        append_results("ZeRO memory per rank, 2 CPU ranks", "python benchmarks/speed/zero_memory.py", table)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ TRL runs as shipped (`bf16=False`, no gradient checkpointing, `max_length` large
 is truncated or dropped: the row count is checked). The two sides are interleaved (ours, TRL, ours,
 ...), 3 repeats, 8 steps per run, the first step of each run dropped; medians and ranges reported.
 
-Usage: python benchmarks/dpo_step.py [--repeats 3] [--steps 8] [--no-record]
+Usage: python benchmarks/speed/dpo_step.py [--repeats 3] [--steps 8] [--no-record]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results, median_range, step_timer  # noqa: E402
 
 PAIRS = 8
@@ -58,7 +58,7 @@ def run_ours(prompt_length: int, steps: int, workdir: str) -> list[float]:
         for row in make_pairs(prompt_length):
             handle.write(json.dumps(row) + "\n")
     register_configs()
-    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
     run_dir = tempfile.mkdtemp(dir=workdir)
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = OmegaConf.to_object(
@@ -171,7 +171,7 @@ def main() -> None:
             "A ratio above 1 means this project is faster."
         )
         append_results(
-            "DPO step time against TRL DPOTrainer", "python benchmarks/dpo_step.py", f"{settings}\n\n{table}"
+            "DPO step time against TRL DPOTrainer", "python benchmarks/speed/dpo_step.py", f"{settings}\n\n{table}"
         )
 
 

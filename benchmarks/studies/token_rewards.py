@@ -1,7 +1,7 @@
 """Token-level reward methods on the long-response sort task, 5 seeds: RTO against PPO, and DPO,
 TGDPO and cDPO against each other, each DPO-family method at the paper's beta (0.1) and at 0.5.
 
-Everything starts from the SFT warm start of benchmarks/long_horizon.py (`+experiment=sft_sort`,
+Everything starts from the SFT warm start of benchmarks/studies/long_horizon.py (`+experiment=sft_sort`,
 about 23% held-out exact match). Pairs: 8 samples (T = 1) for each of 3000 training lists from that
 policy, verified by exact match; one exact (chosen) and one wrong (rejected) sample per list that
 has both (recipes/cdpo_models.py, which also trains cDPO's positive and negative LoRA models on the
@@ -23,7 +23,7 @@ guide's token rewards and each model's log-ratio shift sit along a pair (the sha
 diverging token, the rest), and how much of TGDPO's margin comes from the plain DPO sum and how much
 from the guide's weights.
 
-Usage: python benchmarks/token_rewards.py [--seeds 1 2 3 4 5] [--jobs 2] [--no-record]
+Usage: python benchmarks/studies/token_rewards.py [--seeds 1 2 3 4 5] [--jobs 2] [--no-record]
            [--guide-control] [--explain-tgdpo]
 """
 
@@ -39,10 +39,10 @@ import shutil
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import compose_config, report, save_figure  # noqa: E402
-from benchmarks.long_horizon import RUNS, run_method, sft_start  # noqa: E402
+from benchmarks.studies.long_horizon import RUNS, run_method, sft_start  # noqa: E402
 
 BETAS = (0.1, 0.5)
 PAIRS = os.path.join(RUNS, "pairs")

@@ -19,8 +19,8 @@ step), and ours with vLLM and the shared-prefix forward, on a tiny model whose h
 CPU attention accepts; `--groups` adds group sizes. The generation share of each step and the
 weight-sync time are reported.
 
-Usage: python benchmarks/grpo_step.py [--repeats 3] [--steps 6] [--shared-prefix] [--no-record]
-       python benchmarks/grpo_step.py --engine vllm --prompt-lengths 64 256 512 --groups 8 16
+Usage: python benchmarks/speed/grpo_step.py [--repeats 3] [--steps 6] [--shared-prefix] [--no-record]
+       python benchmarks/speed/grpo_step.py --engine vllm --prompt-lengths 64 256 512 --groups 8 16
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results, median_range, step_timer  # noqa: E402
 
 GROUP, PROMPTS, NEW_TOKENS = 8, 2, 32
@@ -81,7 +81,7 @@ def run_ours(
         for p in make_prompts(prompt_length):
             handle.write(json.dumps({"prompt": p}) + "\n")
     register_configs()
-    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
     run_dir = tempfile.mkdtemp(dir=workdir)
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = OmegaConf.to_object(
@@ -271,7 +271,7 @@ def main() -> None:
         )
         append_results(
             "GRPO step time against TRL GRPOTrainer",
-            "python benchmarks/grpo_step.py" + (" --shared-prefix" if args.shared_prefix else ""),
+            "python benchmarks/speed/grpo_step.py" + (" --shared-prefix" if args.shared_prefix else ""),
             f"{settings}\n\n{table}",
         )
 
@@ -331,7 +331,7 @@ def engine_comparison(args, workdir: str) -> None:
             "above 1 means this project is faster."
         )
         command = (
-            "python benchmarks/grpo_step.py --engine vllm --prompt-lengths "
+            "python benchmarks/speed/grpo_step.py --engine vllm --prompt-lengths "
             + " ".join(map(str, args.prompt_lengths))
             + " --groups "
             + " ".join(map(str, args.groups))

@@ -23,7 +23,7 @@ whitened reward. Then:
 Each seed runs with the authors' module learning rate (1e-5) and with a larger one (1e-3, by
 default), which tells a property of the module's training apart from one of the task.
 
-Usage: python benchmarks/curiosity_gate.py [--seeds 1 2 3] [--steps 60] [--module-lrs 1e-5 1e-3]
+Usage: python benchmarks/studies/curiosity_gate.py [--seeds 1 2 3] [--steps 60] [--module-lrs 1e-5 1e-3]
        [--no-record]
 """
 
@@ -37,7 +37,7 @@ from collections import defaultdict
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import append_results, compose_config  # noqa: E402
 from rlhf.intrinsic import whiten_per_sequence  # noqa: E402
@@ -253,7 +253,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if not args.no_record:
-        command = "python benchmarks/curiosity_gate.py " + " ".join(sys.argv[1:])
+        command = "python benchmarks/studies/curiosity_gate.py " + " ".join(sys.argv[1:])
         append_results("CD-RLHF: the curiosity signal on gated tokens taken apart (sums task)", command, body)
 
 

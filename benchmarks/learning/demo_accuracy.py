@@ -4,7 +4,7 @@ Each seed runs `recipes.demo` end to end: SFT until 35% greedy accuracy on 200 t
 then GRPO (8 prompts x 8 samples, exact-match reward, zero-variance groups dropped) for 90 s of
 training time. Accuracy is greedy exact match on the 1000 fixed held-out problems.
 
-Usage: python benchmarks/demo_accuracy.py [--seeds 10 11 12] [--no-record]
+Usage: python benchmarks/learning/demo_accuracy.py [--seeds 10 11 12] [--no-record]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main() -> None:
         extra = f" {' '.join(args.overrides)}" if args.overrides else ""
         append_results(
             "Demo: held-out accuracy before and after GRPO",
-            f"python benchmarks/demo_accuracy.py --seeds {' '.join(map(str, args.seeds))}{extra}",
+            f"python benchmarks/learning/demo_accuracy.py --seeds {' '.join(map(str, args.seeds))}{extra}",
             "SFT to 35% check accuracy, then 90 s of GRPO training time (evaluation excluded), tiny Llama "
             "(0.26M parameters), 2-digit reversed addition, greedy exact match on 1000 held-out problems.\n\n"
             + table,

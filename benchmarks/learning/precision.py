@@ -13,7 +13,7 @@ loads their own model (`model=pretrained`, the default precision unless the vari
              zero-variance groups: their tokens stay in its token-mean denominator.
 Accuracy is greedy exact match on the 1000 fixed held-out problems (ours evaluates TRL's model too).
 
-Usage: python benchmarks/precision.py [--seeds 1 2 3] [--steps 200] [--variants fp32 bf16 pure_bf16 trl]
+Usage: python benchmarks/learning/precision.py [--seeds 1 2 3] [--steps 200] [--variants fp32 bf16 pure_bf16 trl]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results  # noqa: E402
 
 VARIANTS = {"fp32": [], "bf16": ["train.precision=bf16"], "pure_bf16": ["model.dtype=bfloat16"], "trl": []}
@@ -192,7 +192,7 @@ def main() -> None:
     if not args.no_record:
         append_results(
             "GRPO held-out accuracy by training precision",
-            f"python benchmarks/precision.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}",
+            f"python benchmarks/learning/precision.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}",
             f"One SFT warm start (demo preset, seed {args.sft_seed}, held-out {100 * sft_accuracy:.1f}%), then GRPO "
             f"with the demo's settings for {args.steps} steps from its export with `model=pretrained`, tiny "
             "Llama, greedy exact match on 1000 held-out problems. `trl`: TRL's GRPOTrainer from the same export "

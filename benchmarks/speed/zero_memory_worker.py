@@ -1,8 +1,8 @@
 """One training step of a ~136M-parameter Llama (545 MB in fp32) under a given engine; reports,
 for this rank, the bytes of parameters, gradients and optimizer state it holds and its peak RSS.
 
-Run by benchmarks/zero_memory.py (one process, or torchrun with 2 CPU ranks).
-    python benchmarks/zero_memory_worker.py OUT.json ENGINE MODEL_DIR     ENGINE: single | zero0..zero3
+Run by benchmarks/speed/zero_memory.py (one process, or torchrun with 2 CPU ranks).
+    python benchmarks/speed/zero_memory_worker.py OUT.json ENGINE MODEL_DIR     ENGINE: single | zero0..zero3
 """
 
 from __future__ import annotations

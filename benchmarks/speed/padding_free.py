@@ -10,7 +10,7 @@ vocabulary 32000). Sides, each computing the response tokens' logprobs and the b
   one padded batch with its attention mask).
 Sides are interleaved in one process, 3 repeats after a warm-up, medians.
 
-Usage: python benchmarks/padding_free.py [--rows 8] [--prompt 64 1024] [--response 16 512] [--no-record]
+Usage: python benchmarks/speed/padding_free.py [--rows 8] [--prompt 64 1024] [--response 16 512] [--no-record]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 HIDDEN, VOCAB = 256, 32000
 
@@ -131,7 +131,7 @@ def main() -> None:
         )
         append_results(
             "Padding-free logprob pass on a mixed-length batch",
-            "python benchmarks/padding_free.py",
+            "python benchmarks/speed/padding_free.py",
             f"{settings}\n\n{table}",
         )
 

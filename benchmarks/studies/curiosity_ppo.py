@@ -5,7 +5,7 @@ answers per list: the long-response task).
 
 sums: for each seed SFT the tiny policy on random decompositions (`+experiment=sft_sums`), then PPO
 runs from that policy with the same budget (`+experiment=ppo_sums`, reward 1 for any correct sum).
-group: one SFT start for every seed, the sorting warm start of benchmarks/long_horizon.py
+group: one SFT start for every seed, the sorting warm start of benchmarks/studies/long_horizon.py
 (`+experiment=sft_sort`, trained once and shared with that study: sorted lists are correct groupings,
 so the policy starts correct but repetitive), then `+experiment=ppo_group` (reward 1 for any correct
 grouping); its runs live under runs/long_horizon/group/cd unless `--root` says otherwise. `--sft-model`
@@ -13,7 +13,7 @@ starts every seed from another export. The runs:
   ppo              curiosity.eta = 0
   cd_rlhf_eta<e>   curiosity.eta = e for each of --etas (default 0.04, the authors' value, and 0.2),
                    top-1 gate, module lr --module-lr (default 1e-5, the authors'; the tiny model's module
-                   learns only with about 1e-3: benchmarks/curiosity_gate.py)
+                   learns only with about 1e-3: benchmarks/studies/curiosity_gate.py)
 Every `--eval-every` PPO steps a checkpoint is evaluated with the paper's protocol: 10 samples at
 T = 1.0 per prompt, reward and Diversity (Distinct-n product), EAD, Self-BLEU-4 (and SentBERT cosine
 with --sentbert), each per prompt and averaged. The eval prompts (sums: all 27; group: the first
@@ -24,7 +24,7 @@ Matched reward: the runs end at different rewards, so besides the final values e
 linearly against reward over every evaluated checkpoint of a variant (all seeds) and read at a common
 reward (the median final reward of all runs).
 
-Usage: python benchmarks/curiosity_ppo.py [--task sums|group] [--seeds 1 2 3] [--jobs 3] [--steps 300]
+Usage: python benchmarks/studies/curiosity_ppo.py [--task sums|group] [--seeds 1 2 3] [--jobs 3] [--steps 300]
        [--eval-every 25] [--etas 0.04 0.2] [--eval-repeats 8] [--eval-prompts 100] [--sentbert]
        [--root DIR] [--no-record]
 """
@@ -43,7 +43,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import append_results, compose_config, moving_average, save_figure  # noqa: E402
 
@@ -78,7 +78,7 @@ TASKS = {
         "reward": "grouped_digits",
         "tokens": 34,
         "shared_sft": True,
-        "start": "long_horizon",  # benchmarks/long_horizon.py's sort warm start
+        "start": "long_horizon",  # benchmarks/studies/long_horizon.py's sort warm start
         "root": os.path.join("runs", "long_horizon", "group", "cd"),
     },
 }
@@ -257,7 +257,7 @@ def main() -> None:
         "--module-lr",
         type=float,
         default=1e-5,
-        help="curiosity.lr (authors' 1e-5; see benchmarks/curiosity_gate.py)",
+        help="curiosity.lr (authors' 1e-5; see benchmarks/studies/curiosity_gate.py)",
     )
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--eval-repeats", type=int, default=8)
@@ -294,7 +294,7 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         if not args.sft_model and task.get("start") == "long_horizon":
-            from benchmarks.long_horizon import sft_start
+            from benchmarks.studies.long_horizon import sft_start
 
             args.sft_model = pool.submit(sft_start, os.cpu_count() or 2).result()
         sft_seeds = [] if args.sft_model else args.seeds[:1] if task["shared_sft"] else args.seeds
@@ -413,7 +413,7 @@ def main() -> None:
         )
         append_results(
             f"CD-RLHF (curiosity) against PPO on the {args.task} task",
-            f"python benchmarks/curiosity_ppo.py --task {args.task} --seeds "
+            f"python benchmarks/studies/curiosity_ppo.py --task {args.task} --seeds "
             + " ".join(map(str, args.seeds))
             + f" --steps {args.steps} --eval-every {args.eval_every} --etas "
             + " ".join(f"{e:g}" for e in args.etas)

@@ -9,7 +9,7 @@ layouts alternate, `--repeats` times, medians reported.
 Theory (d = head dim, n = heads): attention base G(P+S)^2 dn, shared P^2 dn + G S (2P + S) dn;
 pointwise base G(P+S), shared P + G S tokens.
 
-Usage: python benchmarks/shared_prefix.py [--prefix 256 1024 4096] [--suffix 64 256] [--groups 4 8 16]
+Usage: python benchmarks/speed/shared_prefix.py [--prefix 256 1024 4096] [--suffix 64 256] [--groups 4 8 16]
        [--attention sdpa] [--dtype float32] [--repeats 2] [--no-record]
 On a GPU: --device cuda --dtype bfloat16 --hidden 896 --layers 24 --heads 14 --kv-heads 2 (0.5B
 Qwen2 shape) or --hidden 1536 --layers 28 --heads 12 --kv-heads 2 --intermediate 8960 (1.5B).
@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 
@@ -172,7 +172,7 @@ def main() -> None:
     if not args.no_record:
         from benchmarks.common import append_results
 
-        command = "python benchmarks/shared_prefix.py " + " ".join(
+        command = "python benchmarks/speed/shared_prefix.py " + " ".join(
             [*_model_flags(args), f"--repeats={args.repeats}"]
         )
         append_results(
