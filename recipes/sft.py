@@ -79,6 +79,7 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
         cfg.train.precision,
     )
     reduction = get_reduction("token_mean")
+    options = ForwardOptions.from_config(cfg.model)
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     check_rows = train_rows.select(
         random.Random(cfg.seed).sample(range(len(train_rows)), min(cfg.train.check_size, len(train_rows)))
@@ -93,9 +94,10 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
         """[left-padded prompt; right-padded target] of prepared rows."""
         return collate_sft(rows, tokenizer.pad_token_id, engine.device, cfg.train.completion_only_loss)
 
-    def eval_loss() -> float:
-        return _eval_loss(engine, eval_rows, collate, cfg)
-
+    if eval_rows is not None:
+        run.evaluate_with(
+            lambda step: {"eval/loss": _eval_loss(engine, eval_rows, collate, options, cfg)}, cfg.eval.every
+        )
     metrics: dict[str, float] = {}
     with run:
         for step in run.steps():
@@ -122,7 +124,7 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
                     prompt_mask[micro],
                     target_ids[micro],
                     target_mask[micro],
-                    ForwardOptions.from_config(cfg.model),
+                    options,
                 )
                 out = nll_loss(logprobs, loss_mask[micro], reduction=reduction, normalizer=normalizer)
                 engine.backward(out.loss)
@@ -134,31 +136,29 @@ def train(cfg: SFTConfig) -> dict[str, float | str]:
                 float((prompt_mask.sum() + target_mask.sum()).item()) / metrics["time/step"]
             )
             metrics = mean_over_ranks(metrics, engine)
-            # 4 evaluate, check accuracy, log (checkpoints and stops: in run.steps)
-            if eval_rows is not None and cfg.eval.every and step % cfg.eval.every == 0:
-                with run.untimed():
-                    metrics["eval/loss"] = eval_loss()
-            stop = False
-            if accuracy_fn is not None and cfg.train.check_every and step % cfg.train.check_every == 0:
+            # 4 check accuracy on training rows; evaluate and log (checkpoints and stops: in run.steps)
+            checked = accuracy_fn is not None and cfg.train.check_every and step % cfg.train.check_every == 0
+            if checked:
                 with run.untimed():
                     metrics["check/accuracy"] = accuracy_on(check_rows)
-                stop = (
-                    cfg.train.stop_at_accuracy is not None
-                    and metrics["check/accuracy"] >= cfg.train.stop_at_accuracy
-                )
-            run.log(metrics, step)
-            if stop:
-                run.message(
-                    f"check accuracy {metrics['check/accuracy']:.3f} reached {cfg.train.stop_at_accuracy} at step {step}"
-                )
-                break
+            if not run.end_step(step, metrics) and checked:
+                run.log(metrics, step)
+            if checked and cfg.train.stop_at_accuracy is not None:
+                if metrics["check/accuracy"] >= cfg.train.stop_at_accuracy:
+                    run.message(
+                        f"check accuracy {metrics['check/accuracy']:.3f} reached "
+                        f"{cfg.train.stop_at_accuracy} at step {step}"
+                    )
+                    break
         run.finish()
-        if eval_rows is not None:
-            final = {"eval/loss": eval_loss()}
-            if accuracy_fn is not None:
-                final["eval/accuracy"] = accuracy_on(
-                    eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
-                )
+        metrics.update(run.evaluate_after(metrics))
+        if eval_rows is not None and accuracy_fn is not None:  # greedy accuracy: once, at the end
+            with run.untimed():
+                final = {
+                    "eval/accuracy": accuracy_on(
+                        eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
+                    )
+                }
             metrics.update(final)
             run.log(final, run.step)
     if env.is_main:
@@ -182,7 +182,7 @@ def _accuracy_reward(cfg: SFTConfig, rows):
 
 
 @torch.no_grad()
-def _eval_loss(engine, rows, collate, cfg: SFTConfig) -> float:
+def _eval_loss(engine, rows, collate, options: ForwardOptions, cfg: SFTConfig) -> float:
     """Token-mean NLL over the first eval.num_samples eval rows, sharded over ranks (every rank the
     same number of forwards, so ZeRO-3 gathers stay in step)."""
     rows = rows.select(range(min(cfg.eval.num_samples, len(rows))))
@@ -194,7 +194,6 @@ def _eval_loss(engine, rows, collate, cfg: SFTConfig) -> float:
         batch = rows.select(ids or [0])
         prompt_ids, prompt_mask, target_ids, target_mask = collate(batch)
         loss_mask = sft_loss_mask(batch, target_mask)
-        options = ForwardOptions.from_config(cfg.model)
         logprobs, _ = response_logprobs(
             engine.model, prompt_ids, prompt_mask, target_ids, target_mask, options
         )
