@@ -161,7 +161,9 @@ def main() -> None:
         spread = f", sd {statistics.stdev(gains):.1f}" if len(gains) > 1 else ""
         means.append(f"{m.upper()} {statistics.mean(gains):+.1f}{spread}")
     lines.append("\nHeld-out exact match change from SFT, points (mean over seeds): " + "; ".join(means))
-    figure = plot_comparison(results, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plots"))
+    figure = plot_comparison(
+        results, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plots")
+    )
     lines.append(f"\nPlot: benchmarks/plots/{os.path.basename(figure)}; runs under {root}")
     table = "\n".join(lines)
     print(table)

@@ -58,7 +58,9 @@ def run_ours(prompt_length: int, steps: int, workdir: str) -> list[float]:
         for row in make_pairs(prompt_length):
             handle.write(json.dumps(row) + "\n")
     register_configs()
-    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    config_dir = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+    )
     run_dir = tempfile.mkdtemp(dir=workdir)
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = OmegaConf.to_object(
@@ -171,7 +173,9 @@ def main() -> None:
             "A ratio above 1 means this project is faster."
         )
         append_results(
-            "DPO step time against TRL DPOTrainer", "python benchmarks/speed/dpo_step.py", f"{settings}\n\n{table}"
+            "DPO step time against TRL DPOTrainer",
+            "python benchmarks/speed/dpo_step.py",
+            f"{settings}\n\n{table}",
         )
 
 

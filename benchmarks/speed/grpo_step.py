@@ -81,7 +81,9 @@ def run_ours(
         for p in make_prompts(prompt_length):
             handle.write(json.dumps({"prompt": p}) + "\n")
     register_configs()
-    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    config_dir = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+    )
     run_dir = tempfile.mkdtemp(dir=workdir)
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = OmegaConf.to_object(

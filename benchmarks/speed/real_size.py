@@ -71,7 +71,9 @@ SHAPES = {
 }
 # set from the command line in main(): the model's shape, prompts per GRPO step, new tokens per response
 SHAPE, PROMPTS, NEW_TOKENS, DEVICE = SHAPES["small"], 2, 64, "cpu"
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
 
 # the sides without a chunk keep the whole-logits pass (logprob_chunk_tokens=0), as measured before
 # the chunk became automatic by size
