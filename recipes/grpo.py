@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf import advantages as adv
+from rlhf.agents.agent import build_agent
 from rlhf.config import GRPOConfig, plan_grpo_batches, register_configs
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler, rank_slice
@@ -84,6 +85,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     rewards = build_rewards(cfg.reward, cfg.data, {"train": train_rows, "eval": eval_rows})
     run = Run.open("grpo", cfg, env, cfg.train.total_steps(len(train_rows)))
     tokenizer, train_rows, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
+    agent = build_agent(cfg, tokenizer, train_rows, rewards)  # tools and environments: episodes
     optimizer_steps = run.total_steps * cfg.train.num_minibatches * cfg.train.updates_per_rollout
     engine = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),  # built partitioned under ZeRO-3
@@ -129,7 +131,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             #   are excluded); with dynamic sampling, groups without signal are replaced by groups of
             #   new prompts
             batch, scores, valid, per_reward, metrics = _sample(
-                cfg, run, rollout, train_rows, sampler, sampling, rewards, step
+                cfg, run, rollout, train_rows, sampler, sampling, rewards, step, agent
             )
             raw_scores = torch.where(valid, scores, torch.nan)
             rollout_tokens = metrics.pop("rollout/tokens")
@@ -183,7 +185,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     return run.result(metrics, result)
 
 
-def _sample(cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, rewards, step: int):
+def _sample(cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, rewards, step: int, agent=None):
     """Rollout rounds of this rank's share of `prompts_per_step` new prompts, scored (with DAPO's
     overlong penalty when set). One round, or with `advantage.dynamic_sampling` rounds until every
     rank holds its share of groups whose scores differ (all ranks run the same rounds), at most
@@ -205,6 +207,7 @@ def _sample(cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, reward
             sampling=sampling,
             weights_version=step - 1,
             seed=run.sampling_seed(step, round_index),
+            agent=agent,
         )
         elapsed = time.perf_counter() - started
         scores, valid, per_reward, reward_metrics = score_rollout(rewards, batch, cfg.reward)
@@ -400,7 +403,7 @@ def _batched_logprobs(model, batch, micro_batches: list[torch.Tensor], options) 
 def _logprobs(model, rows, options, **entropy):
     """`response_logprobs` of a (selected) rollout's rows."""
     return response_logprobs(
-        model, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask, options, **entropy
+        model, rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.attended_mask, options, **entropy
     )
 
 

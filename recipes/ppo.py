@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf.advantages import CriticInputs, get_advantage_estimator
+from rlhf.agents.agent import build_agent
 from rlhf.config import ConfigError, ModelConfig, PPOConfig, plan_ppo_batches, register_configs
 from rlhf.data.load import load_task_data
 from rlhf.data.sampler import EpochSampler, rank_slice
@@ -95,6 +96,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     rewards = build_rewards(cfg.reward, cfg.data, {"train": train_rows, "eval": eval_rows})
     run = Run.open("ppo", cfg, env, cfg.train.total_steps(len(train_rows)))
     tokenizer, train_rows, eval_rows = rl_prompts(cfg, train_rows, eval_rows)
+    agent = build_agent(cfg, tokenizer, train_rows, rewards)  # tools and environments: episodes
     optimizer_steps = run.total_steps * cfg.train.num_minibatches * cfg.train.updates_per_rollout
     policy = build_engine(
         lambda: load_policy(cfg.model, tokenizer, seed=cfg.seed),
@@ -146,6 +148,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 record_topk=cfg.curiosity.top_k if models.curiosity else None,
                 weights_version=step - 1,
                 seed=run.sampling_seed(step),
+                agent=agent,
             )
             metrics["time/generate"] = time.perf_counter() - started
             metrics.pop("rollout/tokens")
@@ -407,7 +410,7 @@ def _tensors(batch, rows):
         batch.prompt_ids[rows],
         batch.prompt_mask[rows],
         batch.response_ids[rows],
-        batch.response_mask[rows],
+        batch.attended_mask[rows],
     )
 
 
@@ -417,7 +420,7 @@ def _splitter(cfg: PPOConfig, policy, micro_batch_size: int):
 
     def split(batch, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
         rows = torch.arange(batch.batch_size) if rows is None else rows
-        tokens = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).cpu()[rows.cpu()]
+        tokens = (batch.prompt_mask.sum(-1) + batch.attended_mask.sum(-1)).cpu()[rows.cpu()]
         return micro_batches(policy, rows, micro_batch_size, cfg.train.max_tokens_per_micro_batch, tokens)
 
     return split

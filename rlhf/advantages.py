@@ -140,10 +140,23 @@ def gae(
 
     delta_t = r_t + gamma * V_{t+1} - V_t, with V after the last valid token = 0;
     A_t = delta_t + gamma * lam * A_{t+1};  returns R_t = A_t + V_t.
-    rewards, values [B, T]; rows may have different lengths (True-prefix masks). Masked positions
-    get 0 in both outputs. The loop runs over T and is vectorised over the batch.
+    rewards, values [B, T]; rows may have different lengths. Masked positions get 0 in both
+    outputs. A mask with gaps (a multi-turn episode: tool tokens between the model's turns) is one
+    trajectory of its True positions: t+1 is the next trained token, so credit flows across turns.
+    The loop runs over T and is vectorised over the batch.
     """
     mask = response_mask.bool()
+    if not _is_prefix(mask):  # gather each row's trained tokens to its front, and back after
+        order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
+        compact_mask = torch.gather(mask, -1, order)
+        compact = gae(
+            torch.gather(rewards, -1, order),
+            torch.gather(values, -1, order),
+            compact_mask,
+            gamma=gamma,
+            lam=lam,
+        )
+        return tuple(torch.zeros_like(c).scatter(-1, order, c) for c in compact)
     zeros = torch.zeros_like(values, dtype=torch.float32)
     rewards = torch.where(mask, rewards.float(), zeros)
     values = torch.where(mask, values.float(), zeros)
@@ -159,6 +172,13 @@ def gae(
         advantages[:, t] = torch.where(mask[:, t], running, torch.zeros_like(running))
     returns = torch.where(mask, advantages + values, zeros)
     return advantages, returns
+
+
+def _is_prefix(mask: torch.Tensor) -> bool:
+    """Each row True up to its length and False after (right padding only)."""
+    return bool(
+        torch.equal(mask, torch.arange(mask.shape[-1], device=mask.device) < mask.sum(-1, keepdim=True))
+    )
 
 
 def macro_gae(

@@ -54,6 +54,8 @@ ROLLOUTS_FILE = "rollouts.jsonl"
 # `prompt` is the text the model was fed (chat template applied), `raw_prompt` the data's (as JSON
 # for a message list); they are the same for plain-text data.
 TABLE_COLUMNS = ("step", "prompt", "raw_prompt", "completion", "score", "length", "advantage")
+# multi-turn episodes add their turns after the prompt (assistant, tool calls, tool results)
+EPISODE_COLUMNS = ("conversation",)
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -113,14 +115,17 @@ class WandbLogger:
         self.run.log({wandb_name(k): v for k, v in metrics.items()}, step=step)
 
     def log_rollouts(self, records: list[dict[str, Any]], step: int, distributions: dict) -> None:
-        table = self.wandb.Table(columns=list(TABLE_COLUMNS))
+        columns = TABLE_COLUMNS + (EPISODE_COLUMNS if any("conversation" in r for r in records) else ())
+        table = self.wandb.Table(columns=list(columns))
         for record in records:
             advantage = record.get("advantage")
             if advantage is None and record.get("advantages"):
                 advantage = sum(record["advantages"]) / len(record["advantages"])
             raw = record.get("raw_prompt", record.get("prompt"))
             cells = {"advantage": advantage, "raw_prompt": raw if isinstance(raw, str) else json.dumps(raw)}
-            table.add_data(*[cells[c] if c in cells else record.get(c) for c in TABLE_COLUMNS])
+            if "conversation" in record:
+                cells["conversation"] = json.dumps(record["conversation"])
+            table.add_data(*[cells[c] if c in cells else record.get(c) for c in columns])
         logged = {"rollouts/samples": table}
         for name, values in distributions.items():
             values = [float(v) for v in values if math.isfinite(float(v))]

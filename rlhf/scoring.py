@@ -19,13 +19,13 @@ import importlib
 import inspect
 import math
 import numbers
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from rlhf.calls import CallTimeout, call_with_timeout
 from rlhf.types import RewardFn
 
 
@@ -109,26 +109,11 @@ class RewardTimeout(RewardError):
 
 
 def _with_timeout(fn: Callable[..., Any], timeout_s: float | None, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs), or RewardTimeout when it has not returned after `timeout_s` seconds (the
-    call goes on in its daemon thread; nobody waits for it)."""
-    if timeout_s is None:
-        return fn(*args, **kwargs)
-    outcome: dict[str, Any] = {}
-
-    def call() -> None:
-        try:
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=call, daemon=True, name="reward-call")
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        raise RewardTimeout(f"did not return within reward.timeout_s={timeout_s}")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    """fn(*args, **kwargs) (an async reward awaited), or RewardTimeout after `timeout_s` seconds."""
+    try:
+        return call_with_timeout(fn, timeout_s, *args, **kwargs)
+    except CallTimeout as exc:
+        raise RewardTimeout(f"did not return within reward.timeout_s={timeout_s}") from exc
 
 
 def _row_by_row(
@@ -243,11 +228,14 @@ def score_rollout(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
     """`score_completions` of a RolloutBatch's rows (completions as TRL's GRPOTrainer passes them)
     under the config's `reward.on_error` and `reward.timeout_s`."""
+    columns = batch.columns
+    if batch.environments:  # episodes: each row's environment instance, as TRL passes them
+        columns = {**columns, "environments": batch.environments}
     return score_completions(
         rewards,
         batch.prompts,
         batch.reward_completions(),
-        batch.columns,
+        columns,
         on_error=reward_cfg.on_error,
         timeout_s=reward_cfg.timeout_s,
     )

@@ -54,14 +54,32 @@ class RolloutBatch:
     old_values: torch.Tensor | None = None  # [B, T] the critic's values at rollout time (PPO)
     returns: torch.Tensor | None = None  # [B, T] the critic's regression targets (PPO)
     segment_ids: torch.Tensor | None = None  # [B, T] macro-action segment of each token (MA-RLHF)
+    # multi-turn episodes (rlhf/agents): tokens tools and environments wrote between the model's
+    # turns, attended to and never trained ([B, T] bool; None: single-turn, the model wrote every
+    # response token); each row's turns after the prompt as messages; its environment instance;
+    # what happened in each turn (for the rollout records)
+    environment_mask: torch.Tensor | None = None
+    completion_messages: list[list[dict[str, Any]]] = field(default_factory=list)
+    environments: list[Any] = field(default_factory=list)
+    episodes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
         return self.response_ids.shape[0]
 
+    @property
+    def attended_mask(self) -> torch.Tensor:
+        """[B, T] bool: every response token the model reads (its own and, in episodes, the tools')."""
+        if self.environment_mask is None:
+            return self.response_mask
+        return self.response_mask | self.environment_mask
+
     def reward_completions(self) -> list[Any]:
         """Completions as reward functions receive them, the way TRL's GRPOTrainer passes them:
-        strings, or for conversational prompts one assistant message per completion."""
+        strings, or for conversational prompts the assistant's messages (an episode's whole
+        conversation after the prompt: assistant turns, tool calls and tool results)."""
+        if self.completion_messages:
+            return self.completion_messages
         if not self.conversational:
             return self.completions
         return [[{"role": "assistant", "content": text}] for text in self.completions]
@@ -133,6 +151,7 @@ _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 _TOKEN_FIELDS = (
     "response_ids",
     "response_mask",
+    "environment_mask",
     "old_logprobs",
     "rollout_logprobs",
     "ref_logprobs",

@@ -160,7 +160,7 @@ def rollout_micro_batches(
     engine: Any, batch: RolloutBatch, rows: torch.Tensor, max_rows: int, budget: int = 0
 ) -> list[torch.Tensor]:
     """`micro_batches` of a rollout's `rows`, each row counting its prompt and response tokens."""
-    tokens = (batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)).cpu()[rows.cpu()]
+    tokens = (batch.prompt_mask.sum(-1) + batch.attended_mask.sum(-1)).cpu()[rows.cpu()]
     return micro_batches(engine, rows, max_rows, budget, tokens)
 
 
@@ -278,7 +278,7 @@ class PolicyGradientObjective:
             mb.prompt_ids,
             mb.prompt_mask,
             mb.response_ids,
-            mb.response_mask,
+            mb.attended_mask,  # an episode's tool tokens are read, not trained
             self.options,
             with_entropy=True,
             entropy_grad=entropy_grad,
@@ -381,7 +381,7 @@ class ActorCriticObjective(PolicyGradientObjective):
                 mb.prompt_ids,
                 mb.prompt_mask,
                 mb.response_ids,
-                mb.response_mask,
+                mb.attended_mask,
                 self.options,
             ),
             mb.old_values,

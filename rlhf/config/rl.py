@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import asdict, dataclass, field, make_dataclass
+from typing import Any
 
 from rlhf.config.checks import ConfigError, check_choice, check_range
 from rlhf.config.common import (
@@ -216,7 +217,7 @@ class VllmConfig:
     # longer to start, then 1.25-1.45x faster rollouts on the tiny CPU model; true: eager, quick start
     enforce_eager: bool = False
     # schedule the next decode step while the model runs this one (same samples and logprobs, tested);
-    # None leaves it to vLLM. No gain beyond noise on the tiny CPU model (benchmarks/vllm_generation.py)
+    # None leaves it to vLLM. No gain beyond noise on the tiny CPU model (benchmarks/speed/vllm_generation.py)
     async_scheduling: bool | None = None
     dtype: str = "auto"  # auto: bfloat16 under train.precision=bf16, else the policy's dtype
     tensor_parallel_size: int = 1
@@ -258,9 +259,23 @@ class RolloutConfig:
     # Written escaped on a command line (rollout.stop=["\n\n"] arrives as backslash-n), \n, \t and \r
     # are read as the characters.
     stop: list[str] = field(default_factory=list)
+    # Multi-turn episodes with tools (TRL's GRPOTrainer `tools=` and `environment_factory=`):
+    # functions "module:function" the model may call (schemas from type hints and docstrings),
+    # and an environment factory "module:factory", or a mapping of names to factories that each
+    # row's `environment` column picks from (rlhf/agents). Without either, rollouts are single-turn.
+    tools: list[str] = field(default_factory=list)
+    environment: Any = None
+    max_turns: int = 8  # model turns per episode (TRL's max_tool_calling_iterations + 1)
+    # generated and tool tokens of an episode after its prompt; None: max_new_tokens (TRL's
+    # max_completion_length covers the whole episode). Each turn generates at most max_new_tokens.
+    max_episode_tokens: int | None = None
+    tool_timeout_s: float | None = 10.0  # a tool call past it returns an error to the model
 
     def __post_init__(self) -> None:
         self.stop = [unescaped(s) if isinstance(s, str) else s for s in self.stop]
+        check_range("rollout.max_turns", self.max_turns, 1)
+        check_range("rollout.max_episode_tokens", self.max_episode_tokens, 1)
+        check_range("rollout.tool_timeout_s", self.tool_timeout_s, 0, low_open=True)
         check_choice("rollout.engine", self.engine, ("hf", "vllm"))
         check_range("rollout.group_size", self.group_size, 1)
         check_range("rollout.min_p", self.min_p, 0, 1)

@@ -166,25 +166,35 @@ def rollout_rows(
     record_topk: int | None = None,
     weights_version: int = 0,
     seed: int = 0,
+    agent: Any = None,
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """Step 1 of an RL loop: `group_size` samples for each dataset row with the policy's weights
-    after `weights_version` updates, every other column handed on to the rewards. Returns the
-    batch and its length statistics (and the engine's timings)."""
+    after `weights_version` updates, every other column handed on to the rewards; with an `agent`
+    (rlhf/agents), multi-turn episodes with its tools and environments. Returns the batch and its
+    length statistics (and the engine's and the episodes' metrics). `response/length_mean` counts
+    the tokens the model generated."""
     with engine.ready(weights_version) as metrics:
-        batch = generate_rollouts(
-            engine,
-            **prompt_inputs(rows, prompt_column),
-            group_size=group_size,
-            sampling=sampling,
-            record_topk=record_topk,
-            seed=seed,
-        )
+        if agent is not None:
+            assert not record_topk, "curiosity on episodes is refused when the agent is built"
+            batch, episodes = agent.rollout(
+                engine, rows, prompt_column=prompt_column, group_size=group_size, sampling=sampling, seed=seed
+            )
+            metrics = {**metrics, **episodes}
+        else:
+            batch = generate_rollouts(
+                engine,
+                **prompt_inputs(rows, prompt_column),
+                group_size=group_size,
+                sampling=sampling,
+                record_topk=record_topk,
+                seed=seed,
+            )
     lengths = batch.response_mask.sum(-1).float()
     return batch, {
         **metrics,
         "response/length_mean": float(lengths.mean()),
         "response/truncated_fraction": float(batch.truncated.float().mean()),
-        "rollout/tokens": float(batch.prompt_mask.sum() + lengths.sum()),
+        "rollout/tokens": float(batch.prompt_mask.sum() + batch.attended_mask.sum()),
     }
 
 

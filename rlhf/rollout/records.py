@@ -1,9 +1,12 @@
 """A rollout's rows as plain records for the run directory (rollouts.jsonl) and the wandb table.
 
 Each record holds the prompt as the model was fed it (`prompt`, chat template applied) and as the
-data has it (`raw_prompt`, when they differ), the completion, its score and, token by token over the valid response
-tokens, the decoded tokens and whichever per-token quantities the recipe computed (logprobs,
-ref_logprobs, kl, rewards, values, advantages, segment_ids). A per-sequence advantage (GRPO) is stored
+data has it (`raw_prompt`, when they differ), the completion, its score and, token by token over the
+response, the decoded tokens and whichever per-token quantities the recipe computed (logprobs,
+ref_logprobs, kl, rewards, values, advantages, segment_ids). A multi-turn episode's record also
+marks which tokens the model generated (`trained`; the others are tool results) and holds its
+`conversation` after the prompt and its `episode` (each turn's text, tool calls and results, and how
+it ended). A per-sequence advantage (GRPO) is stored
 as `advantage`. Records are what `rlhf.inspect` reads back and draws as token heatmaps.
 """
 
@@ -39,7 +42,7 @@ def rollout_records(
     per_token = {k: v for k, v in (per_token or {}).items() if v is not None}
     records = []
     for row in rows:
-        mask = batch.response_mask[row].bool()
+        mask = batch.attended_mask[row].bool()  # an episode's tool tokens too, marked `trained: false`
         ids = batch.response_ids[row][mask].tolist()
         fed = batch.prompt_texts[row] if batch.prompt_texts else None
         raw = batch.prompts[row] if batch.prompts else ""
@@ -48,9 +51,13 @@ def rollout_records(
             "prompt": fed if fed is not None else raw,
             "completion": batch.completions[row] if batch.completions else tokenizer.decode(ids),
             "score": None if scores is None else float(scores[row]),
-            "length": len(ids),
+            "length": int(batch.response_mask[row].sum()),
             "tokens": [tokenizer.decode([i]) for i in ids],
         }
+        if batch.environment_mask is not None:  # a multi-turn episode
+            record["trained"] = batch.response_mask[row][mask].tolist()
+            record["conversation"] = batch.completion_messages[row]
+            record["episode"] = batch.episodes[row]
         if fed is not None and fed != raw:
             record["raw_prompt"] = raw
         for name, values in per_token.items():

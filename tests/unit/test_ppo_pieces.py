@@ -165,3 +165,13 @@ def test_rto_token_reward_scales_then_clips_and_masks():
     rewards, metrics = compose_token_rewards(torch.zeros(2), mask, dense={"rto": source(batch)[0]})
     torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-7)
     assert "reward/rto_sum" in metrics
+
+
+def test_gae_over_an_episode_skips_the_tool_tokens_between_turns():
+    # trained, trained, tool, tool, trained: the final reward reaches the first turn (gamma = lam = 1)
+    mask = torch.tensor([[True, True, False, False, True]])
+    rewards = torch.tensor([[0.0, 0.0, 5.0, 5.0, 1.0]])
+    values = torch.tensor([[0.5, 0.2, 9.0, 9.0, 0.4]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(advantages, torch.tensor([[0.5, 0.8, 0.0, 0.0, 0.6]]))
+    assert torch.allclose(returns, torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]]))

@@ -1,0 +1,132 @@
+"""GRPO over multi-turn episodes with a tool, through the recipe: a chat model with a template trl
+knows (Qwen2.5's), conversational prompts, `rollout.tools`, and a reward that reads the whole
+conversation. The random model would rarely call the tool, so each episode's first turn is the
+call (the engine's sampling is replaced for turns with no tool result yet); later turns are
+sampled. The engine returns each row's logprobs scored on its own context, as vLLM does, so the
+recipe's `rollout/logprob_diff` shows whether the trainer reads the episodes as they were played.
+The test checks what only the tool path produces."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from trl.chat_template_utils import qwen2_5_chat_template
+
+from recipes import grpo
+from rlhf.loggers import read_metrics
+from rlhf.rollout import hf
+from rlhf.rollout.sampling import Samples
+from tests.chat_model import save_chat_model
+
+CALL = '<tool_call>\n{"name": "multiply", "arguments": {"a": 12, "b": 3}}\n</tool_call><|im_end|>'
+SEEN: list = []
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: the first factor
+        b: the second factor
+    """
+    return a * b
+
+
+def used_the_result(prompts, completions, answer, **columns):
+    """1 when the tool's result came back and the last turn states it (TRL's signature: the whole
+    conversation after the prompt, as messages)."""
+    SEEN.extend(completions)
+    return [
+        float(any(m["role"] == "tool" and m["content"] == a for m in c) and a in c[-1].get("content", ""))
+        for c, a in zip(completions, answer)
+    ]
+
+
+@torch.no_grad()
+def _teacher_forced(model, contexts: list[list[int]], ids: torch.Tensor) -> torch.Tensor:
+    """The engine's logprobs as vLLM returns them: each row's tokens scored on its own context."""
+    scores = torch.zeros(ids.shape)
+    for row, context in enumerate(contexts):
+        logits = model(torch.tensor([context + ids[row].tolist()])).logits[0, len(context) - 1 : -1]
+        scores[row] = torch.log_softmax(logits.float(), -1).gather(-1, ids[row][:, None])[:, 0]
+    return scores
+
+
+@pytest.fixture()
+def calling_engine(monkeypatch):
+    sample = hf.TransformersEngine.sample
+
+    def first_turn_calls(self, prompt_token_ids, group_size, sampling, **kwargs):
+        samples = sample(self, prompt_token_ids, group_size, sampling, **kwargs)
+        forced = self.tokenizer(CALL, add_special_tokens=False)["input_ids"]
+        rows = [
+            forced if "<tool_response>" not in self.tokenizer.decode(ids) else None
+            for ids in prompt_token_ids
+        ]
+        width = max([samples.response_ids.shape[1]] + [len(r) for r in rows if r])
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
+        ids[:, : samples.response_ids.shape[1]] = samples.response_ids
+        for index, row in enumerate(rows):
+            if row:
+                ids[index] = self.tokenizer.pad_token_id
+                ids[index, : len(row)] = torch.tensor(row)
+        return Samples(ids, logprobs=_teacher_forced(self.policy.module, prompt_token_ids, ids))
+
+    monkeypatch.setattr(hf.TransformersEngine, "sample", first_turn_calls)
+
+
+def test_grpo_trains_on_tool_episodes(make_config, tmp_path, calling_engine):
+    model = save_chat_model(str(tmp_path / "model"))
+    template = tmp_path / "template.jinja"
+    template.write_text(qwen2_5_chat_template)
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "train.jsonl", "w") as handle:
+        for question in ("What is 12 * 3?", "Multiply 12 by 3.", "12 times 3?", "Compute 12 * 3."):
+            handle.write(
+                json.dumps({"prompt": [{"role": "user", "content": question}], "answer": "36"}) + "\n"
+            )
+    SEEN.clear()
+    cfg = make_config(
+        "grpo",
+        "model.source=pretrained",
+        f"model.name_or_path={model}",
+        f"data.source={data}",
+        f"data.chat_template={template}",
+        "reward.functions=[{name: tests.recipes.test_agents:used_the_result}]",
+        "rollout.tools=[tests.recipes.test_agents:multiply]",
+        "rollout.max_turns=3",
+        "rollout.max_new_tokens=16",
+        "rollout.max_episode_tokens=160",
+        "rollout.group_size=2",
+        "train.prompts_per_step=2",
+        "train.micro_batch_size=4",
+        "train.steps=2",
+        "eval.every=0",
+        "logger.rollout_samples=2",
+    )
+    result = grpo.train(cfg)
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["episodes/tool_calls_mean"] == 1.0 and row["episodes/tool_errors_mean"] == 0.0
+        assert row["episodes/turns_mean"] >= 2.0
+        assert row["response/length_mean"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
+        # the trainer reads each episode as the engine did: tool tokens in place, nothing re-tokenized
+        assert row["rollout/logprob_diff_max"] < 1e-4, row["rollout/logprob_diff_max"]
+    # the reward saw each conversation: the call, the tool's result, the sampled answer
+    assert SEEN and all([m["role"] for m in c][:2] == ["assistant", "tool"] for c in SEEN)
+    assert all(c[0]["tool_calls"][0]["function"]["arguments"] == {"a": 12, "b": 3} for c in SEEN)
+    assert all(c[1]["content"] == "36" for c in SEEN)
+    with open(os.path.join(result["run_dir"], "rollouts.jsonl")) as handle:
+        record = json.loads(handle.readline())
+    trained = record["trained"]
+    assert len(trained) == len(record["tokens"]) and not all(trained) and trained[0]
+    assert record["length"] == sum(trained)  # only the generated tokens are trained
+    assert "".join(t for t, keep in zip(record["tokens"], trained) if not keep).startswith(
+        "\n<|im_start|>user\n<tool_response>\n36"
+    )
+    assert record["conversation"][1] == {"role": "tool", "name": "multiply", "content": "36"}
