@@ -117,6 +117,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         rollout,
         lambda batch: score_rollout(rewards, batch, cfg.reward)[:3],
         [r.name for r in rewards],
+        agent,
     )
     run.evaluate_with(heldout if heldout.enabled else None, cfg.eval.every)
     metrics: dict[str, float] = {}

@@ -125,6 +125,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         rollout,
         lambda batch: _score(cfg, rewards, models, batch, policy, {}),
         [r.name for r in rewards] + (["reward_model"] if models.reward_model is not None else []),
+        agent,
     )
     run.evaluate_with(heldout if heldout.enabled else None, cfg.eval.every)
     metrics: dict[str, float] = {}

@@ -30,11 +30,13 @@ def greedy_evaluation(
     batch_size: int = 250,
     max_new_tokens: int = 8,
     weights_version: int = 0,
+    agent: Any = None,
 ) -> dict[str, float]:
     """Greedy completions of every row of `dataset` by `rollout` (holding the policy's weights after
     `weights_version` updates), scored by `score`: `eval/reward` is the mean weighted total over the
     rows some reward scored, `eval/reward/<name>` each reward's mean over the rows it scored, and
-    with `accuracy_reward`, `eval/accuracy` the fraction of all rows where that reward is 1.0.
+    with `accuracy_reward`, `eval/accuracy` the fraction of all rows where that reward is 1.0. With
+    an `agent` (rlhf/agents), each row is a greedy episode with its tools and environments.
 
     Each rank takes a contiguous shard, padded to the same length on every rank by repeating rows
     that are then left out of every sum: all ranks run the same batches inside one `ready` block
@@ -55,14 +57,24 @@ def greedy_evaluation(
         for offset in range(0, shard, batch_size):
             chunk = positions[offset : offset + batch_size]
             real = torch.tensor([p < total_rows for p in chunk])
-            rows = dataset[[p % total_rows for p in chunk]]
-            batch = generate_rollouts(
-                rollout,
-                **prompt_inputs(rows, prompt_column),
-                group_size=1,
-                sampling=sampling,
-                do_sample=False,
-            )
+            indices = [p % total_rows for p in chunk]
+            if agent is not None:
+                batch, _ = agent.rollout(
+                    rollout,
+                    dataset.select(indices),
+                    prompt_column=prompt_column,
+                    group_size=1,
+                    sampling=sampling,
+                    do_sample=False,
+                )
+            else:
+                batch = generate_rollouts(
+                    rollout,
+                    **prompt_inputs(dataset[indices], prompt_column),
+                    group_size=1,
+                    sampling=sampling,
+                    do_sample=False,
+                )
             total, scored, per_reward = score(batch)
             add("eval/reward", total.float().cpu(), scored.cpu() & real)
             for name, values in per_reward.items():

@@ -15,7 +15,15 @@ class HeldoutEvaluation:
     `eval/accuracy` of the policy on the first `eval.num_samples` eval rows. `score` is the
     recipe's own scoring of a batch; `reward_names` are the names it returns."""
 
-    def __init__(self, eval_rows: Any, cfg: Any, rollout: Any, score: BatchScorer, reward_names: list[str]):
+    def __init__(
+        self,
+        eval_rows: Any,
+        cfg: Any,
+        rollout: Any,
+        score: BatchScorer,
+        reward_names: list[str],
+        agent: Any = None,
+    ):
         self.enabled = eval_rows is not None and len(eval_rows) > 0 and bool(reward_names)
         accuracy = cfg.reward.accuracy_reward if cfg.reward.accuracy_reward in reward_names else None
         if eval_rows is not None:
@@ -29,6 +37,7 @@ class HeldoutEvaluation:
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
             weights_version=version,  # updates so far: a vLLM engine syncs once per set of weights
+            agent=agent,  # tools and environments: greedy episodes
         )
         self.description = _describe(eval_rows, cfg, reward_names, accuracy, self.enabled)
 

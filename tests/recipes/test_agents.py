@@ -84,11 +84,15 @@ def test_grpo_trains_on_tool_episodes(make_config, tmp_path, calling_engine):
     template.write_text(qwen2_5_chat_template)
     data = tmp_path / "data"
     data.mkdir()
-    with open(data / "train.jsonl", "w") as handle:
-        for question in ("What is 12 * 3?", "Multiply 12 by 3.", "12 times 3?", "Compute 12 * 3."):
-            handle.write(
-                json.dumps({"prompt": [{"role": "user", "content": question}], "answer": "36"}) + "\n"
-            )
+    questions = {
+        "train": ("What is 12 * 3?", "Multiply 12 by 3.", "12 times 3?"),
+        "eval": ("Compute 12 * 3.",),
+    }
+    for split, texts in questions.items():
+        with open(data / f"{split}.jsonl", "w") as handle:
+            for question in texts:
+                row = {"prompt": [{"role": "user", "content": question}], "answer": "36"}
+                handle.write(json.dumps(row) + "\n")
     SEEN.clear()
     cfg = make_config(
         "grpo",
@@ -109,6 +113,8 @@ def test_grpo_trains_on_tool_episodes(make_config, tmp_path, calling_engine):
         "logger.rollout_samples=2",
     )
     result = grpo.train(cfg)
+    evaluated = [r for r in read_metrics(result["run_dir"]) if "eval/reward" in r]
+    assert [r["step"] for r in evaluated] == [0, 2]  # greedy episodes on the eval split, before and after
     rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
     assert len(rows) == 2
     for row in rows:
