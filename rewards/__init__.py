@@ -6,6 +6,7 @@ Config names a function from `REWARD_FUNCTIONS`, or any importable "package.modu
 """
 
 from rewards.answer import answer_format, digit_match, exact_match, grouped_digits, sum_to_target
+from rewards.code import code_tests
 
 REWARD_FUNCTIONS = {
     "exact_match": exact_match,
@@ -13,11 +14,13 @@ REWARD_FUNCTIONS = {
     "digit_match": digit_match,
     "sum_to_target": sum_to_target,
     "grouped_digits": grouped_digits,
+    "code_tests": code_tests,
 }
 
 __all__ = [
     "REWARD_FUNCTIONS",
     "answer_format",
+    "code_tests",
     "digit_match",
     "exact_match",
     "grouped_digits",
