@@ -114,8 +114,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     sampling = SamplingParams.from_config(cfg.rollout)
     sampler = EpochSampler(len(train_rows), seed=cfg.seed)
     stateful = {"sampler": sampler, "kl_controller": kl_controller, "score_moments": score_moments}
-    if models.curiosity:
-        stateful["curiosity"] = models.curiosity
+    stateful.update({"curiosity": models.curiosity} if models.curiosity else {})
     run.attach(policy, tokenizer, stateful, {"critic": models.critic})  # restores them when resuming
     d, g = cfg.data, cfg.rollout.group_size
     rollout = build_rollout_engine(cfg, policy, tokenizer, env.rank)  # rollout.engine

@@ -5,7 +5,9 @@ Every segmenter returns segment ids [B, T] (long): 0, 1, ... in order along each
 -1 on padding. The last valid token of a row is always a segment of its own (the sequence score sits
 there, so it is never averaged away), and no segment is empty, for any batch of mixed lengths.
 Boundaries are built per row; the authors' code looked at row 0 only and could emit an empty
-segment when the length fit the n-gram grid (spec 1.4, items 3 and 6).
+segment when the length fit the n-gram grid (spec 1.4, items 3 and 6). `turns` takes each model
+turn of a multi-turn episode (rlhf/agents) as one macro action: tool tokens between turns belong
+to no segment.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import re
 import torch
 
 AGGREGATIONS = ("mean", "sum", "position", "last")
-SEGMENTERS = ("fixed", "randomized", "perplexity", "parse")
+SEGMENTERS = ("fixed", "randomized", "perplexity", "parse", "turns")
 
 
 def _ids_from_starts(starts: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Segment ids from a bool [B, T] "a segment starts here" marker; position 0 and the last valid
-    token always start one."""
+    """Segment ids from a bool [B, T] "a segment starts here" marker; the first valid token, every
+    valid token after an invalid one (a multi-turn episode's next turn) and the last valid token
+    always start one."""
     mask = response_mask.bool()
-    length = mask.sum(1)
     steps = torch.arange(mask.shape[1], device=mask.device)
-    last = steps[None, :] == (length - 1)[:, None]
-    starts = (starts | (steps[None, :] == 0) | last) & mask
+    # the last trained token (an episode's mask has gaps where tools wrote, so not length - 1);
+    # no segment spans a gap: a model turn after a tool result starts a new one
+    last = steps[None, :] == torch.where(mask, steps[None, :], -1).max(-1, keepdim=True).values
+    after_gap = ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    starts = (starts | after_gap | last) & mask
     ids = starts.long().cumsum(1) - 1
     return torch.where(mask, ids, torch.full_like(ids, -1))
 
@@ -37,6 +42,13 @@ def fixed_ngram_segments(response_mask: torch.Tensor, n: int = 5) -> torch.Tenso
         raise ValueError(f"macro.n must be at least 1, got {n}")
     steps = torch.arange(response_mask.shape[1], device=response_mask.device)
     return _ids_from_starts((steps % n == 0)[None, :].expand_as(response_mask), response_mask)
+
+
+def turn_segments(response_mask: torch.Tensor) -> torch.Tensor:
+    """Each model turn of a multi-turn episode one segment (the last token alone, as everywhere):
+    a turn starts at the first trained token and wherever one follows tokens a tool wrote. A
+    single-turn response is one segment and its last token."""
+    return _ids_from_starts(torch.zeros_like(response_mask, dtype=torch.bool), response_mask)
 
 
 def randomized_ngram_segments(
@@ -190,6 +202,8 @@ def make_segmenter(cfg, tokenizer, seed: int = 0):
         return lambda batch, key: randomized_ngram_segments(
             batch.response_mask, tuple(cfg.random_lengths), cfg.random_repeats, random.Random(f"{seed}/{key}")
         )
+    if cfg.segmenter == "turns":
+        return lambda batch, key: turn_segments(batch.response_mask)
     if cfg.segmenter == "perplexity":
         return lambda batch, key: perplexity_segments(batch.ref_logprobs, batch.response_mask)
     texts = token_texts_of(tokenizer)

@@ -367,7 +367,9 @@ class PPOLossConfig(_PolicyLossChoice):
 class MacroConfig:
     """MA-RLHF macro actions (rlhf/segments.py): GAE over token segments instead of tokens."""
 
-    segmenter: str = "none"  # none (token-level PPO) | fixed | randomized | perplexity | parse
+    # none (token-level PPO) | fixed | randomized | perplexity | parse | turns (each model turn of
+    # a multi-turn episode one macro action)
+    segmenter: str = "none"
     n: int = 5  # fixed n-gram length
     random_lengths: list[int] = field(default_factory=lambda: [1, 2, 3, 5, 10])  # randomized
     random_repeats: int = 3

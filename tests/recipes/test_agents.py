@@ -15,7 +15,7 @@ import pytest
 import torch
 from trl.chat_template_utils import qwen2_5_chat_template
 
-from recipes import grpo
+from recipes import grpo, ppo
 from rlhf.loggers import read_metrics
 from rlhf.rollout import hf
 from rlhf.rollout.sampling import Samples
@@ -78,7 +78,10 @@ def calling_engine(monkeypatch):
     monkeypatch.setattr(hf.TransformersEngine, "sample", first_turn_calls)
 
 
-def test_grpo_trains_on_tool_episodes(make_config, tmp_path, calling_engine):
+@pytest.fixture()
+def tool_task(tmp_path) -> list[str]:
+    """A chat model whose template trl knows, a multiplication question per row, the tool and a
+    reward reading the conversation: the overrides both recipes share."""
     model = save_chat_model(str(tmp_path / "model"))
     template = tmp_path / "template.jinja"
     template.write_text(qwen2_5_chat_template)
@@ -94,8 +97,7 @@ def test_grpo_trains_on_tool_episodes(make_config, tmp_path, calling_engine):
                 row = {"prompt": [{"role": "user", "content": question}], "answer": "36"}
                 handle.write(json.dumps(row) + "\n")
     SEEN.clear()
-    cfg = make_config(
-        "grpo",
+    return [
         "model.source=pretrained",
         f"model.name_or_path={model}",
         f"data.source={data}",
@@ -111,7 +113,11 @@ def test_grpo_trains_on_tool_episodes(make_config, tmp_path, calling_engine):
         "train.steps=2",
         "eval.every=0",
         "logger.rollout_samples=2",
-    )
+    ]
+
+
+def test_grpo_trains_on_tool_episodes(make_config, tool_task, calling_engine):
+    cfg = make_config("grpo", *tool_task)
     result = grpo.train(cfg)
     evaluated = [r for r in read_metrics(result["run_dir"]) if "eval/reward" in r]
     assert [r["step"] for r in evaluated] == [0, 2]  # greedy episodes on the eval split, before and after
@@ -136,3 +142,19 @@ def test_grpo_trains_on_tool_episodes(make_config, tmp_path, calling_engine):
         "\n<|im_start|>user\n<tool_response>\n36"
     )
     assert record["conversation"][1] == {"role": "tool", "name": "multiply", "content": "36"}
+
+
+def test_ppo_takes_each_model_turn_as_a_macro_action(make_config, tool_task, calling_engine):
+    cfg = make_config("ppo", *tool_task, "critic.init=policy", "advantage.macro.segmenter=turns")
+    result = ppo.train(cfg)
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert len(rows) == 2 and all(r["episodes/tool_calls_mean"] == 1.0 for r in rows)
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)
+    with open(os.path.join(result["run_dir"], "rollouts.jsonl")) as handle:
+        record = json.loads(handle.readline())
+    segments, trained = record["segment_ids"], record["trained"]
+    first_turn = trained.index(False)
+    # the call is one macro action, the tool's tokens none, the answer the next (its last token alone)
+    assert set(segments[:first_turn]) == {0} and set(s for s, t in zip(segments, trained) if not t) == {-1}
+    answer = [s for s, t in zip(segments[first_turn:], trained[first_turn:]) if t]
+    assert answer[0] == 1 and answer[-1] == max(segments)

@@ -212,3 +212,17 @@ def test_broadcast_puts_zero_on_padding():
     per_segment = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
     ids = torch.tensor([[0, 1, 1], [0, -1, -1]])
     assert broadcast_to_tokens(per_segment, ids).tolist() == [[1, 2, 2], [3, 0, 0]]
+
+
+def test_turn_segments_follow_the_model_s_turns_across_tool_tokens():
+    from rlhf.segments import turn_segments
+
+    # turn 1 (3 tokens), tool (2), turn 2 (3 tokens), padding: the last token is its own segment
+    mask = torch.tensor([[True, True, True, False, False, True, True, True, False]])
+    assert turn_segments(mask).tolist() == [[0, 0, 0, -1, -1, 1, 1, 2, -1]]
+    single = torch.tensor([[True, True, True, False]])
+    assert turn_segments(single).tolist() == [[0, 0, 1, -1]]
+    # the fixed n-grams of an episode also end with its last trained token alone
+    from rlhf.segments import fixed_ngram_segments
+
+    assert fixed_ngram_segments(mask, 2).tolist() == [[0, 0, 1, -1, -1, 2, 3, 4, -1]]
