@@ -13,10 +13,13 @@ Completion = str | list[dict[str, Any]]
 
 def completion_text(completion: Completion) -> str:
     """The text of a completion as TRL passes it: a string, or (conversational prompts) a list of
-    messages whose contents are joined."""
+    messages whose assistant contents are joined (an episode's tool results are not the model's
+    answer, so they are left out)."""
     if isinstance(completion, str):
         return completion
-    return "".join(str(message.get("content") or "") for message in completion)
+    return "".join(
+        str(m.get("content") or "") for m in completion if m.get("role", "assistant") == "assistant"
+    )
 
 
 def exact_match(

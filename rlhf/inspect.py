@@ -252,7 +252,9 @@ class Run:
     def heatmap(self, record: Any, quantity: str = "advantages", path: str | None = None) -> TokenHeatmap:
         """A rollout record (a row of `rollouts`, or of `compare_logprobs` as a frame) as a heatmap;
         also written to `path` (an HTML file) when given. GRPO and PPO records share the per-token
-        names (logprobs, ref_logprobs, kl, advantages; PPO adds rewards, values, segment_ids)."""
+        names (logprobs, ref_logprobs, kl, advantages; PPO adds rewards, values, segment_ids). In a
+        multi-turn episode the tokens tools wrote are grey (not trained); its turns, calls and
+        results are the record's `conversation` and `episode`."""
         if isinstance(record, pd.DataFrame):
             if quantity not in record.columns:
                 available = [c for c in record.columns if c != "token"]
@@ -266,6 +268,9 @@ class Run:
                     k for k, v in fields_.items() if k != "tokens" and _per_token(v, fields_["tokens"])
                 ]
                 raise KeyError(f"{quantity!r} is not a per-token quantity of this record; it has {available}")
+            trained = fields_.get("trained")
+            if _per_token(trained, fields_["tokens"]) and quantity != "trained":
+                values = [v if keep else None for v, keep in zip(values, trained)]  # tool results: grey
             score = fields_.get("score")
             shown = "none" if score is None or score != score else f"{score:.4g}"
             title = f"step {fields_['step']} | {fields_['prompt']!r} -> score {shown} | {quantity}"

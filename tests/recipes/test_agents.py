@@ -16,6 +16,7 @@ import torch
 from trl.chat_template_utils import qwen2_5_chat_template
 
 from recipes import grpo, ppo
+from rlhf.inspect import load_run
 from rlhf.loggers import read_metrics
 from rlhf.rollout import hf
 from rlhf.rollout.sampling import Samples
@@ -158,3 +159,7 @@ def test_ppo_takes_each_model_turn_as_a_macro_action(make_config, tool_task, cal
     assert set(segments[:first_turn]) == {0} and set(s for s, t in zip(segments, trained) if not t) == {-1}
     answer = [s for s, t in zip(segments[first_turn:], trained[first_turn:]) if t]
     assert answer[0] == 1 and answer[-1] == max(segments)
+    # the notebook view: the tool's tokens grey, the model's coloured by their advantage
+    run = load_run(result["run_dir"])
+    heatmap = run.heatmap(run.rollouts.iloc[0], "advantages")
+    assert heatmap.html.count("background:#eeeeee") == trained.count(False) > 0

@@ -304,3 +304,88 @@ def test_the_trainer_s_logprobs_of_every_generated_token_equal_the_engine_s(toke
             model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
         )
     assert (blind - batch.rollout_logprobs).abs()[generated].max() > 1e-3
+
+
+class Counter:
+    """A second environment (TRL's contract) for the mapping case."""
+
+    def reset(self, **kwargs) -> None:
+        self.count = 0
+
+    def increment(self) -> int:
+        """Add one to the counter."""
+        self.count += 1
+        return self.count
+
+
+class Broken:
+    def reset(self, **kwargs) -> None:
+        raise KeyError("secret")
+
+
+def test_the_agent_plays_rows_with_their_environment_system_turn_and_tools(tokenizer):
+    from datasets import Dataset
+
+    from rlhf.agents.agent import Agent
+
+    environments = Environments({"game": GuessingGame, "counter": Counter})
+    agent = Agent(tokenizer, [multiply], environments, EpisodeLimits(3, 400), tool_timeout_s=2.0)
+    rows = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "Guess"}],
+                "environment": "game",
+                "secret": 5,
+                "system": "Be quick.",
+            },
+            {
+                "prompt": [{"role": "user", "content": "Count"}],
+                "environment": "counter",
+                "secret": 0,
+                "system": None,
+            },
+        ]
+    )
+
+    def script(text):
+        if "<tool_response>" in text:
+            return "Done.<|im_end|>"
+        return call("guess", number=5) if "Guess" in text else call("increment")
+
+    engine = ScriptedEngine(tokenizer, script)
+    batch, metrics = agent.rollout(
+        engine, rows, prompt_column="prompt", group_size=2, sampling=SamplingParams(128)
+    )
+    assert batch.batch_size == 4 and batch.group_ids.tolist() == [0, 0, 1, 1]
+    assert [type(e).__name__ for e in batch.environments] == ["GuessingGame"] * 2 + ["Counter"] * 2
+    assert len({id(e) for e in batch.environments}) == 4  # one instance per episode
+    game_prompt, counter_prompt = tokenizer.decode(batch.prompt_ids[0]), tokenizer.decode(batch.prompt_ids[2])
+    assert "Be quick." in game_prompt and "Guess (between 1 and 9)" in game_prompt  # system turn, reset text
+    assert '"name": "guess"' in game_prompt and '"name": "multiply"' in game_prompt
+    assert '"name": "guess"' not in counter_prompt and '"name": "increment"' in counter_prompt
+    assert [c[1]["content"] for c in batch.completion_messages] == ["correct", "correct", "1", "1"]
+    assert metrics["episodes/tool_calls_mean"] == 1.0 and metrics["episodes/ended_answer"] == 1.0
+    ((name, reward),) = agent.reward_functions()
+    assert reward(batch.prompts, batch.completion_messages, environments=batch.environments) == [
+        1.0,
+        1.0,
+        None,
+        None,
+    ]
+    with pytest.raises(ConfigError, match="row 0 has environment='nowhere'"):
+        agent.rollout(
+            engine,
+            Dataset.from_list([{"prompt": "x", "environment": "nowhere"}]),
+            prompt_column="prompt",
+            group_size=1,
+            sampling=SamplingParams(8),
+        )
+    broken = Agent(tokenizer, [], Environments({None: Broken}), EpisodeLimits(2, 100), None)
+    with pytest.raises(RuntimeError, match=r"Broken.reset failed on row 0 .*KeyError\('secret'\)"):
+        broken.rollout(
+            engine,
+            Dataset.from_list([{"prompt": "x"}]),
+            prompt_column="prompt",
+            group_size=1,
+            sampling=SamplingParams(8),
+        )

@@ -139,3 +139,14 @@ def test_numpy_and_tensor_scalars_are_numbers():
 
     scores, valid, _, _ = score_completions([WeightedReward("typed", typed, 1.0)], ["p", "q"], ["a", "b"], {})
     assert scores.tolist() == [0.5, 2.0] and valid.all()
+
+
+def test_an_episode_is_scored_on_the_model_s_turns_not_the_tool_results():
+    episode = [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+        {"role": "tool", "name": "f", "content": "42"},
+        {"role": "assistant", "content": "I do not know."},
+    ]
+    assert exact_match(["p"], [episode], answer=["42"]) == [0.0]
+    episode[-1]["content"] = "42"
+    assert exact_match(["p"], [episode], answer=["42"]) == [1.0]
