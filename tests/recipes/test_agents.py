@@ -56,9 +56,11 @@ def _teacher_forced(model, contexts: list[list[int]], ids: torch.Tensor) -> torc
     return scores
 
 
-@pytest.fixture()
-def calling_engine(monkeypatch):
-    sample = hf.TransformersEngine.sample
+def force_tool_call_first(monkeypatch, engine_class) -> None:
+    """`engine_class` samples as usual, except that a turn with no tool result yet is the call.
+    The returned logprobs are the engine's own for the turns it sampled (vLLM's), and for the
+    forced call (and an engine without logprobs) the model's on each row's own context."""
+    sample = engine_class.sample
 
     def first_turn_calls(self, prompt_token_ids, group_size, sampling, **kwargs):
         samples = sample(self, prompt_token_ids, group_size, sampling, **kwargs)
@@ -67,16 +69,28 @@ def calling_engine(monkeypatch):
             forced if "<tool_response>" not in self.tokenizer.decode(ids) else None
             for ids in prompt_token_ids
         ]
-        width = max([samples.response_ids.shape[1]] + [len(r) for r in rows if r])
+        sampled = samples.response_ids.cpu()
+        width = max([sampled.shape[1]] + [len(r) for r in rows if r])
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
-        ids[:, : samples.response_ids.shape[1]] = samples.response_ids
+        ids[:, : sampled.shape[1]] = sampled
         for index, row in enumerate(rows):
             if row:
                 ids[index] = self.tokenizer.pad_token_id
                 ids[index, : len(row)] = torch.tensor(row)
-        return Samples(ids, logprobs=_teacher_forced(self.policy.module, prompt_token_ids, ids))
+        scores = _teacher_forced(self.policy.module, prompt_token_ids, ids)
+        if samples.logprobs is not None:
+            for index, row in enumerate(rows):
+                if not row:
+                    scores[index] = 0.0
+                    scores[index, : sampled.shape[1]] = samples.logprobs[index].cpu()
+        return Samples(ids, logprobs=scores)
 
-    monkeypatch.setattr(hf.TransformersEngine, "sample", first_turn_calls)
+    monkeypatch.setattr(engine_class, "sample", first_turn_calls)
+
+
+@pytest.fixture()
+def calling_engine(monkeypatch):
+    force_tool_call_first(monkeypatch, hf.TransformersEngine)
 
 
 @pytest.fixture()
