@@ -131,8 +131,10 @@ def tool_task(tmp_path) -> list[str]:
     ]
 
 
-def test_grpo_trains_on_tool_episodes(make_config, tool_task, calling_engine):
-    cfg = make_config("grpo", *tool_task)
+@pytest.mark.parametrize("layout", ["plain", "shared_prefix"])
+def test_grpo_trains_on_tool_episodes(make_config, tool_task, calling_engine, layout):
+    # the shared-prefix forward encodes each group's first prompt once, its episodes after it
+    cfg = make_config("grpo", *tool_task, f"model.shared_prefix={layout == 'shared_prefix'}")
     result = grpo.train(cfg)
     evaluated = [r for r in read_metrics(result["run_dir"]) if "eval/reward" in r]
     assert [r["step"] for r in evaluated] == [0, 2]  # greedy episodes on the eval split, before and after
