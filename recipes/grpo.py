@@ -222,6 +222,8 @@ def _sample(cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, reward
             penalty=cfg.reward.overlong_penalty,
         ).to(device)
         scores = scores + penalty
+        if batch.turn_rewards is not None:  # an environment's per-turn rewards: their sum, in GRPO
+            scores = scores + batch.turn_rewards.sum(-1).to(device)
         parts.append((batch, scores, valid, per_reward_values))
         if round_index == 0:
             metrics = {**rollout_metrics, **reward_metrics, "time/generate": elapsed}

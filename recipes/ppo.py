@@ -315,6 +315,8 @@ def _token_rewards(cfg: PPOConfig, batch, scores, dense: dict, kl_coef: float, m
     row's last token, the dense sources; with the KL metrics."""
     mask = batch.response_mask
     kl = k1(batch.old_logprobs, batch.ref_logprobs)
+    if batch.turn_rewards is not None:  # an environment's per-turn rewards, at each turn's end
+        dense = {**dense, "turns": batch.turn_rewards}
     token_rewards, shaping_metrics = compose_token_rewards(
         scores, mask, kl=kl, kl_coef=kl_coef, dense=dense, score_clip=cfg.shaping.score_clip
     )

@@ -59,6 +59,7 @@ class RolloutBatch:
     # response token); each row's turns after the prompt as messages; its environment instance;
     # what happened in each turn (for the rollout records)
     environment_mask: torch.Tensor | None = None
+    turn_rewards: torch.Tensor | None = None  # [B, T] an environment's per-turn rewards, at turn ends
     completion_messages: list[list[dict[str, Any]]] = field(default_factory=list)
     environments: list[Any] = field(default_factory=list)
     episodes: list[dict[str, Any]] = field(default_factory=list)
@@ -152,6 +153,7 @@ _TOKEN_FIELDS = (
     "response_ids",
     "response_mask",
     "environment_mask",
+    "turn_rewards",
     "old_logprobs",
     "rollout_logprobs",
     "ref_logprobs",

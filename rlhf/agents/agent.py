@@ -13,6 +13,7 @@ from rlhf.agents.chat import prepare_tool_calling
 from rlhf.agents.environments import Environments, environment_methods, reset_environment
 from rlhf.agents.episodes import Episode, EpisodeLimits, collate_episodes, episode_metrics, run_episodes
 from rlhf.agents.tools import Toolbox, load_tools, tool_schema
+from rlhf.calls import call_maybe_async
 from rlhf.config import ConfigError
 from rlhf.data.chat import clean_messages, encode_prompt, reward_columns, row_extras
 from rlhf.data.load import DataError
@@ -115,12 +116,33 @@ class Agent:
             for index, (prompt, row, instance, extra) in enumerate(zip(prompts, table, instances, extras))
         ]
         run_episodes(engine, episodes, sampling, self.limits, do_sample=do_sample, seed=seed)
+        for index, episode in enumerate(episodes):
+            episode.turn_rewards = turn_rewards(episode, index // group_size)
         columns = {
             k: [v for v in values for _ in range(group_size)]
             for k, values in reward_columns(rows, prompt_column).items()
         }
         batch = collate_episodes(episodes, self.tokenizer, prompts, columns, group_size, engine.policy.device)
         return batch, episode_metrics(episodes)
+
+
+def turn_rewards(episode: Episode, row: int) -> list[float] | None:
+    """The environment's `get_turn_rewards()` for a finished episode (None when it has none): one
+    number per model turn, in order; fewer leave the later turns at 0."""
+    method = getattr(episode.environment, "get_turn_rewards", None)
+    if method is None:
+        return None
+    values = call_maybe_async(method)
+    name = type(episode.environment).__name__
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) for v in values):
+        raise RuntimeError(
+            f"{name}.get_turn_rewards returned {values!r} on row {row}; give a list of numbers"
+        )
+    if len(values) > len(episode.turns):
+        raise RuntimeError(
+            f"{name}.get_turn_rewards returned {len(values)} rewards on row {row}, for {len(episode.turns)} turns"
+        )
+    return [float(v) for v in values]
 
 
 def build_agent(

@@ -7,7 +7,9 @@ as TRL does: construct once, reset often). An instance:
 - `reset(**row)` before the episode, with the row's columns (without `environment`); text it
   returns is appended to the last user message;
 - its public methods (not `reset`, `get_reward` or `_private`) are the episode's tools;
-- an optional `get_reward()` scores the finished episode: a reward named after the class, weight 1.
+- an optional `get_reward()` scores the finished episode: a reward named after the class, weight 1;
+- an optional `get_turn_rewards()` (ours; TRL has none) gives one reward per model turn of the
+  finished episode: PPO places each on its turn's last token, GRPO adds their sum to the score.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rlhf.calls import call_maybe_async
 from rlhf.config import ConfigError
 
 ENVIRONMENT_COLUMN = "environment"
-RESERVED_METHODS = ("reset", "get_reward")
+RESERVED_METHODS = ("reset", "get_reward", "get_turn_rewards")
 
 
 def environment_methods(instance: Any) -> list[Callable[..., Any]]:

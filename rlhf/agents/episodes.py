@@ -56,6 +56,8 @@ class Episode:
     tool_errors: int = 0
     ending: str | None = None
     prompt_messages: int = 0  # how many of `messages` the prompt holds
+    turn_ends: list[int] = field(default_factory=list)  # index of each turn's last generated token
+    turn_rewards: list[float] | None = None  # the environment's, one per model turn
     scored: bool = True  # the engine returned logprobs for every generated token
 
     def __post_init__(self) -> None:
@@ -126,6 +128,7 @@ def run_episodes(
         for episode, (ids, logprobs, ended) in zip(live, generated):
             context = episode.context
             episode.add(ids, True, logprobs)
+            episode.turn_ends.append(len(episode.response_ids) - 1)
             record = {"text": tokenizer.decode(ids, skip_special_tokens=True), "calls": [], "results": []}
             episode.turns.append(record)
             if not ended:
@@ -183,6 +186,13 @@ def collate_episodes(
     generated, _ = pad_right([e.generated for e in episodes], False, torch.bool, device)
     logprobs, _ = pad_right([e.logprobs for e in episodes], 0.0, torch.float32, device)
     has_logprobs = all(e.scored for e in episodes)
+    turn_rewards = None
+    if any(e.turn_rewards is not None for e in episodes):  # each at its turn's last generated token
+        turn_rewards = torch.zeros(response_ids.shape, dtype=torch.float32, device=device)
+        for row, e in enumerate(episodes):
+            for end, value in zip(e.turn_ends, e.turn_rewards or []):
+                if end >= 0:
+                    turn_rewards[row, end] += float(value)
     return RolloutBatch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -201,7 +211,11 @@ def collate_episodes(
         environments=[e.environment for e in episodes]
         if any(e.environment is not None for e in episodes)
         else [],
-        episodes=[{"turns": e.turns, "ending": e.ending, "tool_calls": e.tool_calls} for e in episodes],
+        episodes=[
+            {"turns": e.turns, "ending": e.ending, "tool_calls": e.tool_calls, "turn_rewards": e.turn_rewards}
+            for e in episodes
+        ],
+        turn_rewards=turn_rewards,
     )
 
 

@@ -36,6 +36,26 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
+class Calculator:
+    """An environment to TRL's contract (reset, tool methods), with per-turn rewards (ours)."""
+
+    def reset(self, **row) -> None:
+        self.calls = 0
+
+    def multiply(self, a: int, b: int) -> int:
+        """Multiply two integers.
+
+        Args:
+            a: the first factor
+            b: the second factor
+        """
+        self.calls += 1
+        return a * b
+
+    def get_turn_rewards(self) -> list[float]:
+        return [0.5 * self.calls]  # the first turn, which called the tool
+
+
 def used_the_result(prompts, completions, answer, **columns):
     """1 when the tool's result came back and the last turn states it (TRL's signature: the whole
     conversation after the prompt, as messages)."""
@@ -162,14 +182,18 @@ def test_grpo_trains_on_tool_episodes(make_config, tool_task, calling_engine, la
 
 
 def test_ppo_takes_each_model_turn_as_a_macro_action(make_config, tool_task, calling_engine):
-    cfg = make_config("ppo", *tool_task, "critic.init=policy", "advantage.macro.segmenter=turns")
+    task = [o for o in tool_task if not o.startswith("rollout.tools=")]
+    environment = "rollout.environment=tests.recipes.test_agents:Calculator"  # the tool is its method
+    cfg = make_config("ppo", *task, environment, "critic.init=policy", "advantage.macro.segmenter=turns")
     result = ppo.train(cfg)
     rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
     assert len(rows) == 2 and all(r["episodes/tool_calls_mean"] == 1.0 for r in rows)
+    assert all(r["reward/turns_sum"] == 0.5 for r in rows)  # the environment's per-turn reward, placed
     assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)
     with open(os.path.join(result["run_dir"], "rollouts.jsonl")) as handle:
         record = json.loads(handle.readline())
     segments, trained = record["segment_ids"], record["trained"]
+    assert record["episode"]["turn_rewards"] == [0.5]
     first_turn = trained.index(False)
     # the call is one macro action, the tool's tokens none, the answer the next (its last token alone)
     assert set(segments[:first_turn]) == {0} and set(s for s, t in zip(segments, trained) if not t) == {-1}
@@ -179,3 +203,13 @@ def test_ppo_takes_each_model_turn_as_a_macro_action(make_config, tool_task, cal
     run = load_run(result["run_dir"])
     heatmap = run.heatmap(run.rollouts.iloc[0], "advantages")
     assert heatmap.html.count("background:#eeeeee") == trained.count(False) > 0
+
+
+def test_grpo_adds_an_environment_s_turn_rewards_to_the_score(make_config, tool_task, calling_engine):
+    task = [o for o in tool_task if not o.startswith("rollout.tools=")]
+    cfg = make_config("grpo", *task, "rollout.environment=tests.recipes.test_agents:Calculator")
+    rows = [r for r in read_metrics(grpo.train(cfg)["run_dir"]) if "loss" in r]
+    for row in rows:  # every episode called once: 0.5 on top of the reward function's score
+        assert row["reward/mean"] - row[
+            "reward/tests.recipes.test_agents:used_the_result/mean"
+        ] == pytest.approx(0.5)

@@ -389,3 +389,29 @@ def test_the_agent_plays_rows_with_their_environment_system_turn_and_tools(token
             group_size=1,
             sampling=SamplingParams(8),
         )
+
+
+class Rated(Counter):
+    def get_turn_rewards(self) -> list[float]:
+        return [0.25, 1.0][: self.count + 1]
+
+
+def test_per_turn_rewards_sit_on_each_turn_s_last_generated_token(tokenizer):
+    from datasets import Dataset
+
+    from rlhf.agents.agent import Agent
+
+    agent = Agent(tokenizer, [], Environments({None: Rated}), EpisodeLimits(3, 400), tool_timeout_s=2.0)
+    engine = ScriptedEngine(
+        tokenizer, lambda text: "Done.<|im_end|>" if "<tool_response>" in text else call("increment")
+    )
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Count"}]}])
+    batch, _ = agent.rollout(engine, rows, prompt_column="prompt", group_size=1, sampling=SamplingParams(128))
+    assert "get_turn_rewards" not in tokenizer.decode(batch.prompt_ids[0])  # not offered as a tool
+    generated = batch.response_mask[0].tolist()
+    ends = [i for i, g in enumerate(generated) if g and (i + 1 == len(generated) or not generated[i + 1])]
+    placed = {i: v for i, v in enumerate(batch.turn_rewards[0].tolist()) if v}
+    assert placed == {ends[0]: 0.25, ends[1]: 1.0}
+    Rated.get_turn_rewards = lambda self: [1.0, 1.0, 1.0]
+    with pytest.raises(RuntimeError, match="Rated.get_turn_rewards returned 3 rewards on row 0, for 2 turns"):
+        agent.rollout(engine, rows, prompt_column="prompt", group_size=1, sampling=SamplingParams(128))
