@@ -5,6 +5,7 @@ test, so each expectation is written out by hand."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -306,6 +307,16 @@ def test_the_trainer_s_logprobs_of_every_generated_token_equal_the_engine_s(toke
     assert (blind - batch.rollout_logprobs).abs()[generated].max() > 1e-3
 
 
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look up a word.",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
+
+
 class Counter:
     """A second environment (TRL's contract) for the mapping case."""
 
@@ -337,12 +348,14 @@ def test_the_agent_plays_rows_with_their_environment_system_turn_and_tools(token
                 "environment": "game",
                 "secret": 5,
                 "system": "Be quick.",
+                "tools": json.dumps([LOOKUP]),  # a row's own tools column is rendered too
             },
             {
                 "prompt": [{"role": "user", "content": "Count"}],
                 "environment": "counter",
                 "secret": 0,
                 "system": None,
+                "tools": "[]",
             },
         ]
     )
@@ -363,6 +376,7 @@ def test_the_agent_plays_rows_with_their_environment_system_turn_and_tools(token
     assert "Be quick." in game_prompt and "Guess (between 1 and 9)" in game_prompt  # system turn, reset text
     assert '"name": "guess"' in game_prompt and '"name": "multiply"' in game_prompt
     assert '"name": "guess"' not in counter_prompt and '"name": "increment"' in counter_prompt
+    assert '"name": "lookup"' in game_prompt and '"name": "lookup"' not in counter_prompt
     assert [c[1]["content"] for c in batch.completion_messages] == ["correct", "correct", "1", "1"]
     assert metrics["episodes/tool_calls_mean"] == 1.0 and metrics["episodes/ended_answer"] == 1.0
     ((name, reward),) = agent.reward_functions()
