@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset
@@ -403,28 +404,32 @@ def _sft_format(dataset: Dataset, cfg: DataConfig, where: str) -> bool:
     return prompt_kind == "messages"
 
 
-def _sft_tokens(
-    row: dict[str, Any], index: int, context: dict[str, Any]
-) -> tuple[list[int], str, list[int], Any]:
-    """(prompt ids, prompt text, completion ids, assistant mask or None) of one SFT row, as
-    `prepare_sft` set up `context` (tokenizer, cfg, where, templated, assistant_only, system,
-    tools, check)."""
-    c = context
-    tokenizer, cfg, where, system, tools = (
-        c["tokenizer"],
-        c["cfg"],
-        c["where"],
-        c["system"][index],
-        c["tools"][index],
-    )
-    if c["assistant_only"]:  # the whole conversation; every assistant turn is learned
+@dataclass
+class _SFTSetup:
+    """What `prepare_sft` fixes once for every row."""
+
+    tokenizer: PreTrainedTokenizerBase
+    cfg: DataConfig
+    where: str
+    templated: bool
+    assistant_only: bool
+    system: list[Any]  # each row's `system` column (None where absent)
+    tools: list[Any]  # each row's parsed `tools` column
+    check: ToolRenderingCheck
+
+
+def _sft_tokens(row: dict[str, Any], index: int, setup: _SFTSetup) -> tuple[list[int], str, list[int], Any]:
+    """(prompt ids, prompt text, completion ids, assistant mask or None) of one SFT row."""
+    tokenizer, cfg, where = setup.tokenizer, setup.cfg, setup.where
+    system, tools = setup.system[index], setup.tools[index]
+    if setup.assistant_only:  # the whole conversation; every assistant turn is learned
         if cfg.messages_column in row and cfg.prompt_column not in row:
             turns = row[cfg.messages_column]
         else:
             turns = list(row[cfg.prompt_column]) + list(row[cfg.completion_column])
         messages = clean_messages(_as_conversation(turns, "user", system), cfg.messages_column, index, where)
         ids, mask, text = assistant_token_mask(tokenizer, messages, tools, index, where)
-        c["check"].check(index, messages, tools, text)
+        setup.check.check(index, messages, tools, text)
         if 1 not in mask:
             raise DataError(
                 f"{where}: row {index} has no assistant turn after another turn (nothing to learn)"
@@ -432,7 +437,7 @@ def _sft_tokens(
         first = mask.index(1)
         return ids[:first], tokenizer.decode(ids[:first]), ids[first:], mask[first:]
     prompt, completion = _sft_example(row, cfg, index, where)
-    if not c["templated"]:
+    if not setup.templated:
         return (
             _ids(tokenizer, prompt, special=True),
             prompt,
@@ -450,7 +455,7 @@ def _sft_tokens(
         ),
     }
     rendered = _render(example, tokenizer, index, where, tools)
-    c["check"].check(
+    setup.check.check(
         index, example["prompt"] + example["completion"], tools, rendered["prompt"] + rendered["completion"]
     )
     prompt_ids = _ids(tokenizer, rendered["prompt"], special=False)
@@ -477,10 +482,9 @@ def prepare_sft(
         )
     templated = conversational or cfg.apply_chat_template
     system, tools = row_extras(dataset, templated, where)
-    setup = dict(
-        tokenizer=tokenizer, cfg=cfg, where=where, templated=templated, assistant_only=assistant_only
+    setup = _SFTSetup(
+        tokenizer, cfg, where, templated, assistant_only, system, tools, ToolRenderingCheck(where)
     )
-    setup.update(system=system, tools=tools, check=ToolRenderingCheck(where))
     policy = LengthPolicy(cfg, where)
     columns: dict[str, list[Any]] = {PROMPT_IDS: [], PROMPT_TEXT: [], COMPLETION_IDS: [], COMPLETION_MASK: []}
     for index, row in enumerate(dataset):
@@ -495,7 +499,7 @@ def prepare_sft(
         )
         columns[COMPLETION_IDS].append(kept or [])
         columns[COMPLETION_MASK].append(mask[: len(kept)] if mask is not None and kept else [])
-    setup["check"].warn()
+    setup.check.warn()
     if not assistant_only:
         del columns[COMPLETION_MASK]
     return _finish(dataset, {**columns, CONVERSATIONAL: [conversational] * len(dataset)}, policy)

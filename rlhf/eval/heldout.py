@@ -28,22 +28,29 @@ class HeldoutEvaluation:
         accuracy = cfg.reward.accuracy_reward if cfg.reward.accuracy_reward in reward_names else None
         if eval_rows is not None:
             eval_rows = eval_rows.select(range(min(cfg.eval.num_samples, len(eval_rows))))
-        self._evaluate = lambda version: greedy_evaluation(
-            rollout,
+        self.rows, self.cfg, self.rollout, self.score, self.accuracy = (
             eval_rows,
+            cfg,
+            rollout,
             score,
-            accuracy_reward=accuracy,
-            prompt_column=cfg.data.prompt_column,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            weights_version=version,  # updates so far: a vLLM engine syncs once per set of weights
-            agent=agent,  # tools and environments: greedy episodes
+            accuracy,
         )
+        self.agent = agent  # tools and environments: greedy episodes
         self.description = _describe(eval_rows, cfg, reward_names, accuracy, self.enabled)
 
     def __call__(self, step: int) -> dict[str, float]:
         """The scores of the policy after `step` updates (what `Run.evaluate_with` calls)."""
-        return self._evaluate(step)
+        return greedy_evaluation(
+            self.rollout,
+            self.rows,
+            self.score,
+            accuracy_reward=self.accuracy,
+            prompt_column=self.cfg.data.prompt_column,
+            batch_size=self.cfg.eval.batch_size,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            weights_version=step,  # updates so far: a vLLM engine syncs once per set of weights
+            agent=self.agent,
+        )
 
 
 def _describe(eval_rows: Any, cfg: Any, reward_names: list[str], accuracy: str | None, enabled: bool) -> str:
