@@ -83,7 +83,8 @@ class Agent:
         if self.context is not None and len(ids) + self.limits.max_episode_tokens > self.context:
             raise DataError(
                 f"{where}: row {index}'s prompt is {len(ids)} tokens; with rollout.max_episode_tokens="
-                f"{self.limits.max_episode_tokens} it does not fit the model's context of {self.context}"
+                f"{self.limits.max_episode_tokens} it does not fit the context of {self.context} (the model's, "
+                "or rollout.vllm.max_model_len)"
             )
         return Episode(ids, list(messages), toolbox, schemas or None, instance)
 
@@ -154,7 +155,11 @@ def build_agent(
     from rlhf.models.load import model_context
     from rlhf.scoring import WeightedReward
 
-    agent = Agent.from_config(cfg.rollout, tokenizer, model_context(cfg.model))
+    context = model_context(cfg.model)
+    engine_limit = cfg.rollout.vllm.max_model_len if cfg.rollout.engine == "vllm" else None
+    if engine_limit is not None:  # the colocated engine's own context is what an episode must fit
+        context = engine_limit if context is None else min(context, engine_limit)
+    agent = Agent.from_config(cfg.rollout, tokenizer, context)
     if agent is None:
         return None
     if getattr(getattr(cfg, "curiosity", None), "eta", 0.0):

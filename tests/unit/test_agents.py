@@ -429,3 +429,16 @@ def test_per_turn_rewards_sit_on_each_turn_s_last_generated_token(tokenizer):
     Rated.get_turn_rewards = lambda self: [1.0, 1.0, 1.0]
     with pytest.raises(RuntimeError, match="Rated.get_turn_rewards returned 3 rewards on row 0, for 2 turns"):
         agent.rollout(engine, rows, prompt_column="prompt", group_size=1, sampling=SamplingParams(128))
+
+
+def test_an_episode_that_cannot_fit_the_context_is_refused_naming_the_row(tokenizer):
+    from datasets import Dataset
+
+    from rlhf.agents.agent import Agent
+    from rlhf.data.load import DataError
+
+    agent = Agent(tokenizer, [multiply], None, EpisodeLimits(2, 300), tool_timeout_s=1.0, context=400)
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Hi"}]}])
+    engine = ScriptedEngine(tokenizer, lambda text: "Done.<|im_end|>")
+    with pytest.raises(DataError, match=r"row 0's prompt is \d+ tokens; with rollout.max_episode_tokens=300"):
+        agent.rollout(engine, rows, prompt_column="prompt", group_size=1, sampling=SamplingParams(8))
