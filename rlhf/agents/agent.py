@@ -15,7 +15,7 @@ from rlhf.agents.episodes import Episode, EpisodeLimits, collate_episodes, episo
 from rlhf.agents.tools import Toolbox, load_tools, tool_schema
 from rlhf.calls import call_maybe_async
 from rlhf.config import ConfigError
-from rlhf.data.chat import clean_messages, encode_prompt, reward_columns, row_extras
+from rlhf.data.chat import as_conversation, clean_messages, encode_prompt, reward_columns, row_extras
 from rlhf.data.load import DataError
 from rlhf.rollout.sampling import SamplingParams
 from rlhf.types import RolloutBatch
@@ -68,14 +68,7 @@ class Agent:
         named = {fn.__name__ for fn in functions}
         schemas = [tool_schema(fn) for fn in functions]
         schemas += [t for t in data_tools or [] if t.get("function", t).get("name") not in named]
-        messages = clean_messages(
-            prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}],
-            "prompt",
-            index,
-            where,
-        )
-        if system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system}, *messages]
+        messages = clean_messages(as_conversation(prompt, "user", system), "prompt", index, where)
         observation = reset_environment(instance, row, index) if instance is not None else None
         if observation:
             messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + observation}]
@@ -102,15 +95,12 @@ class Agent:
         """`group_size` episodes of each row (inside the engine's `ready` block), collated."""
         where = "rollout"
         prompts = [p for p in rows[prompt_column] for _ in range(group_size)]
-        table = [
-            dict(zip(rows.column_names, values)) for values in zip(*(rows[c] for c in rows.column_names))
-        ]
-        table = [row for row in table for _ in range(group_size)]
+        table = [row for row in rows for _ in range(group_size)]
         systems, data_tools = row_extras(rows, True, where)
         extras = [(s, t) for s, t in zip(systems, data_tools) for _ in range(group_size)]
         instances: list[Any] = [None] * len(prompts)
         if self.environments is not None:
-            names = self.environments.names_of({c: list(rows[c]) for c in rows.column_names}, len(rows))
+            names = self.environments.names_of(rows)
             instances = self.environments.instances([n for n in names for _ in range(group_size)])
         episodes = [
             self._episode(prompt, row, index // group_size, instance, extra, where)

@@ -73,16 +73,16 @@ class Environments:
             tool_schema(method, where)
         return instance
 
-    def names_of(self, columns: dict[str, list[Any]], count: int) -> list[str | None]:
-        """Each row's environment name (None for a single factory)."""
+    def names_of(self, rows: Any) -> list[str | None]:
+        """Each row's environment name (None for a single factory); `rows` a Dataset."""
         if not self.by_column:
-            return [None] * count
-        if ENVIRONMENT_COLUMN not in columns:
+            return [None] * len(rows)
+        if ENVIRONMENT_COLUMN not in rows.column_names:
             raise ConfigError(
                 f"rollout.environment is a mapping ({sorted(self.factories)}): the data needs an "
                 f"{ENVIRONMENT_COLUMN!r} column naming each row's environment"
             )
-        names = [str(v) for v in columns[ENVIRONMENT_COLUMN]]
+        names = [str(v) for v in rows[ENVIRONMENT_COLUMN]]
         for row, name in enumerate(names):
             if name not in self.factories:
                 raise ConfigError(

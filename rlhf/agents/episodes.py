@@ -128,7 +128,8 @@ def run_episodes(
         for episode, (ids, logprobs, ended) in zip(live, generated):
             context = episode.context
             episode.add(ids, True, logprobs)
-            episode.turn_ends.append(len(episode.response_ids) - 1)
+            if ids:
+                episode.turn_ends.append(len(episode.response_ids) - 1)
             record = {"text": tokenizer.decode(ids, skip_special_tokens=True), "calls": [], "results": []}
             episode.turns.append(record)
             if not ended:
@@ -191,8 +192,7 @@ def collate_episodes(
         turn_rewards = torch.zeros(response_ids.shape, dtype=torch.float32, device=device)
         for row, e in enumerate(episodes):
             for end, value in zip(e.turn_ends, e.turn_rewards or []):
-                if end >= 0:
-                    turn_rewards[row, end] += float(value)
+                turn_rewards[row, end] += float(value)
     return RolloutBatch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

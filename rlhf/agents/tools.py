@@ -32,10 +32,18 @@ def import_object(spec: str, setting: str) -> Any:
         raise ConfigError(f"{setting}={spec!r} could not be imported: {exc}") from exc
 
 
+_SCHEMAS: dict[Any, dict[str, Any]] = {}  # by function: every episode renders its tools' schemas
+
+
 def tool_schema(fn: Callable[..., Any], setting: str = "rollout.tools") -> dict[str, Any]:
-    """The JSON schema the chat template renders for `fn` (from its type hints and docstring)."""
+    """The JSON schema the chat template renders for `fn` (from its type hints and docstring),
+    built once per function (an environment's instances share their methods' schemas)."""
+    key = getattr(fn, "__func__", fn)
+    if key in _SCHEMAS:
+        return _SCHEMAS[key]
     try:
-        return get_json_schema(fn)
+        _SCHEMAS[key] = get_json_schema(fn)
+        return _SCHEMAS[key]
     except Exception as exc:  # noqa: BLE001 - transformers raises several kinds here
         name = getattr(fn, "__name__", repr(fn))
         raise ConfigError(

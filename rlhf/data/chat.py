@@ -157,7 +157,7 @@ def _render(
         raise DataError(f"{where}: the chat template failed to render row {row}: {exc!r}") from exc
 
 
-def _as_conversation(value: Any, role: str, system: Any = None) -> Messages:
+def as_conversation(value: Any, role: str, system: Any = None) -> Messages:
     """A message list as it is, or a string as one turn of `role`; a `system` column's text goes
     first unless the conversation opens with its own system turn."""
     messages = value if isinstance(value, list) else [{"role": role, "content": value}]
@@ -292,7 +292,7 @@ def encode_prompt(
     user turn) rendered with the chat template and its generation prompt, with the row's `system`
     turn and `tools` schemas; or plain text."""
     if templated or isinstance(prompt, list):
-        messages = clean_messages(_as_conversation(prompt, "user", system), column, row, where)
+        messages = clean_messages(as_conversation(prompt, "user", system), column, row, where)
         text = _render({"prompt": messages}, tokenizer, row, where, tools)["prompt"]
         if check is not None:
             check.check(row, messages, tools, text)
@@ -306,7 +306,7 @@ def render_completion(tokenizer: PreTrainedTokenizerBase, prompt: Any, completio
     where = "completion"
     turns = completion if isinstance(completion, list) else [completion]
     example = {
-        "prompt": clean_messages(_as_conversation(prompt, "user"), "prompt", 0, where),
+        "prompt": clean_messages(as_conversation(prompt, "user"), "prompt", 0, where),
         "completion": clean_messages(turns, "completion", 0, where),
     }
     return _render(example, tokenizer, 0, where)["completion"]
@@ -427,7 +427,7 @@ def _sft_tokens(row: dict[str, Any], index: int, setup: _SFTSetup) -> tuple[list
             turns = row[cfg.messages_column]
         else:
             turns = list(row[cfg.prompt_column]) + list(row[cfg.completion_column])
-        messages = clean_messages(_as_conversation(turns, "user", system), cfg.messages_column, index, where)
+        messages = clean_messages(as_conversation(turns, "user", system), cfg.messages_column, index, where)
         ids, mask, text = assistant_token_mask(tokenizer, messages, tools, index, where)
         setup.check.check(index, messages, tools, text)
         if 1 not in mask:
@@ -446,9 +446,9 @@ def _sft_tokens(row: dict[str, Any], index: int, setup: _SFTSetup) -> tuple[list
         )
     completion = completion if isinstance(completion, list) else str(completion)
     example = {
-        "prompt": clean_messages(_as_conversation(prompt, "user", system), cfg.prompt_column, index, where),
+        "prompt": clean_messages(as_conversation(prompt, "user", system), cfg.prompt_column, index, where),
         "completion": clean_messages(
-            _as_conversation(completion, "assistant"),
+            as_conversation(completion, "assistant"),
             cfg.completion_column or cfg.messages_column,
             index,
             where,
@@ -513,8 +513,8 @@ def _pair_example(row: dict[str, Any], cfg: DataConfig, index: int, where: str) 
         example["prompt"] = row[cfg.prompt_column]
     if isinstance(example.get("prompt"), list) and not isinstance(example["chosen"], list):
         # a conversational prompt with plain-text answers: the answers are the assistant's turn
-        example["chosen"] = _as_conversation(example["chosen"], "assistant")
-        example["rejected"] = _as_conversation(example["rejected"], "assistant")
+        example["chosen"] = as_conversation(example["chosen"], "assistant")
+        example["rejected"] = as_conversation(example["rejected"], "assistant")
     conversational = isinstance(example["chosen"], list)
     if conversational:
         for name in ("chosen", "rejected"):
@@ -527,7 +527,7 @@ def _pair_example(row: dict[str, Any], cfg: DataConfig, index: int, where: str) 
         )
     if conversational:
         example["prompt"] = clean_messages(
-            _as_conversation(example["prompt"], "user"), cfg.prompt_column, index, where
+            as_conversation(example["prompt"], "user"), cfg.prompt_column, index, where
         )
         for name in ("chosen", "rejected"):
             if not example[name] or example[name][0]["role"] != "assistant":
@@ -566,12 +566,12 @@ def prepare_pairs(
         example = _pair_example(row, cfg, index, where)
         if templated:
             # the prompt as rendered, the row's system turn included, so a re-render (T-REG) keeps it
-            example["prompt"] = _as_conversation(example["prompt"], "user", systems[index])
+            example["prompt"] = as_conversation(example["prompt"], "user", systems[index])
             rendered = _render(
                 {
                     "prompt": example["prompt"],
-                    "chosen": _as_conversation(example["chosen"], "assistant"),
-                    "rejected": _as_conversation(example["rejected"], "assistant"),
+                    "chosen": as_conversation(example["chosen"], "assistant"),
+                    "rejected": as_conversation(example["rejected"], "assistant"),
                 },
                 tokenizer,
                 index,
@@ -624,7 +624,7 @@ def rewritten_prompt_ids(
     of the last user turn of a conversation, rendered again with the chat template."""
     if not templated:
         return _ids(tokenizer, rewrite(raw_prompt), special=True)
-    messages = [dict(m) for m in _as_conversation(raw_prompt, "user")]
+    messages = [dict(m) for m in as_conversation(raw_prompt, "user")]
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     messages[last_user]["content"] = rewrite(messages[last_user]["content"])
     text = apply_chat_template({"prompt": messages}, tokenizer)["prompt"]
