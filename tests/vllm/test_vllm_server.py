@@ -1,0 +1,148 @@
+"""Rollout on a launched vLLM server (`rollout.engine=vllm_server`): weights sent through vLLM's
+weight-transfer API with the rlhf_file engine, after which greedy generations equal transformers
+generate from the trainer's weights and the server's sampled-token logprobs equal the trainer's
+logprob pass; every sample comes from the version sent; seeds reproduce; a server that cannot start
+is reported with its log. One server serves the module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from recipes import grpo  # noqa: E402
+from rlhf.distributed import build_engine  # noqa: E402
+from rlhf.loggers import read_metrics  # noqa: E402
+from rlhf.models.forward import response_logprobs  # noqa: E402
+from rlhf.models.load import load_causal_lm, load_tokenizer  # noqa: E402
+from rlhf.models.options import ForwardOptions  # noqa: E402
+from rlhf.rollout.engine import generate_rollouts  # noqa: E402
+from rlhf.rollout.hf import TransformersEngine  # noqa: E402
+from rlhf.rollout.sampling import SamplingParams  # noqa: E402
+from rlhf.rollout.server import ServerError, VllmServerEngine  # noqa: E402
+from tests.recipes.conftest import compose_recipe_config  # noqa: E402
+from tests.vllm.test_vllm_engine import PROMPTS, _train_steps  # noqa: E402
+
+SHAPE = [
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=128",
+    "logger=quiet",
+]
+SERVER = ["rollout.engine=vllm_server", "rollout.vllm.max_model_len=128", "rollout.vllm.enforce_eager=true"]
+
+
+def _config(tmp_path, *overrides: str):
+    return compose_recipe_config("grpo", [*SHAPE, *SERVER, f"run_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return _config(tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cfg):
+    return load_tokenizer(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def trainer(cfg, tokenizer):
+    torch.manual_seed(0)
+    return build_engine(lambda: load_causal_lm(cfg.model, tokenizer, seed=0), cfg.optim, cfg.distributed, 100)
+
+
+@pytest.fixture(scope="module")
+def server(cfg, trainer, tokenizer):
+    started = VllmServerEngine(cfg, trainer, tokenizer, seed=0, dtype="float32")
+    yield started
+    started.close()
+
+
+def test_server_matches_the_trainer_after_each_weight_update(trainer, server, tokenizer):
+    for version in range(1, 3):
+        _train_steps(trainer, tokenizer, 2)
+        with server.ready(version) as timings:
+            assert timings["time/weight_sync"] > 0
+            greedy = SamplingParams(max_new_tokens=10)
+            ours = generate_rollouts(server, PROMPTS, {}, group_size=1, sampling=greedy, do_sample=False)
+            sampling = SamplingParams(max_new_tokens=10, temperature=0.8, top_k=6, top_p=0.95)
+            batch = generate_rollouts(server, PROMPTS, {}, group_size=4, sampling=sampling, seed=version)
+        with server.ready(version) as timings:
+            assert timings["time/weight_sync"] == 0.0  # once per version
+        theirs = generate_rollouts(
+            TransformersEngine.for_model(trainer.module, tokenizer),
+            PROMPTS,
+            {},
+            group_size=1,
+            sampling=greedy,
+            do_sample=False,
+        )
+        assert ours.completions == theirs.completions
+        assert torch.equal(ours.response_mask, theirs.response_mask)
+        with torch.no_grad():
+            logprobs, _ = response_logprobs(
+                trainer.module,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                batch.response_ids,
+                batch.response_mask,
+                ForwardOptions(warp=sampling.warp()),
+            )
+        mask = batch.response_mask
+        assert mask.sum() > 0
+        torch.testing.assert_close(logprobs[mask], batch.rollout_logprobs[mask], atol=1e-4, rtol=0)
+
+
+def test_the_check_can_fail_without_a_weight_update(trainer, server, tokenizer):
+    """The comparison above is not vacuous: weights changed and not sent are detectably different."""
+    with server.ready(50):
+        pass
+    _train_steps(trainer, tokenizer, 3)
+    with server.ready(50):
+        batch = generate_rollouts(
+            server, PROMPTS, {}, group_size=4, sampling=SamplingParams(max_new_tokens=10), seed=1
+        )
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(
+            trainer.module, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
+        )
+    assert (logprobs - batch.rollout_logprobs)[batch.response_mask].abs().max() > 1e-3
+
+
+def test_seeds_reproduce_a_rollout_and_stop_strings_end_it(trainer, server):
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.5, stop=("5", "+"))
+    with server.ready(60):
+        first = generate_rollouts(server, PROMPTS, {}, group_size=4, sampling=sampling, seed=3)
+        again = generate_rollouts(server, PROMPTS, {}, group_size=4, sampling=sampling, seed=3)
+        other = generate_rollouts(server, PROMPTS, {}, group_size=4, sampling=sampling, seed=4)
+    assert first.completions == again.completions and first.completions != other.completions
+    for row, completion in enumerate(first.completions):
+        cut = [i for i, ch in enumerate(completion) if ch in "5+"]
+        if cut:
+            assert cut == [len(completion) - 1] and not first.truncated[row]
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path, trainer, tokenizer):
+    cfg = _config(tmp_path, "rollout.server.extra_args=[--no-such-flag]")
+    with pytest.raises(ServerError, match="exited with code") as failure:
+        VllmServerEngine(cfg, trainer, tokenizer, seed=0, dtype="float32")
+    assert str(tmp_path / "servers" / "server-0.log") in str(failure.value)
+    assert "--no-such-flag" in str(failure.value)
+
+
+def test_grpo_trains_on_a_launched_server_and_the_server_samples_the_trainers_policy(tmp_path):
+    from tests.vllm.test_vllm_recipes import GRPO_FAST
+
+    result = grpo.train(_config(tmp_path / "run", *GRPO_FAST, "train.steps=3"))
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert len(rows) == 3 and all(r["optim/grad_norm"] > 0 for r in rows)
+    # weights sent once per update (version 0 before the held-out evaluation that opens the run)
+    assert rows[0]["time/weight_sync"] == 0.0 and all(r["time/weight_sync"] > 0 for r in rows[1:])
+    for row in rows:
+        assert row["rollout/logprob_diff_max"] < 1e-4 and row["rollout/kl"] < 1e-6
+    log = (tmp_path / "run" / "servers" / "server-0.log").read_text()
+    # versions 0 to 2 for the rollouts, 3 for the held-out evaluation that closes the run
+    assert log.count("POST /finish_weight_update") == 4
