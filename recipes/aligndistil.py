@@ -237,6 +237,10 @@ def _validate(cfg: AlignDistilConfig) -> None:
             "loss.variant=aligndistil needs teacher.reverse_dpo_model: a DPO model trained with chosen and "
             "rejected swapped (python -m recipes.dpo loss.reverse=true)"
         )
+    if cfg.rollout.max_staleness:
+        raise ConfigError(
+            "rollout.max_staleness: generation ahead of the trainer is built for GRPO, not AlignDistil"
+        )
     if cfg.rollout.engine != "hf" and cfg.train.mode != "on_policy":
         raise ConfigError(
             f"rollout.engine={cfg.rollout.engine} samples responses: it needs train.mode=on_policy"

@@ -31,6 +31,7 @@ if __name__ == "__main__":  # a wrong key is refused in seconds, before the heav
     check_recipe_command_line("grpo", __file__)
 
 
+import copy
 import dataclasses
 import math
 import time
@@ -57,6 +58,7 @@ from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_sum
 from rlhf.plots import plot_metrics
+from rlhf.rollout.ahead import RolloutsAhead, staleness_metrics
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.prompts import rl_prompts
 from rlhf.rollout.records import log_rollout_sample, sample_rows
@@ -125,6 +127,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         run.on_close(rollout.close)
         run.message(heldout.description)
         result = run.evaluate_before()
+        ahead = _rollouts_ahead(cfg, run, rollout, train_rows, sampler, sampling, agent)
         for step in run.steps():
             started = time.perf_counter()
             # 1-2 rollout and score: G samples for each of this rank's prompts with the policy's
@@ -132,7 +135,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             #   are excluded); with dynamic sampling, groups without signal are replaced by groups of
             #   new prompts
             batch, scores, valid, per_reward, metrics = _sample(
-                cfg, run, rollout, train_rows, sampler, sampling, rewards, step, agent
+                cfg, run, rollout, train_rows, sampler, sampling, rewards, step, agent, ahead
             )
             raw_scores = torch.where(valid, scores, torch.nan)
             rollout_tokens = metrics.pop("rollout/tokens")
@@ -166,6 +169,9 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
             metrics["time/update"] = time.perf_counter() - update_started
             if reference_sync:  # TR-DPO: the reference moves toward the updated policy
                 metrics.update(reference_sync.after_step(step))
+            if ahead is not None:  # the servers get the new weights now, while they generate
+                metrics["time/weight_sync"] = rollout.sync_weights(step)
+                ahead.publish(step)
 
             # 6 log, evaluate (checkpoints, time limit and preemption: between steps, in run.steps)
             metrics["time/step"] = time.perf_counter() - started
@@ -186,7 +192,42 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     return run.result(metrics, result)
 
 
-def _sample(cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, rewards, step: int, agent=None):
+def _rollouts_ahead(
+    cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, agent
+) -> RolloutsAhead | None:
+    """With rollout.max_staleness > 0, the thread generating the coming steps' rollouts: it reads
+    the rows in a copy of the epoch order (the checkpointed sampler advances as steps are trained)
+    and leaves sending weights to this thread."""
+    if not cfg.rollout.max_staleness:
+        return None
+    order = copy.deepcopy(sampler)
+    version = run.step  # the weights of the last trained step, which the evaluation before sent
+    rollout.sync_weights(version)
+    rollout.synced_by_trainer = True
+
+    def produce(step: int):
+        indices = order.next_indices(cfg.train.prompts_per_step)
+        rows = train_rows.select(rank_slice(indices, run.env.rank, run.env.world_size))
+        result = rollout_rows(
+            rollout,
+            rows,
+            prompt_column=cfg.data.prompt_column,
+            group_size=cfg.rollout.group_size,
+            sampling=sampling,
+            weights_version=rollout.synced_step,
+            seed=run.sampling_seed(step, 0),
+            agent=agent,
+        )
+        return indices, result
+
+    ahead = RolloutsAhead(produce, run.step + 1, run.total_steps, cfg.rollout.max_staleness, version)
+    run.on_close(ahead.close)
+    return ahead
+
+
+def _sample(
+    cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, rewards, step: int, agent=None, ahead=None
+):
     """Rollout rounds of this rank's share of `prompts_per_step` new prompts, scored (with DAPO's
     overlong penalty when set). One round, or with `advantage.dynamic_sampling` rounds until every
     rank holds its share of groups whose scores differ (all ranks run the same rounds), at most
@@ -197,19 +238,27 @@ def _sample(cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, reward
     parts, metrics = [], {}
     for round_index in range(rounds):
         started = time.perf_counter()
-        rows = train_rows.select(
-            rank_slice(sampler.next_indices(cfg.train.prompts_per_step), run.env.rank, run.env.world_size)
-        )
-        batch, rollout_metrics = rollout_rows(
-            rollout,
-            rows,
-            prompt_column=cfg.data.prompt_column,
-            group_size=g,
-            sampling=sampling,
-            weights_version=step - 1,
-            seed=run.sampling_seed(step, round_index),
-            agent=agent,
-        )
+        indices = sampler.next_indices(cfg.train.prompts_per_step)
+        if ahead is not None:  # generated on the other thread, from weights at most max_staleness old
+            (generated_indices, (batch, rollout_metrics)), pipeline = ahead.take(step)
+            assert generated_indices == indices, "the generating thread left the epoch order"
+            rollout_metrics = {
+                **rollout_metrics,
+                **pipeline,
+                **staleness_metrics(batch, step, cfg.rollout.max_staleness),
+            }
+        else:
+            rows = train_rows.select(rank_slice(indices, run.env.rank, run.env.world_size))
+            batch, rollout_metrics = rollout_rows(
+                rollout,
+                rows,
+                prompt_column=cfg.data.prompt_column,
+                group_size=g,
+                sampling=sampling,
+                weights_version=step - 1,
+                seed=run.sampling_seed(step, round_index),
+                agent=agent,
+            )
         elapsed = time.perf_counter() - started
         scores, valid, per_reward, reward_metrics = score_rollout(rewards, batch, cfg.reward)
         device = rollout.policy.device

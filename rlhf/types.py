@@ -63,6 +63,9 @@ class RolloutBatch:
     completion_messages: list[list[dict[str, Any]]] = field(default_factory=list)
     environments: list[Any] = field(default_factory=list)
     episodes: list[dict[str, Any]] = field(default_factory=list)
+    # the oldest policy version (optimizer steps) among each row's generated tokens, when the
+    # engine reports it (vLLM servers); empty otherwise
+    weight_versions: list[int] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:

@@ -59,6 +59,7 @@ class Episode:
     turn_ends: list[int] = field(default_factory=list)  # index of each turn's last generated token
     turn_rewards: list[float] | None = None  # the environment's, one per model turn
     scored: bool = True  # the engine returned logprobs for every generated token
+    weight_version: int | None = None  # the oldest policy version among its turns (vLLM servers)
 
     def __post_init__(self) -> None:
         self.prompt_messages = self.prompt_messages or len(self.messages)
@@ -71,7 +72,13 @@ class Episode:
     def completion_messages(self) -> list[dict[str, Any]]:
         return self.messages[self.prompt_messages :]
 
-    def add(self, ids: list[int], generated: bool, logprobs: list[float] | None = None) -> None:
+    def add(
+        self, ids: list[int], generated: bool, logprobs: list[float] | None = None, version: int | None = None
+    ) -> None:
+        if version is not None:  # the oldest weights among the episode's turns
+            self.weight_version = (
+                version if self.weight_version is None else min(self.weight_version, version)
+            )
         self.response_ids += ids
         self.generated += [generated] * len(ids)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
@@ -80,7 +87,7 @@ class Episode:
 
 def _generated_turns(engine: Any, live: list[Episode], sampling: SamplingParams, limits: EpisodeLimits, **kw):
     """One engine call for every live episode: per episode (ids up to and including its end, the
-    engine's logprobs or None, whether the turn ended within its room)."""
+    engine's logprobs or None, whether the turn ended within its room, its weight version or None)."""
     room = [limits.max_episode_tokens - len(e.response_ids) for e in live]
     turn_sampling = dataclasses.replace(
         sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, max(room)))
@@ -96,7 +103,8 @@ def _generated_turns(engine: Any, live: list[Episode], sampling: SamplingParams,
         length = min(int(mask[row].sum()), space)
         ended = not bool(unended[row]) and int(mask[row].sum()) <= space
         logprobs = None if samples.logprobs is None else samples.logprobs[row, :length].tolist()
-        turns.append((ids[row, :length].tolist(), logprobs, ended))
+        version = None if samples.weight_versions is None else samples.weight_versions[row]
+        turns.append((ids[row, :length].tolist(), logprobs, ended, version))
     return turns
 
 
@@ -125,9 +133,9 @@ def run_episodes(
         generated = _generated_turns(
             engine, live, sampling, limits, do_sample=do_sample, seed=seed + 7919 * turn
         )
-        for episode, (ids, logprobs, ended) in zip(live, generated):
+        for episode, (ids, logprobs, ended, version) in zip(live, generated):
             context = episode.context
-            episode.add(ids, True, logprobs)
+            episode.add(ids, True, logprobs, version)
             if ids:
                 episode.turn_ends.append(len(episode.response_ids) - 1)
             record = {"text": tokenizer.decode(ids, skip_special_tokens=True), "calls": [], "results": []}
@@ -208,6 +216,9 @@ def collate_episodes(
         prompt_texts=[tokenizer.decode(e.prompt_ids) for e in episodes],
         conversational=True,
         rollout_logprobs=logprobs if has_logprobs else None,
+        weight_versions=[e.weight_version for e in episodes]
+        if all(e.weight_version is not None for e in episodes)
+        else [],
         environments=[e.environment for e in episodes]
         if any(e.environment is not None for e in episodes)
         else [],

@@ -87,6 +87,11 @@ def plan_grpo_batches(cfg: GRPOConfig, world_size: int = 1) -> BatchPlan:
         raise ConfigError(
             f"advantage.estimator={cfg.advantage.estimator} normalises each reward function: put the KL in the loss"
         )
+    if cfg.rollout.max_staleness and cfg.advantage.dynamic_sampling:
+        raise ConfigError(
+            "rollout.max_staleness with advantage.dynamic_sampling: the extra sampling rounds are decided "
+            "after scoring, in step with the other ranks, which rollouts generated ahead cannot be; use one"
+        )
     if cfg.advantage.dynamic_sampling and cfg.advantage.drop_zero_variance_groups:
         raise ConfigError(
             "advantage.dynamic_sampling replaces zero-variance groups; drop_zero_variance_groups masks them: pick one"
@@ -118,6 +123,11 @@ def check_vespo_correction(cfg) -> None:
 def plan_ppo_batches(cfg: PPOConfig, world_size: int = 1) -> BatchPlan:
     """Batch arithmetic plus PPO's own checks, before any model loads."""
     plan = plan_rollout_batches(cfg.train, cfg.rollout.group_size, world_size)
+    if cfg.rollout.max_staleness:
+        raise ConfigError(
+            "rollout.max_staleness: generation ahead of the trainer is built for GRPO; PPO generates and "
+            "trains in turn (rollout.max_staleness=0)"
+        )
     if cfg.advantage.macro.ratio == "macro" and cfg.loss.policy_loss != "clipped":
         raise ConfigError(
             f"advantage.macro.ratio=macro clips each segment's ratio: it needs loss.policy_loss=clipped, "

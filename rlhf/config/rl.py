@@ -317,10 +317,20 @@ class RolloutConfig:
     # max_completion_length covers the whole episode). Each turn generates at most max_new_tokens.
     max_episode_tokens: int | None = None
     tool_timeout_s: float | None = 10.0  # a tool call past it returns an error to the model
+    # Generation ahead of the trainer (rollout.engine=vllm_server, GRPO): the rollout of step s may
+    # come from weights up to this many updates older than the ones it trains (rlhf/rollout/ahead.py);
+    # 0: generate, then train, in turn
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         self.stop = [unescaped(s) if isinstance(s, str) else s for s in self.stop]
         check_range("rollout.max_turns", self.max_turns, 1)
+        check_range("rollout.max_staleness", self.max_staleness, 0)
+        if self.max_staleness and self.engine != "vllm_server":
+            raise ConfigError(
+                f"rollout.max_staleness={self.max_staleness} needs rollout.engine=vllm_server: an engine in the "
+                "training process cannot generate while the trainer updates its weights"
+            )
         check_range("rollout.max_episode_tokens", self.max_episode_tokens, 1)
         check_range("rollout.tool_timeout_s", self.tool_timeout_s, 0, low_open=True)
         check_choice("rollout.engine", self.engine, ("hf", "vllm", "vllm_server"))

@@ -7,7 +7,8 @@ ref_logprobs, kl, rewards, values, advantages, segment_ids). A multi-turn episod
 marks which tokens the model generated (`trained`; the others are tool results) and holds its
 `conversation` after the prompt and its `episode` (each turn's text, tool calls and results, and how
 it ended). A per-sequence advantage (GRPO) is stored
-as `advantage`. Records are what `rlhf.inspect` reads back and draws as token heatmaps.
+as `advantage`; a sample from vLLM servers records the oldest `weight_version` (policy after that
+many updates) among its tokens. Records are what `rlhf.inspect` reads back and draws as token heatmaps.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def rollout_records(
             record["trained"] = batch.response_mask[row][mask].tolist()
             record["conversation"] = batch.completion_messages[row]
             record["episode"] = batch.episodes[row]
+        if batch.weight_versions:
+            record["weight_version"] = batch.weight_versions[row]
         if fed is not None and fed != raw:
             record["raw_prompt"] = raw
         for name, values in per_token.items():

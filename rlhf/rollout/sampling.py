@@ -163,11 +163,13 @@ class Samples:
     """What an engine returns for a batch of prompts: `group_size` samples of each prompt, rows of a
     prompt contiguous. response_ids [B, T] (anything after a row's end is ignored by collation),
     the engine's own logprobs of the distribution it sampled from [B, T] (None when the engine
-    does not return them), and outside_topk [B, T] bool (with `record_topk`, else None)."""
+    does not return them), outside_topk [B, T] bool (with `record_topk`, else None), and the
+    weight version of each row when the engine reports it."""
 
     response_ids: torch.Tensor
     logprobs: torch.Tensor | None = None
     outside_topk: torch.Tensor | None = None
+    weight_versions: list[int] | None = None  # per row: the oldest policy version among its tokens
 
 
 def collate_rollout(
@@ -216,4 +218,5 @@ def collate_rollout(
         columns={k: repeat(values) for k, values in columns.items()},
         prompt_texts=repeat(prompt_texts or []),
         conversational=conversational,
+        weight_versions=list(samples.weight_versions or []),
     )

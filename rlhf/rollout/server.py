@@ -236,6 +236,12 @@ class VllmServerEngine:
         )
         self.transfer_dir = os.path.join(self.transfer_dir, f"rlhf-weights-{os.getpid()}")
         self.synced_step: int | None = None
+        self.sent_versions: set[str] = (
+            set()
+        )  # every version this trainer sent: the only ones samples may carry
+        # rollout.max_staleness > 0: the trainer's thread sends the weights after each update
+        # (`sync_weights`) while another thread generates, so `ready` sends nothing
+        self.synced_by_trainer = False
         self.initialized = False
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=server.max_concurrent_requests)
 
@@ -276,28 +282,32 @@ class VllmServerEngine:
 
     @contextlib.contextmanager
     def ready(self, weights_version: int) -> Iterator[dict[str, float]]:
-        seconds = self.sync_weights(weights_version)
+        seconds = 0.0 if self.synced_by_trainer else self.sync_weights(weights_version)
         yield {"time/weight_sync": seconds}
 
     def sync_weights(self, step: int) -> float:
         """Send the policy's weights to every server through vLLM's weight-transfer API, once per
         optimizer step: every rank takes part in the gathers, rank 0 writes and drives the servers;
-        seconds taken."""
+        seconds taken. Requests in flight are held (`/pause?mode=keep`) while the weights change and
+        continue with the new ones: their later tokens carry the new version."""
         if self.synced_step == step:
             return 0.0
         started = time.perf_counter()
         from rlhf.rollout.weight_transfer import write_weights
 
         weights = policy_weights(self.policy)
+        self.sent_versions.add(str(step))  # every rank, before rank 0 sends: its samples may carry it
         if self.policy.rank == 0:
             path = write_weights(weights, self.transfer_dir, step)
             for url in self.urls:
                 if not self.initialized:
                     self._post(url, "init_weight_transfer_engine", {"init_info": {}})
+                self._post(url, "pause?mode=keep")
                 self._post(url, "start_weight_update")
                 self._post(url, "update_weights", {"update_info": {"path": path}})
                 self._post(url, "finish_weight_update", {"weight_version": str(step)})
                 self._post(url, "reset_prefix_cache")
+                self._post(url, "resume")
             self.initialized = True
             os.remove(path)
         else:
@@ -327,17 +337,18 @@ class VllmServerEngine:
             do_sample,
             record_topk,
         )
-        stale = set().union(*versions) - {str(self.synced_step)}
-        if stale:  # the weights sent are the only ones these samples may come from
+        foreign = set().union(*versions) - self.sent_versions
+        if foreign:  # the weights this trainer sent are the only ones its samples may come from
             raise ServerError(
-                f"a vLLM server sampled with weight versions {sorted(map(str, stale))} where version "
-                f"{self.synced_step} was sent: is another trainer sending weights to {self.urls}?"
+                f"a vLLM server sampled with weight versions {sorted(foreign)} this trainer never sent "
+                f"(it sent {sorted(self.sent_versions, key=int)}): is another trainer sending weights to {self.urls}?"
             )
         device = self.policy.device
         return Samples(
             pad_targets(tokens, self.tokenizer.pad_token_id, device)[0],
             pad_right(logprobs, 0.0, torch.float32, device)[0],
             pad_right(outside, 0.0, torch.float32, device)[0].bool() if record_topk else None,
+            weight_versions=[min(map(int, v)) if v else self.synced_step for v in versions],
         )
 
     def generate(

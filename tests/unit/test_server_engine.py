@@ -106,11 +106,12 @@ def test_weights_go_through_the_update_protocol_and_requests_spread(policy, tmp_
     with engine.ready(3):  # once per version
         pass
     engine.close()
-    protocol = ["/init_weight_transfer_engine", "/start_weight_update", "/update_weights"]
-    protocol += ["/finish_weight_update", "/reset_prefix_cache"]
+    # requests in flight held while the weights change (they continue with the new ones)
+    protocol = ["/init_weight_transfer_engine", "/pause?mode=keep", "/start_weight_update", "/update_weights"]
+    protocol += ["/finish_weight_update", "/reset_prefix_cache", "/resume"]
     for server in servers:
         paths = [path for path, _ in server.calls]
-        assert paths[:5] == protocol and paths[5:] == ["/inference/v1/generate"] * 2
+        assert paths[:7] == protocol and paths[7:] == ["/inference/v1/generate"] * 2
         update = dict(server.calls)["/update_weights"]["update_info"]
         assert update["path"].startswith(str(tmp_path)) and update["path"].endswith(".safetensors")
         assert dict(server.calls)["/finish_weight_update"] == {"weight_version": "3"}
@@ -166,7 +167,9 @@ def test_an_error_answer_is_reported_with_its_status(policy, tmp_path):
 
 def test_samples_from_other_weights_are_refused(policy, tmp_path):
     engine = _engine(policy, tmp_path, [StandIn(version="7")])
-    with pytest.raises(ServerError, match=r"weight versions \['7'\] where version 2 was sent"):
+    with pytest.raises(
+        ServerError, match=r"weight versions \['7'\] this trainer never sent \(it sent \['2'\]\)"
+    ):
         with engine.ready(2):
             engine.sample([[1, 2]], 2, SamplingParams(max_new_tokens=4))
     engine.close()

@@ -6,6 +6,8 @@ is reported with its log. One server serves the module."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -146,3 +148,23 @@ def test_grpo_trains_on_a_launched_server_and_the_server_samples_the_trainers_po
     log = (tmp_path / "run" / "servers" / "server-0.log").read_text()
     # versions 0 to 2 for the rollouts, 3 for the held-out evaluation that closes the run
     assert log.count("POST /finish_weight_update") == 4
+
+
+def test_grpo_generates_ahead_with_bounded_staleness(tmp_path):
+    """rollout.max_staleness=1: the rollout of step s+1 is generated while step s trains, so it comes
+    from weights one update older than the ones it trains; never older; the importance-sampling
+    correction sees the drift."""
+    from tests.vllm.test_vllm_recipes import GRPO_FAST
+
+    result = grpo.train(_config(tmp_path / "run", *GRPO_FAST, "train.steps=4", "rollout.max_staleness=1"))
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert len(rows) == 4 and all(r["optim/grad_norm"] > 0 for r in rows)
+    assert rows[0]["async/staleness_max"] == 0.0  # the first rollout waits for nothing older
+    assert all(r["async/staleness_max"] <= 1 for r in rows)
+    assert max(r["async/staleness_1_fraction"] for r in rows) > 0  # generation overlapped an update
+    assert all(r["time/weight_sync"] > 0 for r in rows)  # sent after every update
+    stale = [r for r in rows if r["async/staleness_mean"] > 0]
+    assert all(r["rollout/logprob_diff_max"] > 1e-4 for r in stale)  # the policy drifted since
+    assert {"async/trainer_wait_s", "async/generator_wait_s", "async/queue_depth"} <= set(rows[-1])
+    records = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert records and all(r["step"] - 2 <= r["weight_version"] <= r["step"] - 1 for r in records)
