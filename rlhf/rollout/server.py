@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ from rlhf.rollout.vllm import check_vllm_config, policy_weights, request_seeds, 
 
 class ServerError(RuntimeError):
     """A vLLM server failed to start, stopped answering or answered with an error."""
+
+
+class ServerUnreachable(ServerError):
+    """Nothing listens at a server's address (it exited or was killed)."""
 
 
 def launch_command(
@@ -79,8 +84,20 @@ def launch_command(
 @dataclass
 class LaunchedServer:
     url: str
-    process: subprocess.Popen
     log_path: str
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        """(Re)start the process in its own session, appending to its log."""
+        with open(self.log_path, "a") as log:
+            log.write(("restart: " if self.restarts else "") + " ".join(self.command) + "\n")
+            log.flush()
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
 
     def failure(self, what: str) -> ServerError:
         """An error naming the server, its log and the log's last lines."""
@@ -123,14 +140,10 @@ def launch_servers(
         if server.devices:
             env["CUDA_VISIBLE_DEVICES"] = str(server.devices[index])
         log_path = os.path.join(log_dir, f"server-{index}.log")
+        open(log_path, "w").close()
         command = launch_command(model_dir, port, server.host, vllm, seed + index, dtype, server.extra_args)
-        with open(log_path, "w") as log:
-            log.write(" ".join(command) + "\n")
-            log.flush()
-            process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        launched.append(LaunchedServer(f"http://{server.host}:{port}", process, log_path))
+        launched.append(LaunchedServer(f"http://{server.host}:{port}", log_path, command, env))
+        launched[-1].start()
     try:
         wait_until_healthy(launched, server.startup_timeout_s)
     except BaseException:
@@ -242,7 +255,11 @@ class VllmServerEngine:
         # rollout.max_staleness > 0: the trainer's thread sends the weights after each update
         # (`sync_weights`) while another thread generates, so `ready` sends nothing
         self.synced_by_trainer = False
-        self.initialized = False
+        self.weights_path: str | None = None  # the version the servers hold, for a restarted one
+        self.transfer_ready: set[str] = set()  # servers whose weight-transfer engine is initialised
+        self.admin = threading.RLock()  # weight updates and restarts, one at a time
+        self.startup_timeout_s = server.startup_timeout_s
+        self.restarts = 0
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=server.max_concurrent_requests)
 
     @classmethod
@@ -273,7 +290,7 @@ class VllmServerEngine:
                 "(rollout.server.request_timeout_s)"
             ) from exc
         except requests.ConnectionError as exc:
-            raise ServerError(f"vLLM server at {url} cannot be reached ({path}): {exc}") from exc
+            raise ServerUnreachable(f"vLLM server at {url} cannot be reached ({path}): {exc}") from exc
         if response.status_code != 200:
             raise ServerError(
                 f"vLLM server at {url} answered {path} with {response.status_code}: {response.text[:2000]}"
@@ -283,7 +300,7 @@ class VllmServerEngine:
     @contextlib.contextmanager
     def ready(self, weights_version: int) -> Iterator[dict[str, float]]:
         seconds = 0.0 if self.synced_by_trainer else self.sync_weights(weights_version)
-        yield {"time/weight_sync": seconds}
+        yield {"time/weight_sync": seconds, "rollout/server_restarts": float(self.restarts)}
 
     def sync_weights(self, step: int) -> float:
         """Send the policy's weights to every server through vLLM's weight-transfer API, once per
@@ -299,23 +316,65 @@ class VllmServerEngine:
         self.sent_versions.add(str(step))  # every rank, before rank 0 sends: its samples may carry it
         if self.policy.rank == 0:
             path = write_weights(weights, self.transfer_dir, step)
-            for url in self.urls:
-                if not self.initialized:
-                    self._post(url, "init_weight_transfer_engine", {"init_info": {}})
-                self._post(url, "pause?mode=keep")
-                self._post(url, "start_weight_update")
-                self._post(url, "update_weights", {"update_info": {"path": path}})
-                self._post(url, "finish_weight_update", {"weight_version": str(step)})
-                self._post(url, "reset_prefix_cache")
-                self._post(url, "resume")
-            self.initialized = True
-            os.remove(path)
+            with self.admin:
+                previous, self.weights_path, self.synced_step = self.weights_path, path, step
+                for url in self.urls:
+                    try:
+                        self._send_weights(url)
+                    except ServerUnreachable:
+                        if not self._restart(url):
+                            raise
+                if previous:  # the newest file stays, for a server restarted before the next version
+                    os.remove(previous)
         else:
             for _ in weights:  # the gathers are collective; only rank 0 keeps the tensors
                 pass
         self.policy.barrier()  # no rank samples before every server holds the new weights
         self.synced_step = step
         return time.perf_counter() - started
+
+    def _send_weights(self, url: str) -> None:
+        """The weight-transfer round trip for one server: the current version's file in."""
+        if url not in self.transfer_ready:
+            self._post(url, "init_weight_transfer_engine", {"init_info": {}})
+            self.transfer_ready.add(url)
+        self._post(url, "pause?mode=keep")
+        self._post(url, "start_weight_update")
+        self._post(url, "update_weights", {"update_info": {"path": self.weights_path}})
+        self._post(url, "finish_weight_update", {"weight_version": str(self.synced_step)})
+        self._post(url, "reset_prefix_cache")
+        self._post(url, "resume")
+
+    def _restart(self, url: str) -> bool:
+        """Start again a launched server that exited and give it the current weights; False when the
+        server at `url` was not launched by this process or is still running (only unreachable)."""
+        server = next((s for s in self.launched if s.url == url), None)
+        if server is None or server.process is None:
+            return False
+        with self.admin:
+            if server.process.poll() is None:
+                return server.restarts > 0 and url in self.transfer_ready  # restarted meanwhile
+            server.restarts += 1
+            self.restarts += 1
+            self.transfer_ready.discard(url)
+            server.start()
+            wait_until_healthy([server], self.startup_timeout_s)
+            self._send_weights(url)
+        return True
+
+    def _generate_request(self, first: int, body: dict) -> dict:
+        """A generate request to server `first`; when it cannot be reached, to the same server
+        restarted (launched servers) or else to the next ones in turn."""
+        failure: ServerError | None = None
+        for hop in range(len(self.urls)):
+            url = self.urls[(first + hop) % len(self.urls)]
+            try:
+                return self._post(url, "inference/v1/generate", body)
+            except ServerUnreachable as exc:
+                failure = exc
+                if self._restart(url):
+                    return self._post(url, "inference/v1/generate", body)
+        raise ServerError(f"no vLLM server could take the request: {failure}") from failure
 
     def sample(
         self,
@@ -366,9 +425,8 @@ class VllmServerEngine:
         offset = self.policy.rank  # ranks start on different servers
         futures = [
             self.pool.submit(
-                self._post,
-                self.urls[(offset + index) % len(self.urls)],
-                "inference/v1/generate",
+                self._generate_request,
+                (offset + index) % len(self.urls),
                 {
                     "token_ids": ids,
                     "sampling_params": sampling_request(sampling, group_size, seed, do_sample, record_topk),
@@ -399,4 +457,4 @@ class VllmServerEngine:
         self.launched = []
         if self.model_dir:
             shutil.rmtree(self.model_dir, ignore_errors=True)
-        shutil.rmtree(getattr(self, "transfer_dir", ""), ignore_errors=True)
+        shutil.rmtree(getattr(self, "transfer_dir", ""), ignore_errors=True)  # the last weights file too

@@ -121,7 +121,7 @@ def test_weights_go_through_the_update_protocol_and_requests_spread(policy, tmp_
     assert torch.equal(samples.logprobs[0], torch.tensor([-0.5, -1.0]))
 
 
-def test_the_weight_file_holds_the_policy_and_is_removed(policy, tmp_path, monkeypatch):
+def test_the_weight_file_holds_the_policy_and_only_the_newest_is_kept(policy, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     seen = {}
@@ -141,7 +141,27 @@ def test_the_weight_file_holds_the_policy_and_is_removed(policy, tmp_path, monke
     assert set(seen) == set(state) and "lm_head.weight" in seen
     for name, tensor in state.items():
         assert torch.equal(seen[name], tensor)
-    assert not list((tmp_path).glob("rlhf-weights-*/*.safetensors"))
+    with engine.ready(2):  # the newest file stays for a server restarted before the next version
+        pass
+    assert [p.name for p in tmp_path.glob("rlhf-weights-*/*.safetensors")] == ["weights-00000002.safetensors"]
+    engine.close()
+    assert not list(tmp_path.glob("rlhf-weights-*/*.safetensors"))
+
+
+def test_requests_to_a_server_that_went_away_go_to_the_others(policy, tmp_path):
+    alive, gone = StandIn(), StandIn()
+    engine = _engine(policy, tmp_path, [gone, alive])
+    with engine.ready(1):
+        gone.shutdown()
+        gone.server_close()
+        samples = engine.sample([[1, 2], [3], [4]], 2, SamplingParams(max_new_tokens=4))
+    assert samples.response_ids.shape == (6, 2)
+    assert len([p for p, _ in alive.calls if p.endswith("generate")]) == 3
+    alive.shutdown()
+    alive.server_close()
+    with pytest.raises(ServerError, match="no vLLM server could take the request"):
+        with engine.ready(1):
+            engine.sample([[1, 2]], 2, SamplingParams(max_new_tokens=4))
     engine.close()
 
 

@@ -127,6 +127,22 @@ def test_seeds_reproduce_a_rollout_and_stop_strings_end_it(trainer, server):
             assert cut == [len(completion) - 1] and not first.truncated[row]
 
 
+def test_a_launched_server_that_dies_is_restarted_with_the_current_weights(trainer, server, tokenizer):
+    import os
+    import signal
+
+    sampling = SamplingParams(max_new_tokens=10, temperature=0.8)
+    with server.ready(70):
+        before = generate_rollouts(server, PROMPTS, {}, group_size=2, sampling=sampling, seed=5)
+        os.killpg(server.launched[0].process.pid, signal.SIGKILL)
+        server.launched[0].process.wait()
+        after = generate_rollouts(server, PROMPTS, {}, group_size=2, sampling=sampling, seed=5)
+    assert server.restarts == 1 and server.launched[0].process.poll() is None
+    # the restarted server holds version 70: the same seeded samples as before it died
+    assert after.completions == before.completions and after.weight_versions == [70] * 8
+    assert "restart: " in open(server.launched[0].log_path).read()
+
+
 def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path, trainer, tokenizer):
     cfg = _config(tmp_path, "rollout.server.extra_args=[--no-such-flag]")
     with pytest.raises(ServerError, match="exited with code") as failure:
