@@ -96,7 +96,12 @@ class LaunchedServer:
             log.write(("restart: " if self.restarts else "") + " ".join(self.command) + "\n")
             log.flush()
             self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def failure(self, what: str) -> ServerError:
@@ -120,6 +125,16 @@ def free_ports(count: int, host: str) -> list[int]:
     for sock in sockets:
         sock.close()
     return ports
+
+
+def _die_with_parent() -> None:
+    """In the server's process before it starts: SIGTERM when the trainer that launched it dies
+    (Linux; a SIGKILLed trainer runs no cleanup of its own), so no server outlives its run."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def launch_servers(

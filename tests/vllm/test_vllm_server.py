@@ -184,3 +184,83 @@ def test_grpo_generates_ahead_with_bounded_staleness(tmp_path):
     assert {"async/trainer_wait_s", "async/generator_wait_s", "async/queue_depth"} <= set(rows[-1])
     records = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
     assert records and all(r["step"] - 2 <= r["weight_version"] <= r["step"] - 1 for r in records)
+
+
+def test_sigterm_stops_generation_ahead_cleanly_and_the_run_resumes_with_fresh_servers(tmp_path):
+    """SIGTERM mid-run with generation ahead of the trainer: a checkpoint, exit code 75, the
+    generating thread and the launched server stopped; `resume=` continues on a new server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rlhf.run import PREEMPTED_EXIT_CODE
+    from tests.vllm.test_vllm_recipes import GRPO_FAST
+
+    run_dir = tmp_path / "run"
+    overrides = [*SHAPE, *SERVER, *GRPO_FAST, "rollout.max_staleness=1", "checkpoint.every=100"]
+    command = [sys.executable, "-m", "recipes.grpo", *overrides, "train.steps=50", f"run_dir={run_dir}"]
+    trainer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):
+        assert trainer.poll() is None and time.monotonic() < deadline, trainer.stdout.read()
+        time.sleep(0.5)
+    trainer.send_signal(signal.SIGTERM)
+    output = trainer.communicate(timeout=180)[0]
+    assert trainer.returncode == PREEMPTED_EXIT_CODE, output
+    assert list((run_dir / "checkpoints").iterdir()), output
+    stopped = [r for r in read_metrics(str(run_dir)) if "loss" in r][-1]["step"]
+    assert "Application shutdown complete" in (run_dir / "servers" / "server-0.log").read_text()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "recipes.grpo", *overrides, f"train.steps={stopped + 2}", f"resume={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = [r for r in read_metrics(str(run_dir)) if "loss" in r]
+    assert [r["step"] for r in rows][-2:] == [stopped + 1, stopped + 2]
+    assert all(r["async/staleness_max"] <= 1 for r in rows)
+
+
+def test_launched_servers_do_not_outlive_a_killed_trainer(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        f"sys.path.insert(0, {str(os.getcwd())!r})\n"
+        "from tests.vllm.test_vllm_server import _config\n"
+        "from rlhf.distributed import build_engine\n"
+        "from rlhf.models.load import load_causal_lm, load_tokenizer\n"
+        "from rlhf.rollout.server import VllmServerEngine\n"
+        f"cfg = _config({str(tmp_path)!r})\n"
+        "tokenizer = load_tokenizer(cfg.model)\n"
+        "trainer = build_engine(lambda: load_causal_lm(cfg.model, tokenizer, seed=0), cfg.optim, cfg.distributed, 1)\n"
+        "engine = VllmServerEngine(cfg, trainer, tokenizer, seed=0, dtype='float32')\n"
+        "print(engine.launched[0].process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    server_pid = int(trainer.stdout.readline())
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{server_pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return  # exited, waiting for its new parent to reap it
+        except FileNotFoundError:
+            return
+        time.sleep(0.5)
+    os.killpg(server_pid, signal.SIGKILL)
+    raise AssertionError("the launched server outlived the trainer that was SIGKILLed")
