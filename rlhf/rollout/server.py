@@ -38,12 +38,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import ConfigError
-from rlhf.rollout.sampling import Samples, pad_right, pad_targets
-from rlhf.rollout.vllm import check_vllm_config, policy_weights, request_seeds, require_vllm
+from rlhf.rollout.sampling import Samples
+from rlhf.rollout.vllm import (
+    check_vllm_config,
+    policy_weights,
+    request_seeds,
+    require_vllm,
+    samples_from_lists,
+    sampling_settings,
+)
 
 
 class ServerError(RuntimeError):
@@ -203,27 +209,6 @@ def stop_servers(servers: list[LaunchedServer], grace_s: float = 20.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
-
-
-def sampling_request(
-    sampling: Any, group_size: int, seed: int, do_sample: bool, record_topk: int | None
-) -> dict:
-    """vLLM SamplingParams as the colocated engine sets them, as JSON."""
-    return {
-        "n": group_size,
-        "max_tokens": sampling.max_new_tokens,
-        "temperature": sampling.temperature if do_sample else 0.0,
-        "top_k": sampling.top_k if do_sample and sampling.top_k > 0 else 0,
-        "top_p": sampling.top_p if do_sample else 1.0,
-        "min_p": sampling.min_p if do_sample else 0.0,
-        "repetition_penalty": sampling.repetition_penalty if do_sample else 1.0,
-        "stop": list(sampling.stop) or None,
-        "include_stop_str_in_output": True,
-        "logprobs": record_topk or 0,
-        "seed": seed,
-        "skip_special_tokens": True,
-        "detokenize": bool(sampling.stop),  # text only to find stop strings
-    }
 
 
 class VllmServerEngine:
@@ -417,12 +402,13 @@ class VllmServerEngine:
                 f"a vLLM server sampled with weight versions {sorted(foreign)} this trainer never sent "
                 f"(it sent {sorted(self.sent_versions, key=int)}): is another trainer sending weights to {self.urls}?"
             )
-        device = self.policy.device
-        return Samples(
-            pad_targets(tokens, self.tokenizer.pad_token_id, device)[0],
-            pad_right(logprobs, 0.0, torch.float32, device)[0],
-            pad_right(outside, 0.0, torch.float32, device)[0].bool() if record_topk else None,
-            weight_versions=[min(map(int, v)) if v else self.synced_step for v in versions],
+        return samples_from_lists(
+            tokens,
+            logprobs,
+            outside if record_topk else None,
+            self.tokenizer,
+            self.policy.device,
+            [min(map(int, v)) if v else self.synced_step for v in versions],
         )
 
     def generate(
@@ -444,7 +430,7 @@ class VllmServerEngine:
                 (offset + index) % len(self.urls),
                 {
                     "token_ids": ids,
-                    "sampling_params": sampling_request(sampling, group_size, seed, do_sample, record_topk),
+                    "sampling_params": sampling_settings(sampling, group_size, seed, do_sample, record_topk),
                     "model": "policy",
                 },
             )

@@ -265,11 +265,8 @@ class VllmEngine:
             do_sample,
             record_topk,
         )
-        device = self.policy.device
-        return Samples(
-            pad_targets(tokens, self.tokenizer.pad_token_id, device)[0],
-            pad_right(logprobs, 0.0, torch.float32, device)[0],
-            pad_right(outside, 0.0, torch.float32, device)[0].bool() if record_topk else None,
+        return samples_from_lists(
+            tokens, logprobs, outside if record_topk else None, self.tokenizer, self.policy.device
         )
 
     def generate(
@@ -290,26 +287,10 @@ class VllmEngine:
                 "the vLLM engine holds no policy weights yet (or dropped them asleep): sync_weights first"
             )
         self.wake()
-        requests = []
-        for ids, seed in zip(prompt_token_ids, seeds):
-            params = VllmSampling(
-                n=group_size,
-                max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature if do_sample else 0.0,
-                top_k=sampling.top_k if do_sample and sampling.top_k > 0 else 0,
-                top_p=sampling.top_p if do_sample else 1.0,
-                min_p=sampling.min_p if do_sample else 0.0,
-                repetition_penalty=sampling.repetition_penalty if do_sample else 1.0,
-                stop=list(sampling.stop) or None,
-                include_stop_str_in_output=True,
-                logprobs=record_topk or 0,
-                seed=seed,
-                skip_special_tokens=True,
-                # only token ids are read; text is needed for stop strings alone (skipping it:
-                # benchmarks/speed/vllm_generation.py, compiled_ids against compiled)
-                detokenize=bool(sampling.stop),
-            )
-            requests.append((ids, params))
+        requests = [
+            (ids, VllmSampling(**sampling_settings(sampling, group_size, seed, do_sample, record_topk)))
+            for ids, seed in zip(prompt_token_ids, seeds)
+        ]
         outputs = self.llm.generate(
             [{"prompt_token_ids": ids} for ids, _ in requests], [p for _, p in requests], use_tqdm=False
         )
@@ -344,6 +325,46 @@ class VllmEngine:
                 llm.llm_engine.engine_core.shutdown()
             self.llm = None
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def sampling_settings(
+    sampling: Any, group_size: int, seed: int, do_sample: bool, record_topk: int | None
+) -> dict:
+    """vLLM SamplingParams fields for one prompt's request (the colocated engine's and a server's)."""
+    return {
+        "n": group_size,
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature if do_sample else 0.0,
+        "top_k": sampling.top_k if do_sample and sampling.top_k > 0 else 0,
+        "top_p": sampling.top_p if do_sample else 1.0,
+        "min_p": sampling.min_p if do_sample else 0.0,
+        "repetition_penalty": sampling.repetition_penalty if do_sample else 1.0,
+        "stop": list(sampling.stop) or None,
+        "include_stop_str_in_output": True,
+        "logprobs": record_topk or 0,
+        "seed": seed,
+        "skip_special_tokens": True,
+        # only token ids are read; text is needed for stop strings alone (skipping it:
+        # benchmarks/speed/vllm_generation.py, compiled_ids against compiled)
+        "detokenize": bool(sampling.stop),
+    }
+
+
+def samples_from_lists(
+    tokens: list[list[int]],
+    logprobs: list[list[float]],
+    outside: list[list[float]] | None,
+    tokenizer: Any,
+    device: torch.device,
+    weight_versions: list[int] | None = None,
+) -> Samples:
+    """Samples from per-row lists: ids padded with the pad token, logprobs with 0."""
+    return Samples(
+        pad_targets(tokens, tokenizer.pad_token_id, device)[0],
+        pad_right(logprobs, 0.0, torch.float32, device)[0],
+        None if outside is None else pad_right(outside, 0.0, torch.float32, device)[0].bool(),
+        weight_versions,
+    )
 
 
 def request_seeds(seed: int, prompts: int) -> list[int]:

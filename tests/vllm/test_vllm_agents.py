@@ -34,6 +34,8 @@ def test_grpo_episodes_on_vllm_match_the_trainer(tmp_path, tool_task, monkeypatc
     result = grpo.train(cfg)
     rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
     assert len(rows) == 2
+    # weights sent once per update: version 0 before the held-out evaluation that opens the run
+    assert rows[0]["time/weight_sync"] == 0.0 and rows[1]["time/weight_sync"] > 0
     for row in rows:
         assert row["episodes/tool_calls_mean"] == 1.0 and row["episodes/turns_mean"] >= 2.0
         # kernel differences only, as on single-turn rollouts (tests/vllm/test_vllm_recipes.py)

@@ -74,6 +74,14 @@ def _train_steps(trainer, tokenizer, steps: int) -> None:
         trainer.step()
 
 
+@torch.no_grad()
+def trainer_logprobs(trainer, batch, sampling: SamplingParams | None = None) -> torch.Tensor:
+    """The trainer's logprobs of a rollout's response tokens, under the sampling's warp."""
+    options = ForwardOptions(warp=sampling.warp() if sampling is not None else {})
+    rows = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    return response_logprobs(trainer.module, *rows, options)[0]
+
+
 def test_synced_engine_matches_the_trainer_after_optimizer_steps(trainer, engine, tokenizer):
     for version in range(1, 4):
         _train_steps(trainer, tokenizer, 2)
@@ -102,15 +110,7 @@ def test_synced_engine_matches_the_trainer_after_optimizer_steps(trainer, engine
         )
         sampling = SamplingParams(max_new_tokens=10, temperature=0.8, top_k=6, top_p=0.95)
         batch = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=version)
-        with torch.no_grad():
-            logprobs, _ = response_logprobs(
-                trainer.module,
-                batch.prompt_ids,
-                batch.prompt_mask,
-                batch.response_ids,
-                batch.response_mask,
-                ForwardOptions(warp=sampling.warp()),
-            )
+        logprobs = trainer_logprobs(trainer, batch, sampling)
         mask = batch.response_mask
         # the issue's bound for fp32: vLLM's kernels differ from transformers' (measured: 7e-7)
         torch.testing.assert_close(logprobs[mask], batch.rollout_logprobs[mask], atol=1e-4, rtol=0)
@@ -122,10 +122,7 @@ def test_a_stale_engine_is_detectably_different(trainer, engine, tokenizer):
     _train_steps(trainer, tokenizer, 3)
     sampling = SamplingParams(max_new_tokens=10, temperature=1.0)
     batch = generate_rollouts(engine, PROMPTS, {}, group_size=4, sampling=sampling, seed=1)
-    with torch.no_grad():
-        logprobs, _ = response_logprobs(
-            trainer.module, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
-        )
+    logprobs = trainer_logprobs(trainer, batch)
     assert (logprobs - batch.rollout_logprobs)[batch.response_mask].abs().max() > 1e-3
 
 

@@ -1,8 +1,10 @@
 """Rollout on a launched vLLM server (`rollout.engine=vllm_server`): weights sent through vLLM's
 weight-transfer API with the rlhf_file engine, after which greedy generations equal transformers
 generate from the trainer's weights and the server's sampled-token logprobs equal the trainer's
-logprob pass; every sample comes from the version sent; seeds reproduce; a server that cannot start
-is reported with its log. One server serves the module."""
+logprob pass; seeds reproduce; a killed server is restarted with the current weights; a server
+that cannot start is reported with its log (one server serves these). GRPO generating ahead with
+bounded staleness; SIGTERM mid-run and resume on a fresh server; no server outliving a SIGKILLed
+trainer. GRPO episodes with tools on a server: tests/vllm/test_vllm_agents.py."""
 
 from __future__ import annotations
 
@@ -16,23 +18,15 @@ pytest.importorskip("vllm")
 from recipes import grpo  # noqa: E402
 from rlhf.distributed import build_engine  # noqa: E402
 from rlhf.loggers import read_metrics  # noqa: E402
-from rlhf.models.forward import response_logprobs  # noqa: E402
 from rlhf.models.load import load_causal_lm, load_tokenizer  # noqa: E402
-from rlhf.models.options import ForwardOptions  # noqa: E402
 from rlhf.rollout.engine import generate_rollouts  # noqa: E402
 from rlhf.rollout.hf import TransformersEngine  # noqa: E402
 from rlhf.rollout.sampling import SamplingParams  # noqa: E402
 from rlhf.rollout.server import ServerError, VllmServerEngine  # noqa: E402
 from tests.recipes.conftest import compose_recipe_config  # noqa: E402
-from tests.vllm.test_vllm_engine import PROMPTS, _train_steps  # noqa: E402
+from tests.vllm.test_vllm_engine import PROMPTS, _train_steps, trainer_logprobs  # noqa: E402
+from tests.vllm.test_vllm_recipes import GRPO_FAST, SHAPE  # noqa: E402
 
-SHAPE = [
-    "model.tiny.hidden_size=64",
-    "model.tiny.num_layers=2",
-    "model.tiny.num_heads=2",
-    "model.tiny.intermediate_size=128",
-    "logger=quiet",
-]
 SERVER = ["rollout.engine=vllm_server", "rollout.vllm.max_model_len=128", "rollout.vllm.enforce_eager=true"]
 
 
@@ -84,15 +78,7 @@ def test_server_matches_the_trainer_after_each_weight_update(trainer, server, to
         )
         assert ours.completions == theirs.completions
         assert torch.equal(ours.response_mask, theirs.response_mask)
-        with torch.no_grad():
-            logprobs, _ = response_logprobs(
-                trainer.module,
-                batch.prompt_ids,
-                batch.prompt_mask,
-                batch.response_ids,
-                batch.response_mask,
-                ForwardOptions(warp=sampling.warp()),
-            )
+        logprobs = trainer_logprobs(trainer, batch, sampling)
         mask = batch.response_mask
         assert mask.sum() > 0
         torch.testing.assert_close(logprobs[mask], batch.rollout_logprobs[mask], atol=1e-4, rtol=0)
@@ -107,10 +93,7 @@ def test_the_check_can_fail_without_a_weight_update(trainer, server, tokenizer):
         batch = generate_rollouts(
             server, PROMPTS, {}, group_size=4, sampling=SamplingParams(max_new_tokens=10), seed=1
         )
-    with torch.no_grad():
-        logprobs, _ = response_logprobs(
-            trainer.module, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
-        )
+    logprobs = trainer_logprobs(trainer, batch)
     assert (logprobs - batch.rollout_logprobs)[batch.response_mask].abs().max() > 1e-3
 
 
@@ -151,27 +134,10 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path, trainer, 
     assert "--no-such-flag" in str(failure.value)
 
 
-def test_grpo_trains_on_a_launched_server_and_the_server_samples_the_trainers_policy(tmp_path):
-    from tests.vllm.test_vllm_recipes import GRPO_FAST
-
-    result = grpo.train(_config(tmp_path / "run", *GRPO_FAST, "train.steps=3"))
-    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
-    assert len(rows) == 3 and all(r["optim/grad_norm"] > 0 for r in rows)
-    # weights sent once per update (version 0 before the held-out evaluation that opens the run)
-    assert rows[0]["time/weight_sync"] == 0.0 and all(r["time/weight_sync"] > 0 for r in rows[1:])
-    for row in rows:
-        assert row["rollout/logprob_diff_max"] < 1e-4 and row["rollout/kl"] < 1e-6
-    log = (tmp_path / "run" / "servers" / "server-0.log").read_text()
-    # versions 0 to 2 for the rollouts, 3 for the held-out evaluation that closes the run
-    assert log.count("POST /finish_weight_update") == 4
-
-
 def test_grpo_generates_ahead_with_bounded_staleness(tmp_path):
     """rollout.max_staleness=1: the rollout of step s+1 is generated while step s trains, so it comes
     from weights one update older than the ones it trains; never older; the importance-sampling
     correction sees the drift."""
-    from tests.vllm.test_vllm_recipes import GRPO_FAST
-
     result = grpo.train(_config(tmp_path / "run", *GRPO_FAST, "train.steps=4", "rollout.max_staleness=1"))
     rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
     assert len(rows) == 4 and all(r["optim/grad_norm"] > 0 for r in rows)
@@ -196,7 +162,6 @@ def test_sigterm_stops_generation_ahead_cleanly_and_the_run_resumes_with_fresh_s
     import time
 
     from rlhf.run import PREEMPTED_EXIT_CODE
-    from tests.vllm.test_vllm_recipes import GRPO_FAST
 
     run_dir = tmp_path / "run"
     overrides = [*SHAPE, *SERVER, *GRPO_FAST, "rollout.max_staleness=1", "checkpoint.every=100"]
