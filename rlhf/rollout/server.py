@@ -221,7 +221,7 @@ class VllmServerEngine:
     ):
         require_vllm()
         server = cfg.rollout.server
-        self.policy, self.tokenizer, self.seed = policy_engine, tokenizer, seed
+        self.policy, self.tokenizer = policy_engine, tokenizer
         self.timeout_s = server.request_timeout_s
         self.launched: list[LaunchedServer] = []
         self.model_dir = None

@@ -81,6 +81,9 @@ def test_server_matches_the_trainer_after_each_weight_update(trainer, server, to
         logprobs = trainer_logprobs(trainer, batch, sampling)
         mask = batch.response_mask
         assert mask.sum() > 0
+        # the server runs the colocated engine's CPU kernels on the weights sent: kernel differences
+        # from transformers only, bounded as in tests/vllm/test_vllm_engine.py (the fp32
+        # bound; measured there: 7e-7); a server left with old weights misses it by >1e-3 (below)
         torch.testing.assert_close(logprobs[mask], batch.rollout_logprobs[mask], atol=1e-4, rtol=0)
 
 
