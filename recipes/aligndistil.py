@@ -239,7 +239,7 @@ def _validate(cfg: AlignDistilConfig) -> None:
         )
     if cfg.rollout.max_staleness:
         raise ConfigError(
-            "rollout.max_staleness: generation ahead of the trainer is built for GRPO, not AlignDistil"
+            "rollout.max_staleness: generation ahead of the trainer is built for GRPO and PPO, not AlignDistil"
         )
     if cfg.rollout.engine != "hf" and cfg.train.mode != "on_policy":
         raise ConfigError(

@@ -31,7 +31,6 @@ if __name__ == "__main__":  # a wrong key is refused in seconds, before the heav
     check_recipe_command_line("grpo", __file__)
 
 
-import copy
 import dataclasses
 import math
 import time
@@ -58,7 +57,7 @@ from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_sum
 from rlhf.plots import plot_metrics
-from rlhf.rollout.ahead import RolloutsAhead, staleness_metrics
+from rlhf.rollout.ahead import start_rollouts_ahead, take_rollout
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.prompts import rl_prompts
 from rlhf.rollout.records import log_rollout_sample, sample_rows
@@ -127,7 +126,7 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         run.on_close(rollout.close)
         run.message(heldout.description)
         result = run.evaluate_before()
-        ahead = _rollouts_ahead(cfg, run, rollout, train_rows, sampler, sampling, agent)
+        ahead = start_rollouts_ahead(cfg, run, rollout, train_rows, sampler, sampling, agent)
         for step in run.steps():
             started = time.perf_counter()
             # 1-2 rollout and score: G samples for each of this rank's prompts with the policy's
@@ -192,39 +191,6 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
     return run.result(metrics, result)
 
 
-def _rollouts_ahead(
-    cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, agent
-) -> RolloutsAhead | None:
-    """With rollout.max_staleness > 0, the thread generating the coming steps' rollouts: it reads
-    the rows in a copy of the epoch order (the checkpointed sampler advances as steps are trained)
-    and leaves sending weights to this thread."""
-    if not cfg.rollout.max_staleness:
-        return None
-    order = copy.deepcopy(sampler)
-    version = run.step  # the weights of the last trained step, which the evaluation before sent
-    rollout.sync_weights(version)
-    rollout.synced_by_trainer = True
-
-    def produce(step: int):
-        indices = order.next_indices(cfg.train.prompts_per_step)
-        rows = train_rows.select(rank_slice(indices, run.env.rank, run.env.world_size))
-        result = rollout_rows(
-            rollout,
-            rows,
-            prompt_column=cfg.data.prompt_column,
-            group_size=cfg.rollout.group_size,
-            sampling=sampling,
-            weights_version=rollout.synced_step,
-            seed=run.sampling_seed(step, 0),
-            agent=agent,
-        )
-        return indices, result
-
-    ahead = RolloutsAhead(produce, run.step + 1, run.total_steps, cfg.rollout.max_staleness, version)
-    run.on_close(ahead.close)
-    return ahead
-
-
 def _sample(
     cfg: GRPOConfig, run, rollout, train_rows, sampler, sampling, rewards, step: int, agent=None, ahead=None
 ):
@@ -240,13 +206,7 @@ def _sample(
         started = time.perf_counter()
         indices = sampler.next_indices(cfg.train.prompts_per_step)
         if ahead is not None:  # generated on the other thread, from weights at most max_staleness old
-            (generated_indices, (batch, rollout_metrics)), pipeline = ahead.take(step)
-            assert generated_indices == indices, "the generating thread left the epoch order"
-            rollout_metrics = {
-                **rollout_metrics,
-                **pipeline,
-                **staleness_metrics(batch, step, cfg.rollout.max_staleness),
-            }
+            batch, rollout_metrics = take_rollout(ahead, step, indices)
         else:
             rows = train_rows.select(rank_slice(indices, run.env.rank, run.env.world_size))
             batch, rollout_metrics = rollout_rows(

@@ -56,6 +56,7 @@ from rlhf.models.options import ForwardOptions
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
+from rlhf.rollout.ahead import start_rollouts_ahead, take_rollout
 from rlhf.rollout.engine import build_rollout_engine, rollout_rows
 from rlhf.rollout.prompts import rl_prompts
 from rlhf.rollout.records import log_rollout_sample
@@ -116,7 +117,7 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
     stateful = {"sampler": sampler, "kl_controller": kl_controller, "score_moments": score_moments}
     stateful.update({"curiosity": models.curiosity} if models.curiosity else {})
     run.attach(policy, tokenizer, stateful, {"critic": models.critic})  # restores them when resuming
-    d, g = cfg.data, cfg.rollout.group_size
+    g = cfg.rollout.group_size
     rollout = build_rollout_engine(cfg, policy, tokenizer, env.rank)  # rollout.engine
     heldout = HeldoutEvaluation(
         eval_rows,
@@ -132,24 +133,18 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
         run.on_close(rollout.close)
         run.message(heldout.description)
         result = run.evaluate_before()
+        record_topk = cfg.curiosity.top_k if models.curiosity else None
+        ahead = start_rollouts_ahead(cfg, run, rollout, train_rows, sampler, sampling, agent, record_topk)
         for step in run.steps():
             started = time.perf_counter()
             # 1 rollout: this rank's prompts, G samples each, with the policy's weights after the
-            #   last update
-            rows = train_rows.select(
-                rank_slice(sampler.next_indices(cfg.train.prompts_per_step), env.rank, env.world_size)
-            )
-            batch, metrics = rollout_rows(
-                rollout,
-                rows,
-                prompt_column=d.prompt_column,
-                group_size=g,
-                sampling=sampling,
-                record_topk=cfg.curiosity.top_k if models.curiosity else None,
-                weights_version=step - 1,
-                seed=run.sampling_seed(step),
-                agent=agent,
-            )
+            #   last update (or, generated ahead, at most rollout.max_staleness updates older)
+            indices = sampler.next_indices(cfg.train.prompts_per_step)
+            if ahead is not None:
+                batch, metrics = take_rollout(ahead, step, indices)
+            else:
+                rows = train_rows.select(rank_slice(indices, env.rank, env.world_size))
+                batch, metrics = _rollout(cfg, run, rollout, rows, sampling, record_topk, agent, step)
             metrics["time/generate"] = time.perf_counter() - started
             metrics.pop("rollout/tokens")
 
@@ -191,6 +186,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 metrics.update(models.curiosity.update(batch))
                 batch.ref_states = batch.ref_next_states = None
             metrics["time/update"] = time.perf_counter() - update_started
+            if ahead is not None:  # the servers get the new weights now, while they generate
+                metrics["time/weight_sync"] = rollout.sync_weights(step)
+                ahead.publish(step)
 
             # 6 log, adapt the KL coefficient, evaluate (checkpoints and stops: in run.steps)
             metrics["time/step"] = time.perf_counter() - started
@@ -217,6 +215,21 @@ PLOTTED = [
     "value/error",
     "eval/accuracy",
 ]
+
+
+def _rollout(cfg: PPOConfig, run, rollout, rows, sampling, record_topk, agent, step: int):
+    """G samples for each of `rows` with the policy's weights after the last update (step - 1)."""
+    return rollout_rows(
+        rollout,
+        rows,
+        prompt_column=cfg.data.prompt_column,
+        group_size=cfg.rollout.group_size,
+        sampling=sampling,
+        record_topk=record_topk,
+        weights_version=step - 1,
+        seed=run.sampling_seed(step),
+        agent=agent,
+    )
 
 
 def _build_models(cfg: PPOConfig, policy, tokenizer, plan, optimizer_steps: int) -> PPOModels:

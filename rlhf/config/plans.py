@@ -123,11 +123,6 @@ def check_vespo_correction(cfg) -> None:
 def plan_ppo_batches(cfg: PPOConfig, world_size: int = 1) -> BatchPlan:
     """Batch arithmetic plus PPO's own checks, before any model loads."""
     plan = plan_rollout_batches(cfg.train, cfg.rollout.group_size, world_size)
-    if cfg.rollout.max_staleness:
-        raise ConfigError(
-            "rollout.max_staleness: generation ahead of the trainer is built for GRPO; PPO generates and "
-            "trains in turn (rollout.max_staleness=0)"
-        )
     if cfg.advantage.macro.ratio == "macro" and cfg.loss.policy_loss != "clipped":
         raise ConfigError(
             f"advantage.macro.ratio=macro clips each segment's ratio: it needs loss.policy_loss=clipped, "

@@ -317,7 +317,7 @@ class RolloutConfig:
     # max_completion_length covers the whole episode). Each turn generates at most max_new_tokens.
     max_episode_tokens: int | None = None
     tool_timeout_s: float | None = 10.0  # a tool call past it returns an error to the model
-    # Generation ahead of the trainer (rollout.engine=vllm_server, GRPO): the rollout of step s may
+    # Generation ahead of the trainer (rollout.engine=vllm_server, GRPO and PPO): the rollout of step s may
     # come from weights up to this many updates older than the ones it trains (rlhf/rollout/ahead.py);
     # 0: generate, then train, in turn
     max_staleness: int = 0

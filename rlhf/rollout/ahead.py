@@ -11,15 +11,20 @@ trainer/engine probability ratio, which now includes the policy's drift.
 
 The thread only generates: it reads the training rows in its own copy of the epoch order and calls
 the engine, nothing collective. Weights are sent by the trainer's thread (it owns the parameters)
-after each update, through `publish`.
+after each update, through `publish`. GRPO and PPO start it with `start_rollouts_ahead` and read
+each step's rollout with `take_rollout`.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from rlhf.data.sampler import rank_slice
+from rlhf.rollout.engine import rollout_rows
 
 
 class RolloutsAhead:
@@ -115,3 +120,53 @@ def staleness_metrics(batch: Any, step: int, max_staleness: int) -> dict[str, fl
     for lag in range(max_staleness + 1):
         metrics[f"async/staleness_{lag}_fraction"] = lags.count(lag) / len(lags)
     return metrics
+
+
+def start_rollouts_ahead(
+    cfg: Any,
+    run: Any,
+    rollout: Any,
+    train_rows: Any,
+    sampler: Any,
+    sampling: Any,
+    agent: Any,
+    record_topk=None,
+) -> RolloutsAhead | None:
+    """With rollout.max_staleness > 0, the thread generating the coming steps' rollouts (GRPO and
+    PPO alike): it reads the rows in a copy of the epoch order (the checkpointed sampler advances as
+    steps are trained) and leaves sending weights to the trainer's thread. None otherwise."""
+    if not cfg.rollout.max_staleness:
+        return None
+    order = copy.deepcopy(sampler)
+    version = run.step  # the weights of the last trained step, which the evaluation before sent
+    rollout.sync_weights(version)
+    rollout.synced_by_trainer = True
+
+    def produce(step: int):
+        indices = order.next_indices(cfg.train.prompts_per_step)
+        rows = train_rows.select(rank_slice(indices, run.env.rank, run.env.world_size))
+        result = rollout_rows(
+            rollout,
+            rows,
+            prompt_column=cfg.data.prompt_column,
+            group_size=cfg.rollout.group_size,
+            sampling=sampling,
+            record_topk=record_topk,
+            weights_version=rollout.synced_step,
+            seed=run.sampling_seed(step),
+            agent=agent,
+        )
+        return indices, result
+
+    ahead = RolloutsAhead(produce, run.step + 1, run.total_steps, cfg.rollout.max_staleness, version)
+    run.on_close(ahead.close)
+    return ahead
+
+
+def take_rollout(ahead: RolloutsAhead, step: int, indices: list[int]) -> tuple[Any, dict[str, float]]:
+    """The rollout of `step` generated ahead, for the rows the trainer's own sampler chose, with the
+    pipeline's and the staleness metrics."""
+    (generated_indices, (batch, metrics)), pipeline = ahead.take(step)
+    if list(generated_indices) != list(indices):
+        raise RuntimeError(f"step {step}: the generating thread left the epoch order")
+    return batch, {**metrics, **pipeline, **staleness_metrics(batch, step, ahead.max_staleness)}

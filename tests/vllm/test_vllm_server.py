@@ -1,10 +1,11 @@
 """Rollout on a launched vLLM server (`rollout.engine=vllm_server`): weights sent through vLLM's
 weight-transfer API with the rlhf_file engine, after which greedy generations equal transformers
 generate from the trainer's weights and the server's sampled-token logprobs equal the trainer's
-logprob pass; seeds reproduce; a killed server is restarted with the current weights; a server
-that cannot start is reported with its log (one server serves these). GRPO generating ahead with
-bounded staleness, through a SIGKILLed trainer (its server goes with it; resume on a fresh server)
-and a SIGTERM (clean stop). GRPO episodes with tools on a server: tests/vllm/test_vllm_agents.py."""
+logprob pass; seeds reproduce; a killed server is restarted with the current weights; PPO generates
+ahead on a server reached by URL; a server that cannot start is reported with its log (one server
+serves these). GRPO generating ahead with bounded staleness, through a SIGKILLed trainer (its
+server goes with it; resume on a fresh server) and a SIGTERM (clean stop). GRPO episodes with tools
+on a server: tests/vllm/test_vllm_agents.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from recipes import ppo  # noqa: E402
 from rlhf.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
 from rlhf.distributed import build_engine  # noqa: E402
 from rlhf.loggers import read_metrics  # noqa: E402
@@ -129,6 +131,32 @@ def test_a_launched_server_that_dies_is_restarted_with_the_current_weights(train
     assert "restart: " in open(server.launched[0].log_path).read()
 
 
+def test_ppo_generates_ahead_on_a_server_reached_by_url(tmp_path, server):
+    """PPO with rollout.max_staleness=1 on a running server (this module's, by URL): rollouts from
+    weights at most one update old; where none is stale the server's logprobs equal PPO's old
+    logprobs, where some are the correction sees the drift."""
+    overrides = [f"rollout.server.urls=[{server.urls[0]}]", "+experiment=ppo_arithmetic_rewards"]
+    overrides += [
+        "train.steps=4",
+        "train.prompts_per_step=8",
+        "train.micro_batch_size=8",
+        "eval.num_samples=8",
+    ]
+    cfg = compose_recipe_config(
+        "ppo", [*SHAPE, *SERVER, f"run_dir={tmp_path}", *overrides, "rollout.max_staleness=1"]
+    )
+    result = ppo.train(cfg)
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert len(rows) == 4 and all(r["optim/grad_norm"] > 0 and r["time/weight_sync"] > 0 for r in rows)
+    assert all(r["async/staleness_max"] <= 1 for r in rows)
+    assert max(r["async/staleness_1_fraction"] for r in rows) > 0
+    fresh = [r for r in rows if r["async/staleness_max"] == 0]
+    stale = [r for r in rows if r["async/staleness_mean"] > 0]
+    assert fresh and all(r["rollout/logprob_diff_max"] < 1e-4 for r in fresh)
+    assert all(r["rollout/logprob_diff_max"] > 1e-4 for r in stale)
+    assert "eval/accuracy" in result
+
+
 def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path, trainer, tokenizer):
     cfg = _config(tmp_path, "rollout.server.extra_args=[--no-such-flag]")
     with pytest.raises(ServerError, match="exited with code") as failure:
@@ -169,11 +197,16 @@ def _exited(pid: int, timeout_s: float) -> bool:
     return False
 
 
-def _wait_for_steps(trainer, metrics, count: int, timeout_s: float = 300) -> None:
+def _wait_for_steps(trainer, metrics, count: int, since: float = 0.0, timeout_s: float = 300) -> None:
+    """Until `trainer` has logged `count` trained steps after the time `since`."""
     import time
 
+    def logged() -> int:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
+        return sum("loss" in row and row["time"] >= since for row in rows)
+
     deadline = time.monotonic() + timeout_s
-    while not (metrics.exists() and metrics.read_text().count('"loss"') >= count):
+    while not (metrics.exists() and logged() >= count):
         assert trainer.poll() is None and time.monotonic() < deadline, trainer.stdout.read()
         time.sleep(0.5)
 
@@ -188,6 +221,7 @@ def test_grpo_ahead_of_the_trainer_survives_sigkill_and_sigterm(tmp_path):
     import signal
     import subprocess
     import sys
+    import time
 
     from rlhf.run import PREEMPTED_EXIT_CODE
 
@@ -229,10 +263,11 @@ def test_grpo_ahead_of_the_trainer_survives_sigkill_and_sigterm(tmp_path):
     assert records and all(r["step"] - 2 <= r["weight_version"] <= r["step"] - 1 for r in records)
 
     checkpointed = checkpoint_step(list_checkpoints(str(run_dir))[-1])
+    resumed_at = time.time()
     resumed = subprocess.Popen(
         [*launch, f"resume={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    _wait_for_steps(resumed, metrics, checkpointed + 1)
+    _wait_for_steps(resumed, metrics, 1, since=resumed_at)  # rows past the checkpoint are logged again
     resumed.send_signal(signal.SIGTERM)
     output = resumed.communicate(timeout=180)[0]
     assert resumed.returncode == PREEMPTED_EXIT_CODE, output
