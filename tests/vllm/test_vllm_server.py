@@ -2,10 +2,10 @@
 weight-transfer API with the rlhf_file engine, after which greedy generations equal transformers
 generate from the trainer's weights and the server's sampled-token logprobs equal the trainer's
 logprob pass; seeds reproduce; a killed server is restarted with the current weights; PPO generates
-ahead on a server reached by URL; a server that cannot start is reported with its log (one server
-serves these). GRPO generating ahead with bounded staleness, through a SIGKILLed trainer (its
-server goes with it; resume on a fresh server) and a SIGTERM (clean stop). GRPO episodes with tools
-on a server: tests/vllm/test_vllm_agents.py."""
+ahead on a server reached by URL; LoRA's merged weights; a server that cannot start is reported
+with its log (one server serves these). GRPO generating ahead with bounded staleness, through a
+SIGKILLed trainer (its server goes with it; resume on a fresh server) and a SIGTERM (clean stop).
+GRPO episodes with tools on a server: tests/vllm/test_vllm_agents.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from recipes import ppo  # noqa: E402
+from recipes import grpo, ppo  # noqa: E402
 from rlhf.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
 from rlhf.distributed import build_engine  # noqa: E402
 from rlhf.loggers import read_metrics  # noqa: E402
@@ -155,6 +155,16 @@ def test_ppo_generates_ahead_on_a_server_reached_by_url(tmp_path, server):
     assert fresh and all(r["rollout/logprob_diff_max"] < 1e-4 for r in fresh)
     assert all(r["rollout/logprob_diff_max"] > 1e-4 for r in stale)
     assert "eval/accuracy" in result
+
+
+def test_grpo_with_lora_sends_the_merged_weights_to_the_server(tmp_path, server):
+    """LoRA on a server: each update sends W + scale * B A (as the colocated engine syncs), so the
+    server's logprobs equal the trainer's after every update."""
+    lora = ["model.lora.enabled=true", "model.lora.r=4", f"rollout.server.urls=[{server.urls[0]}]"]
+    result = grpo.train(_config(tmp_path, *GRPO_FAST, *lora, "train.steps=3"))
+    rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+    assert len(rows) == 3 and all(r["time/weight_sync"] > 0 for r in rows[1:])
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path, trainer, tokenizer):
