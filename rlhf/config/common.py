@@ -53,14 +53,18 @@ class ModelConfig:
     tokenizer_name_or_path: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "float32"
+    # transformers' name: sdpa, eager, flash_attention_2, or flex_attention, with which the packed
+    # layouts (shared_prefix, padding_free) attend through one FlexAttention call with a block-sparse
+    # mask (rlhf/models/flex.py); CUDA only for training (torch has no FlexAttention backward on CPU)
     attn_implementation: str = "sdpa"
     # Used only when the tokenizer has no pad token: a token string, or "eos" to reuse EOS.
     pad_token: str | None = None
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Prefix Grouper: rows that repeat a prompt (GRPO/PPO groups, DPO chosen/rejected) are packed so
-    # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa, eager or
-    # flash_attention_2, and a Llama, Qwen2, Qwen3, Mistral or Phi3 model (others are refused).
+    # the prompt is encoded once; same values, less work. Needs attn_implementation sdpa, eager,
+    # flash_attention_2 or flex_attention, and a Llama, Qwen2, Qwen3, Mistral or Phi3 model (others
+    # are refused).
     shared_prefix: bool = False
     # Activation checkpointing for the trained models (policy, critic, reward model): each decoder
     # layer's activations are recomputed in the backward instead of kept; same gradients, less

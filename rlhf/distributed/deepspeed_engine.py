@@ -25,6 +25,7 @@ import torch
 from rlhf.config import ConfigError, DistributedConfig, OptimConfig
 from rlhf.distributed.engine import ModelSource, build_optimizer, build_scheduler, materialize, resolve_device
 from rlhf.distributed.env import DistEnv, all_gather_object, all_reduce_sum, barrier, init_process_group
+from rlhf.models.flex import refuse_training_on_cpu
 from rlhf.models.precision import warn_pure_low_precision
 
 CHECKPOINT_TAG = "zero"
@@ -98,6 +99,7 @@ class DeepSpeedEngine:
             model = materialize(model)
         model = model.to(self.device)
         warn_pure_low_precision(model)
+        refuse_training_on_cpu(model, self.device)
         optimizer = build_optimizer(model, optim)
         scheduler = build_scheduler(optimizer, optim, total_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(

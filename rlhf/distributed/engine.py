@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from rlhf.config import ConfigError, DistributedConfig, OptimConfig
 from rlhf.distributed.env import DistEnv, launcher_env
+from rlhf.models.flex import refuse_training_on_cpu
 from rlhf.models.precision import autocast_forward, innermost_model, warn_pure_low_precision
 
 
@@ -103,6 +104,7 @@ class SingleProcessEngine:
         self.device = device
         self.precision = precision
         warn_pure_low_precision(model)
+        refuse_training_on_cpu(model, device)
         self.model = self.module = self._in_precision(model.to(device))
         self.optim_cfg = optim
         self.optimizer = build_optimizer(self.model, optim)

@@ -24,8 +24,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from rlhf.models.flex import FlexDocuments
 from rlhf.models.options import DEFAULT, ForwardOptions
-from rlhf.models.shared_prefix import SUPPORTED_FAMILIES, SharedPrefixLayout, build_layout, model_config
+from rlhf.models.shared_prefix import (
+    SUPPORTED_FAMILIES,
+    SharedPrefixLayout,
+    build_layout,
+    model_config,
+    uses_packed_flex,
+)
 from rlhf.ops import entropy_from_logits, logprobs_from_logits, penalty_context, penalty_mask, warp_logits
 
 
@@ -329,6 +336,8 @@ def _shared_layout(
 
 
 def _packed_forward(model, layout: SharedPrefixLayout, **kwargs):
+    if uses_packed_flex(model):  # given a block mask, transformers builds none of its own
+        kwargs["attention_mask"] = layout.flex_documents.block_mask(None)
     outputs = model(
         input_ids=layout.input_ids,
         position_ids=layout.position_ids,
@@ -358,6 +367,7 @@ class PackedRows:
     start_of_row: torch.Tensor  # [B] column of the row's first token in its bin
     prompt_lengths: torch.Tensor  # [B] valid prompt tokens
     capacity: int
+    segment_ids: torch.Tensor  # [bins, capacity]: row + 1 for each row's tokens, -1 for the free tail
 
     def response_columns(self, response_width: int) -> torch.Tensor:
         """[B, T] column whose output predicts response token t (clamped where the response is
@@ -367,10 +377,14 @@ class PackedRows:
         return columns.clamp(max=self.capacity - 1)
 
     def forward(self, model, **kwargs):
-        return _packable(model)(
+        attention_mask = None  # transformers builds block-diagonal attention from restarting positions
+        if uses_packed_flex(_packable(model)):  # our block mask: transformers builds none of its own
+            documents = FlexDocuments.from_packed(self.segment_ids, self.position_ids)
+            kwargs["flex_documents"], attention_mask = documents, documents.block_mask(None)
+        return model(
             input_ids=self.input_ids,
             position_ids=self.position_ids,
-            attention_mask=None,
+            attention_mask=attention_mask,
             use_cache=False,
             **kwargs,
         )
@@ -405,6 +419,7 @@ def pack_rows(prompt_ids, prompt_mask, response_ids, response_mask) -> PackedRow
     device = input_ids.device
     packed_ids = torch.zeros(len(bins), capacity, dtype=input_ids.dtype, device=device)
     positions = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
+    segments = torch.full((len(bins), capacity), -1, dtype=torch.long, device=device)
     bin_of_row = torch.zeros(len(lengths), dtype=torch.long, device=device)
     start_of_row = torch.zeros(len(lengths), dtype=torch.long, device=device)
     for b, rows in enumerate(bins):
@@ -413,11 +428,14 @@ def pack_rows(prompt_ids, prompt_mask, response_ids, response_mask) -> PackedRow
             n = lengths[row]
             packed_ids[b, offset : offset + n] = input_ids[row][valid[row]]
             positions[b, offset : offset + n] = torch.arange(n, device=device)
+            segments[b, offset : offset + n] = row + 1
             bin_of_row[row], start_of_row[row] = b, offset
             offset += n
         # the free tail is a segment of its own (positions restart), attended by nothing valid
         positions[b, offset:] = torch.arange(capacity - offset, device=device)
-    return PackedRows(packed_ids, positions, bin_of_row, start_of_row, prompt_mask.sum(-1), capacity)
+    return PackedRows(
+        packed_ids, positions, bin_of_row, start_of_row, prompt_mask.sum(-1), capacity, segments
+    )
 
 
 def _padding_free_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:

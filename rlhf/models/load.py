@@ -29,7 +29,7 @@ from rlhf.checkpoint import CHECKPOINT_DIR, export_dir, list_checkpoints
 from rlhf.config import ConfigError, ModelConfig
 from rlhf.models.lora import AdapterDisabledView, apply_lora
 from rlhf.models.options import CHUNKABLE_FAMILIES, chunkable
-from rlhf.models.shared_prefix import SUPPORTED_FAMILIES, check_family, shared_prefix_attention
+from rlhf.models.shared_prefix import FLEX, SUPPORTED_FAMILIES, check_family, shared_prefix_attention
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +120,11 @@ def model_context(cfg: ModelConfig) -> int | None:
 
 
 def _attention(cfg: ModelConfig) -> str:
-    return shared_prefix_attention(cfg.attn_implementation) if cfg.shared_prefix else cfg.attn_implementation
+    """The implementation to load: ours (rlhf.models.shared_prefix) for the shared prefix, and for
+    FlexAttention always (padding-free bins take its block mask too); otherwise transformers'."""
+    if cfg.shared_prefix or cfg.attn_implementation == FLEX:
+        return shared_prefix_attention(cfg.attn_implementation)
+    return cfg.attn_implementation
 
 
 def _dtype(cfg: ModelConfig) -> torch.dtype:

@@ -8,22 +8,23 @@ it sees in the repeated layout [prompt; response_i]; the output at the prefix's 
 every suffix's first.
 
 With SDPA or eager that is two calls of the model's own attention function with dense masks. With
-FlashAttention-2 it is one variable-length call without masks: the sequences are every group's
+FlexAttention it is one call over the packed batch with a block-sparse mask (rlhf.models.flex).
+With FlashAttention-2 it is one variable-length call without masks: the sequences are every group's
 prefix (keys: itself) and every suffix (keys: its group's prefix, then itself); FlashAttention
 aligns a causal mask to the bottom right when a sequence has more keys than queries, which is
 exactly "the whole prefix plus my own past".
 
 Sliding-window layers (Mistral, Phi3, the sliding layers of Qwen2 and Qwen3, which pass the window
-to the attention function) keep their window with SDPA and eager: a query at position q sees keys at
-positions k with q - k < window, the rule of transformers' own masks, applied to both masks from the
-packed positions. Families are refused unless tested here (SUPPORTED_FAMILIES); so are logit
+to the attention function) keep their window with SDPA, eager and FlexAttention: a query at
+position q sees keys at positions k with q - k < window, the rule of transformers' own masks,
+applied to the masks from the packed positions. Families are refused unless tested here (SUPPORTED_FAMILIES); so are logit
 soft-capping (Gemma2/3) and a window on the FlashAttention-2 path, which have no test.
 
 The attention function is registered with transformers' attention interface under
 `rlhf_shared_prefix_<base>` (`rlhf_shared_prefix_fa2` for FlashAttention-2); a model loaded with
 that implementation behaves exactly like `<base>` unless a forward passes `shared_prefix_layout=`
-(which `rlhf.models.forward` does when the rows of a batch repeat a prompt). No modeling file is
-copied or patched.
+(which `rlhf.models.forward` does when the rows of a batch repeat a prompt) or, on the flex path,
+`flex_documents=` (padding-free bins). No modeling file is copied or patched.
 """
 
 from __future__ import annotations
@@ -40,13 +41,21 @@ from transformers.integrations.flash_attention import get_target_dtype
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from rlhf.models.flex import FlexDocuments, packed_flex_attention
+
 PREFIX = "rlhf_shared_prefix_"
 FLASH = "flash_attention_2"
-SUPPORTED_BASES = ("sdpa", "eager", FLASH)
+FLEX = "flex_attention"
+SUPPORTED_BASES = ("sdpa", "eager", FLASH, FLEX)
 # Model families whose attention the equivalence tests cover (tests/unit/test_shared_prefix*.py).
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
 # transformers treats any implementation named "*flash*" as a flash kernel to import, so ours is "fa2"
-REGISTERED_NAMES = {"sdpa": PREFIX + "sdpa", "eager": PREFIX + "eager", FLASH: PREFIX + "fa2"}
+REGISTERED_NAMES = {
+    "sdpa": PREFIX + "sdpa",
+    "eager": PREFIX + "eager",
+    FLASH: PREFIX + "fa2",
+    FLEX: PREFIX + "flex",
+}
 
 
 @dataclass
@@ -71,6 +80,7 @@ class SharedPrefixLayout:
     predict_index: torch.Tensor  # [N, T] packed column whose output predicts response token t
     token_index: torch.Tensor  # [N, T] packed column of response token t itself (clamped past the end)
     last_index: torch.Tensor  # [N] packed column of each row's last valid token
+    segment_ids: torch.Tensor  # [B, width]: 0 for a prefix token, row + 1 for a suffix token, -1 for padding
     # set by the shared-prefix attention when it takes the layout: a forward whose attention left it
     # unset attended across rows (the model was not loaded with model.shared_prefix=true)
     attended: bool = False
@@ -82,6 +92,11 @@ class SharedPrefixLayout:
     @property
     def width(self) -> int:
         return self.input_ids.shape[1]
+
+    @functools.cached_property
+    def flex_documents(self) -> FlexDocuments:
+        """The FlexAttention path's per-token view (built once, used by every layer)."""
+        return FlexDocuments.from_packed(self.segment_ids, self.position_ids)
 
     @functools.cached_property
     def varlen(self) -> VarlenSequences:
@@ -218,6 +233,8 @@ def build_layout(
     put_rows, put_cols = group_of_row[take_rows], suffix_index[take_rows, take_steps]
     input_ids[put_rows, put_cols] = response_ids[take_rows, take_steps]
     position_ids[put_rows, put_cols] = prefix_len[put_rows] + take_steps
+    segment_ids = torch.full((num_groups, width), -1, dtype=torch.long, device=device)
+    segment_ids[prefix_rows, prefix_slot], segment_ids[put_rows, put_cols] = 0, take_rows + 1
 
     prefix_mask, suffix_mask = _attention_masks(prefix_len, prefix_width, group_of_row, suffix_valid)
 
@@ -244,6 +261,7 @@ def build_layout(
         predict_index=predict_index,
         token_index=token_index,
         last_index=last_index,
+        segment_ids=segment_ids,
     )
 
 
@@ -411,15 +429,22 @@ def _base_attention(base: str, module: torch.nn.Module) -> AttentionFn:
 def _make_attention(base: str) -> AttentionFn:
     def attention(module, query, key, value, attention_mask, **kwargs):
         layout = kwargs.pop("shared_prefix_layout", None)
+        documents = kwargs.pop("flex_documents", None)  # padding-free bins, on the flex path
         attend = _base_attention(base, module)
-        if layout is None:
+        if layout is None and documents is None:
             return attend(module, query, key, value, attention_mask, **kwargs)
-        layout.attended = True
         # Mistral and Phi3 pass the window as an argument; Qwen2/3 also set it on their sliding layers
         window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
         if kwargs.get("softcap") is not None:
-            raise ValueError("shared-prefix forward does not support attention logit soft-capping (Gemma2/3)")
+            raise ValueError("packed rows do not support attention logit soft-capping (Gemma2/3)")
         kwargs.pop("is_causal", None)  # the masks carry the causal structure
+        if layout is None:
+            return packed_flex_attention(module, query, key, value, documents, window, **kwargs), None
+        layout.attended = True
+        if base == FLEX:
+            return packed_flex_attention(
+                module, query, key, value, layout.flex_documents, window, **kwargs
+            ), None
         if base == FLASH:
             if window:
                 raise ValueError(
@@ -457,6 +482,11 @@ def shared_prefix_attention(base: str) -> str:
         AttentionInterface.register(name, _make_attention(base))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
+
+
+def uses_packed_flex(model: torch.nn.Module) -> bool:
+    """Whether `model` was loaded with the FlexAttention path for packed rows."""
+    return getattr(model_config(model), "_attn_implementation", None) == REGISTERED_NAMES[FLEX]
 
 
 def model_config(model: torch.nn.Module):

@@ -273,7 +273,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="at least one token"):
         build_layout(prompt_ids, torch.zeros_like(prompt_mask), response_ids, response_mask)
     with pytest.raises(ValueError, match="attn_implementation"):
-        shared_prefix_attention("flex_attention")
+        shared_prefix_attention("flash_attention_3")
 
 
 def test_grpo_loss_and_one_optimizer_step_equal():
