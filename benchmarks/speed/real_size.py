@@ -17,6 +17,13 @@ are 1,024 and 2,048 tokens, DPO's four 1,024, 1,365, 1,706 and 2,048 (--prompt-l
 fp32, 2 torch threads. The sides are interleaved (each side once per repeat), the first step of each
 run dropped; medians and ranges of seconds per step are reported.
 
+`--timing update` times the update alone: for ours the logprob passes and the optimizer step's
+forward and backward (`time/logprob_passes` + `time/update`), for TRL the step less the time in its
+`_generate` (generation and tool calls); GPU runs then also report the update's peak memory (the
+highest allocation between the end of one generation and the start of the next). `--group` sets
+G, `--sides` picks sides by name. The FlexAttention side (`model.attn_implementation=flex_attention`)
+runs on CUDA only (torch has no FlexAttention backward on CPU).
+
 On a GPU (`--device cuda`), every side trains in bf16 mixed precision (TRL `bf16=True`, ours
 `train.precision=bf16`), and `--shape qwen2-0.5b` / `qwen2-1.5b` builds a random-init model with
 those checkpoints' dimensions and 151,936-word vocabulary. GPU runs also report tokens per
@@ -26,7 +33,7 @@ counted, so it understates the work done) over the GPU's dense bf16 peak (989 TF
 
 Usage: python benchmarks/speed/real_size.py [--recipes grpo dpo] [--repeats 2] [--steps 4] [--no-record]
        [--prompt-lengths 1024 2048] [--device cpu|cuda] [--shape small|qwen2-0.5b|qwen2-1.5b]
-       [--prompts 2] [--new-tokens 64]
+       [--prompts 2] [--group 8] [--new-tokens 64] [--timing step|update] [--sides NAME ...]
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.common import append_results, median_range, step_timer  # noqa: E402
 
-GROUP, PAIRS = 8, 4
+PAIRS = 4
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16
 
 
@@ -69,8 +76,10 @@ SHAPES = {
     "qwen2-0.5b": Shape("qwen2", 151_936, 896, 24, 14, 2, 4864),
     "qwen2-1.5b": Shape("qwen2", 151_936, 1536, 28, 12, 2, 8960),
 }
-# set from the command line in main(): the model's shape, prompts per GRPO step, new tokens per response
-SHAPE, PROMPTS, NEW_TOKENS, DEVICE = SHAPES["small"], 2, 64, "cpu"
+# set from the command line in main(): the model's shape, prompts per GRPO step, new tokens per
+# response, device, and whether whole steps or updates alone are timed
+SHAPE, PROMPTS, NEW_TOKENS, DEVICE, TIMING = SHAPES["small"], 2, 64, "cpu", "step"
+GROUP, CHECKPOINTING = 8, False  # G, and activation checkpointing on both sides (--gradient-checkpointing)
 CONFIG_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
 )
@@ -87,12 +96,51 @@ GRPO_SIDES = {
         "model.padding_free=true",
         "model.logprob_chunk_tokens=64",
     ],
+    "ours shared prefix + padding-free + chunked, flex": [
+        "model.attn_implementation=flex_attention",
+        "model.shared_prefix=true",
+        "model.padding_free=true",
+        "model.logprob_chunk_tokens=64",
+    ],
 }
 DPO_SIDES = {
     "ours padded": [WHOLE],
     "ours padding-free": ["model.padding_free=true", WHOLE],
     "ours shared prefix": ["model.shared_prefix=true", WHOLE],
+    "ours shared prefix + padding-free, flex": [
+        "model.attn_implementation=flex_attention",
+        "model.shared_prefix=true",
+        "model.padding_free=true",
+        WHOLE,
+    ],
 }
+
+
+class UpdateMemory:
+    """Wraps a side's generation call: the peak allocation since the last generation ended (the
+    update's, with its logprob passes) is read when the next one starts; seconds spent generating
+    are kept per call."""
+
+    def __init__(self, generate):
+        self.generate, self.peaks_gb, self.seconds = generate, [], []
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        if DEVICE == "cuda":
+            self.peaks_gb.append(torch.cuda.max_memory_allocated() / 2**30)
+        started = time.perf_counter()
+        result = self.generate(*args, **kwargs)
+        self.seconds.append(time.perf_counter() - started)
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return result
+
+    def peak_gb(self) -> float | None:
+        if DEVICE != "cuda":
+            return None
+        self.peaks_gb.append(torch.cuda.max_memory_allocated() / 2**30)  # the last update's
+        return max(self.peaks_gb[1:]) if len(self.peaks_gb) > 1 else None
 
 
 def even_word_share(prompts, completions, **_):
@@ -154,7 +202,9 @@ def make_rows(kind: str, low: int, high: int, seed: int = 0) -> list[dict[str, s
 
 def run_ours(
     recipe: str, model_dir: str, data: str, steps: int, extra: list[str], workdir: str
-) -> list[float]:
+) -> tuple[list[float], float | None]:
+    """Seconds per step (or per update, with --timing update) after the first, and the update's peak
+    GPU memory in GiB (None on CPU)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -181,6 +231,7 @@ def run_ours(
         "checkpoint.save_final=false",
         "logger=quiet",
         *(["train.precision=bf16"] if DEVICE == "cuda" else []),
+        *(["model.gradient_checkpointing=true"] if CHECKPOINTING else []),
         *extra,
     ]
     if recipe == "grpo":
@@ -203,11 +254,24 @@ def run_ours(
         ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = OmegaConf.to_object(compose(recipe, overrides=common))
-    (grpo if recipe == "grpo" else dpo).train(cfg)
-    return [r["time/step"] for r in read_metrics(run_dir) if "time/step" in r][1:]
+    generation = UpdateMemory(grpo.rollout_rows)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    grpo.rollout_rows = generation
+    try:
+        (grpo if recipe == "grpo" else dpo).train(cfg)
+    finally:
+        grpo.rollout_rows = generation.generate
+    rows = [r for r in read_metrics(run_dir) if "time/step" in r]
+    if TIMING == "update" and recipe == "grpo":  # DPO generates nothing: its step is its update
+        return [r["time/logprob_passes"] + r["time/update"] for r in rows][1:], generation.peak_gb()
+    return [r["time/step"] for r in rows][1:], generation.peak_gb()
 
 
-def run_trl(recipe: str, model_dir: str, rows: list[dict], steps: int, workdir: str) -> list[float]:
+def run_trl(
+    recipe: str, model_dir: str, rows: list[dict], steps: int, workdir: str
+) -> tuple[list[float], float | None]:
+    """As `run_ours`, for TRL's trainer."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
@@ -222,7 +286,7 @@ def run_trl(recipe: str, model_dir: str, rows: list[dict], steps: int, workdir: 
         max_steps=steps,
         bf16=DEVICE == "cuda",
         use_cpu=DEVICE == "cpu",
-        gradient_checkpointing=False,
+        gradient_checkpointing=CHECKPOINTING,
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -276,8 +340,16 @@ def run_trl(recipe: str, model_dir: str, rows: list[dict], steps: int, workdir: 
                 f"TRL kept {len(trainer.train_dataset)} of {len(rows)} pairs; raise max_length"
             )
     trainer.remove_callback(PrinterCallback)
+    if recipe == "grpo":
+        trainer._generate = generation = UpdateMemory(trainer._generate)
+    else:
+        generation = UpdateMemory(None)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    return times[1:]
+    if TIMING == "update" and recipe == "grpo":  # one generation per step (steps_per_generation 1)
+        times = [step - generate for step, generate in zip(times, generation.seconds, strict=True)]
+    return times[1:], generation.peak_gb()
 
 
 def step_tokens(recipe: str, rows: list[dict], model_dir: str) -> int:
@@ -324,10 +396,15 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--prompts", type=int, default=2, help="GRPO prompts per step")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--group", type=int, default=8, help="GRPO samples per prompt (G)")
+    parser.add_argument("--timing", choices=["step", "update"], default="step")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    parser.add_argument("--sides", nargs="+", default=None, help="only these sides (TRL included by name)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    global SHAPE, PROMPTS, NEW_TOKENS, DEVICE
+    global SHAPE, PROMPTS, NEW_TOKENS, DEVICE, TIMING, GROUP, CHECKPOINTING
     SHAPE, PROMPTS, NEW_TOKENS, DEVICE = SHAPES[args.shape], args.prompts, args.new_tokens, args.device
+    TIMING, GROUP, CHECKPOINTING = args.timing, args.group, args.gradient_checkpointing
     if DEVICE == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     torch.set_num_threads(2)
@@ -342,27 +419,37 @@ def main() -> None:
             handle.writelines(json.dumps(r) + "\n" for r in rows)
         sides = {"TRL": functools.partial(run_trl, recipe, model_dir, rows, args.steps, workdir)}
         for name, extra in (GRPO_SIDES if recipe == "grpo" else DPO_SIDES).items():
+            if DEVICE == "cpu" and "model.attn_implementation=flex_attention" in extra:
+                continue  # no FlexAttention backward on CPU
             sides[name] = functools.partial(run_ours, recipe, model_dir, data, args.steps, extra, workdir)
+        sides = {name: run for name, run in sides.items() if args.sides is None or name in args.sides}
         times: dict[str, list[float]] = {name: [] for name in sides}
+        peaks: dict[str, float] = {}
         for repeat in range(args.repeats):
             for name, run in sides.items():
-                found = run()
+                found, peak_gb = run()
                 times[name] += found
+                if peak_gb is not None:
+                    peaks[name] = max(peak_gb, peaks.get(name, 0.0))
                 print(
                     f"{recipe} repeat {repeat} {name}: median {statistics.median(found):.2f} s/step",
                     flush=True,
                 )
-        trl = statistics.median(times["TRL"])
+        unit = "update" if TIMING == "update" and recipe == "grpo" else "step"
+        trl = statistics.median(times["TRL"]) if "TRL" in times else None
+        group_shape = f", G={GROUP}, {NEW_TOKENS} new tokens" if recipe == "grpo" else ""
+        memory = (" peak GiB of the update |", "---|") if peaks else ("", "")
         lines += [
             "",
-            f"{recipe.upper()} step, prompts of {args.prompt_lengths[0]}-{args.prompt_lengths[1]} tokens:",
+            f"{recipe.upper()} {unit}, prompts of {args.prompt_lengths[0]}-{args.prompt_lengths[1]} tokens{group_shape}:",
             "",
-            "| side | s/step (median, range) | TRL / side |",
-            "|---|---|---|",
+            f"| side | s/{unit} (median, range) | TRL / side |{memory[0]}",
+            f"|---|---|---|{memory[1]}",
         ]
-        lines += [
-            f"| {n} | {median_range(t)} | {trl / statistics.median(t):.2f}x |" for n, t in times.items()
-        ]
+        for name, found in times.items():
+            ratio = f"{trl / statistics.median(found):.2f}x" if trl else "-"
+            peak = f" {peaks[name]:.1f} |" if name in peaks else (" - |" if peaks else "")
+            lines.append(f"| {name} | {median_range(found)} | {ratio} |{peak}")
         if DEVICE == "cuda":
             lines += throughput_lines(recipe, rows, model_dir, times)
     body = "\n".join(lines)
