@@ -52,8 +52,8 @@ pipeline: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -x --timeout 600 -n 2 -m "not distributed and not vllm" tests
-	$(BIN)/python -m pytest -q -x --timeout 600 -m "distributed or vllm" tests
+	$(BIN)/python -m pytest -q -x --timeout 600 --durations 10 -n 2 -m "not distributed and not vllm" tests
+	$(BIN)/python -m pytest -q -x --timeout 600 --durations 15 -m "distributed or vllm" tests
 
 # The inner loop: unit, config and parity tests (a few minutes); `make test` runs every tier.
 test-fast: $(STAMP)

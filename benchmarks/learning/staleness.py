@@ -50,6 +50,7 @@ def grpo_arm(start: str, seed: int, staleness: int, steps: int, directory: str) 
             f"model.name_or_path={start}",
             "rollout.engine=vllm_server",
             "rollout.vllm.max_model_len=64",
+            "rollout.vllm.enforce_eager=true",  # no compiled graph: starts about 30 s sooner
             f"rollout.max_staleness={staleness}",
             f"train.steps={steps}",
             "train.time_limit_s=null",

@@ -4,8 +4,9 @@ generate from the trainer's weights and the server's sampled-token logprobs equa
 logprob pass; seeds reproduce; a killed server is restarted with the current weights; PPO generates
 ahead on a server reached by URL; LoRA's merged weights; a server that cannot start is reported
 with its log (one server serves these). GRPO generating ahead with bounded staleness, through a
-SIGKILLed trainer (its server goes with it; resume on a fresh server) and a SIGTERM (clean stop).
-GRPO episodes with tools on a server: tests/vllm/test_vllm_agents.py."""
+SIGKILLed trainer (its server goes with it; resume on a fresh server) and a SIGTERM (clean stop);
+two ranks under ZeRO-3 on one server. GRPO episodes with tools on a server:
+tests/vllm/test_vllm_agents.py."""
 
 from __future__ import annotations
 
@@ -165,6 +166,20 @@ def test_grpo_with_lora_sends_the_merged_weights_to_the_server(tmp_path, server)
     rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
     assert len(rows) == 3 and all(r["time/weight_sync"] > 0 for r in rows[1:])
     assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)
+
+
+def test_two_ranks_under_zero3_share_a_server_and_generate_ahead(tmp_path):
+    """Two ranks under ZeRO-3: rank 0 launches the server and sends the weights every rank gathered
+    (one module at a time); both ranks generate their share ahead of the update on it."""
+    from tests.distributed.test_zero_invariance import torchrun
+
+    overrides = [*SHAPE, *SERVER, *GRPO_FAST, "rollout.max_staleness=1", "train.steps=3", "distributed=zero3"]
+    torchrun(["-m", "recipes.grpo", *overrides, f"run_dir={tmp_path}"])
+    rows = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+    assert len(rows) == 3 and all(r["time/weight_sync"] > 0 and r["async/staleness_max"] <= 1 for r in rows)
+    fresh = [r for r in rows if r["async/staleness_max"] == 0]
+    assert fresh and all(r["rollout/logprob_diff_max"] < 1e-4 for r in fresh)
+    assert len(list((tmp_path / "servers").glob("server-*.log"))) == 1
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path, trainer, tokenizer):
