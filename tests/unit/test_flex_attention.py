@@ -89,7 +89,9 @@ def test_compiled_kernels_are_reused_across_batch_shapes():
         response_logprobs(flex, *batch, LAYOUTS["both"])
         return counters["stats"]["unique_graphs"]
 
-    first = compiled_after(grouped_batch([0, 0, 1, 1], [5, 3], [4, 2, 6, 1], prompt_width=6, response_width=6))
+    first = compiled_after(
+        grouped_batch([0, 0, 1, 1], [5, 3], [4, 2, 6, 1], prompt_width=6, response_width=6)
+    )
     # other groups, prompt and response widths, all under one 128-token bucket
     for shape in (([0, 1, 0], [7, 2], [3, 5, 0]), ([0, 0, 0, 0, 0], [9], [7, 1, 2, 6, 4])):
         assert compiled_after(grouped_batch(*shape, prompt_width=9, response_width=7)) == first
