@@ -107,7 +107,8 @@ def test_training_with_flex_attention_on_cpu_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_bf16_gradients_on_gpu_equal_the_padded_batch(layout):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bf16_gradients_on_gpu_equal_the_padded_batch(family, layout):
     """Compiled Triton kernels on CUDA, bf16: log-probs and every gradient within bf16 rounding of
     the padded batch through SDPA."""
     batch = tuple(
@@ -119,7 +120,7 @@ def test_bf16_gradients_on_gpu_equal_the_padded_batch(layout):
     mask = batch[3]
     results = []
     for attention, options in (("sdpa", ForwardOptions()), (FLEX, LAYOUTS[layout])):
-        model = _model("qwen2", attention).to(device="cuda", dtype=torch.bfloat16).train()
+        model = _model(family, attention).to(device="cuda", dtype=torch.bfloat16).train()
         logprobs, _ = response_logprobs(model, *batch, options)
         (logprobs * mask).sum().backward()
         results.append((logprobs.float(), {n: p.grad.float() for n, p in model.named_parameters()}))
