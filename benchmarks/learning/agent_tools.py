@@ -1,11 +1,14 @@
 """Tool use learned by GRPO: 3-digit multiplication with a `multiply` tool the tiny model cannot replace.
 
-The task: "What is 347 * 812?", answered with the exact product. A 0.5M-parameter model cannot
-multiply 3-digit numbers, so the answer is reachable only through the tool. The warm start is SFT on
-traces (`messages` and a `tools` column, every assistant turn trained) of which only a fraction call
-the tool; the rest answer directly with the right product, which the model can imitate in form but
-not in value. GRPO with `rollout.tools` then has to learn *when* to call the tool from the reward
-alone. Arms, each from the same SFT checkpoint of the seed:
+The task: "What is 347 * 812?", answered with the exact product. A 1.5M-parameter model (2 layers,
+hidden 256) cannot multiply 3-digit numbers, so the answer is reachable only through the tool; what
+it can learn is to copy the factors into the call and the tool's result into the answer (digit by
+digit: the tokenizer does not merge digits). The warm start is SFT on traces (`messages` and a
+`tools` column, every assistant turn trained) in two phases: first on traces that all call the tool
+(using it: the copying), then on a mix in which only a fraction (`--tool-fraction`, 0.2) call it and
+the rest answer directly with the right product, which the model can imitate in form but not in
+value. The start knows how to use the tool but seldom does; GRPO with `rollout.tools` has to learn
+*when* to call it from the reward alone. Arms, each from the same SFT checkpoint of the seed:
 
 - `tools`: GRPO with the tool (episodes of up to 3 turns).
 - `no_tools`: the same GRPO without it (single-turn; the control that the tool is what is learned).
@@ -116,14 +119,16 @@ def build_task(directory: str, tool_fraction: float, num_train: int = 2500, num_
         for use_tool in (True, i % 2 == 0)
     ]
     tokenizer = tokenizer_from(rendered * 3)
-    paths = {name: os.path.join(directory, name) for name in ("tokenizer", "sft", "prompts")}
+    paths = {name: os.path.join(directory, name) for name in ("tokenizer", "tool_use", "sft", "prompts")}
     tokenizer.save_pretrained(paths["tokenizer"])
-    os.makedirs(paths["sft"], exist_ok=True)
-    os.makedirs(paths["prompts"], exist_ok=True)
-    with open(os.path.join(paths["sft"], "train.jsonl"), "w") as handle:
-        for a, b in train:
-            row = {"messages": trace(a, b, rng.random() < tool_fraction), "tools": json.dumps([schema])}
-            handle.write(json.dumps(row) + "\n")
+    for name in ("tool_use", "sft", "prompts"):
+        os.makedirs(paths[name], exist_ok=True)
+    # every trace calls the tool (the first SFT phase: using it), then the mix (the second: the habit)
+    for name, fraction in (("tool_use", 1.0), ("sft", tool_fraction)):
+        with open(os.path.join(paths[name], "train.jsonl"), "w") as handle:
+            for a, b in train:
+                row = {"messages": trace(a, b, rng.random() < fraction), "tools": json.dumps([schema])}
+                handle.write(json.dumps(row) + "\n")
     for split, rows in (("train", train), ("eval", heldout)):
         with open(os.path.join(paths["prompts"], f"{split}.jsonl"), "w") as handle:
             for a, b in rows:
@@ -132,18 +137,19 @@ def build_task(directory: str, tool_fraction: float, num_train: int = 2500, num_
     return paths
 
 
-def initial_model(tokenizer_dir: str, directory: str, seed: int) -> str:
-    """A freshly initialised 2-layer Qwen2 (0.5M parameters) with the task's tokenizer, saved."""
+def initial_model(tokenizer_dir: str, directory: str, seed: int, layers: int, hidden: int) -> str:
+    """A freshly initialised Qwen2 (heads of 32 dimensions, GQA 2:1, MLP 2x) with the task's
+    tokenizer, saved."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 64,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
@@ -159,8 +165,9 @@ def initial_model(tokenizer_dir: str, directory: str, seed: int) -> str:
 REWARDS = "reward.functions=[{name: exact_match, weight: 1.0}, {name: digit_match, weight: 1.0}]"
 
 
-def run_sft(model_dir: str, data_dir: str, run_dir: str, seed: int, steps: int) -> str:
-    """SFT on the traces; returns the exported checkpoint's directory."""
+def run_sft(model_dir: str, data_dir: str, run_dir: str, seed: int, steps: int, lr: float) -> str:
+    """SFT on the traces (cosine schedule after 50 warm-up steps); returns the exported checkpoint's
+    directory."""
     from recipes import sft
     from rlhf.checkpoint import export_dir
 
@@ -175,7 +182,9 @@ def run_sft(model_dir: str, data_dir: str, run_dir: str, seed: int, steps: int) 
             f"train.steps={steps}",
             "train.batch_size=16",
             "train.micro_batch_size=16",
-            "optim.lr=3e-3",
+            f"optim.lr={lr}",
+            "optim.scheduler=cosine",
+            "optim.warmup_steps=50",
             f"seed={seed}",
             f"run_dir={run_dir}",
             "logger=quiet",
@@ -416,10 +425,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument(
-        "--tool-fraction", type=float, default=0.5, help="share of SFT traces that call the tool"
+        "--tool-fraction",
+        type=float,
+        default=0.2,
+        help="share of the second SFT phase's traces that call the tool",
     )
-    parser.add_argument("--sft-steps", type=int, default=800)
-    parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny Qwen2")
+    parser.add_argument("--hidden", type=int, default=256, help="its hidden size")
+    parser.add_argument("--traces", type=int, default=20000, help="SFT traces (and training prompts)")
+    parser.add_argument(
+        "--tool-use-steps", type=int, default=600, help="SFT on traces that all call the tool"
+    )
+    parser.add_argument("--sft-steps", type=int, default=300, help="then SFT on the mix (--tool-fraction)")
+    parser.add_argument("--sft-lr", type=float, default=1e-3)
+    parser.add_argument("--grpo-steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=5e-4, help="GRPO learning rate (every arm)")
     parser.add_argument("--arms", nargs="+", default=["tools", "no_tools"], choices=["tools", "no_tools"])
     parser.add_argument("--trl", action="store_true", help="add TRL's GRPOTrainer(tools=) as an arm")
@@ -428,13 +447,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     root = args.dir or tempfile.mkdtemp(prefix="agent_tools_")
-    task = build_task(os.path.join(root, "task"), args.tool_fraction)
+    task = build_task(os.path.join(root, "task"), args.tool_fraction, num_train=args.traces)
     results: dict[int, dict] = {}
     for seed in args.seeds:
         seed_dir = os.path.join(root, f"seed{seed}")
         started = time.perf_counter()
-        model = initial_model(task["tokenizer"], os.path.join(seed_dir, "init"), seed)
-        start = run_sft(model, task["sft"], os.path.join(seed_dir, "sft"), seed, args.sft_steps)
+        model = initial_model(
+            task["tokenizer"], os.path.join(seed_dir, "init"), seed, args.layers, args.hidden
+        )
+        tool_user = run_sft(
+            model,
+            task["tool_use"],
+            os.path.join(seed_dir, "tool_use"),
+            seed,
+            args.tool_use_steps,
+            args.sft_lr,
+        )
+        start = run_sft(
+            tool_user, task["sft"], os.path.join(seed_dir, "sft"), seed, args.sft_steps, args.sft_lr
+        )
         # The SFT start's held-out accuracy with the tool, as the recipe evaluates it (a cross-check
         # of this file's evaluation against the recipe's: the `tools` arm's `before` must equal it).
         results[seed] = {
@@ -465,13 +496,20 @@ def main() -> None:
         append_results(
             "Agents: GRPO learns to call a tool (3-digit multiplication)",
             command,
-            f"Tiny Qwen2 (2 layers, hidden 128) with a 1200-token BPE tokenizer; SFT {args.sft_steps} steps on "
-            f"2500 traces of which {100 * args.tool_fraction:.0f}% call `multiply` (every assistant turn trained); "
-            f"then {args.grpo_steps} GRPO steps per arm (8 prompts x 8 episodes, lr {args.lr}, exact match + digit "
-            "match rewards, no KL), episodes of up to 3 turns within 160 tokens; held-out: greedy episodes on 200 "
-            "problems disjoint from training, evaluated by the same code for every arm. Curves: "
-            "benchmarks/plots/agent_tools.png.\n\n" + table,
+            setup_description(args) + "\n\n" + table,
         )
+
+
+def setup_description(args: argparse.Namespace) -> str:
+    return (
+        f"Tiny Qwen2 ({args.layers} layers, hidden {args.hidden}) with a 1200-token BPE tokenizer; SFT (lr "
+        f"{args.sft_lr}, cosine, every assistant turn trained) {args.tool_use_steps} steps on {args.traces} traces "
+        f"that all call `multiply`, then {args.sft_steps} steps on traces of which {100 * args.tool_fraction:.0f}% "
+        f"call it; then {args.grpo_steps} GRPO steps per arm (8 prompts x 8 episodes, lr {args.lr}, exact match + "
+        "digit match rewards, no KL), episodes of up to 3 turns within 160 tokens; held-out: greedy episodes on "
+        "200 problems disjoint from training, evaluated by the same code for every arm. Curves: "
+        "benchmarks/plots/agent_tools.png."
+    )
 
 
 if __name__ == "__main__":
