@@ -57,8 +57,8 @@ from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
 from rlhf.ops import masked_sum
 from rlhf.plots import plot_metrics
-from rlhf.rollout.ahead import start_rollouts_ahead, take_rollout
-from rlhf.rollout.engine import build_rollout_engine, rollout_rows
+from rlhf.rollout.ahead import rollout_of_step, start_rollouts_ahead, take_rollout
+from rlhf.rollout.engine import build_rollout_engine
 from rlhf.rollout.prompts import rl_prompts
 from rlhf.rollout.records import log_rollout_sample, sample_rows
 from rlhf.rollout.sampling import SamplingParams
@@ -209,15 +209,8 @@ def _sample(
             batch, rollout_metrics = take_rollout(ahead, step, indices)
         else:
             rows = train_rows.select(rank_slice(indices, run.env.rank, run.env.world_size))
-            batch, rollout_metrics = rollout_rows(
-                rollout,
-                rows,
-                prompt_column=cfg.data.prompt_column,
-                group_size=g,
-                sampling=sampling,
-                weights_version=step - 1,
-                seed=run.sampling_seed(step, round_index),
-                agent=agent,
+            batch, rollout_metrics = rollout_of_step(
+                cfg, run, rollout, rows, sampling, agent, step, step - 1, round_index=round_index
             )
         elapsed = time.perf_counter() - started
         scores, valid, per_reward, reward_metrics = score_rollout(rewards, batch, cfg.reward)

@@ -56,8 +56,8 @@ from rlhf.models.options import ForwardOptions
 from rlhf.models.shared_prefix import model_config
 from rlhf.ops import masked_mean, masked_sum, masked_whiten
 from rlhf.plots import plot_metrics
-from rlhf.rollout.ahead import start_rollouts_ahead, take_rollout
-from rlhf.rollout.engine import build_rollout_engine, rollout_rows
+from rlhf.rollout.ahead import rollout_of_step, start_rollouts_ahead, take_rollout
+from rlhf.rollout.engine import build_rollout_engine
 from rlhf.rollout.prompts import rl_prompts
 from rlhf.rollout.records import log_rollout_sample
 from rlhf.rollout.sampling import SamplingParams
@@ -144,7 +144,9 @@ def train(cfg: PPOConfig) -> dict[str, float | str]:
                 batch, metrics = take_rollout(ahead, step, indices)
             else:
                 rows = train_rows.select(rank_slice(indices, env.rank, env.world_size))
-                batch, metrics = _rollout(cfg, run, rollout, rows, sampling, record_topk, agent, step)
+                batch, metrics = rollout_of_step(
+                    cfg, run, rollout, rows, sampling, agent, step, step - 1, record_topk
+                )
             metrics["time/generate"] = time.perf_counter() - started
             metrics.pop("rollout/tokens")
 
@@ -215,21 +217,6 @@ PLOTTED = [
     "value/error",
     "eval/accuracy",
 ]
-
-
-def _rollout(cfg: PPOConfig, run, rollout, rows, sampling, record_topk, agent, step: int):
-    """G samples for each of `rows` with the policy's weights after the last update (step - 1)."""
-    return rollout_rows(
-        rollout,
-        rows,
-        prompt_column=cfg.data.prompt_column,
-        group_size=cfg.rollout.group_size,
-        sampling=sampling,
-        record_topk=record_topk,
-        weights_version=step - 1,
-        seed=run.sampling_seed(step),
-        agent=agent,
-    )
 
 
 def _build_models(cfg: PPOConfig, policy, tokenizer, plan, optimizer_steps: int) -> PPOModels:

@@ -43,23 +43,14 @@ def grpo_batch(prompts: int, group: int, prompt: tuple[int, int], response: tupl
 
 
 def model(attention: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """padding_free.py's model (hidden 256, 2 layers, vocabulary 32000) with `attention` over the
+    packed layouts."""
+    from benchmarks.speed.padding_free import _model
     from rlhf.models.shared_prefix import shared_prefix_attention
 
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=4 * HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    return Qwen2ForCausalLM._from_config(
-        config, attn_implementation=shared_prefix_attention(attention)
-    ).eval()
+    net = _model(4096)
+    net.set_attn_implementation(shared_prefix_attention(attention))
+    return net.eval()
 
 
 def main() -> None:

@@ -212,6 +212,7 @@ def run_ours(
     from recipes import dpo, grpo
     from rlhf.config import register_configs
     from rlhf.loggers import read_metrics
+    from rlhf.rollout import ahead as rollout_steps  # every GRPO rollout goes through its rollout_rows
 
     rewards.REWARD_FUNCTIONS["even_word_share"] = even_word_share
     register_configs()
@@ -254,14 +255,14 @@ def run_ours(
         ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = OmegaConf.to_object(compose(recipe, overrides=common))
-    generation = UpdateMemory(grpo.rollout_rows)
+    generation = UpdateMemory(rollout_steps.rollout_rows)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    grpo.rollout_rows = generation
+    rollout_steps.rollout_rows = generation
     try:
         (grpo if recipe == "grpo" else dpo).train(cfg)
     finally:
-        grpo.rollout_rows = generation.generate
+        rollout_steps.rollout_rows = generation.generate
     rows = [r for r in read_metrics(run_dir) if "time/step" in r]
     if TIMING == "update" and recipe == "grpo":  # DPO generates nothing: its step is its update
         return [r["time/logprob_passes"] + r["time/update"] for r in rows][1:], generation.peak_gb()

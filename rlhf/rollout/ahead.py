@@ -12,7 +12,8 @@ trainer/engine probability ratio, which now includes the policy's drift.
 The thread only generates: it reads the training rows in its own copy of the epoch order and calls
 the engine, nothing collective. Weights are sent by the trainer's thread (it owns the parameters)
 after each update, through `publish`. GRPO and PPO start it with `start_rollouts_ahead` and read
-each step's rollout with `take_rollout`.
+each step's rollout with `take_rollout`; `rollout_of_step` is the one rollout call of a training
+step, made in turn or ahead.
 """
 
 from __future__ import annotations
@@ -122,6 +123,33 @@ def staleness_metrics(batch: Any, step: int, max_staleness: int) -> dict[str, fl
     return metrics
 
 
+def rollout_of_step(
+    cfg: Any,
+    run: Any,
+    rollout: Any,
+    rows: Any,
+    sampling: Any,
+    agent: Any,
+    step: int,
+    weights_version: int,
+    record_topk: int | None = None,
+    round_index: int = 0,
+) -> tuple[Any, dict[str, float]]:
+    """Step `step`'s rollout of this rank's `rows` (GRPO and PPO, in turn or ahead): G samples each
+    with the weights after `weights_version` updates, seeded per step, rank and sampling round."""
+    return rollout_rows(
+        rollout,
+        rows,
+        prompt_column=cfg.data.prompt_column,
+        group_size=cfg.rollout.group_size,
+        sampling=sampling,
+        record_topk=record_topk,
+        weights_version=weights_version,
+        seed=run.sampling_seed(step, round_index),
+        agent=agent,
+    )
+
+
 def start_rollouts_ahead(
     cfg: Any,
     run: Any,
@@ -145,18 +173,9 @@ def start_rollouts_ahead(
     def produce(step: int):
         indices = order.next_indices(cfg.train.prompts_per_step)
         rows = train_rows.select(rank_slice(indices, run.env.rank, run.env.world_size))
-        result = rollout_rows(
-            rollout,
-            rows,
-            prompt_column=cfg.data.prompt_column,
-            group_size=cfg.rollout.group_size,
-            sampling=sampling,
-            record_topk=record_topk,
-            weights_version=rollout.synced_step,
-            seed=run.sampling_seed(step),
-            agent=agent,
+        return indices, rollout_of_step(
+            cfg, run, rollout, rows, sampling, agent, step, rollout.synced_step, record_topk
         )
-        return indices, result
 
     ahead = RolloutsAhead(produce, run.step + 1, run.total_steps, cfg.rollout.max_staleness, version)
     run.on_close(ahead.close)
