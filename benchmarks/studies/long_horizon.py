@@ -1,24 +1,37 @@
-"""Reproduction studies on a long-response task: each seed method against its baseline, 5 seeds.
+"""Reproduction studies on a long-response task: each seed method against its baseline and against
+controls for its confounds, 5 seeds, verdicts from paired bootstrap intervals.
 
 Task: `data.source=sort` (sort 16 digits: 31-token answers, one exact-match reward at the end, 1000
-held-out lists). Every run starts from one SFT warm start (`+experiment=sft_sort`, about 23% held-out
-exact match), trained here once and reused; the seed changes the RL run only. Every method samples
-64 responses per step (PPO: 64 prompts; GRPO: 8 prompts x 8) for the same number of steps, and the
+held-out lists). By default each seed trains its own SFT warm start (`+experiment=sft_sort seed=<s>`,
+its initialisation and data order), so the seed spread includes the warm start's; 500 training lists
+are carved out as a validation split in every run (`data.validation_size=500`) for tuning.
+`--starts shared` is the earlier protocol (one start for every seed). Every method samples 64
+responses per step (PPO: 64 prompts; GRPO: 8 prompts x 8) for the same number of steps, and the
 held-out exact match (greedy, all 1000 lists) is measured every `--eval-every` steps.
 
-Studies (--study):
-  grpo_vs_ppo  PPO (critic from the policy, exact-match reward) against GRPO (the demo's settings).
-  macro        MA-PPO against PPO: fixed n-grams (n = 3, 5, 10), perplexity and parse segmenters,
-               the authors' settings otherwise (configs/experiment/ppo_macro.yaml). The paper's claim:
-               1.7-2x fewer steps to PPO's final reward.
-Reported per method: the final held-out exact match and the final training reward (mean and standard
-deviation over seeds), and for each seed the first step whose 10-step moving-average training reward
-reaches that seed's PPO run's final value. A difference "exceeds the spread" when the gap between
-the means is larger than the larger of the two standard deviations. One figure per study: every
-seed's curves, coloured by method.
+Studies (--study), each with its controls:
+  grpo_vs_ppo  GRPO (the demo's settings, no KL) against PPO (KL 0.05 in the reward), and at matched
+               KL: both without (ppo_kl0), both with 0.05 in the reward (grpo_kl0.05).
+  macro        MA-PPO (fixed n = 3, 5, 10; perplexity and parse segmenters; the authors' settings,
+               configs/experiment/ppo_macro.yaml) against PPO. Averaging token rewards over an
+               n-token segment leaves 1/n of the per-token KL penalty, so the controls are PPO at
+               kl_coef / n (ppo_kl_n3/5/10) and MA-PPO with summed rewards (ma_fixed5_sum). The
+               paper's claim: PPO's final reward in 1.7-2x fewer steps.
+Reported per arm: the final held-out exact match and the area under the held-out curve (its mean
+height over training: higher when the same accuracy comes sooner), each with a 95% percentile
+bootstrap interval over seeds, the per-token KL to the reference over the last 10 steps, and the
+training minutes. Per comparison (arm - baseline at the same seed): paired differences with intervals
+and the word they allow ("better"/"worse" only where the interval excludes zero), the wall clock to
+a fixed held-out accuracy (--target), and, secondary, the steps to the baseline's final 10-step
+training reward. One figure per study: every seed's curves, coloured by method.
+
+`--tune <method>` runs a small grid (TUNING_GRID: lr, KL, epochs x minibatches, GAE lambda, one
+factor at a time) at the warm starts of seeds 1 and 2, scored on the validation lists; the same grid
+for every method, so the same tuning budget.
 
 Finished runs are reused (a run directory whose `study_result.json` has the same steps and
-evaluation interval), so a study can be stopped and rerun, or widened with more seeds. The same runs from the command line, as a Hydra multirun:
+evaluation interval), so a study can be stopped and rerun, or widened with more seeds. The same runs
+from the command line, as a Hydra multirun (per-seed starts: one model.name_or_path per seed):
   python -m recipes.ppo -m +experiment=ppo_long_sort model.name_or_path=<sft export> seed=1,2,3,4,5
   python -m recipes.ppo -m +experiment=[ppo_long_sort,ppo_macro] model.name_or_path=<sft export> \\
       seed=1,2,3,4,5 advantage.macro.n=3,5,10
@@ -28,8 +41,10 @@ evaluation interval), so a study can be stopped and rerun, or widened with more 
 token_rewards.py and curiosity_ppo.py --task group): training wall time per seed, from the first and
 last timestamps of each run's metrics.
 
-Usage: python benchmarks/studies/long_horizon.py --study macro [--methods ppo ma_fixed5] [--seeds 1 2 3 4 5]
-       [--steps 120] [--eval-every 20] [--jobs 2] [--no-record]
+Usage: python benchmarks/studies/long_horizon.py --study macro [--methods ppo ppo_kl_n5 ma_fixed5]
+       [--seeds 1 2 3 4 5] [--starts per-seed|shared] [--target 0.35] [--steps 120] [--eval-every 20]
+       [--jobs 2] [--no-record]
+       python benchmarks/studies/long_horizon.py --tune ppo [--no-record]
        python benchmarks/studies/long_horizon.py --cost [--no-record]
        python benchmarks/studies/long_horizon.py --warm-starts [--no-record]
 
@@ -50,13 +65,33 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import compose_config, moving_average, report, save_figure  # noqa: E402
+from benchmarks.studies.intervals import (  # noqa: E402
+    area_under_curve,
+    bootstrap_interval,
+    first_reaching,
+    format_interval,
+    verdict,
+)
 
 RUNS = os.path.join(ROOT, "runs", "long_horizon", "sort")
+# Runs from one warm start per seed (--starts per-seed): the SFT start, the pairs and every RL run of
+# seed s under .../sort_seeds/<method>/seed<s>. 500 training lists carved out as a validation split
+# (data.validation_size) in every run, so tuning never sees the held-out lists.
+SEEDED_RUNS = os.path.join(ROOT, "runs", "long_horizon", "sort_seeds")
+SEEDED_DATA = ["data.validation_size=500"]
 WINDOW = 10
+PPO_KL = 0.05  # ppo_long_sort's loss.kl_coef
 PPO = ("ppo", ["+experiment=ppo_long_sort"])
 MACRO = ["+experiment=[ppo_long_sort,ppo_macro]"]
+GRPO = ["+experiment=grpo_long_sort"]
 STUDIES: dict[str, dict[str, tuple[str, list[str]]]] = {
-    "grpo_vs_ppo": {"ppo": PPO, "grpo": ("grpo", ["+experiment=grpo_long_sort"])},
+    "grpo_vs_ppo": {
+        "ppo": PPO,
+        "grpo": ("grpo", GRPO),
+        # controls: both without KL, and GRPO with PPO's per-token KL in its reward
+        "ppo_kl0": ("ppo", [*PPO[1], "loss.kl_coef=0"]),
+        "grpo_kl0.05": ("grpo", [*GRPO, f"loss.kl_coef={PPO_KL}", "loss.kl_placement=reward"]),
+    },
     "macro": {
         "ppo": PPO,
         "ma_fixed3": ("ppo", [*MACRO, "advantage.macro.n=3"]),
@@ -64,32 +99,84 @@ STUDIES: dict[str, dict[str, tuple[str, list[str]]]] = {
         "ma_fixed10": ("ppo", [*MACRO, "advantage.macro.n=10"]),
         "ma_perplexity": ("ppo", [*MACRO, "advantage.macro.segmenter=perplexity"]),
         "ma_parse": ("ppo", [*MACRO, "advantage.macro.segmenter=parse"]),
+        # controls: averaging token rewards over an n-token segment leaves 1/n of the per-token KL
+        # penalty, so PPO at kl_coef/n, and MA-PPO with summed rewards (the KL unchanged)
+        "ppo_kl_n3": ("ppo", [*PPO[1], f"loss.kl_coef={PPO_KL / 3:.5f}"]),
+        "ppo_kl_n5": ("ppo", [*PPO[1], f"loss.kl_coef={PPO_KL / 5:.5f}"]),
+        "ppo_kl_n10": ("ppo", [*PPO[1], f"loss.kl_coef={PPO_KL / 10:.5f}"]),
+        "ma_fixed5_sum": ("ppo", [*MACRO, "advantage.macro.n=5", "advantage.macro.aggregation=sum"]),
     },
 }
+# (arm, baseline, what the pair separates), shown when both arms ran
+COMPARISONS: dict[str, list[tuple[str, str, str]]] = {
+    "grpo_vs_ppo": [
+        ("grpo", "ppo", "as configured (GRPO without KL, PPO with 0.05)"),
+        ("grpo", "ppo_kl0", "both without KL"),
+        ("grpo_kl0.05", "ppo", "both with a 0.05 per-token KL in the reward"),
+    ],
+    "macro": [
+        *[
+            (m, "ppo", "as configured")
+            for m in ("ma_fixed3", "ma_fixed5", "ma_fixed10", "ma_perplexity", "ma_parse")
+        ],
+        ("ma_fixed3", "ppo_kl_n3", "at the KL MA-PPO effectively gets"),
+        ("ma_fixed5", "ppo_kl_n5", "at the KL MA-PPO effectively gets"),
+        ("ma_fixed10", "ppo_kl_n10", "at the KL MA-PPO effectively gets"),
+        ("ma_fixed5_sum", "ppo", "MA-PPO with summed rewards: PPO's KL"),
+        ("ppo_kl_n5", "ppo", "PPO at a fifth of its KL (the confound alone)"),
+    ],
+}
+# --tune <method>: one factor at a time around the preset, each at TUNE_SEEDS' warm starts, scored on
+# the validation lists (never the held-out ones); the same grid, so the same budget, for every method
+TUNING_GRID: dict[str, list[str]] = {
+    "preset": [],
+    "lr3e-5": ["optim.lr=3e-5"],
+    "lr3e-4": ["optim.lr=3e-4"],
+    "kl0.01": ["loss.kl_coef=0.01"],
+    "kl0.2": ["loss.kl_coef=0.2"],
+    "2epochs_4minibatches": [
+        "train.updates_per_rollout=2",
+        "train.num_minibatches=4",
+        "train.micro_batch_size=16",
+    ],
+    "lam1": ["advantage.lam=1.0"],
+}
+TUNE_SEEDS = (1, 2)
 PAPER_SPEEDUP = 1.7  # MA-RLHF: PPO's final reward in 1.7-2x fewer steps
 
 
-def sft_start(threads: int) -> str:
-    """The shared SFT warm start's export directory, trained once (about 5 minutes) and reused."""
+def sft_start(threads: int, seed: int | None = None) -> str:
+    """The SFT warm start's export directory, trained once (about 5 minutes) and reused: the shared
+    one (seed None), or seed `seed`'s own (its initialisation and data order, validation lists
+    carved out)."""
     import torch
 
     from rlhf.checkpoint import export_dir, list_checkpoints
 
-    run_dir = os.path.join(RUNS, "sft")
+    if seed is None:
+        run_dir, overrides = os.path.join(RUNS, "sft"), []
+    else:
+        run_dir, overrides = os.path.join(SEEDED_RUNS, "sft", f"seed{seed}"), [*SEEDED_DATA, f"seed={seed}"]
     if not list_checkpoints(run_dir):
         torch.set_num_threads(threads)
         from recipes import sft
 
-        print("training the SFT warm start (+experiment=sft_sort)", flush=True)
-        sft.train(compose_config("sft", ["+experiment=sft_sort", f"run_dir={run_dir}", "logger=quiet"]))
+        print(f"training the SFT warm start (+experiment=sft_sort {' '.join(overrides)})", flush=True)
+        cfg = compose_config(
+            "sft", ["+experiment=sft_sort", *overrides, f"run_dir={run_dir}", "logger=quiet"]
+        )
+        sft.train(cfg)
     return export_dir(list_checkpoints(run_dir)[-1])
 
 
-def run_method(job: tuple[str, str, int, int, int, str, list[str] | None], threads: int) -> str:
-    """One seed of one method (its overrides: the study's, unless the job brings its own); writes
-    its curves to study_result.json in the run directory."""
-    method, recipe, seed, steps, eval_every, start, own_overrides = job
-    run_dir = os.path.join(RUNS, method, f"seed{seed}")
+def run_method(job: tuple, threads: int) -> str:
+    """One seed of one method: job = (method, recipe, seed, steps, eval_every, start, overrides or
+    None for the study's[, seeded]); `seeded` runs live under SEEDED_RUNS with validation lists
+    carved out. Writes its curves (held-out accuracy with the wall clock, training reward and KL)
+    to study_result.json in the run directory."""
+    method, recipe, seed, steps, eval_every, start, own_overrides, *rest = job
+    seeded = bool(rest and rest[0])
+    run_dir = os.path.join(SEEDED_RUNS if seeded else RUNS, method, f"seed{seed}")
     done = os.path.join(run_dir, "study_result.json")
     if os.path.exists(done):
         with open(done) as handle:
@@ -107,6 +194,7 @@ def run_method(job: tuple[str, str, int, int, int, str, list[str] | None], threa
         recipe,
         [
             *overrides,
+            *(SEEDED_DATA if seeded else []),
             f"model.name_or_path={start}",
             f"seed={seed}",
             f"train.steps={steps}",
@@ -120,20 +208,31 @@ def run_method(job: tuple[str, str, int, int, int, str, list[str] | None], threa
 
         shutil.rmtree(run_dir)
     (grpo if recipe == "grpo" else ppo).train(cfg)
-    rows = read_metrics(run_dir)
-    result = {
+    with open(done, "w") as handle:
+        json.dump(curves_of_run(read_metrics(run_dir), method, seed, steps, eval_every), handle)
+    return run_dir
+
+
+def curves_of_run(rows: list[dict], method: str, seed: int, steps: int, eval_every: int) -> dict:
+    """What a study reads from a run's metrics: the training reward and per-token KL to the
+    reference (PPO logs it as kl/mean; GRPO with the KL in its reward as reward_kl/mean; GRPO
+    without a KL term has none), and the held-out accuracy with seconds since the run's first row."""
+    start = min(r["time"] for r in rows if "time" in r)
+    train = [r for r in rows if "reward/mean" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    kl_key = next((k for k in ("kl/mean", "reward_kl/mean") if any(k in r for r in train)), None)
+    return {
         "method": method,
         "seed": seed,
         "steps": steps,
         "eval_every": eval_every,
-        "train_steps": [r["step"] for r in rows if "reward/mean" in r],
-        "train_reward": [r["reward/mean"] for r in rows if "reward/mean" in r],
-        "eval_steps": [r["step"] for r in rows if "eval/accuracy" in r],
-        "eval_accuracy": [r["eval/accuracy"] for r in rows if "eval/accuracy" in r],
+        "train_steps": [r["step"] for r in train],
+        "train_reward": [r["reward/mean"] for r in train],
+        "train_kl": [r[kl_key] for r in train] if kl_key else None,
+        "eval_steps": [r["step"] for r in evals],
+        "eval_accuracy": [r["eval/accuracy"] for r in evals],
+        "eval_seconds": [r["time"] - start for r in evals],
     }
-    with open(done, "w") as handle:
-        json.dump(result, handle)
-    return run_dir
 
 
 STUDIES_BY_METHOD = {method: spec for study in STUDIES.values() for method, spec in study.items()}
@@ -148,51 +247,91 @@ def first_step_reaching(result: dict, target: float) -> int | None:
     return None
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def final_kl(result: dict) -> float | None:
+    """The per-token KL to the reference over the last WINDOW training steps (None: not logged)."""
+    kl = result.get("train_kl")
+    return statistics.fmean(kl[-WINDOW:]) if kl else None
 
 
-def summarise(results: dict[tuple[str, int], dict], methods: list[str], seeds: list[int]) -> tuple[str, dict]:
-    """The study's table and, per method, the figures its verdict rests on."""
-    final = {m: [results[(m, s)]["eval_accuracy"][-1] for s in seeds] for m in methods}
-    reward = {
-        m: [moving_average(results[(m, s)]["train_reward"], WINDOW)[-1] for s in seeds] for m in methods
+def arm_figures(result: dict, target: float) -> dict[str, float | None]:
+    """One run's figures: final held-out accuracy, its area under the held-out curve (mean height),
+    final KL, training minutes, and the wall clock to the fixed held-out target (None: never)."""
+    seconds = result.get("eval_seconds")
+    return {
+        "final": result["eval_accuracy"][-1],
+        "auc": area_under_curve(result["eval_steps"], result["eval_accuracy"]),
+        "kl": final_kl(result),
+        "minutes": seconds[-1] / 60 if seconds else None,
+        "to_target": first_reaching(seconds, result["eval_accuracy"], target) if seconds else None,
     }
+
+
+def arm_table(figures: dict[tuple[str, int], dict], methods: list[str], seeds: list[int]) -> str:
     lines = [
-        "| method | held-out exact match, final: mean (sd) | per seed | training reward, final 10-step mean: mean (sd) | steps to PPO's final reward, per seed | PPO steps / method steps (median) |",
+        "| arm | held-out final, mean [95% CI] | per seed | held-out area under curve, mean [95% CI] | KL to reference per token, last 10 steps | training minutes |",
         "|---|---|---|---|---|---|",
     ]
-    verdicts = {}
     for method in methods:
-        mean, sd = _mean_sd(final[method])
-        reward_mean, reward_sd = _mean_sd(reward[method])
-        reached, ratios = [], []
-        if "ppo" in methods:
-            for seed in seeds:
-                ppo_result = results[("ppo", seed)]
-                target = moving_average(ppo_result["train_reward"], WINDOW)[-1]
-                steps = first_step_reaching(results[(method, seed)], target)
-                reached.append(str(steps) if steps is not None else "never")
-                ppo_steps = first_step_reaching(ppo_result, target)
-                if steps and ppo_steps:
-                    ratios.append(ppo_steps / steps)
-        ratio = statistics.median(ratios) if ratios else None
+        final = [figures[(method, s)]["final"] for s in seeds]
+        auc = [figures[(method, s)]["auc"] for s in seeds]
+        kl = [figures[(method, s)]["kl"] for s in seeds]
+        minutes = [figures[(method, s)]["minutes"] for s in seeds]
+        kl_text = f"{statistics.fmean(kl):.4f}" if None not in kl else "not computed (no reference)"
+        minutes_text = f"{statistics.fmean(minutes):.1f}" if None not in minutes else "-"
         lines.append(
-            f"| {method} | {100 * mean:.1f}% ({100 * sd:.1f}) | "
-            + " / ".join(f"{100 * v:.1f}" for v in final[method])
-            + f" | {reward_mean:.3f} ({reward_sd:.3f}) | {', '.join(reached) or '-'} | "
-            + (f"{ratio:.2f}x ({len(ratios)}/{len(seeds)} seeds reach it)" if ratio else "-")
+            f"| {method} | {format_interval(*bootstrap_interval(final))} | "
+            + " / ".join(f"{100 * v:.1f}" for v in final)
+            + f" | {format_interval(*bootstrap_interval(auc))} | {kl_text} | {minutes_text} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_table(
+    study: str, results: dict, figures: dict, methods: list[str], seeds: list[int], target: float
+) -> tuple[str, dict]:
+    """Each arm against its baseline at the same seeds: paired differences of the final held-out
+    accuracy and of the area under the held-out curve with bootstrap intervals and the verdict word
+    each interval allows; the wall clock to `target` (baseline / arm, seeds where both reach it);
+    steps to the baseline's final training reward as a secondary figure."""
+    lines = [
+        f"| arm - baseline | what it separates | final held-out, paired difference [95% CI] | verdict | area under curve, paired difference [95% CI] | verdict | wall clock to {100 * target:.0f}% held-out, baseline / arm [95% CI] (seeds reaching: arm, baseline) | steps to the baseline's final training reward, baseline / arm (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = {}
+    for arm, baseline, what in COMPARISONS[study]:
+        if arm not in methods or baseline not in methods:
+            continue
+        pair = {}
+        for figure in ("final", "auc"):
+            differences = [figures[(arm, s)][figure] - figures[(baseline, s)][figure] for s in seeds]
+            interval = bootstrap_interval(differences)
+            pair[figure] = (interval, verdict(interval[1], interval[2]))
+        times = [(figures[(baseline, s)]["to_target"], figures[(arm, s)]["to_target"]) for s in seeds]
+        ratios = [b / a for b, a in times if a and b]
+        speed = format_interval(*bootstrap_interval(ratios), scale=1, digits=2) if ratios else "-"
+        reached = (sum(a is not None for _, a in times), sum(b is not None for b, _ in times))
+        steps = steps_ratio(results, arm, baseline, seeds)
+        verdicts[(arm, baseline)] = {"what": what, **{k: v[1] for k, v in pair.items()}, "steps": steps}
+        lines.append(
+            f"| {arm} - {baseline} | {what} | {format_interval(*pair['final'][0])} | {pair['final'][1]} | "
+            f"{format_interval(*pair['auc'][0])} | {pair['auc'][1]} | {speed} ({reached[0]}, {reached[1]}) | "
+            + (f"{steps[0]:.2f}x ({steps[1]}/{len(seeds)} seeds reach it)" if steps[0] else "-")
             + " |"
         )
-        if method != "ppo" and "ppo" in methods:
-            ppo_mean, ppo_sd = _mean_sd(final["ppo"])
-            verdicts[method] = {
-                "accuracy_gap": mean - ppo_mean,
-                "exceeds_spread": abs(mean - ppo_mean) > max(sd, ppo_sd),
-                "speedup": ratio,
-                "reached": len(ratios),
-            }
     return "\n".join(lines), verdicts
+
+
+def steps_ratio(results: dict, arm: str, baseline: str, seeds: list[int]) -> tuple[float | None, int]:
+    """(median over seeds of baseline steps / arm steps to the baseline's final 10-step training
+    reward, seeds where both reach it). Noisy (a moving average's first crossing), so secondary."""
+    ratios = []
+    for seed in seeds:
+        target = moving_average(results[(baseline, seed)]["train_reward"], WINDOW)[-1]
+        arm_steps = first_step_reaching(results[(arm, seed)], target)
+        baseline_steps = first_step_reaching(results[(baseline, seed)], target)
+        if arm_steps and baseline_steps:
+            ratios.append(baseline_steps / arm_steps)
+    return (statistics.median(ratios) if ratios else None), len(ratios)
 
 
 def plot(results: dict[tuple[str, int], dict], methods: list[str], path: str, title: str) -> None:
@@ -228,29 +367,31 @@ def plot(results: dict[tuple[str, int], dict], methods: list[str], path: str, ti
 
 
 def verdict_lines(study: str, verdicts: dict) -> str:
-    """Each method against PPO; for MA-PPO the verdict on the paper's claim, by a rule fixed before
-    the runs: reproduced = PPO's final reward in at least 1.7x fewer steps (median, 3+ seeds reach
-    it) at no held-out loss; in part = at least 1.2x fewer steps, or a held-out gain beyond the seed
-    spread; otherwise not reproduced."""
+    """A sentence per arm. For MA-PPO the paper's claim (PPO's final reward in 1.7-2x fewer steps),
+    by a rule fixed before the runs: reproduced where the paired interval of the area under the
+    held-out curve against PPO excludes zero in MA-PPO's favour, the final accuracy is not shown
+    worse, and the same holds against PPO at MA-PPO's effective KL; where it beats PPO but not the
+    KL-matched PPO, the gain is the KL."""
     lines = []
-    for method, v in verdicts.items():
-        speed = f"{v['speedup']:.2f}x" if v["speedup"] else "never"
-        spread = "exceeds" if v["exceeds_spread"] else "within"
-        facts = (
-            f"PPO steps / {method} steps to PPO's final reward: median {speed}, {v['reached']} seeds reach it; "
-            f"held-out gap to PPO {100 * v['accuracy_gap']:+.1f} points, {spread} the seed spread"
+    for (arm, baseline), v in verdicts.items():
+        lines.append(
+            f"- {arm} against {baseline} ({v['what']}): final held-out {v['final']}, area under the curve {v['auc']}"
         )
-        if study != "macro":
-            lines.append(f"- {method}: {facts}")
+    if study != "macro":
+        return "\n".join(lines)
+    for arm in sorted({a for a, _ in verdicts if a.startswith("ma_")}):
+        against_ppo = verdicts.get((arm, "ppo"))
+        matched = next((v for (a, b), v in verdicts.items() if a == arm and b.startswith("ppo_kl")), None)
+        if against_ppo is None:
             continue
-        speedup = v["speedup"] if v["reached"] >= 3 else None
-        if speedup and speedup >= PAPER_SPEEDUP and v["accuracy_gap"] >= 0:
-            word = "reproduced"
-        elif (speedup and speedup >= 1.2) or (v["accuracy_gap"] > 0 and v["exceeds_spread"]):
-            word = "reproduced in part"
+        faster = against_ppo["auc"] == "better" and against_ppo["final"] != "worse"
+        if faster and matched is not None and matched["auc"] != "better":
+            word = "not reproduced: faster than PPO, but no faster than PPO at the same effective KL"
+        elif faster:
+            word = "reproduced" + ("" if matched else " (no KL-matched control run)")
         else:
             word = "not reproduced"
-        lines.append(f"- {method}: {word} ({facts})")
+        lines.append(f"- MA-RLHF's claim, {arm}: {word}")
     return "\n".join(lines)
 
 
@@ -330,6 +471,71 @@ def warm_start_accuracy(start: str, threads: int, lists: int = 1000) -> str:
     return "\n".join(lines)
 
 
+def tuning_jobs(method: str, steps: int, eval_every: int, starts: dict[int, str]) -> list[tuple]:
+    """`method`'s tuning runs: each grid point at each tuning seed, evaluated on the validation lists."""
+    recipe, base = STUDIES_BY_METHOD[method]
+    return [
+        (
+            f"tune_{method}_{name}",
+            recipe,
+            seed,
+            steps,
+            eval_every,
+            starts[seed],
+            [*base, *extra, "data.eval_split=validation"],
+            True,
+        )
+        for name, extra in TUNING_GRID.items()
+        for seed in TUNE_SEEDS
+    ]
+
+
+def tuning_table(method: str, results: dict[tuple[str, int], dict]) -> str:
+    """The grid's validation figures, best final validation accuracy (mean over tuning seeds) first."""
+    rows = []
+    for name, extra in TUNING_GRID.items():
+        runs = [results[(f"tune_{method}_{name}", seed)] for seed in TUNE_SEEDS]
+        final = [r["eval_accuracy"][-1] for r in runs]
+        auc = [area_under_curve(r["eval_steps"], r["eval_accuracy"]) for r in runs]
+        kl = [final_kl(r) for r in runs]
+        rows.append((statistics.fmean(final), name, extra, final, statistics.fmean(auc), kl))
+    rows.sort(key=lambda row: -row[0])
+    lines = [
+        "| grid point | overrides | validation final, per seed | mean | validation area under curve | KL per token, last 10 steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mean, name, extra, final, auc, kl in rows:
+        kl_text = f"{statistics.fmean(kl):.4f}" if None not in kl else "-"
+        lines.append(
+            f"| {name}{' (chosen)' if mean == rows[0][0] else ''} | {' '.join(extra) or '(the preset)'} | "
+            + " / ".join(f"{100 * v:.1f}" for v in final)
+            + f" | {100 * mean:.1f}% | {100 * auc:.1f}% | {kl_text} |"
+        )
+    return "\n".join(lines)
+
+
+def tune(method: str, steps: int, eval_every: int, jobs: int, record: bool) -> None:
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    threads = max(1, (os.cpu_count() or 2) // max(1, jobs))
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        starts = dict(
+            zip(TUNE_SEEDS, pool.map(sft_start, [threads] * len(TUNE_SEEDS), TUNE_SEEDS), strict=True)
+        )
+        runs = tuning_jobs(method, steps, eval_every, starts)
+        for job, run_dir in zip(runs, pool.map(run_method, runs, [threads] * len(runs)), strict=True):
+            print(f"{job[0]} seed {job[2]} done: {run_dir}", flush=True)
+    results = {}
+    for name, _recipe, seed, *_ in runs:
+        with open(os.path.join(SEEDED_RUNS, name, f"seed{seed}", "study_result.json")) as handle:
+            results[(name, seed)] = json.load(handle)
+    body = (
+        f"{len(TUNING_GRID)} grid points x seeds {list(TUNE_SEEDS)} (their own warm starts), {steps} steps, "
+        f"scored on 500 validation lists carved from the training lists.\n\n{tuning_table(method, results)}"
+    )
+    report(f"Tuning {method} on sort-16, on validation lists", body, record)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     record = "--no-record" not in sys.argv[1:]
@@ -340,38 +546,71 @@ def main() -> None:
     if "--cost" in sys.argv[1:]:
         report("What the long-task studies cost", study_cost(), record)
         return
-    parser.add_argument("--study", choices=sorted(STUDIES), required=True)
+    parser.add_argument("--study", choices=sorted(STUDIES))
+    parser.add_argument(
+        "--tune",
+        choices=sorted(m for m, (recipe, _) in STUDIES_BY_METHOD.items() if recipe == "ppo"),
+        help="tune this method instead: TUNING_GRID at the warm starts of seeds 1 and 2, on the validation lists",
+    )
     parser.add_argument("--methods", nargs="+", help="a subset of the study's methods (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument(
+        "--starts",
+        choices=("per-seed", "shared"),
+        default="per-seed",
+        help="per-seed: each seed trains its own SFT warm start (runs under runs/long_horizon/sort_seeds); "
+        "shared: one start for every seed (the earlier protocol, runs under runs/long_horizon/sort)",
+    )
+    parser.add_argument(
+        "--target", type=float, default=0.35, help="held-out accuracy the wall clock is measured to"
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    if args.tune:
+        tune(args.tune, args.steps, args.eval_every, args.jobs, not args.no_record)
+        return
+    if not args.study:
+        parser.error("--study (or --tune, --cost, --warm-starts) is required")
     methods = args.methods or list(STUDIES[args.study])
     unknown = sorted(set(methods) - set(STUDIES[args.study]))
     if unknown:
         parser.error(f"--methods {unknown} are not in study {args.study}: {sorted(STUDIES[args.study])}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
-    start = sft_start(os.cpu_count() or 2)
-    jobs = [
-        (m, STUDIES[args.study][m][0], s, args.steps, args.eval_every, start, None)
-        for s in args.seeds
-        for m in methods
-    ]
+    seeded = args.starts == "per-seed"
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        if seeded:
+            starts = dict(
+                zip(args.seeds, pool.map(sft_start, [threads] * len(args.seeds), args.seeds), strict=True)
+            )
+        else:
+            starts = dict.fromkeys(args.seeds, sft_start(os.cpu_count() or 2))
+        jobs = [
+            (m, STUDIES[args.study][m][0], s, args.steps, args.eval_every, starts[s], None, seeded)
+            for s in args.seeds
+            for m in methods
+        ]
         for job, run_dir in zip(jobs, pool.map(run_method, jobs, [threads] * len(jobs)), strict=True):
             print(f"{job[0]} seed {job[2]} done: {run_dir}", flush=True)
     results = {}
     for method, _recipe, seed, *_ in jobs:
-        with open(os.path.join(RUNS, method, f"seed{seed}", "study_result.json")) as handle:
+        with open(
+            os.path.join(SEEDED_RUNS if seeded else RUNS, method, f"seed{seed}", "study_result.json")
+        ) as handle:
             results[(method, seed)] = json.load(handle)
-    table, verdicts = summarise(results, methods, args.seeds)
-    figure = f"long_horizon_{args.study}.png"
+    figures = {key: arm_figures(result, args.target) for key, result in results.items()}
+    comparisons, verdicts = comparison_table(args.study, results, figures, methods, args.seeds, args.target)
+    figure = f"long_horizon_{args.study}{'' if seeded else '_shared_start'}.png"
     plot(results, methods, os.path.join(ROOT, "benchmarks", "plots", figure), f"{args.study} on sort-16")
-    body = f"{table}\n\n{verdict_lines(args.study, verdicts)}\n\nFigure: benchmarks/plots/{figure}"
+    body = (
+        f"{'One SFT warm start per seed' if seeded else 'One SFT warm start for every seed'}; "
+        f"intervals: percentile bootstrap over seeds (10,000 resamples).\n\n{arm_table(figures, methods, args.seeds)}"
+        f"\n\n{comparisons}\n\n{verdict_lines(args.study, verdicts)}\n\nFigure: benchmarks/plots/{figure}"
+    )
     report(f"Long-horizon study '{args.study}' on sort-16, {len(args.seeds)} seeds", body, not args.no_record)
 
 

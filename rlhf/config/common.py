@@ -150,6 +150,9 @@ class DataConfig:
     sum_min_parts: int = 2
     sum_min_target: int = 4
     sort_length: int = 16  # "sort"/"group": lists of this many digits; answers are 2 * length - 1 tokens
+    # "sort"/"group": this many training lists moved to a "validation" split (data.eval_split=validation),
+    # for tuning that never sees the held-out lists
+    validation_size: int = 0
 
     def __post_init__(self) -> None:
         check_choice("data.overlong", self.overlong, ("truncate", "drop"))
@@ -157,6 +160,7 @@ class DataConfig:
             if getattr(self, name) is not None:
                 check_range(f"data.{name}", getattr(self, name), 1)
         check_range("data.response_budget", self.response_budget, 1)
+        check_range("data.validation_size", self.validation_size, 0)
 
 
 COMMAND_LINE_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r"}

@@ -105,7 +105,11 @@ def load_splits(cfg: DataConfig) -> DatasetDict:
         )
     if cfg.source in ("sort", "group"):
         return make_sort_task(
-            cfg.sort_length, cfg.eval_size, seed=cfg.task_seed, grouped=cfg.source == "group"
+            cfg.sort_length,
+            cfg.eval_size,
+            seed=cfg.task_seed,
+            grouped=cfg.source == "group",
+            validation_size=cfg.validation_size,
         )
     if cfg.source == "arithmetic_preferences":
         return make_addition_preferences(cfg.num_digits, cfg.eval_size, cfg.task_seed)

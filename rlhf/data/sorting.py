@@ -44,8 +44,11 @@ def make_sort_task(
     seed: int = 0,
     separator: str = ",",
     grouped: bool = False,
+    validation_size: int = 0,
 ) -> DatasetDict:
-    """Columns: prompt, answer. Lists of `length` digits 0-9; `grouped`: the grouping task."""
+    """Columns: prompt, answer. Lists of `length` digits 0-9; `grouped`: the grouping task.
+    `validation_size` > 0 moves the first that many training lists to a "validation" split (for
+    tuning on lists that are neither trained on nor held out); 0 leaves the splits as they were."""
     if length < 2:
         raise ValueError(f"data.sort_length must be >= 2, got {length}")
     rng = random.Random(seed)
@@ -71,4 +74,10 @@ def make_sort_task(
     def rows(problems: dict[str, str]) -> Dataset:
         return Dataset.from_dict({"prompt": list(problems), "answer": list(problems.values())})
 
-    return DatasetDict(train=rows(train), eval=rows(held_out))
+    if not 0 <= validation_size < train_rows:
+        raise ValueError(f"data.validation_size must be in [0, {train_rows}), got {validation_size}")
+    if not validation_size:
+        return DatasetDict(train=rows(train), eval=rows(held_out))
+    carved = list(train)[:validation_size]
+    validation = {prompt: train.pop(prompt) for prompt in carved}
+    return DatasetDict(train=rows(train), validation=rows(validation), eval=rows(held_out))

@@ -31,6 +31,24 @@ def test_sort_task_splits_are_disjoint_and_answers_verify():
         make_sort_task(length=1)
 
 
+def test_validation_lists_are_carved_from_training_and_leave_held_out_alone():
+    plain = make_sort_task(length=8, eval_size=100, train_rows=1000, seed=3)
+    carved = make_sort_task(length=8, eval_size=100, train_rows=1000, seed=3, validation_size=150)
+    assert list(carved["eval"]["prompt"]) == list(plain["eval"]["prompt"])
+    assert len(carved["validation"]) == 150 and len(carved["train"]) == 850
+    assert set(carved["validation"]["prompt"]) | set(carved["train"]["prompt"]) == set(
+        plain["train"]["prompt"]
+    )
+    assert not set(carved["validation"]["prompt"]) & set(carved["train"]["prompt"])
+    cfg = compose_recipe_config(
+        "ppo", ["+experiment=ppo_long_sort", "data.validation_size=300", "data.eval_split=validation"]
+    )
+    train, held_out = load_task_data(cfg.data)
+    assert len(held_out) == 300 and not set(held_out["prompt"]) & set(train["prompt"])
+    with pytest.raises(ValueError, match="validation_size"):
+        make_sort_task(length=8, train_rows=100, validation_size=100)
+
+
 @pytest.mark.parametrize(
     "completion, score",
     [
