@@ -9,7 +9,7 @@ steps on the rollout (old logprobs kept) with the registered `loss.policy_loss` 
 gspo_token, luspo, cispo, sapo, vespo, gtpo; rlhf/losses/policy.py). Options (all in config): loss
 aggregation token_mean / sequence_mean_token_mean / sequence_mean_token_sum_norm /
 sequence_mean_token_sum; asymmetric and dual clipping; KL estimators k1/k2/k3 in the loss or in the
-reward (no reference model is loaded when kl_coef is 0); dropping zero-variance groups (their rows
+reward (no reference model is loaded when kl_coef is 0 unless loss.log_kl measures it); dropping zero-variance groups (their rows
 stay in the batch with an empty mask, so every rank runs the same micro-batches) or replacing them
 by new prompts' groups (dynamic sampling); DAPO's overlong penalty and truncation mask; NTHR's
 token scaling; two-sided clipping, the top-entropy token mask, the off-policy sequence mask, the
@@ -55,7 +55,7 @@ from rlhf.models.load import load_policy, load_reference
 from rlhf.models.options import ForwardOptions
 from rlhf.models.reference import ReferenceSync
 from rlhf.models.token_scorers import nthr_token_scale
-from rlhf.ops import masked_sum
+from rlhf.ops import masked_mean, masked_sum
 from rlhf.plots import plot_metrics
 from rlhf.rollout.ahead import rollout_of_step, start_rollouts_ahead, take_rollout
 from rlhf.rollout.engine import build_rollout_engine
@@ -97,7 +97,9 @@ def train(cfg: GRPOConfig) -> dict[str, float | str]:
         cfg.train.precision,
     )
     reference = None
-    if cfg.loss.kl_coef != 0.0:  # the initial policy (adapters off under LoRA), also when resuming
+    if (
+        cfg.loss.kl_coef != 0.0 or cfg.loss.log_kl
+    ):  # the initial policy (adapters off under LoRA), also when resuming
         reference = load_reference(cfg.model, tokenizer, engine, seed=cfg.seed)
     reference_sync = None
     if cfg.reference.sync:
@@ -287,11 +289,14 @@ def _logprob_passes(cfg: GRPOConfig, engine, reference, batch, plan, kl_estimato
     if reference is None:
         return None
     batch.ref_logprobs = _batched_logprobs(reference, batch, micro, options)
-    if cfg.loss.kl_placement != "reward":
+    if cfg.loss.kl_coef != 0.0 and cfg.loss.kl_placement != "reward":
         return None
     behaviour = batch.old_logprobs
     if behaviour is None:
         behaviour = _batched_logprobs(engine.model, batch, micro, options)
+    if cfg.loss.kl_coef == 0.0:  # loss.log_kl: measured, not penalised
+        metrics["kl/mean"] = float(masked_mean(behaviour - batch.ref_logprobs, batch.response_mask))
+        return None
     penalty, kl_metrics = kl_token_penalty(
         behaviour,
         batch.ref_logprobs,

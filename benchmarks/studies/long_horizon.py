@@ -87,10 +87,13 @@ GRPO = ["+experiment=grpo_long_sort"]
 STUDIES: dict[str, dict[str, tuple[str, list[str]]]] = {
     "grpo_vs_ppo": {
         "ppo": PPO,
-        "grpo": ("grpo", GRPO),
-        # controls: both without KL, and GRPO with PPO's per-token KL in its reward
+        "grpo": ("grpo", [*GRPO, "loss.log_kl=true"]),  # the KL measured, not penalised
+        # controls: both without KL, and GRPO with PPO's per-token k1 KL in its reward
         "ppo_kl0": ("ppo", [*PPO[1], "loss.kl_coef=0"]),
-        "grpo_kl0.05": ("grpo", [*GRPO, f"loss.kl_coef={PPO_KL}", "loss.kl_placement=reward"]),
+        "grpo_kl0.05": (
+            "grpo",
+            [*GRPO, f"loss.kl_coef={PPO_KL}", "loss.kl_placement=reward", "loss.kl_estimator=k1"],
+        ),
     },
     "macro": {
         "ppo": PPO,

@@ -102,6 +102,10 @@ class LossConfig(_PolicyLossChoice):
     clip_high: float | None = None
     dual_clip: float | None = None
     kl_coef: float = 0.0
+    # with kl_coef 0, load the reference all the same and log the sampled tokens' KL to it (kl/mean,
+    # k1) at the cost of a reference and a policy pass per step: so runs without a KL term can be
+    # compared at their KL (PPO always logs it)
+    log_kl: bool = False
     kl_estimator: str = "k3"
     kl_placement: str = "loss"  # "loss" or "reward"
     kl_log_ratio_clamp: float | None = 20.0

@@ -353,3 +353,22 @@ def test_epochs_set_the_number_of_rollout_steps(make_config, tmp_path):
     result = grpo.train(cfg)
     assert result["step"] == 6  # 2 passes over 6 prompts, 2 per step
     assert [r["step"] for r in read_metrics(result["run_dir"]) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_log_kl_measures_the_kl_without_changing_training(make_config, tmp_path):
+    """loss.log_kl with kl_coef 0: kl/mean is logged (0 on the first step, where the policy is the
+    reference; away from 0 once it moved: k1 on sampled tokens, as PPO logs it, can be negative) and
+    the losses are those of the same run without it."""
+    common = [*FAST, *VARIED_REWARD, "train.steps=3", "optim.lr=1e-2"]
+    plain = grpo.train(make_config("grpo", *common, run_dir=str(tmp_path / "plain")))
+    measured = grpo.train(
+        make_config("grpo", *common, "loss.log_kl=true", run_dir=str(tmp_path / "measured"))
+    )
+    rows = {
+        run: [r for r in read_metrics(result["run_dir"]) if "loss" in r]
+        for run, result in [("plain", plain), ("measured", measured)]
+    }
+    assert all("kl/mean" not in r for r in rows["plain"])
+    assert [r["loss"] for r in rows["measured"]] == [r["loss"] for r in rows["plain"]]
+    kl = [r["kl/mean"] for r in rows["measured"]]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and abs(kl[-1]) > 1e-4
