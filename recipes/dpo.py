@@ -13,6 +13,8 @@ Token-level options, all on the same path (per-token log-ratios, then weights, t
                               DPO-trained guide (token_weights.guide_model), floored
   token_weights.method=cdpo   cDPO: rejected-token weights 1 - s_t from contrastive estimation with
                               a positive and a negative model (recipes/cdpo_models.py trains them)
+  token_weights.method=uniform  every rejected token weighted by token_weights.uniform_rejected_weight:
+                              cDPO's control (its mean weight, no token credit)
   treg.alpha>0                T-REG: token rewards from contrastive prompting of a frozen model,
                               a weighted token-level regulariser added to the loss
 Formulas, defaults and where we follow the authors' code: rlhf/losses/preference.py.
@@ -38,6 +40,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf.config import ConfigError, DPOConfig, check_reference_sync, plan_sft_batches, register_configs
+from rlhf.config.preference import TOKEN_WEIGHT_METHODS
 from rlhf.data.chat import (
     PROMPT_TEXT,
     is_templated,
@@ -221,6 +224,9 @@ class PairLoss:
             if w.weight_chosen:
                 weights[0] = cdpo_token_weights(scores[c], mask[c], rejected=False)
             metrics = {"cdpo/rejected_weight_mean": weights[1].sum() / mask[r].sum().clamp(min=1)}
+        elif w.method == "uniform":
+            weights[1] = torch.where(mask[r], w.uniform_rejected_weight, 0.0)
+            metrics = {"uniform/rejected_weight": w.uniform_rejected_weight}
         chosen = sequence_logratios(logprobs[c], ref[c] if ref is not None else None, mask[c], weights[0])
         rejected = sequence_logratios(logprobs[r], ref[r] if ref is not None else None, mask[r], weights[1])
         lengths = mask.sum(-1)
@@ -290,8 +296,8 @@ def _accumulate_gradients(cfg: DPOConfig, pairs, policy, train_rows, indices: li
 
 def _validate(cfg: DPOConfig, needs_reference: bool) -> None:
     w = cfg.token_weights
-    if w.method not in ("none", "tgdpo", "cdpo"):
-        raise ConfigError(f"token_weights.method={w.method!r}; choose none, tgdpo or cdpo")
+    if w.method not in TOKEN_WEIGHT_METHODS:
+        raise ConfigError(f"token_weights.method={w.method!r}; choose one of {TOKEN_WEIGHT_METHODS}")
     if w.method == "tgdpo" and not w.guide_model:
         raise ConfigError("token_weights.method=tgdpo needs token_weights.guide_model (a DPO-trained policy)")
     if w.method == "tgdpo" and not needs_reference:

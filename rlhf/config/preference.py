@@ -82,9 +82,14 @@ class ReferenceConfig(ReferenceSyncConfig):
     batch_size: int = 64
 
 
+TOKEN_WEIGHT_METHODS = ("none", "tgdpo", "cdpo", "uniform")
+
+
 @dataclass
 class TokenWeightConfig:
     # none | tgdpo (token rewards of a frozen DPO model) | cdpo (critical-token contrastive estimation)
+    # | uniform (every rejected token weighted by uniform_rejected_weight: cDPO's control, its mean
+    # weight without its token credit)
     method: str = "none"
     guide_model: str | None = None  # TGDPO: a DPO- or SimPO-trained policy on the same data
     alpha: float = 0.5  # TGDPO: w = 1 +- alpha * beta * log(pi_guide / pi_ref)
@@ -93,9 +98,11 @@ class TokenWeightConfig:
     negative_model: str | None = None  # cDPO: model fine-tuned on incorrect samples
     contrast_beta: float = 1.0  # cDPO: s_t = softmax((1 + b) z_pos - b z_neg)[y_t]
     weight_chosen: bool = False  # cDPO: chosen tokens weighted by s_t too (default only rejected)
+    uniform_rejected_weight: float = 1.0  # uniform: the one weight of every rejected token
 
     def __post_init__(self) -> None:
-        check_choice("token_weights.method", self.method, ("none", "tgdpo", "cdpo"))
+        check_choice("token_weights.method", self.method, TOKEN_WEIGHT_METHODS)
+        check_range("token_weights.uniform_rejected_weight", self.uniform_rejected_weight, 0, low_open=True)
 
 
 @dataclass

@@ -91,6 +91,7 @@ def test_precomputed_reference_matches_on_the_fly_and_is_reused(make_config, tmp
     "variant",
     [
         ["token_weights.method=tgdpo", "token_weights.alpha=0.0"],  # alpha 0: weights 1, DPO
+        ["token_weights.method=uniform"],  # every rejected weight 1: DPO
         # T-REG on, with one template for "better" and "worse": every token reward is 0, so the
         # regulariser (computed, weighted, added) is 0 and the run is DPO's
         ["treg.alpha=0.5", "treg.better_template='1{prompt}'", "treg.worse_template='1{prompt}'"],
@@ -103,7 +104,9 @@ def test_token_variants_reduce_to_dpo(make_config, tmp_path, variant):
     result = dpo.train(make_config("dpo", *FAST, *variant, *extra, run_dir=str(tmp_path / "v")))
     assert losses(result) == pytest.approx(losses(base), rel=1e-6)
     rows = [r for r in read_metrics(result["run_dir"]) if "loss" in r]
-    metric = "tgdpo/floor_rate" if "tgdpo" in variant[0] else "treg/weight"
+    metric = {"tgdpo": "tgdpo/floor_rate", "uniform": "uniform/rejected_weight"}.get(
+        variant[0].split("=")[-1], "treg/weight"
+    )
     assert all(metric in r for r in rows), "the variant's code ran"
     if "treg" in variant[0]:
         assert all(r["treg/regularizer"] == 0.0 and 0 < r["treg/weight"] < 1 for r in rows)
@@ -128,6 +131,7 @@ def test_token_variants_train(make_config, tmp_path, pairs):
             "token_weights.weight_chosen=true",
         ],
         "treg": ["treg.alpha=0.5", "treg.better_template='1{prompt}'", "treg.worse_template='9{prompt}'"],
+        "uniform": ["token_weights.method=uniform", "token_weights.uniform_rejected_weight=0.5"],
         "simpo": ["loss.type=simpo", "loss.simpo_gamma=0.2"],
     }.items():
         result = dpo.train(
