@@ -1,36 +1,46 @@
 """Token-level reward methods on the long-response sort task, 5 seeds: RTO against PPO, and DPO,
-TGDPO and cDPO against each other, each DPO-family method at the paper's beta (0.1) and at 0.5.
+TGDPO and cDPO against each other, each DPO-family method at the paper's beta (0.1) and at 0.5, with
+a control for each method's confound; verdicts from paired bootstrap intervals.
 
-Everything starts from the SFT warm start of benchmarks/studies/long_horizon.py (`+experiment=sft_sort`,
-about 23% held-out exact match). Pairs: 8 samples (T = 1) for each of 3000 training lists from that
-policy, verified by exact match; one exact (chosen) and one wrong (rejected) sample per list that
-has both (recipes/cdpo_models.py, which also trains cDPO's positive and negative LoRA models on the
-exact and the wrong samples). Per seed:
-  dpo_b<beta>    DPO on the pairs (+experiment=dpo_long_sort, 200 steps x 32 pairs)
-  tgdpo_b<beta>  TGDPO on the pairs, guided by the same seed's DPO model of that beta
+By default each seed has its own SFT warm start (long_horizon.py's, `--starts per-seed`) and its own
+pairs: 8 samples (T = 1) for each of 3000 training lists from that start, verified by exact match;
+one exact (chosen) and one wrong (rejected) sample per list that has both (recipes/cdpo_models.py,
+which also trains cDPO's positive and negative LoRA models on the exact and the wrong samples).
+`--starts shared` is the earlier protocol (one start and one pair set for every seed). Per seed:
+  dpo_b<beta>      DPO on the pairs (+experiment=dpo_long_sort, 200 steps x 32 pairs, lr 1e-4)
+  tgdpo_b<beta>    TGDPO on the pairs, guided by the same seed's DPO model of that beta
+  cdpo_b<beta>     cDPO on the pairs (rejected-token weights from the positive and negative models)
+  uniform_b<beta>  control for cDPO: every rejected token at cDPO's mean weight (the same seed's
+                   cdpo run), so a smaller push on rejected tokens without cDPO's token credit
+  placebo_b0.1     DPO on the pairs with each pair's sides swapped by a fair coin: a model that moved
+                   from the start as DPO's did but carries no preference
+  rto              PPO (+experiment=ppo_long_sort) plus RTO's DPO token reward from dpo_b0.1
+  rto_placebo      control for RTO: the same, the token reward from placebo_b0.1 (same scale and
+                   clipping, no preference information)
+  ppo              long_horizon.py's PPO runs (same start, steps and evaluation)
   tgdpo_cguide_b<beta>  (with --guide-control, a diagnostic outside the verdicts) TGDPO guided by
-                 the same seed's cDPO model instead, a guide whose correct answers did not collapse
-  cdpo_b<beta>   cDPO on the pairs (rejected-token weights from the positive and negative models)
-  rto            PPO (+experiment=ppo_long_sort) plus RTO's DPO token reward from dpo_b0.1, the
-                 baseline being long_horizon.py's PPO runs (same start, steps and evaluation)
-Every final model answers the 1000 held-out lists greedily (exact match). Verdicts, by a rule fixed
-before the runs: a method is better than its baseline when its mean exceeds the baseline's by more
-than the larger of the two seed standard deviations ("reproduced"), better within that spread
-("reproduced in part"), else "not reproduced". Finished runs are reused (`study_result.json`).
+                   the same seed's cDPO model instead, a guide whose correct answers did not collapse
+Every final model answers the 1000 held-out lists greedily (exact match), and its KL to its start is
+measured the same way for every arm (k1 on its own samples at T = 1 on 200 held-out lists). The
+samples behind the pairs (24,000) are charged in the table's note. Verdicts, by a rule fixed before
+the runs: a claim is reproduced only where the paired interval (method - baseline, same seed) excludes
+zero in the method's favour and, where a control was run, the interval against the control does too.
+Finished runs are reused (`study_result.json`).
 
 `--explain-tgdpo` takes TGDPO's finished runs apart on the training pairs (no training): where the
 guide's token rewards and each model's log-ratio shift sit along a pair (the shared prefix, the first
 diverging token, the rest), and how much of TGDPO's margin comes from the plain DPO sum and how much
 from the guide's weights.
 
-Usage: python benchmarks/studies/token_rewards.py [--seeds 1 2 3 4 5] [--jobs 2] [--no-record]
-           [--guide-control] [--explain-tgdpo]
+Usage: python benchmarks/studies/token_rewards.py [--seeds 1 2 3 4 5] [--starts per-seed|shared]
+           [--jobs 2] [--no-record] [--guide-control] [--explain-tgdpo]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import math
 import multiprocessing
@@ -38,54 +48,118 @@ import os
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import compose_config, report, save_figure  # noqa: E402
-from benchmarks.studies.long_horizon import RUNS, run_method, sft_start  # noqa: E402
+from benchmarks.studies.intervals import bootstrap_interval, format_interval, verdict  # noqa: E402
+from benchmarks.studies.long_horizon import (  # noqa: E402
+    RUNS,
+    SEEDED_DATA,
+    SEEDED_RUNS,
+    run_method,
+    sft_start,
+)
 
 BETAS = (0.1, 0.5)
-PAIRS = os.path.join(RUNS, "pairs")
+PAIR_PROMPTS, PAIR_SAMPLES = 3000, 8  # lists sampled for the pairs, samples per list
 GUIDE_OF = {"tgdpo": "dpo", "tgdpo_cguide": "cdpo"}  # TGDPO variant -> the method of its guide
 TGDPO_ALPHA = 0.5  # the paper's default
 PPO_STEPS, PPO_EVAL_EVERY = 120, 20  # long_horizon.py's defaults: its PPO runs are the baseline
 
 
-def build_pairs(start: str) -> dict:
-    """The pairs and cDPO's positive and negative models, built once and reused."""
-    done = os.path.join(PAIRS, "built.json")
+@dataclass(frozen=True)
+class Layout:
+    """Where a study's runs live and what each seed starts from: `seeded`, every seed its own SFT
+    start and its own pairs (under long_horizon.py's SEEDED_RUNS, validation lists carved out);
+    otherwise one start and one pair set for every seed (the earlier protocol, under RUNS)."""
+
+    seeded: bool
+    starts: dict[int, str]
+
+    @property
+    def root(self) -> str:
+        return SEEDED_RUNS if self.seeded else RUNS
+
+    def run_dir(self, method: str, seed: int) -> str:
+        return os.path.join(self.root, method, f"seed{seed}")
+
+    def pairs_dir(self, seed: int) -> str:
+        return os.path.join(self.root, "pairs", f"seed{seed}") if self.seeded else os.path.join(RUNS, "pairs")
+
+
+def build_pairs(job: tuple[Layout, int]) -> dict:
+    """Seed `seed`'s pairs (its start's samples) and cDPO's positive and negative models, built once
+    and reused; with them, a placebo copy of the pairs whose chosen and rejected sides are swapped
+    at random (no preference information left), for the placebo DPO model behind RTO's control."""
+    layout, seed = job
+    directory = layout.pairs_dir(seed)
+    done = os.path.join(directory, "built.json")
     if os.path.exists(done):
         with open(done) as handle:
             return json.load(handle)
     from recipes.cdpo_models import build_cdpo_models
 
-    shutil.rmtree(PAIRS, ignore_errors=True)
+    shutil.rmtree(directory, ignore_errors=True)
     built = build_cdpo_models(
-        start,
-        PAIRS,
-        samples=8,
+        layout.starts[seed],
+        directory,
+        samples=PAIR_SAMPLES,
         temperature=1.0,
-        num_prompts=3000,
+        num_prompts=PAIR_PROMPTS,
         max_new_tokens=34,
-        task_overrides=("data=sort",),
+        seed=seed if layout.seeded else 0,
+        task_overrides=("data=sort", *(SEEDED_DATA if layout.seeded else ())),
         sft_overrides=("logger=quiet",),
+    )
+    built["placebo_pairs"] = write_placebo_pairs(
+        built["pairs"], os.path.join(directory, "placebo_pairs"), seed
     )
     with open(done, "w") as handle:
         json.dump(built, handle)
     return built
 
 
-def dpo_overrides(method: str, seed: int, start: str, built: dict) -> list[str]:
+def write_placebo_pairs(pairs: str, out: str, seed: int) -> str:
+    """The pairs with each pair's sides swapped by a fair coin: a DPO model trained on them moves as
+    far from the reference, but learns no preference."""
+    import random
+
+    rng = random.Random(seed)
+    os.makedirs(out, exist_ok=True)
+    for split in ("train", "eval"):
+        with open(os.path.join(pairs, f"{split}.jsonl")) as handle:
+            rows = [json.loads(line) for line in handle]
+        with open(os.path.join(out, f"{split}.jsonl"), "w") as handle:
+            for row in rows:
+                if rng.random() < 0.5:
+                    row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+                handle.write(json.dumps(row) + "\n")
+    return out
+
+
+def dpo_overrides(method: str, seed: int, layout: Layout, built: dict) -> list[str]:
     name, beta = method.rsplit("_b", 1)
     common = [
         "+experiment=dpo_long_sort",
-        f"model.name_or_path={start}",
-        f"data.source={built['pairs']}",
+        f"model.name_or_path={layout.starts[seed]}",
+        f"data.source={built['placebo_pairs' if name == 'placebo' else 'pairs']}",
         f"loss.beta={beta}",
         f"seed={seed}",
     ]
+    if name == "uniform":  # cDPO's control: its mean rejected-token weight on every rejected token
+        rows = read_run_metrics(layout.run_dir(f"cdpo_b{beta}", seed))
+        mean_weight = statistics.fmean(
+            r["cdpo/rejected_weight_mean"] for r in rows if "cdpo/rejected_weight_mean" in r
+        )
+        return [
+            *common,
+            "token_weights.method=uniform",
+            f"token_weights.uniform_rejected_weight={mean_weight:.6f}",
+        ]
     if name in GUIDE_OF:
-        guide = _export(os.path.join(RUNS, f"{GUIDE_OF[name]}_b{beta}", f"seed{seed}"))
+        guide = _export(layout.run_dir(f"{GUIDE_OF[name]}_b{beta}", seed))
         return [
             *common,
             "token_weights.method=tgdpo",
@@ -103,6 +177,58 @@ def dpo_overrides(method: str, seed: int, start: str, built: dict) -> list[str]:
     return common
 
 
+KL_PROMPTS = 200  # held-out lists each final model samples (T = 1) for its KL to its start
+
+
+@functools.lru_cache(maxsize=1)
+def kl_prompts() -> list[str]:
+    """The first KL_PROMPTS held-out lists (the sort task is built once per process)."""
+    from rlhf.data.load import load_task_data
+
+    _, held_out = load_task_data(_sort_data())
+    return list(held_out["prompt"][:KL_PROMPTS])
+
+
+def policy_kl(model_dir: str, reference_dir: str, seed: int = 0) -> float:
+    """The final model's mean per-token KL to its start (k1 on its own samples at T = 1, the first
+    KL_PROMPTS held-out lists): one measure for every arm, PPO-trained or DPO-trained."""
+    import torch
+
+    from rlhf.config import ModelConfig
+    from rlhf.models.forward import response_logprobs
+    from rlhf.models.load import load_causal_lm, load_tokenizer
+    from rlhf.ops import masked_mean
+    from rlhf.rollout.engine import generate_rollouts
+    from rlhf.rollout.hf import TransformersEngine
+    from rlhf.rollout.sampling import SamplingParams
+
+    tokenizer = load_tokenizer(ModelConfig(source="pretrained", name_or_path=model_dir))
+    model, reference = (
+        load_causal_lm(ModelConfig(source="pretrained", name_or_path=path), tokenizer).eval()
+        for path in (model_dir, reference_dir)
+    )
+    prompts = kl_prompts()
+    torch.manual_seed(seed)
+    batch = generate_rollouts(
+        TransformersEngine.for_model(model, tokenizer),
+        prompts,
+        {},
+        group_size=1,
+        sampling=SamplingParams(max_new_tokens=34, temperature=1.0),
+        seed=seed,
+    )
+    tensors = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.attended_mask)
+    with torch.no_grad():
+        shift = response_logprobs(model, *tensors)[0] - response_logprobs(reference, *tensors)[0]
+    return float(masked_mean(shift, batch.response_mask))
+
+
+def read_run_metrics(run_dir: str) -> list[dict]:
+    from rlhf.loggers import read_metrics
+
+    return read_metrics(run_dir)
+
+
 def _sort_data():
     """The sort task's data config: its held-out lists are every model's evaluation."""
     return compose_config("sft", ["data=sort"]).data
@@ -114,10 +240,10 @@ def _export(run_dir: str) -> str:
     return export_dir(list_checkpoints(run_dir)[-1])
 
 
-def train_dpo(job: tuple[str, int, str, dict], threads: int) -> str:
+def train_dpo(job: tuple[str, int, Layout, dict], threads: int) -> str:
     """One seed of one DPO-family method, then its held-out exact match on the sort task."""
-    method, seed, start, built = job
-    run_dir = os.path.join(RUNS, method, f"seed{seed}")
+    method, seed, layout, built = job
+    run_dir = layout.run_dir(method, seed)
     done = os.path.join(run_dir, "study_result.json")
     if os.path.exists(done):
         return run_dir
@@ -130,7 +256,7 @@ def train_dpo(job: tuple[str, int, str, dict], threads: int) -> str:
 
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = compose_config(
-        "dpo", [*dpo_overrides(method, seed, start, built), f"run_dir={run_dir}", "logger=quiet"]
+        "dpo", [*dpo_overrides(method, seed, layout, built), f"run_dir={run_dir}", "logger=quiet"]
     )
     dpo.train(cfg)
     rows = read_metrics(run_dir)
@@ -139,6 +265,7 @@ def train_dpo(job: tuple[str, int, str, dict], threads: int) -> str:
         "method": method,
         "seed": seed,
         "heldout": heldout_gold(_export(run_dir), data, max_new_tokens=34)["exact_match"],
+        "kl": policy_kl(_export(run_dir), layout.starts[seed], seed),
         "loss_steps": [r["step"] for r in rows if "loss" in r],
         "loss": [r["loss"] for r in rows if "loss" in r],
     }
@@ -147,49 +274,36 @@ def train_dpo(job: tuple[str, int, str, dict], threads: int) -> str:
     return run_dir
 
 
-def heldout_of_ppo_run(job: tuple[str, int], threads: int) -> float:
-    """The held-out exact match of a long_horizon.py PPO-style run's final export, by the same
-    evaluation as the DPO-family models (cached in its study_result.json)."""
-    method, seed = job
-    path = os.path.join(RUNS, method, f"seed{seed}", "study_result.json")
+def heldout_of_ppo_run(job: tuple[str, int, Layout], threads: int) -> float:
+    """The held-out exact match and the KL to the start of a long_horizon.py PPO-style run's final
+    export, by the same evaluation as the DPO-family models (cached in its study_result.json)."""
+    method, seed, layout = job
+    path = os.path.join(layout.run_dir(method, seed), "study_result.json")
     with open(path) as handle:
         result = json.load(handle)
-    if "heldout" not in result:
+    if "heldout" not in result or "kl" not in result:
         import torch
 
         torch.set_num_threads(threads)
         from rlhf.eval.accuracy import heldout_gold
 
-        data = _sort_data()
-        run_dir = os.path.dirname(path)
-        result["heldout"] = heldout_gold(_export(run_dir), data, max_new_tokens=34)["exact_match"]
+        export = _export(os.path.dirname(path))
+        result["heldout"] = heldout_gold(export, _sort_data(), max_new_tokens=34)["exact_match"]
+        result["kl"] = policy_kl(export, layout.starts[seed], seed)
         with open(path, "w") as handle:
             json.dump(result, handle)
     return result["heldout"]
 
 
-def study_result(method: str, seed: int) -> dict:
+def study_result(method: str, seed: int, layout: Layout) -> dict:
     """A finished run's study_result.json."""
-    with open(os.path.join(RUNS, method, f"seed{seed}", "study_result.json")) as handle:
+    with open(os.path.join(layout.run_dir(method, seed), "study_result.json")) as handle:
         return json.load(handle)
 
 
 def heldout_row(name: str, values: list[float]) -> str:
     per_seed = " / ".join(f"{100 * v:.1f}" for v in values)
     return f"| {name} | {100 * statistics.mean(values):.1f}% ({100 * statistics.stdev(values):.1f}) | {per_seed} |"
-
-
-def compare(name: str, values: list[float], baseline_name: str, baseline: list[float]) -> str:
-    mean, sd = statistics.mean(values), statistics.stdev(values)
-    base_mean, base_sd = statistics.mean(baseline), statistics.stdev(baseline)
-    gap = mean - base_mean
-    if gap > max(sd, base_sd):
-        word = "reproduced"
-    elif gap > 0:
-        word = "reproduced in part (within the seed spread)"
-    else:
-        word = "not reproduced"
-    return f"- {name} against {baseline_name}: {word}, {100 * gap:+.1f} points (sd {100 * sd:.1f} and {100 * base_sd:.1f})"
 
 
 def pair_regions(chosen_ids, rejected_ids, chosen_mask, rejected_mask) -> dict[str, tuple[object, object]]:
@@ -210,7 +324,7 @@ def pair_regions(chosen_ids, rejected_ids, chosen_mask, rejected_mask) -> dict[s
 
 
 def tgdpo_anatomy(
-    beta: float, seed: int, start: str, threads: int, variant: str = "tgdpo"
+    beta: float, seed: int, layout: Layout, threads: int, variant: str = "tgdpo"
 ) -> dict[str, float]:
     """One TGDPO run (of `variant`) taken apart on its training pairs: per-pair sums of the guide's token reward
     g = log(pi_guide/pi_ref) and of each model's shift d = log(pi/pi_ref) by region, TGDPO's margin
@@ -227,12 +341,12 @@ def tgdpo_anatomy(
 
     torch.set_num_threads(threads)
     paths = {
-        name: _export(os.path.join(RUNS, f"{method}_b{beta}", f"seed{seed}"))
+        name: _export(layout.run_dir(f"{method}_b{beta}", seed))
         for name, method in (("dpo", "dpo"), ("guide", GUIDE_OF[variant]), ("tgdpo", variant))
     }
-    paths["ref"] = start
-    tokenizer = AutoTokenizer.from_pretrained(start)
-    with open(os.path.join(PAIRS, "pairs", "train.jsonl")) as handle:
+    paths["ref"] = layout.starts[seed]
+    tokenizer = AutoTokenizer.from_pretrained(paths["ref"])
+    with open(os.path.join(layout.pairs_dir(seed), "pairs", "train.jsonl")) as handle:
         rows = [json.loads(line) for line in handle]
     data_cfg = compose_config("dpo", ["+experiment=dpo_long_sort"]).data
     pairs = prepare_pairs(Dataset.from_list(rows), tokenizer, data_cfg, "the study's training pairs")
@@ -285,7 +399,7 @@ def tgdpo_anatomy(
     return out
 
 
-def explain_tgdpo(seeds: list[int], start: str, threads: int, variant: str = "tgdpo") -> str:
+def explain_tgdpo(seeds: list[int], layout: Layout, threads: int, variant: str = "tgdpo") -> str:
     """The anatomy of every run of a TGDPO variant, as seed means (sd) per beta."""
     lines = []
     guide = {"dpo": "DPO", "cdpo": "cDPO"}[GUIDE_OF[variant]]
@@ -293,7 +407,7 @@ def explain_tgdpo(seeds: list[int], start: str, threads: int, variant: str = "tg
     if guide != "DPO":
         rows.insert(1, ("DPO shift d", "dpo_d"))
     for beta in BETAS:
-        runs = [tgdpo_anatomy(beta, seed, start, threads, variant) for seed in seeds]
+        runs = [tgdpo_anatomy(beta, seed, layout, threads, variant) for seed in seeds]
 
         def cell(key: str, runs: list[dict[str, float]] = runs) -> str:
             values = [run[key] for run in runs]
@@ -325,18 +439,18 @@ def explain_tgdpo(seeds: list[int], start: str, threads: int, variant: str = "tg
     return "\n".join(lines)
 
 
-def guide_control(seeds: list[int], start: str, jobs: int, threads: int) -> str:
+def guide_control(seeds: list[int], layout: Layout, jobs: int, threads: int) -> str:
     """TGDPO guided by each seed's cDPO model (which kept its correct answers) instead of its DPO
     model: whether the collapse follows the guide. Needs the study's finished DPO and cDPO runs."""
     for method in ("dpo", "cdpo"):
         for beta in BETAS:
             for seed in seeds:
                 if not os.path.exists(
-                    os.path.join(RUNS, f"{method}_b{beta}", f"seed{seed}", "study_result.json")
+                    os.path.join(layout.run_dir(f"{method}_b{beta}", seed), "study_result.json")
                 ):
                     raise SystemExit(f"{method}_b{beta} seed {seed} is not finished: run the study first")
-    built = build_pairs(start)
-    jobs_list = [(f"tgdpo_cguide_b{b}", s, start, built) for s in seeds for b in BETAS]
+    built = {seed: build_pairs((layout, seed)) for seed in seeds}
+    jobs_list = [(f"tgdpo_cguide_b{b}", s, layout, built[s]) for s in seeds for b in BETAS]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         list(pool.map(train_dpo, jobs_list, [threads] * len(jobs_list)))
@@ -344,8 +458,8 @@ def guide_control(seeds: list[int], start: str, jobs: int, threads: int) -> str:
     for beta in BETAS:
         for method in ("dpo", "cdpo", "tgdpo", "tgdpo_cguide"):
             name = f"{method}_b{beta}"
-            lines.append(heldout_row(name, [study_result(name, seed)["heldout"] for seed in seeds]))
-    lines += ["", explain_tgdpo(seeds, start, 2 * threads, "tgdpo_cguide")]
+            lines.append(heldout_row(name, [study_result(name, seed, layout)["heldout"] for seed in seeds]))
+    lines += ["", explain_tgdpo(seeds, layout, 2 * threads, "tgdpo_cguide")]
     return "\n".join(lines)
 
 
@@ -368,7 +482,7 @@ def plot(heldout: dict[str, list[float]], seeds: list[int], path: str) -> None:
     save_figure(fig, path)
 
 
-def plot_curves(methods: list[str], seeds: list[int], path: str) -> None:
+def plot_curves(methods: list[str], seeds: list[int], path: str, layout: Layout) -> None:
     """Learning curves, one line per seed: PPO's and RTO's training reward, the DPO-family losses,
     and the DPO-family models' greedy accuracy on the held-out pairs' prompts during training."""
     import matplotlib
@@ -381,9 +495,9 @@ def plot_curves(methods: list[str], seeds: list[int], path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, method in enumerate(("ppo", "rto")):
+    for index, method in enumerate(("ppo", "rto", "rto_placebo")):
         for seed in seeds:
-            result = study_result(method, seed)
+            result = study_result(method, seed, layout)
             axes[0].plot(
                 result["train_steps"],
                 moving_average(result["train_reward"], 10),
@@ -394,14 +508,14 @@ def plot_curves(methods: list[str], seeds: list[int], path: str) -> None:
             )
     for index, method in enumerate(methods):
         for seed in seeds:
-            rows = read_metrics(os.path.join(RUNS, method, f"seed{seed}"))
+            rows = read_metrics(layout.run_dir(method, seed))
             label = method if seed == seeds[0] else None
-            style = {"color": colors[(index + 2) % len(colors)], "alpha": 0.7, "lw": 1, "label": label}
+            style = {"color": colors[(index + 3) % len(colors)], "alpha": 0.7, "lw": 1, "label": label}
             losses = [(row["step"], row["loss"]) for row in rows if "loss" in row]
             axes[1].plot([x for x, _ in losses], moving_average([y for _, y in losses], 10), **style)
             evals = [(row["step"], 100 * row["eval/accuracy"]) for row in rows if "eval/accuracy" in row]
             axes[2].plot([x for x, _ in evals], [y for _, y in evals], marker="o", ms=3, **style)
-    axes[0].set(title="PPO and RTO: training reward (10-step mean)", xlabel="step")
+    axes[0].set(title="PPO, RTO, RTO with the placebo reward: training reward (10-step mean)", xlabel="step")
     axes[1].set(title="DPO family: loss (10-step mean)", xlabel="step")
     axes[2].set(title="DPO family: greedy exact match, held-out pair prompts (%)", xlabel="step")
     for axis in axes:
@@ -412,10 +526,128 @@ def plot_curves(methods: list[str], seeds: list[int], path: str) -> None:
     save_figure(fig, path)
 
 
+def comparisons() -> list[tuple[str, str, str]]:
+    """(arm, baseline, what the pair separates): each claim, and each control for its confound."""
+    pairs = [
+        ("rto", "ppo", "as configured"),
+        ("rto", "rto_placebo", "RTO's DPO token reward against a placebo of the same scale and clipping"),
+        ("rto_placebo", "ppo", "dense shaping without preference information"),
+    ]
+    for beta in BETAS:
+        pairs += [
+            (f"cdpo_b{beta}", f"dpo_b{beta}", "as configured"),
+            (
+                f"cdpo_b{beta}",
+                f"uniform_b{beta}",
+                "cDPO's token credit against its mean weight on every rejected token",
+            ),
+            (f"uniform_b{beta}", f"dpo_b{beta}", "a smaller push on rejected tokens alone"),
+            (f"tgdpo_b{beta}", f"dpo_b{beta}", "as configured"),
+        ]
+    return pairs
+
+
+def claim_verdicts(paired: dict[tuple[str, str], str]) -> list[str]:
+    """Each paper's claim, by a rule fixed before the runs: reproduced only where the paired
+    interval against the baseline excludes zero in the method's favour and, where a control was
+    run, the interval against the control does too; better than the baseline but not than the
+    control means the control explains the gain."""
+    lines = []
+    claims = {"rto": ("ppo", "rto_placebo")}
+    for beta in BETAS:
+        claims |= {
+            f"cdpo_b{beta}": (f"dpo_b{beta}", f"uniform_b{beta}"),
+            f"tgdpo_b{beta}": (f"dpo_b{beta}", None),
+        }
+    for arm, (baseline, control) in claims.items():
+        if (arm, baseline) not in paired:
+            continue
+        against_baseline = paired[(arm, baseline)]
+        against_control = paired.get((arm, control)) if control else None
+        if against_baseline != "better":
+            word = f"not reproduced ({against_baseline} against {baseline})"
+        elif control and against_control != "better":
+            word = (
+                f"not reproduced: better than {baseline}, but {against_control} against the control {control}"
+            )
+        else:
+            word = f"reproduced (better than {baseline}" + (f" and than {control})" if control else ")")
+        lines.append(f"- {arm}: {word}")
+    return lines
+
+
+def summary(heldout: dict[str, dict[int, float]], kl: dict[str, list[float | None]], seeds: list[int]) -> str:
+    """The arms' table (final held-out with intervals, KL), the paired comparisons and the verdicts."""
+    lines = [
+        f"| arm | held-out exact match, mean [95% CI] | per seed | KL to the start per token (its samples at T = 1, {KL_PROMPTS} held-out lists) |",
+        "|---|---|---|---|",
+    ]
+    for name, by_seed in heldout.items():
+        values = [by_seed[s] for s in seeds]
+        kl_values = kl.get(name, [None])
+        kl_text = f"{statistics.fmean(kl_values):.4f}" if None not in kl_values else "-"
+        lines.append(
+            f"| {name} | {format_interval(*bootstrap_interval(values))} | "
+            + " / ".join(f"{100 * v:.1f}" for v in values)
+            + f" | {kl_text} |"
+        )
+    lines += [
+        "",
+        "| arm - baseline | what it separates | paired difference [95% CI] | verdict |",
+        "|---|---|---|---|",
+    ]
+    paired = {}
+    for arm, baseline, what in comparisons():
+        if arm not in heldout or baseline not in heldout:
+            continue
+        interval = bootstrap_interval([heldout[arm][s] - heldout[baseline][s] for s in seeds])
+        paired[(arm, baseline)] = verdict(interval[1], interval[2])
+        lines.append(
+            f"| {arm} - {baseline} | {what} | {format_interval(*interval)} | {paired[(arm, baseline)]} |"
+        )
+    return "\n".join([*lines, "", *claim_verdicts(paired)])
+
+
+def run_arms(layout: Layout, seeds: list[int], jobs: int, threads: int) -> dict[int, dict]:
+    """Every arm of every seed, in the order their inputs need: pairs, then DPO, the placebo DPO and
+    cDPO, then TGDPO (guided by DPO) and the uniform control (at cDPO's mean weight), then PPO, RTO
+    and RTO with the placebo's reward (long_horizon.py's runner). Returns each seed's pairs."""
+    stages = [
+        [f"dpo_b{b}" for b in BETAS] + ["placebo_b0.1"] + [f"cdpo_b{b}" for b in BETAS],
+        [f"{m}_b{b}" for m in ("tgdpo", "uniform") for b in BETAS],
+    ]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        built = dict(zip(seeds, pool.map(build_pairs, [(layout, s) for s in seeds]), strict=True))
+        for methods in stages:
+            stage = [(m, s, layout, built[s]) for s in seeds for m in methods]
+            for job, run_dir in zip(stage, pool.map(train_dpo, stage, [threads] * len(stage)), strict=True):
+                print(f"{job[0]} seed {job[1]} done: {run_dir}", flush=True)
+        rl = [
+            (method, "ppo", s, PPO_STEPS, PPO_EVAL_EVERY, layout.starts[s], overrides, layout.seeded)
+            for s in seeds
+            for method, overrides in (
+                ("ppo", None),
+                ("rto", _rto_overrides(s, layout)),
+                ("rto_placebo", _rto_overrides(s, layout, "placebo_b0.1")),
+            )
+        ]
+        list(pool.map(run_method, rl, [threads] * len(rl)))
+        evaluated = [(job[0], job[2], layout) for job in rl]
+        list(pool.map(heldout_of_ppo_run, evaluated, [threads] * len(evaluated)))
+    return built
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument(
+        "--starts",
+        choices=("per-seed", "shared"),
+        default="per-seed",
+        help="per-seed: each seed its own SFT start and pairs; shared: one of each (the earlier protocol)",
+    )
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--explain-tgdpo", action="store_true", help="take the finished TGDPO runs apart")
     parser.add_argument(
@@ -424,63 +656,53 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
-    start = sft_start(os.cpu_count() or 2)
+    if args.starts == "per-seed":
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            starts = pool.map(sft_start, [threads] * len(args.seeds), args.seeds)
+            layout = Layout(True, dict(zip(args.seeds, starts, strict=True)))
+    else:
+        layout = Layout(False, dict.fromkeys(args.seeds, sft_start(os.cpu_count() or 2)))
     if args.explain_tgdpo:
-        body = explain_tgdpo(args.seeds, start, os.cpu_count() or 2)
+        body = explain_tgdpo(args.seeds, layout, os.cpu_count() or 2)
         report("Why TGDPO collapses on the sort pairs: its runs taken apart", body, not args.no_record)
         return
     if args.guide_control:
-        body = guide_control(args.seeds, start, args.jobs, threads)
+        body = guide_control(args.seeds, layout, args.jobs, threads)
         report("TGDPO with a guide that did not collapse (cDPO), a diagnostic", body, not args.no_record)
         return
-    built = build_pairs(start)
-    print(
-        f"pairs: {built['num_pairs']} ({built['num_correct']} exact, {built['num_incorrect']} wrong samples)"
-    )
-    context = multiprocessing.get_context("spawn")
-    first = [f"dpo_b{b}" for b in BETAS]
-    second = [f"{m}_b{b}" for m in ("tgdpo", "cdpo") for b in BETAS]
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        for methods in (first, second):  # TGDPO's guide is the same seed's DPO model
-            jobs = [(m, s, start, built) for s in args.seeds for m in methods]
-            for job, run_dir in zip(jobs, pool.map(train_dpo, jobs, [threads] * len(jobs)), strict=True):
-                print(f"{job[0]} seed {job[1]} done: {run_dir}", flush=True)
-        rto = [("rto", "ppo", s, PPO_STEPS, PPO_EVAL_EVERY, start, _rto_overrides(s)) for s in args.seeds]
-        ppo = [("ppo", "ppo", s, PPO_STEPS, PPO_EVAL_EVERY, start, None) for s in args.seeds]
-        list(pool.map(run_method, rto + ppo, [threads] * (len(rto) + len(ppo))))
-        evaluated = [(m, s) for m in ("ppo", "rto") for s in args.seeds]
-        ppo_heldout = dict(
-            zip(evaluated, pool.map(heldout_of_ppo_run, evaluated, [threads] * len(evaluated)), strict=True)
-        )
+    built = run_arms(layout, args.seeds, args.jobs, threads)
+    dpo_family = [f"{m}_b{b}" for m in ("dpo", "cdpo", "uniform", "tgdpo") for b in BETAS] + ["placebo_b0.1"]
     heldout = {
-        "ppo": [ppo_heldout[("ppo", s)] for s in args.seeds],
-        "rto": [ppo_heldout[("rto", s)] for s in args.seeds],
+        m: {s: study_result(m, s, layout)["heldout"] for s in args.seeds}
+        for m in ("ppo", "rto", "rto_placebo", *dpo_family)
     }
-    for method in first + second:
-        heldout[method] = [study_result(method, seed)["heldout"] for seed in args.seeds]
-    sft_heldout = heldout_of_start(start)
+    kl = {m: [study_result(m, s, layout).get("kl") for s in args.seeds] for m in heldout}
+    starts = sorted(set(layout.starts.values()))
     lines = [
-        f"SFT start: {100 * sft_heldout:.1f}% held-out exact match; {built['num_pairs']} pairs.",
+        (
+            "One SFT start and one pair set per seed"
+            if layout.seeded
+            else "One SFT start and one pair set for every seed"
+        )
+        + f"; start held-out exact match: {' / '.join(f'{100 * heldout_of_start(s):.1f}%' for s in starts)}; "
+        f"pairs per seed: {' / '.join(str(built[s]['num_pairs']) for s in args.seeds)}. Samples drawn: PPO "
+        f"{PPO_STEPS * 64:,} (RL); RTO and its placebo the same plus {PAIR_PROMPTS * PAIR_SAMPLES:,} for the pairs "
+        f"behind their DPO models, which every DPO-family arm also uses. Intervals: percentile bootstrap over seeds.",
         "",
-        "| method | held-out exact match: mean (sd) | per seed |",
-        "|---|---|---|",
+        summary(heldout, kl, args.seeds),
     ]
-    lines += [heldout_row(name, values) for name, values in heldout.items()]
-    lines += ["", compare("rto", heldout["rto"], "ppo", heldout["ppo"])]
-    for beta in BETAS:
-        for name in ("tgdpo", "cdpo"):
-            lines.append(
-                compare(
-                    f"{name}_b{beta}", heldout[f"{name}_b{beta}"], f"dpo_b{beta}", heldout[f"dpo_b{beta}"]
-                )
-            )
-    plot(heldout, args.seeds, os.path.join(ROOT, "benchmarks", "plots", "token_rewards_sort.png"))
+    plot(
+        {m: list(v.values()) for m, v in heldout.items()},
+        args.seeds,
+        os.path.join(ROOT, "benchmarks", "plots", "token_rewards_sort.png"),
+    )
     plot_curves(
-        first + second, args.seeds, os.path.join(ROOT, "benchmarks", "plots", "token_rewards_curves.png")
+        dpo_family, args.seeds, os.path.join(ROOT, "benchmarks", "plots", "token_rewards_curves.png"), layout
     )
     lines += ["", "Figures: benchmarks/plots/token_rewards_sort.png (final models), token_rewards_curves.png"]
     report(
-        f"Token-level rewards on sort-16: RTO, DPO, TGDPO, cDPO, {len(args.seeds)} seeds",
+        f"Token-level rewards on sort-16: RTO, DPO, TGDPO, cDPO and their controls, {len(args.seeds)} seeds",
         "\n".join(lines),
         not args.no_record,
     )
@@ -492,8 +714,9 @@ def heldout_of_start(start: str) -> float:
     return heldout_gold(start, _sort_data(), max_new_tokens=34)["exact_match"]
 
 
-def _rto_overrides(seed: int) -> list[str]:
-    dpo_model = _export(os.path.join(RUNS, "dpo_b0.1", f"seed{seed}"))
+def _rto_overrides(seed: int, layout: Layout, dpo_method: str = "dpo_b0.1") -> list[str]:
+    """RTO's token reward from `dpo_method`'s model of the same seed (placebo_b0.1: the control)."""
+    dpo_model = _export(layout.run_dir(dpo_method, seed))
     return ["+experiment=[ppo_long_sort,ppo_rto]", f"rto.dpo_model={dpo_model}"]
 
 

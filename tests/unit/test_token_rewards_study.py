@@ -1,11 +1,16 @@
-"""The TGDPO anatomy in benchmarks/studies/token_rewards.py splits each pair into its shared prefix, the
-first differing token and the rest; checked here on hand-built pairs."""
+"""Pieces of benchmarks/studies/token_rewards.py: the TGDPO anatomy's split of each pair (shared
+prefix, first differing token, the rest), the placebo pairs, the verdict rule against controls, and
+the KL every arm reports."""
 
 from __future__ import annotations
 
+import json
+import os
+
+import pytest
 import torch
 
-from benchmarks.studies.token_rewards import pair_regions
+from benchmarks.studies.token_rewards import claim_verdicts, pair_regions, policy_kl, write_placebo_pairs
 
 
 def test_pair_regions_split_at_the_first_differing_token():
@@ -23,3 +28,50 @@ def test_pair_regions_split_at_the_first_differing_token():
         [[0, 0, 0, 1, 0], [0, 1, 1, 0, 0]],
         [[0, 0, 0, 1, 1], [0, 1, 1, 0, 0]],
     ]
+
+
+def test_placebo_pairs_swap_sides_by_a_fair_coin(tmp_path):
+    rows = [{"prompt": f"{n}=", "chosen": f"c{n}", "rejected": f"r{n}"} for n in range(400)]
+    for split in ("train", "eval"):
+        (tmp_path / "pairs").mkdir(exist_ok=True)
+        (tmp_path / "pairs" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = write_placebo_pairs(str(tmp_path / "pairs"), str(tmp_path / "placebo"), seed=1)
+    placebo = [json.loads(line) for line in open(os.path.join(out, "train.jsonl"))]
+    swapped = sum(p["chosen"].startswith("r") for p in placebo)
+    assert 150 < swapped < 250  # about half (binomial sd 10)
+    assert all({p["chosen"], p["rejected"]} == {r["chosen"], r["rejected"]} for p, r in zip(placebo, rows))
+
+
+def test_a_gain_the_control_shares_is_not_reproduced():
+    paired = {
+        ("rto", "ppo"): "better",
+        ("rto", "rto_placebo"): "no difference shown",
+        ("cdpo_b0.1", "dpo_b0.1"): "better",
+        ("cdpo_b0.1", "uniform_b0.1"): "better",
+        ("tgdpo_b0.1", "dpo_b0.1"): "worse",
+    }
+    lines = claim_verdicts(paired)
+    assert lines == [
+        "- rto: not reproduced: better than ppo, but no difference shown against the control rto_placebo",
+        "- cdpo_b0.1: reproduced (better than dpo_b0.1 and than uniform_b0.1)",
+        "- tgdpo_b0.1: not reproduced (worse against dpo_b0.1)",
+    ]
+
+
+def test_policy_kl_is_zero_against_itself_and_positive_against_another_model(tmp_path, monkeypatch):
+    from benchmarks.studies import token_rewards
+    from rlhf.config import ModelConfig
+    from rlhf.models.load import load_causal_lm, load_tokenizer
+
+    directories = []
+    for seed in (0, 1):
+        cfg = ModelConfig(source="tiny")
+        tokenizer = load_tokenizer(cfg)
+        model = load_causal_lm(cfg, tokenizer, seed=seed)
+        directory = str(tmp_path / f"model{seed}")
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        directories.append(directory)
+    monkeypatch.setattr(token_rewards, "kl_prompts", lambda: ["7,3,9,1=", "5,5,0,2,8=", "1,2="] * 10)
+    assert policy_kl(directories[0], directories[0]) == pytest.approx(0.0, abs=1e-6)
+    assert policy_kl(directories[0], directories[1]) > 0.01
