@@ -5,11 +5,12 @@ answers per list: the long-response task).
 
 sums: for each seed SFT the tiny policy on random decompositions (`+experiment=sft_sums`), then PPO
 runs from that policy with the same budget (`+experiment=ppo_sums`, reward 1 for any correct sum).
-group: one SFT start for every seed, the sorting warm start of benchmarks/studies/long_horizon.py
-(`+experiment=sft_sort`, trained once and shared with that study: sorted lists are correct groupings,
-so the policy starts correct but repetitive), then `+experiment=ppo_group` (reward 1 for any correct
-grouping); its runs live under runs/long_horizon/group/cd unless `--root` says otherwise. `--sft-model`
-starts every seed from another export. The runs:
+group: each seed starts from its own sorting warm start of benchmarks/studies/long_horizon.py
+(`+experiment=sft_sort seed=<s>`, shared with that study: sorted lists are correct groupings, so the
+policy starts correct but repetitive), then `+experiment=ppo_group` (reward 1 for any correct
+grouping); its runs live under runs/long_horizon/group_seeds/cd unless `--root` says otherwise
+(`--starts shared`: one start for every seed, runs/long_horizon/group/cd, the earlier protocol).
+`--sft-model` starts every seed from another export. The runs:
   ppo              curiosity.eta = 0
   cd_rlhf_eta<e>   curiosity.eta = e for each of --etas (default 0.04, the authors' value, and 0.2),
                    top-1 gate, module lr --module-lr (default 1e-5, the authors'; the tiny model's module
@@ -20,13 +21,14 @@ with --sentbert), each per prompt and averaged. The eval prompts (sums: all 27; 
 `--eval-prompts` held-out lists) are each evaluated `--eval-repeats` times (fresh samples). Finished
 PPO runs under `--root` are reused, and so are evaluations (kept in <root>/eval_cache).
 
-Matched reward: the runs end at different rewards, so besides the final values each metric is fitted
-linearly against reward over every evaluated checkpoint of a variant (all seeds) and read at a common
-reward (the median final reward of all runs).
+Each variant is compared with PPO paired by seed, with percentile bootstrap intervals over seeds: at
+the end, and at matched reward (the runs end at different rewards, so each seed's metric is fitted
+linearly against reward over that seed's evaluated checkpoints and read at a common reward, the
+median final reward of all runs). "More diverse" only where the paired interval excludes zero.
 
 Usage: python benchmarks/studies/curiosity_ppo.py [--task sums|group] [--seeds 1 2 3] [--jobs 3] [--steps 300]
        [--eval-every 25] [--etas 0.04 0.2] [--eval-repeats 8] [--eval-prompts 100] [--sentbert]
-       [--root DIR] [--no-record]
+       [--starts per-seed|shared] [--root DIR] [--no-record]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import append_results, compose_config, moving_average, save_figure  # noqa: E402
+from benchmarks.studies.intervals import bootstrap_interval, format_interval, verdict  # noqa: E402
 
 COLORS = ("tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green")
 
@@ -79,7 +82,8 @@ TASKS = {
         "tokens": 34,
         "shared_sft": True,
         "start": "long_horizon",  # benchmarks/studies/long_horizon.py's sort warm start
-        "root": os.path.join("runs", "long_horizon", "group", "cd"),
+        "root": os.path.join("runs", "long_horizon", "group", "cd"),  # --starts shared
+        "seeded_root": os.path.join("runs", "long_horizon", "group_seeds", "cd"),
     },
 }
 METRICS = ("reward", "diversity", "ead", "self_bleu")
@@ -185,17 +189,47 @@ def _training_curves(run_dir: str, reward: str, window: int = 10) -> dict[str, l
     }
 
 
-def matched(trajectories: dict, variant: str, metric: str, reward: float) -> float:
-    """`metric` of `variant` read at `reward` off a least-squares line through all its evaluated
-    checkpoints (every seed, the SFT start left out)."""
+def matched(trajectories: dict, variant: str, metric: str, reward: float, seed: int | None = None) -> float:
+    """`metric` of `variant` read at `reward` off a least-squares line through its evaluated
+    checkpoints (the SFT start left out): of one seed, or of every seed pooled (seed None)."""
     points = [
-        (p["reward"], p[metric]) for (_, v), run in trajectories.items() if v == variant for p in run[1:]
+        (p["reward"], p[metric])
+        for (s, v), run in trajectories.items()
+        if v == variant and seed in (None, s)
+        for p in run[1:]
     ]
     xs, ys = zip(*points)
     mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
     spread = sum((x - mean_x) ** 2 for x in xs)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
     return mean_y + slope * (reward - mean_x)
+
+
+def paired_table(
+    trajectories: dict, names: list[str], metrics: tuple[str, ...], seeds: list[int], reward: float
+) -> str:
+    """Each curiosity variant minus PPO, paired by seed, at the end and at the matched reward (each
+    seed's own line): bootstrap intervals over seeds and the word each allows ("more diverse" only
+    where the interval excludes zero on the diverse side; Self-BLEU and SentBERT: lower is)."""
+    lines = [
+        "| variant - ppo | metric | at the end, paired difference [95% CI] | verdict | at matched reward, paired difference [95% CI] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names[1:]:
+        for metric in metrics:
+            readings = [lambda s, v, m=metric: trajectories[(s, v)][-1][m]]
+            if metric != "reward":  # at matched reward the rewards are equal by construction
+                readings.append(lambda s, v, m=metric: matched(trajectories, v, m, reward, s))
+            cells = []
+            for read in readings:
+                interval = bootstrap_interval([read(s, name) - read(s, "ppo") for s in seeds])
+                word = verdict(interval[1], interval[2], higher_is_better=metric not in LOWER_IS_MORE_DIVERSE)
+                if metric != "reward":
+                    word = {"better": "more diverse", "worse": "less diverse"}.get(word, word)
+                cells += [format_interval(*interval, scale=1, digits=4), word]
+            cells += ["-", "-"] * (2 - len(readings))
+            lines.append(f"| {name} - ppo | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(
@@ -272,6 +306,13 @@ def main() -> None:
         "--root", help="run directory to write, or to continue: finished SFT and PPO runs are reused"
     )
     parser.add_argument("--sft-model", help="an SFT export every seed starts from (skips the SFT stage)")
+    parser.add_argument(
+        "--starts",
+        choices=("per-seed", "shared"),
+        default="per-seed",
+        help="group: each seed its own sort warm start (long_horizon.py's, runs under "
+        "runs/long_horizon/group_seeds/cd) or one for every seed (the earlier protocol)",
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     metrics = METRICS + (("sentbert",) if args.sentbert else ())
@@ -281,7 +322,7 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
     root = (
         args.root
-        or task.get("root")
+        or (task.get("seeded_root") if args.starts == "per-seed" else task.get("root"))
         or os.path.join(
             "runs", "benchmarks", f"curiosity_ppo_{args.task}", time.strftime("%Y-%m-%d_%H-%M-%S")
         )
@@ -293,18 +334,32 @@ def main() -> None:
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        long_horizon_starts = {}
         if not args.sft_model and task.get("start") == "long_horizon":
             from benchmarks.studies.long_horizon import sft_start
 
-            args.sft_model = pool.submit(sft_start, os.cpu_count() or 2).result()
-        sft_seeds = [] if args.sft_model else args.seeds[:1] if task["shared_sft"] else args.seeds
+            if args.starts == "shared":
+                args.sft_model = pool.submit(sft_start, os.cpu_count() or 2).result()
+            else:  # each seed its own sort warm start, shared with long_horizon.py's per-seed runs
+                starts = pool.map(sft_start, [threads] * len(args.seeds), args.seeds)
+                long_horizon_starts = dict(zip(args.seeds, starts, strict=True))
+        sft_seeds = (
+            []
+            if args.sft_model or long_horizon_starts
+            else args.seeds[:1]
+            if task["shared_sft"]
+            else args.seeds
+        )
         for future in [
             pool.submit(_sft, args.task, s, sft_dir(s), threads, args.sft_steps)
             for s in sft_seeds
             if not _checkpoints(sft_dir(s))
         ]:
             future.result()
-        sft_models = {s: args.sft_model or _checkpoints(sft_dir(s))[-1][1] for s in args.seeds}
+        sft_models = {
+            s: args.sft_model or long_horizon_starts.get(s) or _checkpoints(sft_dir(s))[-1][1]
+            for s in args.seeds
+        }
         print(f"SFT done ({time.perf_counter() - started:.0f}s)", flush=True)
         jobs = [
             (
@@ -370,19 +425,6 @@ def main() -> None:
                 + " | ".join(f"{end[m]:.3f}" for m in metrics)
                 + f" | {'' if gated is None else f'{gated:+.3f}'} |"
             )
-    summary = []
-    for name in names[1:]:
-        deltas = {
-            m: [trajectories[(s, name)][-1][m] - trajectories[(s, "ppo")][-1][m] for s in args.seeds]
-            for m in metrics
-        }
-        summary.append(
-            f"{name} minus ppo at the end, per seed (mean): "
-            + "; ".join(
-                f"{m} " + ", ".join(f"{d:+.3f}" for d in deltas[m]) + f" ({statistics.mean(deltas[m]):+.3f})"
-                for m in metrics
-            )
-        )
     common = statistics.median([trajectories[key][-1]["reward"] for key in trajectories])
     matched_lines = [
         "| run | " + " | ".join(m for m in metrics if m != "reward") + " |",
@@ -394,14 +436,17 @@ def main() -> None:
             + " | ".join(f"{matched(trajectories, name, m, common):.4f}" for m in metrics if m != "reward")
             + " |"
         )
+    paired = paired_table(trajectories, names, metrics, args.seeds, common)
     name_of_figure = "curiosity_ppo.png" if args.task == "sums" else f"curiosity_ppo_{args.task}.png"
     figure = os.path.join(ROOT, "benchmarks", "plots", name_of_figure)
     plot(trajectories, training, metrics, names, figure, args.task)
     table = (
         "\n".join(lines)
-        + "\n\n"
-        + "\n\n".join(summary)
-        + f"\n\nAt matched reward {common:.3f} (linear fit over every evaluated checkpoint of the variant, all seeds):\n\n"
+        + f"\n\nEach variant against PPO, paired by seed (percentile bootstrap over seeds); matched reward "
+        f"{common:.3f} (the median final reward), read off each seed's least-squares line through its "
+        "evaluated checkpoints:\n\n"
+        + paired
+        + "\n\nFor reference, the pooled fit (every seed's checkpoints on one line, no interval):\n\n"
         + "\n".join(matched_lines)
         + f"\n\nPlot: benchmarks/plots/{name_of_figure}; runs under {root}"
     )
@@ -421,7 +466,7 @@ def main() -> None:
             + (f" --eval-prompts {args.eval_prompts}" if args.task == "group" else "")
             + (" --sentbert" if args.sentbert else ""),
             f"SFT on the {args.task} task (`+experiment={task['sft']}`, "
-            + ("one start for every seed" if task["shared_sft"] else "one per seed")
+            + ("one start for every seed" if len(set(sft_models.values())) == 1 else "one per seed")
             + f"), then PPO `+experiment={task['ppo']}` for {args.steps} steps, curiosity.eta 0 (ppo) or eta "
             f"(cd_rlhf_eta<eta>, top-1 gate, module lr {args.module_lr:g}). "
             f"Evaluation with the paper's protocol: {args.samples} samples at T = 1.0 per prompt, {prompts} "
