@@ -32,8 +32,11 @@ guide's token rewards and each model's log-ratio shift sit along a pair (the sha
 diverging token, the rest), and how much of TGDPO's margin comes from the plain DPO sum and how much
 from the guide's weights.
 
+`--tune` runs the DPO family's grid (DPO_GRID: learning rate x steps) for DPO, cDPO and TGDPO alike
+at beta 0.1, at the warm starts and pairs of seeds 1 and 2, scored on the validation lists.
+
 Usage: python benchmarks/studies/token_rewards.py [--seeds 1 2 3 4 5] [--starts per-seed|shared]
-           [--jobs 2] [--no-record] [--guide-control] [--explain-tgdpo]
+           [--jobs 2] [--no-record] [--guide-control] [--explain-tgdpo] [--tune]
 """
 
 from __future__ import annotations
@@ -58,12 +61,20 @@ from benchmarks.studies.long_horizon import (  # noqa: E402
     RUNS,
     SEEDED_DATA,
     SEEDED_RUNS,
+    TUNE_SEEDS,
     run_method,
     sft_start,
 )
 
 BETAS = (0.1, 0.5)
 PAIR_PROMPTS, PAIR_SAMPLES = 3000, 8  # lists sampled for the pairs, samples per list
+# --tune: learning rate x steps (200 steps x 32 pairs is 7.4 epochs over the pairs; the TGDPO paper
+# trains one epoch at lr 7e-7), the same grid for DPO, cDPO and TGDPO
+DPO_GRID: dict[str, list[str]] = {
+    f"lr{lr}_{steps}steps": [f"optim.lr={lr}", f"train.steps={steps}"]
+    for lr in ("1e-5", "3e-5", "1e-4")
+    for steps in (30, 200)
+}
 GUIDE_OF = {"tgdpo": "dpo", "tgdpo_cguide": "cdpo"}  # TGDPO variant -> the method of its guide
 TGDPO_ALPHA = 0.5  # the paper's default
 PPO_STEPS, PPO_EVAL_EVERY = 120, 20  # long_horizon.py's defaults: its PPO runs are the baseline
@@ -229,8 +240,11 @@ def read_run_metrics(run_dir: str) -> list[dict]:
     return read_metrics(run_dir)
 
 
-def _sort_data():
-    """The sort task's data config: its held-out lists are every model's evaluation."""
+def _sort_data(validation: bool = False):
+    """The sort task's data config: its held-out lists are every model's evaluation; `validation`:
+    the 500 lists carved from the training lists instead (for tuning)."""
+    if validation:
+        return compose_config("sft", ["data=sort", *SEEDED_DATA, "data.eval_split=validation"]).data
     return compose_config("sft", ["data=sort"]).data
 
 
@@ -240,10 +254,12 @@ def _export(run_dir: str) -> str:
     return export_dir(list_checkpoints(run_dir)[-1])
 
 
-def train_dpo(job: tuple[str, int, Layout, dict], threads: int) -> str:
-    """One seed of one DPO-family method, then its held-out exact match on the sort task."""
-    method, seed, layout, built = job
-    run_dir = layout.run_dir(method, seed)
+def train_dpo(job: tuple, threads: int) -> str:
+    """One seed of one DPO-family method, then its held-out exact match on the sort task and its KL
+    to its start. job = (method, seed, layout, built[, grid point]): with a point of DPO_GRID, a
+    tuning run (its overrides added) scored on the validation lists instead."""
+    method, seed, layout, built, *point = job
+    run_dir = layout.run_dir(f"tune_{method}_{point[0]}" if point else method, seed)
     done = os.path.join(run_dir, "study_result.json")
     if os.path.exists(done):
         return run_dir
@@ -255,23 +271,54 @@ def train_dpo(job: tuple[str, int, Layout, dict], threads: int) -> str:
     from rlhf.loggers import read_metrics
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = compose_config(
-        "dpo", [*dpo_overrides(method, seed, layout, built), f"run_dir={run_dir}", "logger=quiet"]
-    )
-    dpo.train(cfg)
+    overrides = [*dpo_overrides(method, seed, layout, built), *(DPO_GRID[point[0]] if point else [])]
+    dpo.train(compose_config("dpo", [*overrides, f"run_dir={run_dir}", "logger=quiet"]))
     rows = read_metrics(run_dir)
-    data = _sort_data()
-    result = {
-        "method": method,
-        "seed": seed,
-        "heldout": heldout_gold(_export(run_dir), data, max_new_tokens=34)["exact_match"],
-        "kl": policy_kl(_export(run_dir), layout.starts[seed], seed),
-        "loss_steps": [r["step"] for r in rows if "loss" in r],
-        "loss": [r["loss"] for r in rows if "loss" in r],
-    }
+    export = _export(run_dir)
+    result = {"method": method, "seed": seed, "point": point[0] if point else None}
+    if point:
+        result["validation"] = heldout_gold(export, _sort_data(validation=True), max_new_tokens=34)[
+            "exact_match"
+        ]
+    else:
+        result["heldout"] = heldout_gold(export, _sort_data(), max_new_tokens=34)["exact_match"]
+        result["kl"] = policy_kl(export, layout.starts[seed], seed)
+    result["loss_steps"] = [r["step"] for r in rows if "loss" in r]
+    result["loss"] = [r["loss"] for r in rows if "loss" in r]
     with open(done, "w") as handle:
         json.dump(result, handle)
     return run_dir
+
+
+def tune_dpo_family(layout: Layout, jobs: int, threads: int) -> str:
+    """DPO, cDPO and TGDPO (beta 0.1; TGDPO guided by the preset DPO model) at every DPO_GRID point,
+    at the tuning seeds' starts and pairs, scored on the validation lists: the same budget for each."""
+    seeds = [s for s in TUNE_SEEDS if s in layout.starts]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        built = dict(zip(seeds, pool.map(build_pairs, [(layout, s) for s in seeds]), strict=True))
+        for stage in (["dpo_b0.1", "cdpo_b0.1"], ["tgdpo_b0.1"]):  # the guide first
+            guides = [(m, s, layout, built[s]) for s in seeds for m in stage]
+            list(pool.map(train_dpo, guides, [threads] * len(guides)))
+            grid = [(m, s, layout, built[s], point) for s in seeds for m in stage for point in DPO_GRID]
+            list(pool.map(train_dpo, grid, [threads] * len(grid)))
+    lines = [
+        "| method | grid point | overrides | validation exact match, per seed | mean |",
+        "|---|---|---|---|---|",
+    ]
+    for method in ("dpo_b0.1", "cdpo_b0.1", "tgdpo_b0.1"):
+        rows = []
+        for point, extra in DPO_GRID.items():
+            values = [study_result(f"tune_{method}_{point}", s, layout)["validation"] for s in seeds]
+            rows.append((statistics.fmean(values), point, extra, values))
+        best = max(rows)[0]
+        for mean, point, extra, values in sorted(rows, reverse=True):
+            lines.append(
+                f"| {method} | {point}{' (chosen)' if mean == best else ''} | {' '.join(extra)} | "
+                + " / ".join(f"{100 * v:.1f}" for v in values)
+                + f" | {100 * mean:.1f}% |"
+            )
+    return "\n".join(lines)
 
 
 def heldout_of_ppo_run(job: tuple[str, int, Layout], threads: int) -> float:
@@ -649,6 +696,11 @@ def main() -> None:
         help="per-seed: each seed its own SFT start and pairs; shared: one of each (the earlier protocol)",
     )
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="the DPO family's lr x steps grid on the validation lists (per-seed starts)",
+    )
     parser.add_argument("--explain-tgdpo", action="store_true", help="take the finished TGDPO runs apart")
     parser.add_argument(
         "--guide-control", action="store_true", help="TGDPO guided by the cDPO models (after the study)"
@@ -663,6 +715,12 @@ def main() -> None:
             layout = Layout(True, dict(zip(args.seeds, starts, strict=True)))
     else:
         layout = Layout(False, dict.fromkeys(args.seeds, sft_start(os.cpu_count() or 2)))
+    if args.tune:
+        if not layout.seeded:
+            parser.error("--tune needs per-seed starts (their validation lists)")
+        body = tune_dpo_family(layout, args.jobs, threads)
+        report("Tuning the DPO family on sort-16, on validation lists", body, not args.no_record)
+        return
     if args.explain_tgdpo:
         body = explain_tgdpo(args.seeds, layout, os.cpu_count() or 2)
         report("Why TGDPO collapses on the sort pairs: its runs taken apart", body, not args.no_record)
