@@ -265,8 +265,18 @@ class ServerConfig:
     # The rlhf_file weight transfer writes each version here for the servers to read: memory
     # (/dev/shm) when they run on this machine; a shared filesystem for servers elsewhere.
     transfer_dir: str | None = None
+    # How new weights reach the servers: "file" (rlhf_file, above: any machine, CPU included) or
+    # "nccl" (vLLM's NCCL engine: trainer rank 0 broadcasts to each server's GPU workers; CUDA on
+    # both sides). Servers reached by URL must run with the matching --weight-transfer-config.
+    weight_transfer: str = "file"
+    # nccl: the address the servers' workers reach trainer rank 0 at, and the first port of the
+    # groups' rendezvous (one group per server, the next port each; None: free ports)
+    nccl_host: str = "127.0.0.1"
+    nccl_port: int | None = None
 
     def __post_init__(self) -> None:
+        check_choice("rollout.server.weight_transfer", self.weight_transfer, ("file", "nccl"))
+        check_range("rollout.server.nccl_port", self.nccl_port, 1, 65535)
         if self.launch and self.urls:
             raise ConfigError(
                 f"rollout.server.launch=true and rollout.server.urls={self.urls}: launch servers or reach "

@@ -4,8 +4,9 @@ started by the recipe or already running elsewhere, reached over HTTP.
 The layout of TRL's `vllm_mode="server"`, verl's and OpenRLHF's decoupled inference: servers hold
 their own copy of the policy and the trainer sends them new weights through vLLM's own RL API
 (`/start_weight_update`, `/update_weights`, `/finish_weight_update`, with the weight version) and its
-pluggable weight-transfer engines; on machines without GPUs the transfer engine is ours,
-`rlhf_file` (rlhf/rollout/weight_transfer.py), so CI runs the same protocol a GPU run does.
+pluggable weight-transfer engines: ours, `rlhf_file` (rlhf/rollout/weight_transfer.py), on any
+machine, so CI runs the same protocol a GPU run does; or vLLM's NCCL engine on GPUs
+(`rollout.server.weight_transfer=nccl`, rlhf/rollout/nccl_transfer.py).
 
 Requests go to vLLM's token-in, token-out route (`/inference/v1/generate`, `--enable-scale-out`):
 the prompt's token ids in, the sampled token ids out, with the processed logprobs of the
@@ -61,10 +62,18 @@ class ServerUnreachable(ServerError):
 
 
 def launch_command(
-    model_dir: str, port: int, host: str, vllm: Any, seed: int, dtype: str, extra_args: list[str]
+    model_dir: str,
+    port: int,
+    host: str,
+    vllm: Any,
+    seed: int,
+    dtype: str,
+    extra_args: list[str],
+    weight_transfer: str = "file",
 ) -> list[str]:
     """`vllm serve` with what this engine relies on: processed logprobs, the token-in token-out
-    route, prefix caching, the rlhf_file weight-transfer engine, vLLM's sampling defaults."""
+    route, prefix caching, the weight-transfer engine (rlhf_file, or vLLM's nccl), vLLM's sampling
+    defaults."""
     import importlib.metadata
 
     from rlhf.rollout.weight_transfer import BACKEND
@@ -79,7 +88,8 @@ def launch_command(
     command += ["--host", host, "--port", str(port), "--served-model-name", "policy"]
     command += ["--load-format", "dummy", "--dtype", dtype, "--seed", str(seed)]
     command += ["--enable-prefix-caching", "--logprobs-mode", "processed_logprobs", "--enable-scale-out"]
-    command += ["--generation-config", "vllm", "--weight-transfer-config", json.dumps({"backend": BACKEND})]
+    backend = BACKEND if weight_transfer == "file" else weight_transfer
+    command += ["--generation-config", "vllm", "--weight-transfer-config", json.dumps({"backend": backend})]
     if vllm.max_model_len is not None:
         command += ["--max-model-len", str(vllm.max_model_len)]
     if vllm.enforce_eager:
@@ -162,7 +172,9 @@ def launch_servers(
             env["CUDA_VISIBLE_DEVICES"] = str(server.devices[index])
         log_path = os.path.join(log_dir, f"server-{index}.log")
         open(log_path, "w").close()
-        command = launch_command(model_dir, port, server.host, vllm, seed + index, dtype, server.extra_args)
+        command = launch_command(
+            model_dir, port, server.host, vllm, seed + index, dtype, server.extra_args, server.weight_transfer
+        )
         launched.append(LaunchedServer(f"http://{server.host}:{port}", log_path, command, env))
         launched[-1].start()
     try:
@@ -261,6 +273,34 @@ class VllmServerEngine:
         self.startup_timeout_s = server.startup_timeout_s
         self.restarts = 0
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=server.max_concurrent_requests)
+        self.weight_transfer = server.weight_transfer
+        self.syncing = False  # inside sync_weights, where every rank makes the same weight passes
+        self.nccl = self._nccl_transfer(server, dtype) if server.weight_transfer == "nccl" else None
+
+    def _nccl_transfer(self, server: Any, dtype: str) -> Any:
+        """Rank 0's NCCL groups with the servers (rlhf/rollout/nccl_transfer.py); None elsewhere."""
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "rollout.server.weight_transfer=nccl needs CUDA on the trainer and the servers; "
+                "without GPUs use rollout.server.weight_transfer=file"
+            )
+        if self.policy.rank != 0:
+            return None
+        from rlhf.rollout.nccl_transfer import NcclServerTransfer, PolicyWeightSource
+
+        ports = iter(range(server.nccl_port, 65536)) if server.nccl_port else None
+        return NcclServerTransfer(
+            PolicyWeightSource(
+                self.policy, getattr(torch, dtype), torch.device("cuda", torch.cuda.current_device())
+            ),
+            self._post,
+            self._get,
+            lambda: str(self.synced_step),
+            server.nccl_host,
+            (lambda: next(ports)) if ports else (lambda: free_ports(1, server.nccl_host)[0]),
+        )
 
     @classmethod
     def from_config(
@@ -279,11 +319,14 @@ class VllmServerEngine:
         eval_budget = cfg.eval.max_new_tokens if hasattr(cfg, "eval") else 0
         check_vllm_config(cfg.rollout, model_config, prompt_tokens, eval_prompt_tokens, eval_budget)
 
-    def _post(self, url: str, path: str, body: dict | None = None) -> Any:
+    def _get(self, url: str, path: str) -> Any:
+        return self._post(url, path, method="get")
+
+    def _post(self, url: str, path: str, body: dict | None = None, method: str = "post") -> Any:
         import requests
 
         try:
-            response = requests.post(f"{url}/{path}", json=body, timeout=self.timeout_s)
+            response = requests.request(method, f"{url}/{path}", json=body, timeout=self.timeout_s)
         except requests.Timeout as exc:
             raise ServerError(
                 f"vLLM server at {url} did not answer {path} within {self.timeout_s:g} s "
@@ -304,46 +347,86 @@ class VllmServerEngine:
 
     def sync_weights(self, step: int) -> float:
         """Send the policy's weights to every server through vLLM's weight-transfer API, once per
-        optimizer step: every rank takes part in the gathers, rank 0 writes and drives the servers;
-        seconds taken. Requests in flight are held (`/pause?mode=keep`) while the weights change and
-        continue with the new ones: their later tokens carry the new version."""
+        optimizer step: every rank takes part in the gathers, rank 0 drives the servers (the file
+        written once, or an NCCL broadcast per server); seconds taken. Requests in flight are held
+        (`/pause?mode=keep`) while the weights change and continue with the new ones: their later
+        tokens carry the new version."""
         if self.synced_step == step:
             return 0.0
         started = time.perf_counter()
-        from rlhf.rollout.weight_transfer import write_weights
-
-        weights = policy_weights(self.policy)
         self.sent_versions.add(str(step))  # every rank, before rank 0 sends: its samples may carry it
-        if self.policy.rank == 0:
-            path = write_weights(weights, self.transfer_dir, step)
-            with self.admin:
-                previous, self.weights_path, self.synced_step = self.weights_path, path, step
-                for url in self.urls:
-                    try:
-                        self._send_weights(url)
-                    except ServerUnreachable:
-                        if not self._restart(url):
-                            raise
-                if previous:  # the newest file stays, for a server restarted before the next version
-                    os.remove(previous)
-        else:
-            for _ in weights:  # the gathers are collective; only rank 0 keeps the tensors
-                pass
+        self.syncing = True
+        try:
+            if self.weight_transfer == "nccl":
+                self._sync_nccl(step)
+            else:
+                self._sync_file(step)
+        finally:
+            self.syncing = False
         self.policy.barrier()  # no rank samples before every server holds the new weights
         self.synced_step = step
         return time.perf_counter() - started
 
+    def _sync_file(self, step: int) -> None:
+        from rlhf.rollout.weight_transfer import write_weights
+
+        weights = policy_weights(self.policy)
+        if self.policy.rank != 0:
+            for _ in weights:  # the gathers are collective; only rank 0 keeps the tensors
+                pass
+            return
+        path = write_weights(weights, self.transfer_dir, step)
+        with self.admin:
+            previous, self.weights_path, self.synced_step = self.weights_path, path, step
+            self._send_to_all()
+            if previous:  # the newest file stays, for a server restarted before the next version
+                os.remove(previous)
+
+    def _sync_nccl(self, step: int) -> None:
+        """One pass over the weights per server, on every rank (collective under ZeRO-3): rank 0's
+        inside the NCCL engine's broadcast, the others' alongside it."""
+        if self.policy.rank != 0:
+            for _ in self.urls:
+                for _ in policy_weights(self.policy):
+                    pass
+            return
+        with self.admin:
+            self.synced_step = step
+            self._send_to_all()
+
+    def _send_to_all(self) -> None:
+        for url in self.urls:
+            try:
+                self._send_weights(url)
+            except ServerUnreachable:
+                if not self._restart(url):
+                    raise
+
     def _send_weights(self, url: str) -> None:
-        """The weight-transfer round trip for one server: the current version's file in."""
-        if url not in self.transfer_ready:
-            self._post(url, "init_weight_transfer_engine", {"init_info": {}})
+        """The weight-transfer round trip for one server: the current version's file in, or the
+        NCCL broadcast (whose engine drives start, update and finish itself)."""
+        if self.nccl is not None:
+            # the weights as they are now, under the last synced version: a restart between syncs
+            # (ZeRO-0/1/2 only) may carry part of a step's update early
+            self.nccl.open(url)  # before the pause: generation goes on during the rendezvous
+            self._post(url, "pause?mode=keep")
+            self.nccl.send(url)
             self.transfer_ready.add(url)
-        self._post(url, "pause?mode=keep")
-        self._post(url, "start_weight_update")
-        self._post(url, "update_weights", {"update_info": {"path": self.weights_path}})
-        self._post(url, "finish_weight_update", {"weight_version": str(self.synced_step)})
+        else:
+            if url not in self.transfer_ready:
+                self._post(url, "init_weight_transfer_engine", {"init_info": {}})
+                self.transfer_ready.add(url)
+            self._post(url, "pause?mode=keep")
+            self._post(url, "start_weight_update")
+            self._post(url, "update_weights", {"update_info": {"path": self.weights_path}})
+            self._post(url, "finish_weight_update", {"weight_version": str(self.synced_step)})
         self._post(url, "reset_prefix_cache")
         self._post(url, "resume")
+
+    def _partitioned(self) -> bool:
+        """Whether the weights are split over ranks (ZeRO-3 on more than one), so no rank can send
+        them alone."""
+        return self.policy.world_size > 1 and getattr(self.policy, "stage", 0) == 3
 
     def _restart(self, url: str) -> bool:
         """Start again a launched server that exited and give it the current weights; False when the
@@ -354,9 +437,17 @@ class VllmServerEngine:
         with self.admin:
             if server.process.poll() is None:
                 return server.restarts > 0 and url in self.transfer_ready  # restarted meanwhile
+            if self.nccl is not None and not self.syncing and self._partitioned():
+                raise server.failure(
+                    "exited; refilling a restarted server over NCCL takes a pass over the weights by every "
+                    "rank, which under ZeRO-3 happens only at a weight sync: resume the run (its servers "
+                    "start fresh), or use rollout.server.weight_transfer=file"
+                )
             server.restarts += 1
             self.restarts += 1
             self.transfer_ready.discard(url)
+            if self.nccl is not None:
+                self.nccl.forget(url)
             server.start()
             wait_until_healthy([server], self.startup_timeout_s)
             self._send_weights(url)
@@ -454,6 +545,9 @@ class VllmServerEngine:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "nccl", None) is not None:
+            with contextlib.suppress(Exception):  # groups with servers that are gone
+                self.nccl.close()
         stop_servers(self.launched)
         self.launched = []
         if self.model_dir:

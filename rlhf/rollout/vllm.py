@@ -131,6 +131,18 @@ def _sync_names(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module,
             yield name, child, params
 
 
+def _weight_entries(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name within the module, the parameter whose value goes under it): a LoRA layer sends its
+    base layer's weight (merged with the adapters by the caller) and bias."""
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(module, LoraLayer):
+        base = module.get_base_layer()
+        bias = [("bias", base.bias)] if getattr(base, "bias", None) is not None else []
+        return [("weight", base.weight), *bias]
+    return list(module.named_parameters(recurse=False))
+
+
 def policy_weights(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights as (Hugging Face name, tensor), one module at a time: under ZeRO-3 only
     that module's parameters are gathered (released when the consumer asks for the next); LoRA
@@ -140,18 +152,23 @@ def policy_weights(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
     for name, module, params in _sync_names(engine.module):
         prefix = f"{name}." if name else ""
         with engine.gathered_parameters(params), torch.no_grad():
-            if isinstance(module, LoraLayer):
-                base = module.get_base_layer()
-                weight = base.weight.detach()
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-                yield prefix + "weight", weight
-                if getattr(base, "bias", None) is not None:
-                    yield prefix + "bias", base.bias.detach()
-            else:
-                for param_name, param in module.named_parameters(recurse=False):
-                    yield prefix + param_name, param.detach()
+            for suffix, param in _weight_entries(module):
+                value = param.detach()
+                if suffix == "weight" and isinstance(module, LoraLayer):
+                    for adapter in module.active_adapters:
+                        if adapter in module.lora_A:
+                            value = value + module.get_delta_weight(adapter).to(value.dtype)
+                yield prefix + suffix, value
+
+
+def policy_weight_shapes(engine: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """The names and full shapes of what `policy_weights` yields, in its order, without gathering
+    anything (a ZeRO-3 partition keeps its full shape in `ds_shape`)."""
+    return [
+        ((f"{name}." if name else "") + suffix, tuple(getattr(param, "ds_shape", param.shape)))
+        for name, module, _ in _sync_names(engine.module)
+        for suffix, param in _weight_entries(module)
+    ]
 
 
 class VllmEngine:

@@ -19,6 +19,7 @@ from rlhf.losses.kl import k3
 from rlhf.losses.reduce import get_reduction
 from rlhf.models.options import ForwardOptions
 from rlhf.models.tiny import TinyModelSpec, build_char_tokenizer, build_tiny_causal_lm
+from rlhf.rollout.vllm import policy_weight_shapes, policy_weights
 from rlhf.types import RolloutBatch
 from rlhf.update import PolicyGradientObjective, UpdatePlan, run_update
 
@@ -80,6 +81,11 @@ def main() -> None:
     options = ForwardOptions(warp={"temperature": 1.0, "top_k": 0, "top_p": 1.0})
     objective = PolicyGradientObjective(cfg, engine, reduction, options, kl_estimator=k3)
     metrics = run_update(batch, objective, UpdatePlan.from_config(cfg, plan), reduction)
+    # what a weight sync to vLLM servers declares (NCCL sizes its buffers from it) is what it
+    # sends: under ZeRO-3 the shapes come from the partitions' ds_shape, nothing gathered
+    declared = policy_weight_shapes(engine)
+    sent = [(name, tuple(tensor.shape)) for name, tensor in policy_weights(engine)]
+    assert declared == sent, f"declared {declared} but sent {sent}"
     weights = engine.full_state_dict()
     if env.is_main:
         torch.save({k: v.detach().cpu().float() for k, v in weights.items()}, out)

@@ -73,6 +73,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def do_GET(self) -> None:  # the NCCL transfer asks for a server's worker count
+        self.server.calls.append((self.path, None))  # type: ignore[attr-defined]
+        payload = json.dumps({"world_size": 1} if self.path == "/get_world_size" else {}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
 
 @pytest.fixture(scope="module")
 def policy():
@@ -195,9 +204,91 @@ def test_samples_from_other_weights_are_refused(policy, tmp_path):
     engine.close()
 
 
+def test_nccl_transfer_drives_vllms_trainer_engine_through_the_protocol(policy, tmp_path, monkeypatch):
+    """rollout.server.weight_transfer=nccl with vLLM's own trainer engine, on CPU: everything but the
+    NCCL kernels (the group and the broadcast are stand-ins). The server is told its group (its
+    workers after trainer rank 0), each update runs pause, start, update (the names, dtypes and
+    shapes our weight source declares, checked by vLLM against what it yields), finish under the
+    trainer's version, then resume; the broadcast carries the policy's weights."""
+    from vllm.distributed.weight_transfer import nccl_engine
+
+    groups, broadcast = [], {}
+
+    class Group:
+        def destroy(self) -> None:
+            groups.remove(self)
+
+    def open_group(init_info):
+        groups.append(Group())
+        return groups[-1]
+
+    def producer(iterator, group, src, post_iter_func, buffer_size_bytes, num_buffers):
+        assert group is groups[-1] and src == 0
+        broadcast.update((name, tensor.clone()) for name, tensor in iterator)
+
+    monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", open_group)
+    monkeypatch.setattr(nccl_engine, "packed_nccl_broadcast_producer", producer)
+    server = StandIn()
+    with pytest.raises(ConfigError, match="weight_transfer=nccl needs CUDA"):
+        _engine(policy, tmp_path, [server], "rollout.server.weight_transfer=nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    engine = _engine(
+        policy, tmp_path, [server], "rollout.server.weight_transfer=nccl", "rollout.server.nccl_port=29731"
+    )
+    monkeypatch.undo()  # the rest runs as on a CPU machine, tensors on the CPU
+    monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", open_group)
+    monkeypatch.setattr(nccl_engine, "packed_nccl_broadcast_producer", producer)
+    engine.nccl.source.device = torch.device("cpu")
+    with engine.ready(3):
+        pass
+    paths = [path for path, _ in server.calls]
+    update = ["/pause?mode=keep", "/start_weight_update", "/update_weights", "/finish_weight_update"]
+    assert paths == [
+        "/get_world_size",
+        "/init_weight_transfer_engine",
+        *update,
+        "/reset_prefix_cache",
+        "/resume",
+    ]
+    calls = dict(server.calls)
+    init = calls["/init_weight_transfer_engine"]["init_info"]
+    assert (init["world_size"], init["rank_offset"], init["master_port"]) == (2, 1, 29731)
+    assert calls["/finish_weight_update"] == {"weight_version": "3"}
+    declared = calls["/update_weights"]["update_info"]
+    state = policy[0].module.state_dict()
+    assert declared["names"] == list(broadcast) and set(broadcast) <= set(state)
+    assert all(torch.equal(broadcast[name], state[name]) for name in broadcast)
+    assert declared["shapes"] == [list(state[name].shape) for name in declared["names"]]
+    assert set(declared["dtype_names"]) == {"float32"}
+    server.calls.clear()
+    with engine.ready(4):  # the group stays open: no new rendezvous
+        pass
+    assert [path for path, _ in server.calls] == [*update, "/reset_prefix_cache", "/resume"]
+    engine.close()
+    assert not groups  # closed with the engine
+
+
+def test_declared_shapes_are_the_full_ones_of_partitioned_parameters():
+    """Under ZeRO-3 a rank holds a partition of each large parameter (its full shape in ds_shape):
+    the shapes the NCCL transfer declares are the full ones, as the gathered tensors will be.
+    (The two-rank ZeRO-3 worker checks names and order; its tiny parameters stay whole.)"""
+    from rlhf.rollout.vllm import policy_weight_shapes
+
+    cfg = compose_recipe_config("grpo", ["logger=quiet"])
+    model = load_causal_lm(cfg.model, load_tokenizer(cfg.model), seed=0)
+    full = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}  # the tied head too
+    for param in model.parameters():  # what a rank holds of a partitioned parameter
+        param.ds_shape = param.shape
+        param.data = torch.empty(0)
+    assert dict(policy_weight_shapes(FrozenPolicy(model))) == full
+
+
 def test_server_settings_are_checked():
     with pytest.raises(ConfigError, match="launch servers or reach running ones"):
         ServerConfig(launch=True, urls=["http://a:8000"])
     with pytest.raises(ConfigError, match="one per server"):
         ServerConfig(num_servers=2, devices=["0"])
     assert ServerConfig().launches and not ServerConfig(urls=["http://a:8000"]).launches
+    with pytest.raises(ConfigError, match="rollout.server.weight_transfer"):
+        ServerConfig(weight_transfer="gloo")
