@@ -83,6 +83,7 @@ WINDOW = 10
 PPO_KL = 0.05  # ppo_long_sort's loss.kl_coef
 PPO = ("ppo", ["+experiment=ppo_long_sort"])
 MACRO = ["+experiment=[ppo_long_sort,ppo_macro]"]
+TWO_EPOCHS = ["train.updates_per_rollout=2", "train.num_minibatches=4", "train.micro_batch_size=16"]
 GRPO = ["+experiment=grpo_long_sort"]
 STUDIES: dict[str, dict[str, tuple[str, list[str]]]] = {
     "grpo_vs_ppo": {
@@ -112,6 +113,8 @@ STUDIES: dict[str, dict[str, tuple[str, list[str]]]] = {
         # lam 1 and kl_coef 0.01 tied at 55.0% final validation accuracy; lam 1 has the larger area;
         # kl_coef 0.01 is ppo_kl_n5)
         "ppo_tuned": ("ppo", [*PPO[1], "advantage.lam=1.0"]),
+        # MA-PPO tuned on the same grid (--tune ma_fixed5, RESULTS.md 2026-12-06): 2 epochs x 4 minibatches
+        "ma_tuned": ("ppo", [*MACRO, "advantage.macro.n=5", *TWO_EPOCHS]),
     },
 }
 # (arm, baseline, what the pair separates), shown when both arms ran
@@ -132,6 +135,8 @@ COMPARISONS: dict[str, list[tuple[str, str, str]]] = {
         ("ma_fixed5_sum", "ppo", "MA-PPO with summed rewards: PPO's KL"),
         ("ma_fixed5", "ppo_tuned", "against PPO tuned on validation lists"),
         ("ppo_tuned", "ppo", "tuning alone"),
+        ("ma_tuned", "ppo_tuned", "both tuned on validation lists, the same grid"),
+        ("ma_tuned", "ppo", "MA-PPO tuned against the preset PPO"),
         ("ppo_kl_n5", "ppo", "PPO at a fifth of its KL (the confound alone)"),
     ],
 }
@@ -143,11 +148,7 @@ TUNING_GRID: dict[str, list[str]] = {
     "lr3e-4": ["optim.lr=3e-4"],
     "kl0.01": ["loss.kl_coef=0.01"],
     "kl0.2": ["loss.kl_coef=0.2"],
-    "2epochs_4minibatches": [
-        "train.updates_per_rollout=2",
-        "train.num_minibatches=4",
-        "train.micro_batch_size=16",
-    ],
+    "2epochs_4minibatches": TWO_EPOCHS,
     "lam1": ["advantage.lam=1.0"],
 }
 TUNE_SEEDS = (1, 2)
