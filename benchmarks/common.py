@@ -55,8 +55,8 @@ def report(title: str, body: str, record: bool) -> None:
     """Print `body` and, with `record`, append it to RESULTS.md under the command line that ran."""
     print(body)
     if record:
-        script = os.path.basename(sys.argv[0])
-        append_results(title, " ".join([f"python benchmarks/{script}", *sys.argv[1:]]), body)
+        script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.dirname(RESULTS)))
+        append_results(title, " ".join([f"python {script}", *sys.argv[1:]]), body)
 
 
 def append_results(title: str, command: str, body: str) -> None:
