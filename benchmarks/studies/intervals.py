@@ -72,6 +72,16 @@ def first_reaching(xs: Sequence[float], values: Sequence[float], target: float) 
     return None
 
 
+def per_seed(values: Sequence[float], scale: float = 100.0) -> str:
+    """'35.3 / 58.7 / 32.0' (scaled, e.g. to percent), in seed order."""
+    return " / ".join(f"{scale * v:.1f}" for v in values)
+
+
+def mean_text(values: Sequence[float | None], missing: str = "-", digits: int = 4) -> str:
+    """The mean of values that were all measured, else `missing`."""
+    return missing if None in values else f"{statistics.fmean(values):.{digits}f}"
+
+
 def format_interval(mean: float, low: float, high: float, scale: float = 100.0, digits: int = 1) -> str:
     """'41.2 [38.0, 44.9]' (scaled, e.g. to percent)."""
     return f"{scale * mean:.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"

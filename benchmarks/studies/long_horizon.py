@@ -70,6 +70,8 @@ from benchmarks.studies.intervals import (  # noqa: E402
     bootstrap_interval,
     first_reaching,
     format_interval,
+    mean_text,
+    per_seed,
     verdict,
 )
 
@@ -286,12 +288,10 @@ def arm_table(figures: dict[tuple[str, int], dict], methods: list[str], seeds: l
         auc = [figures[(method, s)]["auc"] for s in seeds]
         kl = [figures[(method, s)]["kl"] for s in seeds]
         minutes = [figures[(method, s)]["minutes"] for s in seeds]
-        kl_text = f"{statistics.fmean(kl):.4f}" if None not in kl else "not computed (no reference)"
-        minutes_text = f"{statistics.fmean(minutes):.1f}" if None not in minutes else "-"
         lines.append(
-            f"| {method} | {format_interval(*bootstrap_interval(final))} | "
-            + " / ".join(f"{100 * v:.1f}" for v in final)
-            + f" | {format_interval(*bootstrap_interval(auc))} | {kl_text} | {minutes_text} |"
+            f"| {method} | {format_interval(*bootstrap_interval(final))} | {per_seed(final)} | "
+            f"{format_interval(*bootstrap_interval(auc))} | {mean_text(kl, 'not computed (no reference)')} | "
+            f"{mean_text(minutes, digits=1)} |"
         )
     return "\n".join(lines)
 
@@ -518,11 +518,9 @@ def tuning_table(method: str, results: dict[tuple[str, int], dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for mean, name, extra, final, auc, kl in rows:
-        kl_text = f"{statistics.fmean(kl):.4f}" if None not in kl else "-"
         lines.append(
             f"| {name}{' (chosen)' if name == rows[0][1] else ''} | {' '.join(extra) or '(the preset)'} | "
-            + " / ".join(f"{100 * v:.1f}" for v in final)
-            + f" | {100 * mean:.1f}% | {100 * auc:.1f}% | {kl_text} |"
+            f"{per_seed(final)} | {100 * mean:.1f}% | {100 * auc:.1f}% | {mean_text(kl)} |"
         )
     return "\n".join(lines)
 

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.common import compose_config, report, save_figure  # noqa: E402
-from benchmarks.studies.intervals import bootstrap_interval, format_interval, verdict  # noqa: E402
+from benchmarks.studies.intervals import bootstrap_interval, format_interval, mean_text, per_seed, verdict  # noqa: E402
 from benchmarks.studies.long_horizon import (  # noqa: E402
     RUNS,
     SEEDED_DATA,
@@ -315,7 +315,7 @@ def tune_dpo_family(layout: Layout, jobs: int, threads: int) -> str:
         for mean, point, extra, values in sorted(rows, reverse=True):
             lines.append(
                 f"| {method} | {point}{' (chosen)' if mean == best else ''} | {' '.join(extra)} | "
-                + " / ".join(f"{100 * v:.1f}" for v in values)
+                + per_seed(values)
                 + f" | {100 * mean:.1f}% |"
             )
     return "\n".join(lines)
@@ -349,8 +349,8 @@ def study_result(method: str, seed: int, layout: Layout) -> dict:
 
 
 def heldout_row(name: str, values: list[float]) -> str:
-    per_seed = " / ".join(f"{100 * v:.1f}" for v in values)
-    return f"| {name} | {100 * statistics.mean(values):.1f}% ({100 * statistics.stdev(values):.1f}) | {per_seed} |"
+    spread = f"{100 * statistics.mean(values):.1f}% ({100 * statistics.stdev(values):.1f})"
+    return f"| {name} | {spread} | {per_seed(values)} |"
 
 
 def pair_regions(chosen_ids, rejected_ids, chosen_mask, rejected_mask) -> dict[str, tuple[object, object]]:
@@ -631,13 +631,8 @@ def summary(heldout: dict[str, dict[int, float]], kl: dict[str, list[float | Non
     ]
     for name, by_seed in heldout.items():
         values = [by_seed[s] for s in seeds]
-        kl_values = kl.get(name, [None])
-        kl_text = f"{statistics.fmean(kl_values):.4f}" if None not in kl_values else "-"
-        lines.append(
-            f"| {name} | {format_interval(*bootstrap_interval(values))} | "
-            + " / ".join(f"{100 * v:.1f}" for v in values)
-            + f" | {kl_text} |"
-        )
+        interval = format_interval(*bootstrap_interval(values))
+        lines.append(f"| {name} | {interval} | {per_seed(values)} | {mean_text(kl.get(name, [None]))} |")
     lines += [
         "",
         "| arm - baseline | what it separates | paired difference [95% CI] | verdict |",
