@@ -18,6 +18,9 @@ which also trains cDPO's positive and negative LoRA models on the exact and the 
   rto_placebo      control for RTO: the same, the token reward from placebo_b0.1 (same scale and
                    clipping, no preference information)
   ppo              long_horizon.py's PPO runs (same start, steps and evaluation)
+  ppo_kl_n5        control for RTO: long_horizon.py's PPO at kl_coef 0.01 (a fifth of the preset's),
+                   which earlier runs found at RTO's KL: RTO's dense reward also weakens the KL's share
+  ppo_tuned        long_horizon.py's PPO tuned on the validation lists (lam 1), shown beside RTO
   tgdpo_cguide_b<beta>  (with --guide-control, a diagnostic outside the verdicts) TGDPO guided by
                    the same seed's cDPO model instead, a guide whose correct answers did not collapse
 Every final model answers the 1000 held-out lists greedily (exact match), and its KL to its start is
@@ -75,6 +78,7 @@ DPO_GRID: dict[str, list[str]] = {
     for lr in ("1e-5", "3e-5", "1e-4")
     for steps in (30, 200)
 }
+RL_ARMS = ("ppo", "ppo_kl_n5", "ppo_tuned", "rto", "rto_placebo")  # run by long_horizon.py's runner
 GUIDE_OF = {"tgdpo": "dpo", "tgdpo_cguide": "cdpo"}  # TGDPO variant -> the method of its guide
 TGDPO_ALPHA = 0.5  # the paper's default
 PPO_STEPS, PPO_EVAL_EVERY = 120, 20  # long_horizon.py's defaults: its PPO runs are the baseline
@@ -530,7 +534,7 @@ def plot(heldout: dict[str, list[float]], seeds: list[int], path: str) -> None:
 
 
 def plot_curves(methods: list[str], seeds: list[int], path: str, layout: Layout) -> None:
-    """Learning curves, one line per seed: PPO's and RTO's training reward, the DPO-family losses,
+    """Learning curves, one line per seed: the PPO arms' and RTO's training reward, the DPO-family losses,
     and the DPO-family models' greedy accuracy on the held-out pairs' prompts during training."""
     import matplotlib
 
@@ -542,7 +546,7 @@ def plot_curves(methods: list[str], seeds: list[int], path: str, layout: Layout)
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, method in enumerate(("ppo", "rto", "rto_placebo")):
+    for index, method in enumerate(RL_ARMS):
         for seed in seeds:
             result = study_result(method, seed, layout)
             axes[0].plot(
@@ -557,12 +561,19 @@ def plot_curves(methods: list[str], seeds: list[int], path: str, layout: Layout)
         for seed in seeds:
             rows = read_metrics(layout.run_dir(method, seed))
             label = method if seed == seeds[0] else None
-            style = {"color": colors[(index + 3) % len(colors)], "alpha": 0.7, "lw": 1, "label": label}
+            style = {
+                "color": colors[(index + len(RL_ARMS)) % len(colors)],
+                "alpha": 0.7,
+                "lw": 1,
+                "label": label,
+            }
             losses = [(row["step"], row["loss"]) for row in rows if "loss" in row]
             axes[1].plot([x for x, _ in losses], moving_average([y for _, y in losses], 10), **style)
             evals = [(row["step"], 100 * row["eval/accuracy"]) for row in rows if "eval/accuracy" in row]
             axes[2].plot([x for x, _ in evals], [y for _, y in evals], marker="o", ms=3, **style)
-    axes[0].set(title="PPO, RTO, RTO with the placebo reward: training reward (10-step mean)", xlabel="step")
+    axes[0].set(
+        title="PPO arms, RTO, RTO with the placebo reward: training reward (10-step mean)", xlabel="step"
+    )
     axes[1].set(title="DPO family: loss (10-step mean)", xlabel="step")
     axes[2].set(title="DPO family: greedy exact match, held-out pair prompts (%)", xlabel="step")
     for axis in axes:
@@ -579,6 +590,9 @@ def comparisons() -> list[tuple[str, str, str]]:
         ("rto", "ppo", "as configured"),
         ("rto", "rto_placebo", "RTO's DPO token reward against a placebo of the same scale and clipping"),
         ("rto_placebo", "ppo", "dense shaping without preference information"),
+        ("rto", "ppo_kl_n5", "against PPO at kl_coef 0.01 (RTO's KL; each arm's KL in the table above)"),
+        ("ppo_kl_n5", "ppo", "PPO at a fifth of its KL coefficient (the KL confound alone)"),
+        ("rto", "ppo_tuned", "against PPO tuned on validation lists (RTO untuned: shown, not in the rule)"),
     ]
     for beta in BETAS:
         pairs += [
@@ -600,25 +614,26 @@ def claim_verdicts(paired: dict[tuple[str, str], str]) -> list[str]:
     run, the interval against the control does too; better than the baseline but not than the
     control means the control explains the gain."""
     lines = []
-    claims = {"rto": ("ppo", "rto_placebo")}
+    claims: dict[str, tuple[str, tuple[str, ...]]] = {"rto": ("ppo", ("rto_placebo", "ppo_kl_n5"))}
     for beta in BETAS:
         claims |= {
-            f"cdpo_b{beta}": (f"dpo_b{beta}", f"uniform_b{beta}"),
-            f"tgdpo_b{beta}": (f"dpo_b{beta}", None),
+            f"cdpo_b{beta}": (f"dpo_b{beta}", (f"uniform_b{beta}",)),
+            f"tgdpo_b{beta}": (f"dpo_b{beta}", ()),
         }
-    for arm, (baseline, control) in claims.items():
+    for arm, (baseline, controls) in claims.items():
         if (arm, baseline) not in paired:
             continue
         against_baseline = paired[(arm, baseline)]
-        against_control = paired.get((arm, control)) if control else None
+        ran = [c for c in controls if (arm, c) in paired]
+        failed = [c for c in ran if paired[(arm, c)] != "better"]
         if against_baseline != "better":
             word = f"not reproduced ({against_baseline} against {baseline})"
-        elif control and against_control != "better":
-            word = (
-                f"not reproduced: better than {baseline}, but {against_control} against the control {control}"
+        elif failed:
+            word = f"not reproduced: better than {baseline}, but " + ", ".join(
+                f"{paired[(arm, c)]} against the control {c}" for c in failed
             )
         else:
-            word = f"reproduced (better than {baseline}" + (f" and than {control})" if control else ")")
+            word = f"reproduced (better than {' and than '.join([baseline, *ran])})"
         lines.append(f"- {arm}: {word}")
     return lines
 
@@ -652,8 +667,8 @@ def summary(heldout: dict[str, dict[int, float]], kl: dict[str, list[float | Non
 
 def run_arms(layout: Layout, seeds: list[int], jobs: int, threads: int) -> dict[int, dict]:
     """Every arm of every seed, in the order their inputs need: pairs, then DPO, the placebo DPO and
-    cDPO, then TGDPO (guided by DPO) and the uniform control (at cDPO's mean weight), then PPO, RTO
-    and RTO with the placebo's reward (long_horizon.py's runner). Returns each seed's pairs."""
+    cDPO, then TGDPO (guided by DPO) and the uniform control (at cDPO's mean weight), then the PPO
+    arms, RTO and RTO with the placebo's reward (long_horizon.py's runner). Returns each seed's pairs."""
     stages = [
         [f"dpo_b{b}" for b in BETAS] + ["placebo_b0.1"] + [f"cdpo_b{b}" for b in BETAS],
         [f"{m}_b{b}" for m in ("tgdpo", "uniform") for b in BETAS],
@@ -670,6 +685,8 @@ def run_arms(layout: Layout, seeds: list[int], jobs: int, threads: int) -> dict[
             for s in seeds
             for method, overrides in (
                 ("ppo", None),
+                ("ppo_kl_n5", None),
+                ("ppo_tuned", None),
                 ("rto", _rto_overrides(s, layout)),
                 ("rto_placebo", _rto_overrides(s, layout, "placebo_b0.1")),
             )
@@ -727,8 +744,7 @@ def main() -> None:
     built = run_arms(layout, args.seeds, args.jobs, threads)
     dpo_family = [f"{m}_b{b}" for m in ("dpo", "cdpo", "uniform", "tgdpo") for b in BETAS] + ["placebo_b0.1"]
     heldout = {
-        m: {s: study_result(m, s, layout)["heldout"] for s in args.seeds}
-        for m in ("ppo", "rto", "rto_placebo", *dpo_family)
+        m: {s: study_result(m, s, layout)["heldout"] for s in args.seeds} for m in (*RL_ARMS, *dpo_family)
     }
     kl = {m: [study_result(m, s, layout).get("kl") for s in args.seeds] for m in heldout}
     starts = sorted(set(layout.starts.values()))

@@ -58,6 +58,20 @@ def test_a_gain_the_control_shares_is_not_reproduced():
     ]
 
 
+def test_rto_is_reproduced_only_past_every_control_it_ran():
+    past_placebo = {("rto", "ppo"): "better", ("rto", "rto_placebo"): "better"}
+    assert claim_verdicts(past_placebo) == ["- rto: reproduced (better than ppo and than rto_placebo)"]
+    at_matched_kl = {**past_placebo, ("rto", "ppo_kl_n5"): "worse"}
+    assert claim_verdicts(at_matched_kl) == [
+        "- rto: not reproduced: better than ppo, but worse against the control ppo_kl_n5"
+    ]
+    past_both = {**past_placebo, ("rto", "ppo_kl_n5"): "better", ("rto", "ppo_tuned"): "worse"}
+    # the tuned PPO is shown beside RTO (RTO itself untuned), not part of the rule
+    assert claim_verdicts(past_both) == [
+        "- rto: reproduced (better than ppo and than rto_placebo and than ppo_kl_n5)"
+    ]
+
+
 def test_policy_kl_is_zero_against_itself_and_positive_against_another_model(tmp_path, monkeypatch):
     from benchmarks.studies import token_rewards
     from rlhf.config import ModelConfig
