@@ -104,7 +104,7 @@ class Layout:
         return os.path.join(self.root, "pairs", f"seed{seed}") if self.seeded else os.path.join(RUNS, "pairs")
 
 
-def build_pairs(job: tuple[Layout, int]) -> dict:
+def build_pairs(job: tuple[Layout, int], threads: int) -> dict:
     """Seed `seed`'s pairs (its start's samples) and cDPO's positive and negative models, built once
     and reused; with them, a placebo copy of the pairs whose chosen and rejected sides are swapped
     at random (no preference information left), for the placebo DPO model behind RTO's control."""
@@ -114,6 +114,11 @@ def build_pairs(job: tuple[Layout, int]) -> dict:
     if os.path.exists(done):
         with open(done) as handle:
             return json.load(handle)
+    import torch
+
+    # two jobs at torch's default of one thread per core each oversubscribe the cores: the LoRA
+    # steps took 2-16 s against 0.5 s
+    torch.set_num_threads(threads)
     from recipes.cdpo_models import build_cdpo_models
 
     shutil.rmtree(directory, ignore_errors=True)
@@ -300,7 +305,13 @@ def tune_dpo_family(layout: Layout, jobs: int, threads: int) -> str:
     seeds = [s for s in TUNE_SEEDS if s in layout.starts]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        built = dict(zip(seeds, pool.map(build_pairs, [(layout, s) for s in seeds]), strict=True))
+        built = dict(
+            zip(
+                seeds,
+                pool.map(build_pairs, [(layout, s) for s in seeds], [threads] * len(seeds)),
+                strict=True,
+            )
+        )
         for stage in (["dpo_b0.1", "cdpo_b0.1"], ["tgdpo_b0.1"]):  # the guide first
             guides = [(m, s, layout, built[s]) for s in seeds for m in stage]
             list(pool.map(train_dpo, guides, [threads] * len(guides)))
@@ -500,7 +511,7 @@ def guide_control(seeds: list[int], layout: Layout, jobs: int, threads: int) -> 
                     os.path.join(layout.run_dir(f"{method}_b{beta}", seed), "study_result.json")
                 ):
                     raise SystemExit(f"{method}_b{beta} seed {seed} is not finished: run the study first")
-    built = {seed: build_pairs((layout, seed)) for seed in seeds}
+    built = {seed: build_pairs((layout, seed), threads) for seed in seeds}
     jobs_list = [(f"tgdpo_cguide_b{b}", s, layout, built[s]) for s in seeds for b in BETAS]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
@@ -675,7 +686,13 @@ def run_arms(layout: Layout, seeds: list[int], jobs: int, threads: int) -> dict[
     ]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        built = dict(zip(seeds, pool.map(build_pairs, [(layout, s) for s in seeds]), strict=True))
+        built = dict(
+            zip(
+                seeds,
+                pool.map(build_pairs, [(layout, s) for s in seeds], [threads] * len(seeds)),
+                strict=True,
+            )
+        )
         for methods in stages:
             stage = [(m, s, layout, built[s]) for s in seeds for m in methods]
             for job, run_dir in zip(stage, pool.map(train_dpo, stage, [threads] * len(stage)), strict=True):
