@@ -141,6 +141,12 @@ def build_pairs(job: tuple[Layout, int], threads: int) -> dict:
     return built
 
 
+def pairs_of_seeds(pool: concurrent.futures.Executor, layout: Layout, seeds: list[int], threads: int) -> dict:
+    """build_pairs for every seed on the pool: seed -> its built pairs and cDPO models."""
+    jobs = [(layout, s) for s in seeds]
+    return dict(zip(seeds, pool.map(build_pairs, jobs, [threads] * len(seeds)), strict=True))
+
+
 def write_placebo_pairs(pairs: str, out: str, seed: int) -> str:
     """The pairs with each pair's sides swapped by a fair coin: a DPO model trained on them moves as
     far from the reference, but learns no preference."""
@@ -305,13 +311,7 @@ def tune_dpo_family(layout: Layout, jobs: int, threads: int) -> str:
     seeds = [s for s in TUNE_SEEDS if s in layout.starts]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        built = dict(
-            zip(
-                seeds,
-                pool.map(build_pairs, [(layout, s) for s in seeds], [threads] * len(seeds)),
-                strict=True,
-            )
-        )
+        built = pairs_of_seeds(pool, layout, seeds, threads)
         for stage in (["dpo_b0.1", "cdpo_b0.1"], ["tgdpo_b0.1"]):  # the guide first
             guides = [(m, s, layout, built[s]) for s in seeds for m in stage]
             list(pool.map(train_dpo, guides, [threads] * len(guides)))
@@ -686,27 +686,24 @@ def run_arms(layout: Layout, seeds: list[int], jobs: int, threads: int) -> dict[
     ]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        built = dict(
-            zip(
-                seeds,
-                pool.map(build_pairs, [(layout, s) for s in seeds], [threads] * len(seeds)),
-                strict=True,
-            )
-        )
+        built = pairs_of_seeds(pool, layout, seeds, threads)
         for methods in stages:
             stage = [(m, s, layout, built[s]) for s in seeds for m in methods]
             for job, run_dir in zip(stage, pool.map(train_dpo, stage, [threads] * len(stage)), strict=True):
                 print(f"{job[0]} seed {job[1]} done: {run_dir}", flush=True)
         rl = [
-            (method, "ppo", s, PPO_STEPS, PPO_EVAL_EVERY, layout.starts[s], overrides, layout.seeded)
-            for s in seeds
-            for method, overrides in (
-                ("ppo", None),
-                ("ppo_kl_n5", None),
-                ("ppo_tuned", None),
-                ("rto", _rto_overrides(s, layout)),
-                ("rto_placebo", _rto_overrides(s, layout, "placebo_b0.1")),
+            (
+                method,
+                "ppo",
+                s,
+                PPO_STEPS,
+                PPO_EVAL_EVERY,
+                layout.starts[s],
+                _rl_overrides(method, s, layout),
+                layout.seeded,
             )
+            for s in seeds
+            for method in RL_ARMS
         ]
         list(pool.map(run_method, rl, [threads] * len(rl)))
         evaluated = [(job[0], job[2], layout) for job in rl]
@@ -800,8 +797,12 @@ def heldout_of_start(start: str) -> float:
     return heldout_gold(start, _sort_data(), max_new_tokens=34)["exact_match"]
 
 
-def _rto_overrides(seed: int, layout: Layout, dpo_method: str = "dpo_b0.1") -> list[str]:
-    """RTO's token reward from `dpo_method`'s model of the same seed (placebo_b0.1: the control)."""
+def _rl_overrides(method: str, seed: int, layout: Layout) -> list[str] | None:
+    """An RL arm's overrides: RTO's token reward from the same seed's DPO model (rto_placebo: from
+    the placebo DPO model); None for the PPO arms, which take long_horizon.py's presets."""
+    dpo_method = {"rto": "dpo_b0.1", "rto_placebo": "placebo_b0.1"}.get(method)
+    if dpo_method is None:
+        return None
     dpo_model = _export(layout.run_dir(dpo_method, seed))
     return ["+experiment=[ppo_long_sort,ppo_rto]", f"rto.dpo_model={dpo_model}"]
 
