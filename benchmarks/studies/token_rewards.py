@@ -36,10 +36,12 @@ diverging token, the rest), and how much of TGDPO's margin comes from the plain 
 from the guide's weights.
 
 `--tune` runs the DPO family's grid (DPO_GRID: learning rate x steps) for DPO, cDPO and TGDPO alike
-at beta 0.1, at the warm starts and pairs of seeds 1 and 2, scored on the validation lists.
+at beta 0.1, at the warm starts and pairs of seeds 1 and 2, scored on the validation lists. `--tuned`
+then runs each at its own chosen point at every seed (cDPO's uniform control at cDPO's point), scored
+on the held-out lists, with the same paired comparisons and verdict rule (arms `<method>_tuned`).
 
 Usage: python benchmarks/studies/token_rewards.py [--seeds 1 2 3 4 5] [--starts per-seed|shared]
-           [--jobs 2] [--no-record] [--guide-control] [--explain-tgdpo] [--tune]
+           [--jobs 2] [--no-record] [--guide-control] [--explain-tgdpo] [--tune] [--tuned]
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ DPO_GRID: dict[str, list[str]] = {
     for lr in ("1e-5", "3e-5", "1e-4")
     for steps in (30, 200)
 }
+TUNED_METHODS = ("dpo_b0.1", "cdpo_b0.1", "tgdpo_b0.1")  # tuned alike on DPO_GRID, beta 0.1
 RL_ARMS = ("ppo", "ppo_kl_n5", "ppo_tuned", "rto", "rto_placebo")  # run by long_horizon.py's runner
 GUIDE_OF = {"tgdpo": "dpo", "tgdpo_cguide": "cdpo"}  # TGDPO variant -> the method of its guide
 TGDPO_ALPHA = 0.5  # the paper's default
@@ -165,7 +168,9 @@ def write_placebo_pairs(pairs: str, out: str, seed: int) -> str:
     return out
 
 
-def dpo_overrides(method: str, seed: int, layout: Layout, built: dict) -> list[str]:
+def dpo_overrides(method: str, seed: int, layout: Layout, built: dict, tuned: bool = False) -> list[str]:
+    """The DPO recipe's overrides for one arm of one seed; `tuned`: the uniform control takes its
+    weight from the tuned cDPO run (the same grid point) instead of the preset one."""
     name, beta = method.rsplit("_b", 1)
     common = [
         "+experiment=dpo_long_sort",
@@ -175,7 +180,8 @@ def dpo_overrides(method: str, seed: int, layout: Layout, built: dict) -> list[s
         f"seed={seed}",
     ]
     if name == "uniform":  # cDPO's control: its mean rejected-token weight on every rejected token
-        rows = read_run_metrics(layout.run_dir(f"cdpo_b{beta}", seed))
+        cdpo = f"cdpo_b{beta}"
+        rows = read_run_metrics(layout.run_dir(tuned_arm(cdpo) if tuned else cdpo, seed))
         mean_weight = statistics.fmean(
             r["cdpo/rejected_weight_mean"] for r in rows if "cdpo/rejected_weight_mean" in r
         )
@@ -271,10 +277,16 @@ def _export(run_dir: str) -> str:
 
 def train_dpo(job: tuple, threads: int) -> str:
     """One seed of one DPO-family method, then its held-out exact match on the sort task and its KL
-    to its start. job = (method, seed, layout, built[, grid point]): with a point of DPO_GRID, a
-    tuning run (its overrides added) scored on the validation lists instead."""
-    method, seed, layout, built, *point = job
-    run_dir = layout.run_dir(f"tune_{method}_{point[0]}" if point else method, seed)
+    to its start. job = (method, seed, layout, built[, grid point[, tuned]]): with a point of
+    DPO_GRID, a tuning run (its overrides added) scored on the validation lists instead; with tuned
+    as well, the method's chosen point as its own arm (tuned_arm(method)), scored on held-out."""
+    method, seed, layout, built, *rest = job
+    point, tuned = (rest + [None, False])[:2]
+    point = [point] if point else []
+    if tuned:
+        run_dir = layout.run_dir(tuned_arm(method), seed)
+    else:
+        run_dir = layout.run_dir(f"tune_{method}_{point[0]}" if point else method, seed)
     done = os.path.join(run_dir, "study_result.json")
     if os.path.exists(done):
         return run_dir
@@ -286,12 +298,12 @@ def train_dpo(job: tuple, threads: int) -> str:
     from rlhf.loggers import read_metrics
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [*dpo_overrides(method, seed, layout, built), *(DPO_GRID[point[0]] if point else [])]
+    overrides = [*dpo_overrides(method, seed, layout, built, tuned), *(DPO_GRID[point[0]] if point else [])]
     dpo.train(compose_config("dpo", [*overrides, f"run_dir={run_dir}", "logger=quiet"]))
     rows = read_metrics(run_dir)
     export = _export(run_dir)
     result = {"method": method, "seed": seed, "point": point[0] if point else None}
-    if point:
+    if point and not tuned:
         result["validation"] = heldout_gold(export, _sort_data(validation=True), max_new_tokens=34)[
             "exact_match"
         ]
@@ -321,19 +333,79 @@ def tune_dpo_family(layout: Layout, jobs: int, threads: int) -> str:
         "| method | grid point | overrides | validation exact match, per seed | mean |",
         "|---|---|---|---|---|",
     ]
-    for method in ("dpo_b0.1", "cdpo_b0.1", "tgdpo_b0.1"):
-        rows = []
-        for point, extra in DPO_GRID.items():
-            values = [study_result(f"tune_{method}_{point}", s, layout)["validation"] for s in seeds]
-            rows.append((statistics.fmean(values), point, extra, values))
-        best = max(rows)[0]
-        for mean, point, extra, values in sorted(rows, reverse=True):
+    for method in TUNED_METHODS:
+        scores = validation_scores(method, layout)
+        chosen = best_point(scores)
+        for point in sorted(scores, key=lambda p: -statistics.fmean(scores[p])):
             lines.append(
-                f"| {method} | {point}{' (chosen)' if mean == best else ''} | {' '.join(extra)} | "
-                + per_seed(values)
-                + f" | {100 * mean:.1f}% |"
+                f"| {method} | {point}{' (chosen)' if point == chosen else ''} | {' '.join(DPO_GRID[point])} | "
+                + per_seed(scores[point])
+                + f" | {100 * statistics.fmean(scores[point]):.1f}% |"
             )
     return "\n".join(lines)
+
+
+def validation_scores(method: str, layout: Layout) -> dict[str, list[float]]:
+    """Grid point -> the method's validation exact match at each tuning seed (--tune's runs)."""
+    seeds = [s for s in TUNE_SEEDS if s in layout.starts]
+    scores = {}
+    for point in DPO_GRID:
+        try:
+            scores[point] = [study_result(f"tune_{method}_{point}", s, layout)["validation"] for s in seeds]
+        except FileNotFoundError as missing:
+            raise SystemExit(
+                f"{method} has no tuning run at {point} ({missing.filename}): run --tune first"
+            ) from None
+    return scores
+
+
+def best_point(scores: dict[str, list[float]]) -> str:
+    """The grid point of highest mean validation score; a tie goes to the earlier point in
+    DPO_GRID's order (the smaller learning rate, then the fewer steps)."""
+    order = list(DPO_GRID)
+    return max(scores, key=lambda p: (statistics.fmean(scores[p]), -order.index(p)))
+
+
+def tuned_arm(method: str) -> str:
+    """The arm of `method` at its validation-chosen grid point ("cdpo_b0.1" -> "cdpo_b0.1_tuned")."""
+    return f"{method}_tuned"
+
+
+def run_tuned_arms(layout: Layout, seeds: list[int], jobs: int, threads: int) -> str:
+    """DPO, cDPO and TGDPO at their own chosen grid points (--tune's validation scores at the tuning
+    seeds), at every seed, scored on the held-out lists; cDPO's uniform control at cDPO's chosen point
+    and its tuned run's mean weight; the preset DPO beside them (and as TGDPO's guide, as in the grid).
+    Returns the table, the paired comparisons and the verdicts."""
+    points = {m: best_point(validation_scores(m, layout)) for m in TUNED_METHODS}
+    points["uniform_b0.1"] = points["cdpo_b0.1"]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        built = pairs_of_seeds(pool, layout, seeds, threads)
+        stages = [
+            [("dpo_b0.1", None)] + [(m, points[m]) for m in ("dpo_b0.1", "cdpo_b0.1")],
+            [(m, points[m]) for m in ("tgdpo_b0.1", "uniform_b0.1")],  # after their guide and weight
+        ]
+        for stage in stages:
+            runs = [(m, s, layout, built[s], p, p is not None) for s in seeds for m, p in stage]
+            list(pool.map(train_dpo, runs, [threads] * len(runs)))
+    arms = ["dpo_b0.1", *(tuned_arm(m) for m in ("dpo_b0.1", "cdpo_b0.1", "uniform_b0.1", "tgdpo_b0.1"))]
+    heldout = {m: {s: study_result(m, s, layout)["heldout"] for s in seeds} for m in arms}
+    kl = {m: [study_result(m, s, layout).get("kl") for s in seeds] for m in arms}
+    chosen = ", ".join(f"{m} {points[m]}" for m in points)
+    dpo, cdpo, uniform, tgdpo = (
+        tuned_arm(m) for m in ("dpo_b0.1", "cdpo_b0.1", "uniform_b0.1", "tgdpo_b0.1")
+    )
+    pairs = [
+        (dpo, "dpo_b0.1", "tuning's gain for DPO itself"),
+        (cdpo, dpo, "as configured, each tuned on validation"),
+        (cdpo, uniform, "cDPO's token credit against its mean weight on every rejected token"),
+        (uniform, dpo, "a smaller push on rejected tokens alone"),
+        (tgdpo, dpo, "as configured, each tuned on validation"),
+    ]
+    claims = {cdpo: (dpo, (uniform,)), tgdpo: (dpo, ())}
+    return f"Chosen points (validation lists, seeds {list(TUNE_SEEDS)}): {chosen}.\n\n" + summary(
+        heldout, kl, seeds, pairs, claims
+    )
 
 
 def heldout_of_ppo_run(job: tuple[str, int, Layout], threads: int) -> float:
@@ -619,19 +691,26 @@ def comparisons() -> list[tuple[str, str, str]]:
     return pairs
 
 
-def claim_verdicts(paired: dict[tuple[str, str], str]) -> list[str]:
-    """Each paper's claim, by a rule fixed before the runs: reproduced only where the paired
-    interval against the baseline excludes zero in the method's favour and, where a control was
-    run, the interval against the control does too; better than the baseline but not than the
-    control means the control explains the gain."""
-    lines = []
+def preset_claims() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Each preset arm's claim: arm -> (its baseline, the controls for its confound)."""
     claims: dict[str, tuple[str, tuple[str, ...]]] = {"rto": ("ppo", ("rto_placebo", "ppo_kl_n5"))}
     for beta in BETAS:
         claims |= {
             f"cdpo_b{beta}": (f"dpo_b{beta}", (f"uniform_b{beta}",)),
             f"tgdpo_b{beta}": (f"dpo_b{beta}", ()),
         }
-    for arm, (baseline, controls) in claims.items():
+    return claims
+
+
+def claim_verdicts(
+    paired: dict[tuple[str, str], str], claims: dict[str, tuple[str, tuple[str, ...]]] | None = None
+) -> list[str]:
+    """Each paper's claim, by a rule fixed before the runs: reproduced only where the paired
+    interval against the baseline excludes zero in the method's favour and, where a control was
+    run, the interval against the control does too; better than the baseline but not than the
+    control means the control explains the gain."""
+    lines = []
+    for arm, (baseline, controls) in (preset_claims() if claims is None else claims).items():
         if (arm, baseline) not in paired:
             continue
         against_baseline = paired[(arm, baseline)]
@@ -649,8 +728,15 @@ def claim_verdicts(paired: dict[tuple[str, str], str]) -> list[str]:
     return lines
 
 
-def summary(heldout: dict[str, dict[int, float]], kl: dict[str, list[float | None]], seeds: list[int]) -> str:
-    """The arms' table (final held-out with intervals, KL), the paired comparisons and the verdicts."""
+def summary(
+    heldout: dict[str, dict[int, float]],
+    kl: dict[str, list[float | None]],
+    seeds: list[int],
+    pairs: list[tuple[str, str, str]] | None = None,
+    claims: dict[str, tuple[str, tuple[str, ...]]] | None = None,
+) -> str:
+    """The arms' table (final held-out with intervals, KL), the paired comparisons (default: the
+    preset study's) and the verdicts."""
     lines = [
         f"| arm | held-out exact match, mean [95% CI] | per seed | KL to the start per token (its samples at T = 1, {KL_PROMPTS} held-out lists) |",
         "|---|---|---|---|",
@@ -665,7 +751,7 @@ def summary(heldout: dict[str, dict[int, float]], kl: dict[str, list[float | Non
         "|---|---|---|---|",
     ]
     paired = {}
-    for arm, baseline, what in comparisons():
+    for arm, baseline, what in comparisons() if pairs is None else pairs:
         if arm not in heldout or baseline not in heldout:
             continue
         interval = bootstrap_interval([heldout[arm][s] - heldout[baseline][s] for s in seeds])
@@ -673,7 +759,7 @@ def summary(heldout: dict[str, dict[int, float]], kl: dict[str, list[float | Non
         lines.append(
             f"| {arm} - {baseline} | {what} | {format_interval(*interval)} | {paired[(arm, baseline)]} |"
         )
-    return "\n".join([*lines, "", *claim_verdicts(paired)])
+    return "\n".join([*lines, "", *claim_verdicts(paired, claims)])
 
 
 def run_arms(layout: Layout, seeds: list[int], jobs: int, threads: int) -> dict[int, dict]:
@@ -727,6 +813,11 @@ def main() -> None:
         action="store_true",
         help="the DPO family's lr x steps grid on the validation lists (per-seed starts)",
     )
+    parser.add_argument(
+        "--tuned",
+        action="store_true",
+        help="DPO, cDPO (with its uniform control) and TGDPO at their --tune points, on held-out lists",
+    )
     parser.add_argument("--explain-tgdpo", action="store_true", help="take the finished TGDPO runs apart")
     parser.add_argument(
         "--guide-control", action="store_true", help="TGDPO guided by the cDPO models (after the study)"
@@ -746,6 +837,13 @@ def main() -> None:
             parser.error("--tune needs per-seed starts (their validation lists)")
         body = tune_dpo_family(layout, args.jobs, threads)
         report("Tuning the DPO family on sort-16, on validation lists", body, not args.no_record)
+        return
+    if args.tuned:
+        if not layout.seeded:
+            parser.error("--tuned needs per-seed starts (the --tune runs)")
+        body = run_tuned_arms(layout, args.seeds, args.jobs, threads)
+        title = f"The DPO family at its validation-tuned points on sort-16, {len(args.seeds)} seeds"
+        report(title, body, not args.no_record)
         return
     if args.explain_tgdpo:
         body = explain_tgdpo(args.seeds, layout, os.cpu_count() or 2)

@@ -1,6 +1,6 @@
 """Pieces of benchmarks/studies/token_rewards.py: the TGDPO anatomy's split of each pair (shared
 prefix, first differing token, the rest), the placebo pairs, the verdict rule against controls, and
-the KL every arm reports."""
+the KL every arm reports, and the DPO family's tuning (the chosen grid point, the tuned control)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import os
 import pytest
 import torch
 
-from benchmarks.studies.token_rewards import claim_verdicts, pair_regions, policy_kl, write_placebo_pairs
+from benchmarks.studies.token_rewards import (
+    DPO_GRID,
+    Layout,
+    best_point,
+    claim_verdicts,
+    dpo_overrides,
+    pair_regions,
+    policy_kl,
+    tuned_arm,
+    validation_scores,
+    write_placebo_pairs,
+)
 
 
 def test_pair_regions_split_at_the_first_differing_token():
@@ -89,3 +100,47 @@ def test_policy_kl_is_zero_against_itself_and_positive_against_another_model(tmp
     monkeypatch.setattr(token_rewards, "kl_prompts", lambda: ["7,3,9,1=", "5,5,0,2,8=", "1,2="] * 10)
     assert policy_kl(directories[0], directories[0]) == pytest.approx(0.0, abs=1e-6)
     assert policy_kl(directories[0], directories[1]) > 0.01
+
+
+def test_the_chosen_grid_point_has_the_best_mean_and_a_tie_goes_to_the_earlier_point():
+    first, second, third = list(DPO_GRID)[:3]
+    assert best_point({first: [0.2, 0.4], second: [0.1, 0.9], third: [0.5, 0.4]}) == second
+    # equal means: the earlier point of the grid (smaller lr, fewer steps), whatever the dict order
+    assert best_point({third: [0.25, 0.25], first: [0.5, 0.0]}) == first
+
+
+def _write_result(layout: Layout, arm: str, seed: int, **fields) -> None:
+    run_dir = layout.run_dir(arm, seed)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "study_result.json"), "w") as handle:
+        json.dump(fields, handle)
+
+
+def test_validation_scores_read_every_grid_point_and_name_a_missing_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(Layout, "root", property(lambda self: str(tmp_path)))
+    layout = Layout(True, {1: "start1", 2: "start2"})
+    points = list(DPO_GRID)
+    for n, point in enumerate(points):
+        for seed in (1, 2):
+            _write_result(layout, f"tune_dpo_b0.1_{point}", seed, validation=n / 10 + seed / 100)
+    scores = validation_scores("dpo_b0.1", layout)
+    assert scores[points[2]] == pytest.approx([0.21, 0.22])
+    assert best_point(scores) == points[-1]
+    os.remove(os.path.join(layout.run_dir(f"tune_dpo_b0.1_{points[1]}", 2), "study_result.json"))
+    with pytest.raises(SystemExit, match=f"dpo_b0.1 has no tuning run at {points[1]}"):
+        validation_scores("dpo_b0.1", layout)
+
+
+def test_the_tuned_uniform_control_takes_the_tuned_cdpo_runs_mean_weight(tmp_path, monkeypatch):
+    monkeypatch.setattr(Layout, "root", property(lambda self: str(tmp_path)))
+    layout = Layout(True, {1: "start1"})
+    for arm, weights in (("cdpo_b0.1", [0.1, 0.3]), (tuned_arm("cdpo_b0.1"), [0.5, 0.7])):
+        os.makedirs(layout.run_dir(arm, 1))
+        with open(os.path.join(layout.run_dir(arm, 1), "metrics.jsonl"), "w") as handle:
+            for step, weight in enumerate(weights):
+                handle.write(json.dumps({"step": step, "cdpo/rejected_weight_mean": weight}) + "\n")
+    built = {"pairs": "pairs_dir", "placebo_pairs": "placebo_dir"}
+    preset = dpo_overrides("uniform_b0.1", 1, layout, built)
+    tuned = dpo_overrides("uniform_b0.1", 1, layout, built, tuned=True)
+    assert "token_weights.uniform_rejected_weight=0.200000" in preset
+    assert "token_weights.uniform_rejected_weight=0.600000" in tuned
