@@ -280,13 +280,11 @@ def train_dpo(job: tuple, threads: int) -> str:
     to its start. job = (method, seed, layout, built[, grid point[, tuned]]): with a point of
     DPO_GRID, a tuning run (its overrides added) scored on the validation lists instead; with tuned
     as well, the method's chosen point as its own arm (tuned_arm(method)), scored on held-out."""
-    method, seed, layout, built, *rest = job
-    point, tuned = (rest + [None, False])[:2]
-    point = [point] if point else []
+    method, seed, layout, built, point, tuned = (*job, None, False)[:6]
     if tuned:
         run_dir = layout.run_dir(tuned_arm(method), seed)
     else:
-        run_dir = layout.run_dir(f"tune_{method}_{point[0]}" if point else method, seed)
+        run_dir = layout.run_dir(f"tune_{method}_{point}" if point else method, seed)
     done = os.path.join(run_dir, "study_result.json")
     if os.path.exists(done):
         return run_dir
@@ -298,11 +296,11 @@ def train_dpo(job: tuple, threads: int) -> str:
     from rlhf.loggers import read_metrics
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [*dpo_overrides(method, seed, layout, built, tuned), *(DPO_GRID[point[0]] if point else [])]
+    overrides = [*dpo_overrides(method, seed, layout, built, tuned), *(DPO_GRID[point] if point else [])]
     dpo.train(compose_config("dpo", [*overrides, f"run_dir={run_dir}", "logger=quiet"]))
     rows = read_metrics(run_dir)
     export = _export(run_dir)
-    result = {"method": method, "seed": seed, "point": point[0] if point else None}
+    result = {"method": method, "seed": seed, "point": point}
     if point and not tuned:
         result["validation"] = heldout_gold(export, _sort_data(validation=True), max_new_tokens=34)[
             "exact_match"
@@ -388,13 +386,13 @@ def run_tuned_arms(layout: Layout, seeds: list[int], jobs: int, threads: int) ->
         for stage in stages:
             runs = [(m, s, layout, built[s], p, p is not None) for s in seeds for m, p in stage]
             list(pool.map(train_dpo, runs, [threads] * len(runs)))
-    arms = ["dpo_b0.1", *(tuned_arm(m) for m in ("dpo_b0.1", "cdpo_b0.1", "uniform_b0.1", "tgdpo_b0.1"))]
-    heldout = {m: {s: study_result(m, s, layout)["heldout"] for s in seeds} for m in arms}
-    kl = {m: [study_result(m, s, layout).get("kl") for s in seeds] for m in arms}
-    chosen = ", ".join(f"{m} {points[m]}" for m in points)
     dpo, cdpo, uniform, tgdpo = (
         tuned_arm(m) for m in ("dpo_b0.1", "cdpo_b0.1", "uniform_b0.1", "tgdpo_b0.1")
     )
+    arms = ["dpo_b0.1", dpo, cdpo, uniform, tgdpo]
+    heldout = {m: {s: study_result(m, s, layout)["heldout"] for s in seeds} for m in arms}
+    kl = {m: [study_result(m, s, layout).get("kl") for s in seeds] for m in arms}
+    chosen = ", ".join(f"{m} {points[m]}" for m in points)
     pairs = [
         (dpo, "dpo_b0.1", "tuning's gain for DPO itself"),
         (cdpo, dpo, "as configured, each tuned on validation"),
