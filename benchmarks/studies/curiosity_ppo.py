@@ -24,7 +24,9 @@ PPO runs under `--root` are reused, and so are evaluations (kept in <root>/eval_
 Each variant is compared with PPO paired by seed, with percentile bootstrap intervals over seeds: at
 the end, and at matched reward (the runs end at different rewards, so each seed's metric is fitted
 linearly against reward over that seed's evaluated checkpoints and read at a common reward, the
-median final reward of all runs). "More diverse" only where the paired interval excludes zero.
+median final reward of all runs), and inside each seed's reward range (both lines read at the middle
+of the rewards both runs reached, so no line is extrapolated where the common reward lies beyond a
+seed's runs). "More diverse" only where the paired interval excludes zero.
 
 Usage: python benchmarks/studies/curiosity_ppo.py [--task sums|group] [--seeds 1 2 3] [--jobs 3] [--steps 300]
        [--eval-every 25] [--etas 0.04 0.2] [--eval-repeats 8] [--eval-prompts 100] [--sentbert]
@@ -205,29 +207,67 @@ def matched(trajectories: dict, variant: str, metric: str, reward: float, seed: 
     return mean_y + slope * (reward - mean_x)
 
 
+def reward_range(trajectories: dict, variant: str, seed: int) -> tuple[float, float]:
+    """The lowest and highest reward of one run's evaluated checkpoints (the SFT start left out)."""
+    rewards = [p["reward"] for p in trajectories[(seed, variant)][1:]]
+    return min(rewards), max(rewards)
+
+
+def overlap_reward(trajectories: dict, variant: str, seed: int) -> float | None:
+    """The middle of the rewards both `variant` and PPO reached at `seed` (their checkpoints' ranges
+    overlapped), where both lines are read without extrapolating; None where the ranges do not meet."""
+    low_v, high_v = reward_range(trajectories, variant, seed)
+    low_p, high_p = reward_range(trajectories, "ppo", seed)
+    low, high = max(low_v, low_p), min(high_v, high_p)
+    return (low + high) / 2 if low <= high else None
+
+
+def outside_range(trajectories: dict, names: list[str], seeds: list[int], reward: float) -> list[int]:
+    """The seeds at which some run's checkpoints never came to `reward` from both sides: there the
+    matched reading extrapolates that run's line."""
+    return [
+        s
+        for s in seeds
+        if any(not (low <= reward <= high) for low, high in (reward_range(trajectories, n, s) for n in names))
+    ]
+
+
 def paired_table(
     trajectories: dict, names: list[str], metrics: tuple[str, ...], seeds: list[int], reward: float
 ) -> str:
-    """Each curiosity variant minus PPO, paired by seed, at the end and at the matched reward (each
-    seed's own line): bootstrap intervals over seeds and the word each allows ("more diverse" only
-    where the interval excludes zero on the diverse side; Self-BLEU and SentBERT: lower is)."""
+    """Each curiosity variant minus PPO, paired by seed: at the end; at the matched reward (each
+    seed's own line, read at the common `reward`); and inside each seed's ranges (both lines read at
+    the middle of the rewards both runs reached, the seeds where they never overlap left out). With
+    bootstrap intervals over seeds and the word each allows ("more diverse" only where the interval
+    excludes zero on the diverse side; Self-BLEU and SentBERT: lower is)."""
     lines = [
-        "| variant - ppo | metric | at the end, paired difference [95% CI] | verdict | at matched reward, paired difference [95% CI] | verdict |",
-        "|---|---|---|---|---|---|",
+        "| variant - ppo | metric | at the end, paired difference [95% CI] | verdict "
+        "| at matched reward, paired difference [95% CI] | verdict "
+        "| inside each seed's reward range, paired difference [95% CI] (seeds) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in names[1:]:
+        inside = {s: overlap_reward(trajectories, name, s) for s in seeds}
+        overlapping = [s for s in seeds if inside[s] is not None]
         for metric in metrics:
-            readings = [lambda s, v, m=metric: trajectories[(s, v)][-1][m]]
+            readings = [(seeds, lambda s, v, m=metric: trajectories[(s, v)][-1][m])]
             if metric != "reward":  # at matched reward the rewards are equal by construction
-                readings.append(lambda s, v, m=metric: matched(trajectories, v, m, reward, s))
+                readings.append((seeds, lambda s, v, m=metric: matched(trajectories, v, m, reward, s)))
+                readings.append(
+                    (overlapping, lambda s, v, m=metric, at=inside: matched(trajectories, v, m, at[s], s))
+                )
             cells = []
-            for read in readings:
-                interval = bootstrap_interval([read(s, name) - read(s, "ppo") for s in seeds])
+            for n, (read_seeds, read) in enumerate(readings):
+                if not read_seeds:
+                    cells += ["no seed's ranges overlap", "-"]
+                    continue
+                interval = bootstrap_interval([read(s, name) - read(s, "ppo") for s in read_seeds])
                 word = verdict(interval[1], interval[2], higher_is_better=metric not in LOWER_IS_MORE_DIVERSE)
                 if metric != "reward":
                     word = {"better": "more diverse", "worse": "less diverse"}.get(word, word)
-                cells += [format_interval(*interval, scale=1, digits=4), word]
-            cells += ["-", "-"] * (2 - len(readings))
+                count = f" ({len(read_seeds)})" if n == 2 else ""
+                cells += [format_interval(*interval, scale=1, digits=4) + count, word]
+            cells += ["-", "-"] * (3 - len(readings))
             lines.append(f"| {name} - ppo | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -444,7 +484,15 @@ def main() -> None:
         "\n".join(lines)
         + f"\n\nEach variant against PPO, paired by seed (percentile bootstrap over seeds); matched reward "
         f"{common:.3f} (the median final reward), read off each seed's least-squares line through its "
-        "evaluated checkpoints:\n\n"
+        "evaluated checkpoints"
+        + (
+            f" (at seeds {', '.join(map(str, far))} some run's checkpoints do not span that reward: there "
+            "the reading extrapolates a line)"
+            if (far := outside_range(trajectories, names, args.seeds, common))
+            else ""
+        )
+        + ". Inside each seed's reward range, both lines are read at the middle of the rewards both "
+        "runs reached (no extrapolation; a seed where the two ranges never meet is left out):\n\n"
         + paired
         + "\n\nFor reference, the pooled fit (every seed's checkpoints on one line, no interval):\n\n"
         + "\n".join(matched_lines)
