@@ -287,7 +287,10 @@ def train_dpo(job: tuple, threads: int) -> str:
         run_dir = layout.run_dir(f"tune_{method}_{point}" if point else method, seed)
     done = os.path.join(run_dir, "study_result.json")
     if os.path.exists(done):
-        return run_dir
+        with open(done) as handle:
+            # a tuned arm is reused only at the point it ran at: a wider grid may choose another
+            if json.load(handle).get("point") == point:
+                return run_dir
     import torch
 
     torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from benchmarks.studies.token_rewards import (
     dpo_overrides,
     pair_regions,
     policy_kl,
+    train_dpo,
     tuned_arm,
     validation_scores,
     write_placebo_pairs,
@@ -144,3 +145,34 @@ def test_the_tuned_uniform_control_takes_the_tuned_cdpo_runs_mean_weight(tmp_pat
     tuned = dpo_overrides("uniform_b0.1", 1, layout, built, tuned=True)
     assert "token_weights.uniform_rejected_weight=0.200000" in preset
     assert "token_weights.uniform_rejected_weight=0.600000" in tuned
+
+
+def test_a_tuned_arm_is_reused_only_at_the_point_it_ran_at(tmp_path, monkeypatch):
+    """A finished tuned run is kept while its method's chosen point stands; once a wider grid
+    chooses another point, the run is trained again instead of being read as the new point's."""
+    from recipes import dpo
+
+    monkeypatch.setattr(Layout, "root", property(lambda self: str(tmp_path)))
+    layout = Layout(True, {1: "start1"})
+    first, second = list(DPO_GRID)[:2]
+    _write_result(layout, tuned_arm("dpo_b0.1"), 1, method="dpo_b0.1", point=first, heldout=0.5)
+    trained = []
+    monkeypatch.setattr(dpo, "train", lambda cfg: trained.append(cfg) or pytest.fail("retrained"))
+    built = {"pairs": "pairs_dir", "placebo_pairs": "placebo_dir"}
+    assert train_dpo(("dpo_b0.1", 1, layout, built, first, True), 1) == layout.run_dir(
+        tuned_arm("dpo_b0.1"), 1
+    )
+    assert not trained
+
+    class Retrained(Exception):
+        pass
+
+    def train(cfg):
+        raise Retrained(cfg)
+
+    monkeypatch.setattr(dpo, "train", train)
+    with pytest.raises(Retrained) as retrained:
+        train_dpo(("dpo_b0.1", 1, layout, built, second, True), 1)
+    cfg = retrained.value.args[0]
+    wanted = dict(override.split("=") for override in DPO_GRID[second])
+    assert (cfg.optim.lr, cfg.train.steps) == (float(wanted["optim.lr"]), int(wanted["train.steps"]))
