@@ -135,7 +135,10 @@ COMPARISONS: dict[str, list[tuple[str, str, str]]] = {
         ("ma_fixed5", "ppo_kl_n5", "at the KL MA-PPO effectively gets"),
         ("ma_fixed10", "ppo_kl_n10", "at the KL MA-PPO effectively gets"),
         ("ma_fixed5_sum", "ppo", "MA-PPO with summed rewards: PPO's KL"),
-        ("ma_fixed5", "ppo_tuned", "against PPO tuned on validation lists"),
+        *[
+            (m, "ppo_tuned", "against PPO tuned on validation lists")
+            for m in ("ma_fixed3", "ma_fixed5", "ma_fixed10", "ma_perplexity", "ma_parse")
+        ],
         ("ppo_tuned", "ppo", "tuning alone"),
         ("ma_tuned", "ppo_tuned", "both tuned on validation lists, the same grid"),
         ("ma_tuned", "ppo", "MA-PPO tuned against the preset PPO"),
@@ -380,8 +383,9 @@ def verdict_lines(study: str, verdicts: dict) -> str:
     """A sentence per arm. For MA-PPO the paper's claim (PPO's final reward in 1.7-2x fewer steps),
     by a rule fixed before the runs: reproduced where the paired interval of the area under the
     held-out curve against PPO excludes zero in MA-PPO's favour, the final accuracy is not shown
-    worse, and the same holds against PPO at MA-PPO's effective KL and against the tuned PPO (where
-    run); where it beats PPO but not the KL-matched PPO, the gain is the KL."""
+    worse, and the same holds against PPO at MA-PPO's effective KL and against the tuned PPO; a
+    control that did not run is named beside the word. Where it beats PPO but not the KL-matched
+    PPO, the gain is the KL."""
     lines = []
     for (arm, baseline), v in verdicts.items():
         lines.append(
@@ -401,7 +405,12 @@ def verdict_lines(study: str, verdicts: dict) -> str:
         elif faster and tuned is not None and tuned["auc"] != "better":
             word = "not reproduced: faster than PPO, but no faster than the tuned PPO"
         elif faster:
-            word = "reproduced" + ("" if matched else " (no KL-matched control run)")
+            missing = [
+                what
+                for what, control in (("no KL-matched control run", matched), ("no tuned PPO run", tuned))
+                if control is None
+            ]
+            word = "reproduced" + (f" ({'; '.join(missing)})" if missing else "")
         else:
             word = "not reproduced"
         lines.append(f"- MA-RLHF's claim, {arm}: {word}")

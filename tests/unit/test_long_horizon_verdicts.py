@@ -39,9 +39,27 @@ def test_a_gain_the_kl_matched_ppo_shares_is_not_reproduced():
     assert "| ma_fixed5 - ppo_kl_n5 |" in table and "ma_fixed10" not in table  # arms not run are left out
 
 
-def test_a_gain_over_both_baselines_is_reproduced():
-    _, verdicts = study({"ppo": 0.02, "ppo_kl_n5": 0.03, "ma_fixed5": 0.05})
+def test_a_gain_over_every_baseline_is_reproduced():
+    _, verdicts = study({"ppo": 0.02, "ppo_kl_n5": 0.03, "ppo_tuned": 0.03, "ma_fixed5": 0.05})
     assert "MA-RLHF's claim, ma_fixed5: reproduced\n" in verdict_lines("macro", verdicts) + "\n"
+
+
+def test_a_control_that_did_not_run_is_named_beside_the_word():
+    _, verdicts = study({"ppo": 0.02, "ppo_kl_n5": 0.03, "ma_fixed5": 0.05})
+    assert "ma_fixed5: reproduced (no tuned PPO run)" in verdict_lines("macro", verdicts)
+    _, verdicts = study({"ppo": 0.02, "ma_fixed5": 0.05})
+    assert "ma_fixed5: reproduced (no KL-matched control run; no tuned PPO run)" in verdict_lines(
+        "macro", verdicts
+    )
+
+
+def test_every_fixed_n_is_judged_against_the_tuned_ppo():
+    lifts = {"ppo": 0.02, "ppo_kl_n3": 0.03, "ppo_kl_n10": 0.03, "ppo_tuned": 0.05}
+    _, verdicts = study(lifts | {"ma_fixed3": 0.05, "ma_fixed10": 0.05})
+    lines = verdict_lines("macro", verdicts)
+    for arm in ("ma_fixed3", "ma_fixed10"):
+        assert (arm, "ppo_tuned") in verdicts
+        assert f"{arm}: not reproduced: faster than PPO, but no faster than the tuned PPO" in lines
 
 
 def test_a_slower_arm_is_worse_and_not_reproduced():
