@@ -73,11 +73,12 @@ from benchmarks.studies.long_horizon import (  # noqa: E402
 
 BETAS = (0.1, 0.5)
 PAIR_PROMPTS, PAIR_SAMPLES = 3000, 8  # lists sampled for the pairs, samples per list
-# --tune: learning rate x steps (200 steps x 32 pairs is 7.4 epochs over the pairs; the TGDPO paper
-# trains one epoch at lr 7e-7), the same grid for DPO, cDPO and TGDPO
+# --tune: learning rate x steps (200 steps x 32 pairs is 4.5-7.9 epochs over a seed's pairs, 30 steps
+# about one; the TGDPO paper trains one epoch at lr 7e-7, near lr1e-6_30steps), the same grid for
+# DPO, cDPO and TGDPO
 DPO_GRID: dict[str, list[str]] = {
     f"lr{lr}_{steps}steps": [f"optim.lr={lr}", f"train.steps={steps}"]
-    for lr in ("1e-5", "3e-5", "1e-4")
+    for lr in ("1e-6", "3e-6", "1e-5", "3e-5", "1e-4")
     for steps in (30, 200)
 }
 TUNED_METHODS = ("dpo_b0.1", "cdpo_b0.1", "tgdpo_b0.1")  # tuned alike on DPO_GRID, beta 0.1
