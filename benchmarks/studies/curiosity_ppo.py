@@ -225,11 +225,12 @@ def overlap_reward(trajectories: dict, variant: str, seed: int) -> float | None:
 def outside_range(trajectories: dict, names: list[str], seeds: list[int], reward: float) -> list[int]:
     """The seeds at which some run's checkpoints never came to `reward` from both sides: there the
     matched reading extrapolates that run's line."""
-    return [
-        s
-        for s in seeds
-        if any(not (low <= reward <= high) for low, high in (reward_range(trajectories, n, s) for n in names))
-    ]
+
+    def spans(name: str, seed: int) -> bool:
+        low, high = reward_range(trajectories, name, seed)
+        return low <= reward <= high
+
+    return [s for s in seeds if not all(spans(n, s) for n in names)]
 
 
 def paired_table(
@@ -250,14 +251,19 @@ def paired_table(
         inside = {s: overlap_reward(trajectories, name, s) for s in seeds}
         overlapping = [s for s in seeds if inside[s] is not None]
         for metric in metrics:
-            readings = [(seeds, lambda s, v, m=metric: trajectories[(s, v)][-1][m])]
+            # (the seeds read, the reading, whether the cell shows how many seeds it has)
+            readings = [(seeds, lambda s, v, m=metric: trajectories[(s, v)][-1][m], False)]
             if metric != "reward":  # at matched reward the rewards are equal by construction
-                readings.append((seeds, lambda s, v, m=metric: matched(trajectories, v, m, reward, s)))
+                readings.append((seeds, lambda s, v, m=metric: matched(trajectories, v, m, reward, s), False))
                 readings.append(
-                    (overlapping, lambda s, v, m=metric, at=inside: matched(trajectories, v, m, at[s], s))
+                    (
+                        overlapping,
+                        lambda s, v, m=metric, at=inside: matched(trajectories, v, m, at[s], s),
+                        True,
+                    )
                 )
             cells = []
-            for n, (read_seeds, read) in enumerate(readings):
+            for read_seeds, read, counted in readings:
                 if not read_seeds:
                     cells += ["no seed's ranges overlap", "-"]
                     continue
@@ -265,7 +271,7 @@ def paired_table(
                 word = verdict(interval[1], interval[2], higher_is_better=metric not in LOWER_IS_MORE_DIVERSE)
                 if metric != "reward":
                     word = {"better": "more diverse", "worse": "less diverse"}.get(word, word)
-                count = f" ({len(read_seeds)})" if n == 2 else ""
+                count = f" ({len(read_seeds)})" if counted else ""
                 cells += [format_interval(*interval, scale=1, digits=4) + count, word]
             cells += ["-", "-"] * (3 - len(readings))
             lines.append(f"| {name} - ppo | {metric} | " + " | ".join(cells) + " |")
