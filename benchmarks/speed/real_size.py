@@ -24,6 +24,12 @@ highest allocation between the end of one generation and the start of the next).
 G, `--sides` picks sides by name. The FlexAttention side (`model.attn_implementation=flex_attention`)
 runs on CUDA only (torch has no FlexAttention backward on CPU).
 
+`--largest-group START CAP` finds, for each chosen side, the largest G that trains (two GRPO steps,
+so the optimizer's state is held in the second) without running out of memory: G = START,
+2 START, ... up to CAP, each in a fresh process over the same saved model, stopping at the first
+that runs out of memory. The answer's resolution is that factor of two: the table names the first G
+that did not fit. A failure other than out-of-memory stops the search with its error.
+
 On a GPU (`--device cuda`), every side trains in bf16 mixed precision (TRL `bf16=True`, ours
 `train.precision=bf16`), and `--shape qwen2-0.5b` / `qwen2-1.5b` builds a random-init model with
 those checkpoints' dimensions and 151,936-word vocabulary. GPU runs also report tokens per
@@ -34,6 +40,7 @@ counted, so it understates the work done) over the GPU's dense bf16 peak (989 TF
 Usage: python benchmarks/speed/real_size.py [--recipes grpo dpo] [--repeats 2] [--steps 4] [--no-record]
        [--prompt-lengths 1024 2048] [--device cpu|cuda] [--shape small|qwen2-0.5b|qwen2-1.5b]
        [--prompts 2] [--group 8] [--new-tokens 64] [--timing step|update] [--sides NAME ...]
+       [--largest-group START CAP]
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -192,7 +200,7 @@ def make_rows(kind: str, low: int, high: int, seed: int = 0) -> list[dict[str, s
     rng = random.Random(seed)
     rows = []
     for i in range(count):
-        row = {"prompt": _text(rng, low + round(i * (high - low) / (count - 1)))}
+        row = {"prompt": _text(rng, low + round(i * (high - low) / max(count - 1, 1)))}  # one prompt: LOW
         if kind == "dpo":
             row["chosen"] = " " + _text(rng, rng.randint(32, 128))
             row["rejected"] = " " + _text(rng, rng.randint(32, 128))
@@ -387,6 +395,84 @@ def throughput_lines(
     return lines
 
 
+def largest_fitting(fits, start: int, cap: int) -> tuple[int | None, int | None]:
+    """Doubling G from `start` while `fits(G)` and G <= cap: the largest G that fit (None if `start`
+    did not) and the first that did not (None if every G up to `cap` fit)."""
+    if start < 1 or cap < start:
+        raise ValueError(f"--largest-group: need 1 <= START <= CAP, got {start} and {cap}")
+    largest, group = None, start
+    while group <= cap:
+        if not fits(group):
+            return largest, group
+        largest, group = group, group * 2
+    return largest, None
+
+
+def ran_out_of_memory(returncode: int, stderr: str) -> bool:
+    """Whether a child run failed by running out of GPU memory; any other failure is raised."""
+    if returncode == 0:
+        return False
+    if "OutOfMemoryError" in stderr or "CUDA out of memory" in stderr:
+        return True
+    raise RuntimeError(
+        f"a --largest-group try failed (rc {returncode}) for another reason:\n{stderr[-3000:]}"
+    )
+
+
+def fits_at(
+    group: int, side: str, model_dir: str, args: argparse.Namespace, workdir: str
+) -> tuple[bool, float | None]:
+    """One side's two GRPO steps at G = group, in a fresh process: whether it fit, and its peak GiB."""
+    result = os.path.join(workdir, f"fit_{abs(hash(side))}_{group}.json")
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--recipes", "grpo", "--timing", "update", "--steps", "2", "--repeats", "1", "--no-record",
+        "--device", args.device, "--shape", args.shape, "--prompts", str(args.prompts),
+        "--new-tokens", str(args.new_tokens), "--prompt-lengths", *map(str, args.prompt_lengths),
+        "--group", str(group), "--sides", side, "--model-dir", model_dir, "--result-json", result,
+        *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if ran_out_of_memory(done.returncode, done.stderr):
+        print(f"largest group: {side} at G={group}: out of memory", flush=True)
+        return False, None
+    with open(result) as handle:
+        peak_gb = json.load(handle)[side]["peak_gb"]
+    peak = f", peak {peak_gb:.1f} GiB" if peak_gb is not None else ""
+    print(f"largest group: {side} at G={group}: fits{peak}", flush=True)
+    return True, peak_gb
+
+
+def largest_group_lines(
+    sides: list[str], model_dir: str, args: argparse.Namespace, workdir: str
+) -> list[str]:
+    """The --largest-group table: per side, the largest G that fit, its peak, the first that did not."""
+    start, cap = args.largest_group
+    lines = [
+        "",
+        f"Largest G that trains, GRPO, prompts of {args.prompt_lengths[0]}-{args.prompt_lengths[1]} tokens, "
+        f"{args.prompts} prompt(s), {args.new_tokens} new tokens, G doubled from {start} up to {cap}:",
+        "",
+        "| side | largest G that fits | its update's peak GiB | first G out of memory |",
+        "|---|---|---|---|",
+    ]
+    for side in sides:
+        peaks: dict[int, float | None] = {}
+
+        def fits(group: int, side: str = side, peaks: dict = peaks) -> bool:
+            fit, peaks[group] = fits_at(group, side, model_dir, args, workdir)
+            return fit
+
+        largest, failed = largest_fitting(fits, start, cap)
+        peak = peaks.get(largest) if largest is not None else None
+        lines.append(
+            f"| {side} | {largest if largest is not None else f'none (G={start} did not fit)'} | "
+            f"{f'{peak:.1f}' if peak is not None else '-'} | {failed if failed is not None else f'none up to {cap}'} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", nargs="+", choices=["grpo", "dpo"], default=["grpo", "dpo"])
@@ -402,7 +488,15 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--sides", nargs="+", default=None, help="only these sides (TRL included by name)")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--largest-group", type=int, nargs=2, metavar=("START", "CAP"), default=None,
+        help="GRPO: the largest G that fits for each side, doubling from START up to CAP",
+    )  # fmt: skip
+    parser.add_argument("--model-dir", default=None, help="a model saved by an earlier run (same --shape)")
+    parser.add_argument("--result-json", default=None, help="write each side's seconds and peak GiB here")
     args = parser.parse_args()
+    if args.largest_group and args.recipes != ["grpo"]:
+        parser.error("--largest-group measures GRPO only: pass --recipes grpo")
     global SHAPE, PROMPTS, NEW_TOKENS, DEVICE, TIMING, GROUP, CHECKPOINTING
     SHAPE, PROMPTS, NEW_TOKENS, DEVICE = SHAPES[args.shape], args.prompts, args.new_tokens, args.device
     TIMING, GROUP, CHECKPOINTING = args.timing, args.group, args.gradient_checkpointing
@@ -411,7 +505,7 @@ def main() -> None:
     torch.set_num_threads(2)
     os.environ.setdefault("WANDB_MODE", "disabled")
     workdir = tempfile.mkdtemp(prefix="real_size_")
-    model_dir = save_model(os.path.join(workdir, "model"))
+    model_dir = args.model_dir or save_model(os.path.join(workdir, "model"))
     lines = []
     for recipe in args.recipes:
         rows = make_rows(recipe, *args.prompt_lengths)
@@ -423,7 +517,13 @@ def main() -> None:
             if DEVICE == "cpu" and "model.attn_implementation=flex_attention" in extra:
                 continue  # no FlexAttention backward on CPU
             sides[name] = functools.partial(run_ours, recipe, model_dir, data, args.steps, extra, workdir)
+        unknown = sorted(set(args.sides or []) - set(sides))
+        if unknown and len(args.recipes) == 1:
+            parser.error(f"--sides: no side named {unknown} for {recipe}; there are {sorted(sides)}")
         sides = {name: run for name, run in sides.items() if args.sides is None or name in args.sides}
+        if args.largest_group:
+            lines += largest_group_lines(list(sides), model_dir, args, workdir)
+            continue
         times: dict[str, list[float]] = {name: [] for name in sides}
         peaks: dict[str, float] = {}
         for repeat in range(args.repeats):
@@ -453,13 +553,19 @@ def main() -> None:
             lines.append(f"| {name} | {median_range(found)} | {ratio} |{peak}")
         if DEVICE == "cuda":
             lines += throughput_lines(recipe, rows, model_dir, times)
+        if args.result_json:
+            with open(args.result_json, "w") as handle:
+                json.dump(
+                    {name: {"seconds": times[name], "peak_gb": peaks.get(name)} for name in times}, handle
+                )
     body = "\n".join(lines)
     print(body)
     if not args.no_record:
         command = "python benchmarks/speed/real_size.py " + " ".join(sys.argv[1:])
         shape = f"{args.shape} shape ({SHAPE.hidden} hidden, vocabulary {SHAPE.vocab:,})"
+        measured = "The largest GRPO group that trains" if args.largest_group else "GRPO and DPO steps"
         append_results(
-            f"GRPO and DPO steps at the {shape}, on {DEVICE}, prompts {args.prompt_lengths[0]}-{args.prompt_lengths[1]} tokens",
+            f"{measured} at the {shape}, on {DEVICE}, prompts {args.prompt_lengths[0]}-{args.prompt_lengths[1]} tokens",
             command,
             body,
         )
