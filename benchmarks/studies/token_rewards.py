@@ -78,8 +78,12 @@ PAIR_PROMPTS, PAIR_SAMPLES = 3000, 8  # lists sampled for the pairs, samples per
 # DPO, cDPO and TGDPO
 DPO_GRID: dict[str, list[str]] = {
     f"lr{lr}_{steps}steps": [f"optim.lr={lr}", f"train.steps={steps}"]
-    for lr in ("1e-6", "3e-6", "1e-5", "3e-5", "1e-4")
-    for steps in (30, 200)
+    for lr, steps in [
+        *((lr, steps) for lr in ("1e-6", "3e-6", "1e-5", "3e-5", "1e-4") for steps in (30, 200)),
+        # the 10-point grid's choice for all three methods sat on its step edge (200 at lr 1e-6):
+        # longer at that rate only; at every larger rate 200 steps already over-train DPO and TGDPO
+        ("1e-6", 600),
+    ]
 }
 TUNED_METHODS = ("dpo_b0.1", "cdpo_b0.1", "tgdpo_b0.1")  # tuned alike on DPO_GRID, beta 0.1
 RL_ARMS = ("ppo", "ppo_kl_n5", "ppo_tuned", "rto", "rto_placebo")  # run by long_horizon.py's runner
